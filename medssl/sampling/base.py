@@ -1,0 +1,79 @@
+"""Patch batches and the sampler contract.
+
+A sampler is a callable ``sampler(volumes, rng) -> PatchBatch``. The public
+``__call__`` validates its inputs; each subclass writes only ``_sample``. The
+geometry of every patch travels with it: centres in world millimetres, voxel
+boxes, and the index of the volume it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medssl.data.volume import Volume
+
+
+@dataclass
+class PatchBatch:
+    """Patches plus their geometry.
+
+    Attributes:
+        patches: ``(N, C, *S)`` float32.
+        centres_mm: ``(N, 3)`` float32, world (RAS) millimetres of each patch centre.
+        boxes_vox: ``(N, 6)`` int64, ``[x0, y0, z0, x1, y1, z1)`` half-open voxel boxes.
+        volume_index: ``(N,)`` int64, index into ``case_ids``.
+        case_ids: the case id of each volume the batch was drawn from.
+        extras: method-specific tensors with a leading batch axis where it makes
+            sense, e.g. ``views`` ``(2, N, C, *S)`` for two-view methods, or pair
+            targets for context prediction.
+    """
+
+    patches: torch.Tensor
+    centres_mm: torch.Tensor
+    boxes_vox: torch.Tensor
+    volume_index: torch.Tensor
+    case_ids: list[str] = field(default_factory=list)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.patches.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PatchBatch":
+        """Move every tensor to ``device`` (a new batch; this one is unchanged)."""
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, non_blocking=non_blocking)
+            elif isinstance(v, dict):
+                v = {k: t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t for k, t in v.items()}
+            moved[f.name] = v
+        return PatchBatch(**moved)
+
+
+class PatchSampler:
+    """Base class. Subclasses implement ``_sample``; ``__call__`` validates first."""
+
+    def __init__(self, patch_size_vox: int | Sequence[int]) -> None:
+        size = (patch_size_vox,) * 3 if isinstance(patch_size_vox, int) else tuple(int(s) for s in patch_size_vox)
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"patch_size_vox must be a positive int or 3 ints, got {patch_size_vox!r}")
+        self.patch_size_vox: tuple[int, int, int] = size  # type: ignore[assignment]
+
+    def __call__(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
+        if len(volumes) == 0:
+            raise ValueError("sampler got no volumes")
+        for v in volumes:
+            if any(s < p for s, p in zip(v.shape_vox, self.patch_size_vox)):
+                raise ValueError(
+                    f"{v.source or v.case_id}: volume shape {v.shape_vox} is smaller than the patch size "
+                    f"{self.patch_size_vox}; choose a smaller patch or a finer target spacing"
+                )
+        return self._sample(volumes, rng)
+
+    def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
+        raise NotImplementedError
