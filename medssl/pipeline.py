@@ -1,0 +1,277 @@
+"""Run the ordered notebooks headlessly with papermill, from a plan.
+
+A plan is a list of steps. Each step names a notebook in ``notebooks/`` and its
+parameters; a step with ``per_method: true`` runs once per method (the
+pretraining notebook). Every executed notebook lands in the run directory::
+
+    runs/<run>/00_data/00_data.ipynb
+    runs/<run>/<method>/10_pretrain.ipynb        (one per method)
+    runs/<run>/20_latent_space/20_latent_space.ipynb
+    ...
+
+The runner stops at the first failure and says which notebook and which cell
+failed; the partially executed notebook is kept so the traceback can be read in
+JupyterLab. ``runs/<run>/pipeline.json`` records the status and duration of
+every step.
+
+Plans are plain Python values (``PLANS``) or a YAML/JSON file with the same
+shape::
+
+    methods: [isimed, simclr]
+    steps:
+      - notebook: 00_data.ipynb
+        parameters: {n_subjects: 48}
+      - notebook: 10_pretrain.ipynb
+        per_method: true
+        parameters: {preset: demo}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from medssl import paths
+
+DEMO_METHODS = ["isimed", "regisimed", "simclr", "barlowtwins"]
+
+# The ordered notebooks and what each step runs. Notebooks that do not exist
+# yet (later roadmap items) are skipped with a message, so a plan can list them.
+PLANS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "methods": DEMO_METHODS,
+        "steps": [
+            {"notebook": "00_data.ipynb", "parameters": {"source": "demo"}},
+            {"notebook": "10_pretrain.ipynb", "per_method": True, "parameters": {"preset": "demo"}},
+            {"notebook": "20_latent_space.ipynb", "parameters": {}},
+            {"notebook": "30_linear_probe.ipynb", "parameters": {}},
+            {"notebook": "40_report.ipynb", "parameters": {}},
+        ],
+    },
+    "data": {
+        "methods": [],
+        "steps": [{"notebook": "00_data.ipynb", "parameters": {"source": "demo"}}],
+    },
+}
+
+
+class PipelineError(RuntimeError):
+    """A notebook failed. ``output`` is the kept, partially executed notebook."""
+
+    def __init__(self, notebook: str, output: Path, cell: int | None, detail: str) -> None:
+        self.notebook, self.output, self.cell = notebook, output, cell
+        where = f"cell {cell}" if cell is not None else "an unknown cell"
+        super().__init__(
+            f"pipeline stopped: {notebook} failed in {where}: {detail}\n"
+            f"The partially executed notebook is kept at {output} (open it in JupyterLab to see the traceback)."
+        )
+
+
+@dataclass
+class StepResult:
+    notebook: str
+    step: str
+    method: str | None
+    output: str
+    parameters: dict[str, Any]
+    status: str = "pending"  # pending | ok | failed | skipped
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    steps: list[StepResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status in ("ok", "skipped") for s in self.steps)
+
+
+def load_plan(plan: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A plan from its name in ``PLANS``, a YAML/JSON file, or a dict (validated)."""
+    if isinstance(plan, dict):
+        data = copy.deepcopy(plan)
+    elif isinstance(plan, str) and plan in PLANS:
+        data = copy.deepcopy(PLANS[plan])
+    else:
+        path = Path(plan)
+        if not path.exists():
+            raise FileNotFoundError(f"plan {plan!r} is neither a known plan ({', '.join(PLANS)}) nor an existing file")
+        text = path.read_text()
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a plan must be a mapping with 'steps' (and optionally 'methods')")
+    steps = data.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise ValueError("a plan needs a non-empty list 'steps'")
+    for i, s in enumerate(steps):
+        if not isinstance(s, dict) or "notebook" not in s:
+            raise ValueError(f"plan step {i} must be a mapping with a 'notebook' key, got {s!r}")
+        unknown = set(s) - {"notebook", "parameters", "per_method", "methods"}
+        if unknown:
+            raise ValueError(f"plan step {i} ({s['notebook']}): unknown keys {sorted(unknown)}")
+    data.setdefault("methods", [])
+    return data
+
+
+def expand_plan(
+    plan: dict[str, Any],
+    run: str,
+    *,
+    methods: Iterable[str] | None = None,
+    only: Iterable[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    runs_root: Path | None = None,
+) -> list[StepResult]:
+    """The concrete notebook executions of a plan, in order (nothing is run).
+
+    Args:
+        methods: replaces the plan's method list.
+        only: keep only steps whose notebook name starts with one of these (e.g. ``["00", "10"]``).
+        overrides: parameters applied to every notebook (e.g. ``{"seed": 1}``); a key
+            ``"<notebook stem>.<param>"`` applies to one notebook only.
+    """
+    runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
+    methods = list(methods) if methods is not None else list(plan["methods"])
+    overrides = dict(overrides or {})
+    only = [str(o) for o in only] if only else None
+    run_dir = runs_root / run
+    out: list[StepResult] = []
+    for s in plan["steps"]:
+        nb = s["notebook"]
+        stem = Path(nb).stem
+        if only and not any(stem.startswith(o) or nb.startswith(o) for o in only):
+            continue
+        params = {"run": run, **s.get("parameters", {})}
+        for k, v in overrides.items():
+            if "." in k:
+                target, key = k.split(".", 1)
+                if target == stem:
+                    params[key] = v
+            else:
+                params[k] = v
+        if s.get("per_method"):
+            for m in s.get("methods", methods):
+                out.append(StepResult(nb, stem, m, str(run_dir / m / nb), {**params, "method": m}))
+        else:
+            if "methods" not in params and methods and stem != "00_data":
+                params["methods"] = methods
+            out.append(StepResult(nb, stem, None, str(run_dir / stem / nb), params))
+    return out
+
+
+def run_pipeline(
+    plan: str | Path | dict[str, Any] = "demo",
+    run: str = "demo",
+    *,
+    methods: Iterable[str] | None = None,
+    only: Iterable[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    notebooks_dir: Path | None = None,
+    runs_root: Path | None = None,
+    kernel_name: str = "python3",
+    progress: bool = True,
+) -> PipelineResult:
+    """Execute a plan's notebooks in order with papermill; stop at the first failure.
+
+    Raises:
+        PipelineError: naming the notebook and cell that failed; the partly
+            executed notebook is kept at ``error.output``.
+    """
+    import papermill as pm
+
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.repo_root() / "notebooks"
+    runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
+    steps = expand_plan(load_plan(plan), run, methods=methods, only=only, overrides=overrides, runs_root=runs_root)
+    result = PipelineResult(run_dir=runs_root / run, steps=steps)
+    result.run_dir.mkdir(parents=True, exist_ok=True)
+    # Kernels inherit the environment: viewers that need a browser refuse to start
+    # headless, and the runs root is the one this pipeline writes to.
+    os.environ["MEDSSL_HEADLESS"] = "1"
+    os.environ["MEDSSL_RUNS"] = str(runs_root)
+
+    for i, step in enumerate(steps):
+        src = notebooks_dir / step.notebook
+        label = f"[{i + 1}/{len(steps)}] {step.notebook}" + (f" ({step.method})" if step.method else "")
+        if not src.exists():
+            step.status, step.message = "skipped", f"{src} does not exist (not built yet)"
+            print(f"{label}: skipped, {step.message}", flush=True)
+            _write_status(result)
+            continue
+        out = Path(step.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"{label} -> {out}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(
+                str(src),
+                str(out),
+                parameters=step.parameters,
+                kernel_name=kernel_name,
+                progress_bar=progress,
+                cwd=str(notebooks_dir),
+            )
+        except pm.PapermillExecutionError as e:
+            step.seconds = time.perf_counter() - t0
+            step.status = "failed"
+            step.message = f"{e.ename}: {e.evalue}"
+            _write_status(result)
+            raise PipelineError(step.notebook + (f" ({step.method})" if step.method else ""), out,
+                                e.cell_index, step.message) from None
+        step.seconds = time.perf_counter() - t0
+        step.status = "ok"
+        print(f"{label}: ok in {step.seconds:.0f} s", flush=True)
+        _write_status(result)
+    return result
+
+
+def _write_status(result: PipelineResult) -> None:
+    path = result.run_dir / "pipeline.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"run_dir": str(result.run_dir), "steps": [asdict(s) for s in result.steps]}, indent=2))
+    os.replace(tmp, path)
+
+
+def add_cli_parser(subparsers: Any) -> None:
+    """Register ``medssl pipeline`` on an argparse subparsers object."""
+    p = subparsers.add_parser("pipeline", help="run the ordered notebooks headlessly with papermill")
+    p.add_argument("--plan", default="demo", help=f"a plan name ({', '.join(PLANS)}) or a YAML/JSON plan file")
+    p.add_argument("--run", default="demo", help="run name: outputs go to runs/<run>/")
+    p.add_argument("--methods", nargs="+", default=None, help="override the plan's methods")
+    p.add_argument("--only", nargs="+", default=None, help="only notebooks starting with these, e.g. 00 10")
+    p.add_argument(
+        "-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+        help="parameter for every notebook (VALUE parsed as YAML); NAME may be '<notebook>.<param>'",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the notebook executions and exit")
+    p.set_defaults(func=_cli_main)
+
+
+def _cli_main(args: Any) -> int:
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in args.param}
+    if args.dry_run:
+        for s in expand_plan(load_plan(args.plan), args.run, methods=args.methods, only=args.only, overrides=overrides):
+            print(f"{s.notebook:24s} {s.method or '':12s} -> {s.output}  {json.dumps(s.parameters)}")
+        return 0
+    try:
+        res = run_pipeline(args.plan, args.run, methods=args.methods, only=args.only, overrides=overrides)
+    except PipelineError as e:
+        print(f"\n{e}", flush=True)
+        return 1
+    total = sum(s.seconds for s in res.steps)
+    print(f"\npipeline finished in {total / 60:.1f} min; outputs in {res.run_dir}")
+    return 0

@@ -1,0 +1,82 @@
+"""The papermill pipeline runner: plan expansion, execution order, failure reporting."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from medssl import pipeline
+
+
+def _write_notebook(path, sources, params="x = 1"):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell] + [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+def test_plan_runs_pretraining_once_per_method_and_passes_run_and_method(tmp_path):
+    plan = {
+        "methods": ["isimed", "simclr"],
+        "steps": [
+            {"notebook": "00_data.ipynb", "parameters": {"n_subjects": 4}},
+            {"notebook": "10_pretrain.ipynb", "per_method": True, "parameters": {"preset": "tiny"}},
+            {"notebook": "20_latent_space.ipynb"},
+        ],
+    }
+    steps = pipeline.expand_plan(pipeline.load_plan(plan), "r1", runs_root=tmp_path,
+                                 overrides={"seed": 3, "10_pretrain.epochs": 2})
+    assert [(s.step, s.method) for s in steps] == [
+        ("00_data", None), ("10_pretrain", "isimed"), ("10_pretrain", "simclr"), ("20_latent_space", None)]
+    assert steps[1].output == str(tmp_path / "r1" / "isimed" / "10_pretrain.ipynb")
+    assert steps[1].parameters == {"run": "r1", "preset": "tiny", "seed": 3, "epochs": 2, "method": "isimed"}
+    assert steps[0].parameters == {"run": "r1", "n_subjects": 4, "seed": 3}  # per-notebook override not leaked
+    assert steps[3].parameters["methods"] == ["isimed", "simclr"]
+
+
+def test_plan_validation_rejects_unknown_step_keys():
+    with pytest.raises(ValueError, match="unknown keys"):
+        pipeline.load_plan({"steps": [{"notebook": "a.ipynb", "paramters": {}}]})
+    with pytest.raises(FileNotFoundError, match="neither a known plan"):
+        pipeline.load_plan("no-such-plan")
+
+
+def test_pipeline_executes_in_order_and_writes_status(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    # each notebook appends to a log file, so the execution order is observable
+    log = tmp_path / "order.txt"
+    for name in ["00_a.ipynb", "10_b.ipynb"]:
+        _write_notebook(nbs / name, [f"open({str(log)!r}, 'a').write({name!r} + ':' + str(run) + ';')"], params="run = 'x'")
+    plan = {"steps": [{"notebook": "00_a.ipynb"}, {"notebook": "10_b.ipynb"}, {"notebook": "20_missing.ipynb"}]}
+    res = pipeline.run_pipeline(plan, "r", notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False)
+    assert log.read_text() == "00_a.ipynb:r;10_b.ipynb:r;"
+    assert [s.status for s in res.steps] == ["ok", "ok", "skipped"]
+    status = json.loads((tmp_path / "runs" / "r" / "pipeline.json").read_text())
+    assert [s["status"] for s in status["steps"]] == ["ok", "ok", "skipped"]
+    assert (tmp_path / "runs" / "r" / "00_a" / "00_a.ipynb").exists()
+
+
+def test_pipeline_stops_on_first_failure_naming_notebook_and_cell_and_keeps_output(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write_notebook(nbs / "00_ok.ipynb", ["y = 2"])
+    _write_notebook(nbs / "10_bad.ipynb", ["y = 2", "raise ValueError('boom in cell')", "z = 3"])
+    _write_notebook(nbs / "20_never.ipynb", [f"open({str(tmp_path / 'ran')!r}, 'w')"])
+    plan = {"steps": [{"notebook": n} for n in ["00_ok.ipynb", "10_bad.ipynb", "20_never.ipynb"]]}
+    with pytest.raises(pipeline.PipelineError) as err:
+        pipeline.run_pipeline(plan, "r", notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False)
+    msg = str(err.value)
+    assert "10_bad.ipynb" in msg and "boom in cell" in msg and "ValueError" in msg
+    # papermill injects a parameters cell after the tagged one, so the failing cell is index 3
+    assert err.value.cell == 3 and "cell 3" in msg
+    assert err.value.output.exists()
+    kept = nbformat.read(str(err.value.output), as_version=4)
+    assert any(o.get("ename") == "ValueError" for c in kept.cells for o in c.get("outputs", []))
+    assert not (tmp_path / "ran").exists()
+    status = json.loads((tmp_path / "runs" / "r" / "pipeline.json").read_text())
+    assert [s["status"] for s in status["steps"]] == ["ok", "failed", "pending"]
