@@ -1,0 +1,52 @@
+"""Errors for bad input. Every message names the file and the problem."""
+
+from __future__ import annotations
+
+
+class MedsslDataError(ValueError):
+    """A data file cannot be used. ``path`` names the file, ``problem`` says why."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class UnreadableFileError(MedsslDataError):
+    """The file is missing, corrupt or in an unsupported format."""
+
+
+class DimensionalityError(MedsslDataError):
+    """The image is not 3D (2D, or 4D+ with more than one non-channel axis)."""
+
+
+class GeometryError(MedsslDataError):
+    """Spacing is zero, negative or NaN, or the affine is singular/non-finite."""
+
+
+class NonFiniteVoxelsError(MedsslDataError):
+    """The image holds NaN or Inf voxels."""
+
+
+class LabelGridMismatchError(MedsslDataError):
+    """A label's shape or affine differs from its image's."""
+
+
+class TooSmallError(MedsslDataError):
+    """The volume is smaller than the patch size after preprocessing."""
+
+
+class EmptyForegroundError(MedsslDataError):
+    """Foreground cropping found no foreground."""
+
+
+class DatasetScanError(ValueError):
+    """A dataset scan found bad files. ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[MedsslDataError]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"{len(self.problems)} bad file(s) found; nothing was trained or cached for them:\n{lines}\n"
+            "Fix or remove them, or pass on_error='skip' to skip them with a report."
+        )
