@@ -1,0 +1,157 @@
+"""The ``medssl`` command: sub-commands that call the same functions the notebooks call.
+
+Adding a command is one builder function registered under its name::
+
+    @register_command("pipeline")
+    def _add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
+        p = sub.add_parser("pipeline", help="run the ordered notebooks")
+        p.add_argument("--plan", default="demo")
+        p.set_defaults(func=_run_pipeline)   # func(args) -> exit code
+
+Builders may also live in other modules, as long as the module is imported
+before :func:`main` builds the parser (see ``_COMMAND_MODULES``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = ["main", "build_parser", "register_command"]
+
+CommandBuilder = Callable[["argparse._SubParsersAction"], None]
+_COMMANDS: dict[str, CommandBuilder] = {}
+# Modules that register further commands when imported (missing ones are skipped).
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def register_command(name: str) -> Callable[[CommandBuilder], CommandBuilder]:
+    """Register ``builder(subparsers)`` as the parser builder of top-level command ``name``."""
+
+    def deco(builder: CommandBuilder) -> CommandBuilder:
+        if name in _COMMANDS and _COMMANDS[name] is not builder:
+            raise ValueError(f"medssl command {name!r} is already registered")
+        _COMMANDS[name] = builder
+        return builder
+
+    return deco
+
+
+# --------------------------------------------------------------------------- medssl data ...
+
+
+@register_command("data")
+def _add_data_parser(sub: "argparse._SubParsersAction") -> None:
+    data = sub.add_parser("data", help="fetch and prepare data")
+    data_sub = data.add_subparsers(dest="data_command", metavar="{demo}")
+    data_sub.required = True
+    demo = data_sub.add_parser(
+        "demo",
+        help="fetch the TotalSegmentator example volumes, build and cache the synthetic demo cohort",
+        description="Fetch the real TotalSegmentator 2.18.0 example volumes (pip download from PyPI), build the "
+        "synthetic demo cohort, cache its preprocessed volumes, print the cohort table and write the table and "
+        "figures.",
+    )
+    demo.add_argument("--n-subjects", type=int, default=48, help="synthetic subjects (default 48)")
+    demo.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    demo.add_argument("--spacing-mm", type=float, default=3.0, help="voxel size of the subjects (default 3 mm)")
+    demo.add_argument("--cohort-dir", type=Path, default=None,
+                      help="where the cohort is built (default: $MEDSSL_DATA/demo/cohort-seed<seed>-n<n>)")
+    demo.add_argument("--out-dir", type=Path, default=None,
+                      help="where the summary CSV and figures go (default: $MEDSSL_RUNS/<run>/00_data)")
+    demo.add_argument("--run", default="demo", help="run name for the default --out-dir (default 'demo')")
+    demo.add_argument("--show-subjects", type=int, default=3, help="subjects drawn as figures (default 3)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_run_data_demo)
+
+
+def _run_data_demo(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # the CLI never opens windows
+    import matplotlib.pyplot as plt
+
+    from medssl import paths
+    from medssl.data.demo import build_demo_cohort
+    from medssl.data.source import DataSource
+    from medssl.viz.slices import orthogonal_slices
+
+    progress = not args.quiet
+    cohort = build_demo_cohort(n_subjects=args.n_subjects, seed=args.seed, spacing_mm=args.spacing_mm,
+                               out_dir=args.cohort_dir, progress=progress)  # fmt: skip
+    data = DataSource(manifest=cohort.manifest, preprocess_config=cohort.default_preprocess_config(),
+                      label_names=dict(cohort.label_names), cohort=cohort, provenance=cohort.provenance,
+                      source="demo", progress=progress)  # fmt: skip
+    out = Path(args.out_dir) if args.out_dir is not None else paths.runs_dir() / args.run / "00_data"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = data.summary()
+    summary.to_csv(out / "cohort_summary.csv", index=False)
+    print(data.provenance, end="\n\n")
+    print(f"cohort: {cohort.root}  (built in {cohort.info.get('build_seconds', float('nan')):.1f} s)")
+    print(summary.to_string(index=False))
+    figures = []
+    for vol in data.volumes("train")[: max(0, args.show_subjects)]:
+        figures.append((f"slices_{vol.case_id}.png", orthogonal_slices(vol)))
+    train = data.volumes("train")
+    if train:
+        figures.append((f"lesions_{train[0].case_id}.png", orthogonal_slices(train[0], label="lesion")))
+    for vol in data.volumes("external"):
+        figures.append((f"slices_{vol.case_id}.png", orthogonal_slices(vol)))
+    for name, fig in figures:
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+    print(f"\nwrote {out / 'cohort_summary.csv'} and {len(figures)} figure(s) to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- medssl pipeline ...
+
+
+@register_command("pipeline")
+def _add_pipeline_parser(sub: "argparse._SubParsersAction") -> None:
+    try:  # the pipeline module owns its arguments; a broken import must not take `medssl data` down
+        from medssl.pipeline import add_cli_parser
+    except ImportError as e:
+        sub.add_parser("pipeline", help=f"unavailable: {e}").set_defaults(func=lambda _a: _unavailable(e))
+        return
+    add_cli_parser(sub)
+
+
+def _unavailable(error: Exception) -> int:
+    print(f"medssl pipeline is unavailable: {error}", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for module in _COMMAND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    parser = argparse.ArgumentParser(prog="medssl", description="Self-supervised learning from the intrinsic "
+                                     "spatial information of 3D medical images.")  # fmt: skip
+    from medssl import __version__
+
+    parser.add_argument("--version", action="version", version=f"medssl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(sorted(_COMMANDS)) + "}")
+    sub.required = True
+    for name in sorted(_COMMANDS):
+        _COMMANDS[name](sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``medssl <command> ...``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""One entry point to the data of a run: the demo cohort or a user's folder.
+
+Notebooks, the CLI and the trainer all start here::
+
+    data = open_data("demo")                 # or open_data("/path/to/collection")
+    train = data.volumes("train")            # cached, preprocessed Volumes
+    data.summary()                           # one row per case
+    print(data.provenance)                   # every report must show it
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from medssl.provenance import provenance_statement
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medssl.data.cache import VolumeCache
+    from medssl.data.demo import DemoCohort
+    from medssl.data.preprocess import PreprocessConfig
+    from medssl.data.volume import Volume
+
+__all__ = ["DataSource", "open_data"]
+
+
+@dataclass
+class DataSource:
+    """The cases of a run and how to get them as preprocessed Volumes.
+
+    Attributes:
+        manifest: one row per case (``case_id, image, label, group, split``, ``aux_*`` ...).
+        preprocess_config: the preprocessing applied by :meth:`volumes`.
+        label_names: ``{id: name}`` of the main label map (None if unknown).
+        cohort: the :class:`~medssl.data.demo.DemoCohort` for the demo (known
+            cross-subject correspondences), else None.
+        provenance: where the data came from; every report must show it.
+        source: ``"demo"`` or the folder path.
+        scan_report: problems found when scanning a folder (None for the demo).
+    """
+
+    manifest: pd.DataFrame
+    preprocess_config: "PreprocessConfig"
+    label_names: dict[int, str] | None
+    cohort: "DemoCohort | None"
+    provenance: str
+    source: str
+    progress: bool = True
+    scan_report: object | None = None
+    _cache: "VolumeCache | None" = field(default=None, repr=False)
+    _built: bool = field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        counts = self.manifest["split"].value_counts()
+        splits = ", ".join(f"{s} {int(counts[s])}" for s in self.splits)
+        spacing = self.preprocess_config.target_spacing_mm
+        return (f"DataSource(source={self.source!r}, {len(self.manifest)} cases ({splits}), "
+                f"target_spacing_mm={spacing}, cohort={'yes' if self.cohort is not None else 'no'})")  # fmt: skip
+
+    @property
+    def cache(self) -> "VolumeCache":
+        if self._cache is None:
+            from medssl.data.cache import VolumeCache
+
+            self._cache = VolumeCache(config=self.preprocess_config)
+        return self._cache
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in ("train", "val", "test", "external") if (self.manifest["split"] == s).any()]
+
+    def build_cache(self, on_error: Literal["raise", "skip"] = "raise") -> None:
+        """Read, check, preprocess and cache every case once (later calls are no-ops).
+
+        This is also the dataset scan: every bad file is collected. ``"raise"``
+        caches nothing new and raises :class:`~medssl.data.errors.DatasetScanError`
+        listing all of them; ``"skip"`` drops them from :attr:`manifest` and keeps
+        the report in :attr:`scan_report`.
+        """
+        if self._built:
+            return
+        workers = 2 if len(self.manifest) > 8 and (os.cpu_count() or 1) > 1 else 1
+        report = self.cache.build(self.manifest, on_error=on_error, progress=self.progress, workers=workers)
+        if report.problems:
+            self.manifest = report.keep_ok(self.manifest)
+        self.scan_report = report
+        self._built = True
+
+    def volumes(self, split: str | None = None) -> list["Volume"]:
+        """Cached, preprocessed Volumes of ``split`` (``train``/``val``/``test``/``external``; None: all)."""
+        if split is not None and split not in ("train", "val", "test", "external"):
+            raise ValueError(f"split must be train, val, test, external or None, got {split!r}")
+        self.build_cache()
+        return self.cache.load_all(self.manifest, split=split)
+
+    def summary(self) -> pd.DataFrame:
+        """The cohort table: one row per case with its preprocessed shape, spacing and label counts.
+
+        Columns: ``case_id, split, group, dataset, shape_vox, spacing_mm, n_labels,
+        lesion_voxels, n_lesions`` (lesion columns are 0 where a case has no lesion map).
+        """
+        rows = []
+        splits = dict(zip(self.manifest["case_id"], self.manifest["split"]))
+        datasets = dict(zip(self.manifest["case_id"], self.manifest.get("dataset", [""] * len(self.manifest))))
+        for vol in self.volumes(None):
+            label = np.asarray(vol.label) if vol.label is not None else None
+            lesion = np.asarray(vol.aux["lesion"]) if "lesion" in (vol.aux or {}) else None
+            rows.append({
+                "case_id": vol.case_id,
+                "split": splits.get(vol.case_id, ""),
+                "group": vol.group,
+                "dataset": datasets.get(vol.case_id, ""),
+                "shape_vox": "x".join(str(s) for s in vol.shape_vox),
+                "spacing_mm": "x".join(f"{s:g}" for s in np.round(vol.spacing_mm, 2)),
+                "n_labels": int(np.count_nonzero(np.unique(label))) if label is not None else 0,
+                "lesion_voxels": int(np.count_nonzero(lesion)) if lesion is not None else 0,
+                "n_lesions": int(np.count_nonzero(np.unique(lesion))) if lesion is not None else 0,
+            })  # fmt: skip
+        return pd.DataFrame(rows)
+
+    def save_manifest(self, path: str | os.PathLike) -> Path:
+        """Write the manifest (CSV or JSON by suffix), atomically."""
+        from medssl.data.datasets import write_manifest
+
+        return write_manifest(self.manifest, path)
+
+
+def open_data(
+    source: str | os.PathLike = "demo",
+    *,
+    layout: str = "auto",
+    manifest: str | os.PathLike | pd.DataFrame | None = None,
+    preprocess: "PreprocessConfig | None" = None,
+    n_subjects: int = 48,
+    seed: int = 0,
+    split_seed: int = 0,
+    on_error: Literal["raise", "skip"] = "raise",
+    progress: bool = True,
+    target_spacing_mm: float | None = None,
+) -> DataSource:
+    """Open the demo cohort or a folder of images as a :class:`DataSource`.
+
+    Args:
+        source: ``"demo"`` (fetch + build the synthetic cohort) or a folder.
+        layout: folder layout for :func:`medssl.data.adapters.manifest_from_folder`
+            (``"auto"`` detects it).
+        manifest: an existing manifest (file or DataFrame) to use instead of
+            scanning the folder; its splits are kept, empty ones assigned.
+        preprocess: preprocessing config. Default: for the demo, the cohort's own
+            (:meth:`DemoCohort.default_preprocess_config`), else ``PreprocessConfig()``;
+            either with ``target_spacing_mm`` if that is given.
+        n_subjects, seed: demo cohort size and seed.
+        split_seed: seed of the patient-grouped split of a folder.
+        on_error: folder scan (done while caching): ``"raise"`` lists every bad
+            file and stops; ``"skip"`` drops them (see ``DataSource.scan_report``).
+        progress: show progress bars.
+        target_spacing_mm: isotropic voxel size (mm) when ``preprocess`` is None.
+            The demo subjects are synthesised at this spacing (default 3 mm, the
+            template CT's own; finer values only interpolate it).
+    """
+    from dataclasses import replace
+
+    from medssl.data.preprocess import PreprocessConfig
+
+    iso = None if target_spacing_mm is None else (float(target_spacing_mm),) * 3
+    if str(source) == "demo":
+        from medssl.data.demo import build_demo_cohort
+
+        if target_spacing_mm is not None:
+            spacing = float(target_spacing_mm)
+        elif preprocess is not None and preprocess.target_spacing_mm is not None:
+            spacing = float(min(preprocess.target_spacing_mm))
+        else:
+            spacing = 3.0
+        cohort = build_demo_cohort(n_subjects=n_subjects, seed=seed, spacing_mm=spacing, progress=progress)
+        config = preprocess if preprocess is not None else cohort.default_preprocess_config()
+        return DataSource(
+            manifest=cohort.manifest,
+            preprocess_config=config,
+            label_names=dict(cohort.label_names),
+            cohort=cohort,
+            provenance=cohort.provenance,
+            source="demo",
+            progress=progress,
+        )
+    if preprocess is None:
+        preprocess = PreprocessConfig() if iso is None else replace(PreprocessConfig(), target_spacing_mm=iso)
+    return _open_folder(source, layout, manifest, preprocess, split_seed, on_error, progress)
+
+
+def _open_folder(source, layout, manifest, config, split_seed, on_error, progress) -> DataSource:
+    from medssl.data.datasets import assign_splits, case_label_names, read_manifest, validate_manifest
+
+    folder = Path(source).expanduser()
+    if isinstance(manifest, pd.DataFrame):
+        df = validate_manifest(manifest)
+    elif manifest is not None:
+        df = read_manifest(manifest)
+    else:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: data source must be 'demo' or an existing folder")
+        from medssl.data.adapters import manifest_from_folder
+
+        df = manifest_from_folder(folder, layout=layout)
+    df = assign_splits(df, seed=split_seed)
+    names = next((n for n in (case_label_names(r) for _, r in df.iterrows()) if n), None)
+    data = DataSource(
+        manifest=df,
+        preprocess_config=config,
+        label_names=names,
+        cohort=None,
+        provenance=provenance_statement(folder),
+        source=str(folder),
+        progress=progress,
+    )
+    # The scan and the cache are one pass (scan_dataset would read and preprocess
+    # every case a second time): bad files are all listed before anything is trained.
+    data.build_cache(on_error=on_error)
+    return data

@@ -1,0 +1,123 @@
+"""Run notebooks headlessly with papermill in a throw-away environment.
+
+Usage in a test::
+
+    def test_my_notebook_runs(run_notebook):
+        res = run_notebook("10_pretrain.ipynb", {"n_subjects": 4, "target_spacing_mm": 6.0}, run="t")
+        assert (res.run_dir / "isimed" / "config.json").is_file()
+
+The kernel sees ``MEDSSL_RUNS=<tmp_path>/runs`` and a per-session ``MEDSSL_DATA``
+(so the demo cohort and volume cache are built once per test session and worker,
+never in the user's folders). The TotalSegmentator example volumes are fetched
+once into the default data folder and linked into it, so they are downloaded at
+most once per CI run. Tests using this fixture need the network the first time:
+mark them ``@pytest.mark.network``.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS = REPO / "notebooks"
+
+
+@dataclass
+class NotebookRun:
+    """An executed notebook: where it was written, the run folder, the parsed result."""
+
+    output: Path
+    run_dir: Path
+    notebook: nbformat.NotebookNode
+
+    def text_outputs(self) -> str:
+        """All stream and text/plain outputs of the executed notebook, joined."""
+        parts = []
+        for cell in self.notebook.cells:
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "stream":
+                    parts.append(out.get("text", ""))
+                elif "data" in out and "text/plain" in out["data"]:
+                    parts.append(out["data"]["text/plain"])
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def notebook_data_dir(tmp_path_factory) -> Path:
+    """A session ``MEDSSL_DATA`` whose ``demo/totalseg-2.18.0`` links to the shared fetched examples."""
+    from medssl.data.demo import fetch_totalseg_examples
+
+    shared = fetch_totalseg_examples(progress=False)  # default data folder: once per CI run
+    data = tmp_path_factory.mktemp("medssl-data")
+    (data / "demo").mkdir()
+    (data / "demo" / shared.name).symlink_to(shared.resolve(), target_is_directory=True)
+    return data
+
+
+@pytest.fixture
+def run_notebook(tmp_path, notebook_data_dir, monkeypatch):
+    """``run(notebook, parameters=None, *, run="test", timeout=900) -> NotebookRun``."""
+    import papermill as pm
+
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("MEDSSL_RUNS", str(runs))
+    monkeypatch.setenv("MEDSSL_DATA", str(notebook_data_dir))
+    monkeypatch.delenv("MEDSSL_CACHE", raising=False)  # -> $MEDSSL_DATA/cache, shared by the session
+    monkeypatch.delenv("MEDSSL_HOME", raising=False)
+    monkeypatch.setenv("MPLBACKEND", "agg")
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+
+    def _run(notebook: str, parameters: dict[str, Any] | None = None, *, run: str = "test",
+             timeout: int = 900) -> NotebookRun:  # fmt: skip
+        src = NOTEBOOKS / notebook
+        assert src.is_file(), f"no notebook {src}"
+        params = {"run": run, **(parameters or {})}
+        out = tmp_path / "executed" / notebook
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pm.execute_notebook(
+            str(src), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path),
+            progress_bar=False, execution_timeout=timeout,
+        )  # fmt: skip
+        return NotebookRun(output=out, run_dir=runs / run, notebook=nbformat.read(str(out), as_version=4))
+
+    return _run
+
+
+def _check_conventions(notebook: str) -> nbformat.NotebookNode:
+    """Assert the team's notebook conventions on the committed notebook; return it.
+
+    Kernelspec ``python3``; the first code cell is tagged ``parameters`` and holds
+    only ``name = <literal>`` lines, each with a comment; no ``def``/``class`` anywhere.
+    """
+    nb = nbformat.read(str(NOTEBOOKS / notebook), as_version=4)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{notebook}: kernelspec must be python3"
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    first = code_cells[0]
+    assert "parameters" in first.get("metadata", {}).get("tags", []), f"{notebook}: first code cell not tagged"
+    tree = ast.parse(first.source)
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), (
+            f"{notebook}: parameters cell may only assign names: {ast.unparse(stmt)}"
+        )
+        ast.literal_eval(stmt.value)  # raises if not a literal
+    for line in first.source.splitlines():
+        if line.strip():
+            assert "#" in line, f"{notebook}: parameter line without a comment: {line!r}"
+    for cell in code_cells:
+        for node in ast.walk(ast.parse(cell.source)):
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)), (
+                f"{notebook}: notebooks stay thin, move `def`/`class`/`lambda` into the package"
+            )
+    return nb
+
+
+@pytest.fixture
+def check_notebook_conventions():
+    """``check(notebook_name) -> NotebookNode``: asserts kernelspec, parameters cell and thinness."""
+    return _check_conventions
