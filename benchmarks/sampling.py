@@ -1,0 +1,133 @@
+"""Patch sampling throughput, and the share of a demo ISImed step spent sampling.
+
+(a) ``UniformPatchSampler`` (32^3 patches with mm centres, cropped from memory-mapped .npy
+    volumes as the cache stores them) against a MONAI ``LoadImaged`` + ``EnsureChannelFirstd``
+    + ``RandSpatialCropSamplesd`` pipeline over the same volumes as uncompressed NIfTI (the
+    ISImed authors' data path; uncompressed so that gzip does not inflate the ratio).
+(b) One ``demo``-preset ISImed training step (sample + forward + backward + AdamW, the
+    precision ``fit`` would pick): the fraction of its wall time spent in ``method.sample``.
+
+Run: ``python benchmarks/sampling.py`` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from medssl.data.volume import Volume
+from medssl.methods import create_method
+from medssl.presets import preset
+from medssl.sampling import UniformPatchSampler
+from medssl.train.loop import _autocast, resolve_device, resolve_precision
+from medssl.train.schedule import make_optimizer
+
+SHAPE_VOX = (120, 100, 110)  # a typical preprocessed CT crop at ~3 mm
+N_VOLUMES = 20
+PATCH_VOX = 32
+PATCHES_PER_VOLUME = 16
+REPEATS = 5
+
+
+def _write_volumes(folder: Path) -> tuple[list[Volume], list[dict]]:
+    rng = np.random.default_rng(0)
+    affine = np.array([[0.0, -1.5, 0.1, -90.0], [1.4, 0.0, 0.0, 20.0], [0.0, 0.1, 3.0, -300.0], [0, 0, 0, 1]])
+    volumes, nifti_items = [], []
+    for i in range(N_VOLUMES):
+        data = rng.normal(size=SHAPE_VOX).astype(np.float32)
+        np.save(folder / f"v{i}.npy", data[None])
+        nib.save(nib.Nifti1Image(data, affine), folder / f"v{i}.nii")
+        mm = np.load(folder / f"v{i}.npy", mmap_mode="r")
+        volumes.append(Volume(data=mm, affine=affine, case_id=f"v{i}"))
+        nifti_items.append({"image": str(folder / f"v{i}.nii")})
+    return volumes, nifti_items
+
+
+def _patches_per_s(fn, n_patches: int) -> float:
+    fn()  # warm-up (page cache, imports)
+    t0 = time.perf_counter()
+    for _ in range(REPEATS):
+        fn()
+    return REPEATS * n_patches / (time.perf_counter() - t0)
+
+
+def bench_sampler(volumes: list[Volume], nifti_items: list[dict]) -> tuple[float, float]:
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandSpatialCropSamplesd
+
+    n_patches = N_VOLUMES * PATCHES_PER_VOLUME
+    sampler = UniformPatchSampler(PATCH_VOX, volumes_per_batch=N_VOLUMES, patches_per_volume=PATCHES_PER_VOLUME)
+    rng = np.random.default_rng(0)
+    ours = _patches_per_s(lambda: sampler(volumes, rng), n_patches)
+
+    monai_chain = Compose(
+        [
+            LoadImaged(keys="image"),
+            EnsureChannelFirstd(keys="image"),
+            RandSpatialCropSamplesd(keys="image", roi_size=PATCH_VOX, num_samples=PATCHES_PER_VOLUME, random_size=False),
+        ]
+    )
+    monai_chain.set_random_state(0)
+
+    def monai_batch():
+        crops = [c["image"] for item in nifti_items for c in monai_chain(item)]
+        return torch.stack([torch.as_tensor(c) for c in crops])
+
+    baseline = _patches_per_s(monai_batch, n_patches)
+    return ours, baseline
+
+
+def bench_demo_step(volumes: list[Volume]) -> dict[str, float]:
+    overrides, train_cfg = preset("demo", "isimed")
+    torch.manual_seed(0)
+    method = create_method("isimed", **overrides)
+    device = resolve_device(train_cfg.device)
+    precision = resolve_precision(train_cfg.precision, device)
+    method.to(device).train()
+    optimizer = make_optimizer(method.parameters(), train_cfg)
+    rng = np.random.default_rng(0)
+    sample_s = total_s = 0.0
+    for i in range(2 + REPEATS):  # 2 warm-up steps
+        t0 = time.perf_counter()
+        batch = method.sample(volumes, rng).to(device)
+        t1 = time.perf_counter()
+        with _autocast(device, precision):
+            loss = method.training_step(batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        t2 = time.perf_counter()
+        if i >= 2:
+            sample_s += t1 - t0
+            total_s += t2 - t0
+    return {
+        "precision": precision,
+        "patches_per_step": len(batch),
+        "step_s": total_s / REPEATS,
+        "sample_s": sample_s / REPEATS,
+        "sample_share": sample_s / total_s,
+    }
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        volumes, nifti_items = _write_volumes(Path(tmp))
+        ours, baseline = bench_sampler(volumes, nifti_items)
+        print(f"(a) {PATCH_VOX}^3 patches from {N_VOLUMES} volumes {SHAPE_VOX} x {PATCHES_PER_VOLUME} patches:")
+        print(f"    UniformPatchSampler (memmapped .npy, with centres_mm): {ours:10.0f} patches/s")
+        print(f"    MONAI LoadImaged+EnsureChannelFirstd+RandSpatialCropSamplesd (.nii): {baseline:10.0f} patches/s")
+        print(f"    ratio: {ours / baseline:.1f}x")
+        step = bench_demo_step(volumes)
+        print(
+            f"(b) demo ISImed step ({step['patches_per_step']} patches, {step['precision']}): "
+            f"{step['step_s'] * 1e3:.0f} ms/step, sampling {step['sample_s'] * 1e3:.1f} ms "
+            f"= {100 * step['sample_share']:.1f} % of the step"
+        )
+
+
+if __name__ == "__main__":
+    main()

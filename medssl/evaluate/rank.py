@@ -1,0 +1,82 @@
+"""Capacity of an embedding: effective rank (RankMe) and the share of used dimensions.
+
+The ISImed paper notes that plain ISImed may collapse into a few informative dimensions
+and that regISImed counters it; these two numbers show whether that happens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["effective_rank", "dim_variance_fraction"]
+
+# RankMe adds a small epsilon to the normalised singular values before the log
+# (Garrido et al., 2023, eq. 1) so that zero singular values contribute 0, not NaN.
+_RANKME_EPS = 1e-7
+
+
+def _as_matrix(z: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(z, torch.Tensor):
+        z = z.detach().to("cpu", torch.float64).numpy()
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] < 1:
+        raise ValueError(f"embeddings must have shape (N, D) with N, D >= 1, got {z.shape}")
+    if not np.all(np.isfinite(z)):
+        raise ValueError("embeddings contain NaN or Inf")
+    return z
+
+
+def effective_rank(z: np.ndarray | torch.Tensor, centre: bool = False) -> float:
+    """RankMe effective rank of an embedding matrix.
+
+    RankMe (Garrido et al., ICML 2023): ``exp(-sum_k p_k log p_k)`` with
+    ``p_k = sigma_k / ||sigma||_1 + eps`` over the singular values ``sigma`` of ``z``.
+    It lies in ``[1, min(N, D)]`` (up to eps): 1 when all embeddings lie on one line
+    through the origin, ``min(N, D)`` when all singular values are equal.
+
+    We follow RankMe and do NOT centre by default: RankMe is defined on the raw
+    embedding matrix, so a constant offset counts as one direction. Pass
+    ``centre=True`` to measure the rank of the spread around the mean instead (a fully
+    collapsed, constant embedding then has rank 0).
+
+    Args:
+        z: ``(N, D)`` embeddings.
+        centre: subtract the per-dimension mean first.
+
+    Returns:
+        The effective rank as a float. An all-zero matrix returns 0.0.
+    """
+    m = _as_matrix(z)
+    if centre:
+        m = m - m.mean(axis=0, keepdims=True)
+    sigma = np.linalg.svd(m, compute_uv=False)
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma / total + _RANKME_EPS
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def dim_variance_fraction(z: np.ndarray | torch.Tensor, rel_threshold: float = 1e-3) -> float:
+    """Fraction of embedding dimensions whose variance is not negligible.
+
+    A dimension counts as used when its variance over the ``N`` embeddings exceeds
+    ``rel_threshold`` times the largest per-dimension variance (relative, so the
+    answer does not depend on the embedding's scale).
+
+    Args:
+        z: ``(N, D)`` embeddings.
+        rel_threshold: variance threshold relative to the largest per-dimension variance.
+
+    Returns:
+        A float in ``[0, 1]``; 0.0 when every dimension is constant.
+    """
+    if not rel_threshold >= 0:
+        raise ValueError(f"rel_threshold must be >= 0, got {rel_threshold}")
+    m = _as_matrix(z)
+    var = m.var(axis=0)
+    top = var.max()
+    if top <= 0:
+        return 0.0
+    return float(np.mean(var > rel_threshold * top))

@@ -1,0 +1,100 @@
+"""Named settings: ``paper`` (the published setup, for a GPU), ``demo`` (minutes on a laptop
+CPU) and ``tiny`` (seconds, for smoke tests).
+
+``preset(name, method) -> (method_overrides, TrainConfig)``::
+
+    overrides, train_config = preset("demo", "isimed")
+    method = create_method("isimed", **overrides)
+    fit(method, volumes, train_config, run_dir)
+
+Values are plain Python literals, so a papermill parameters cell can name a preset and
+override single values on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Any
+
+from medssl.train.config import TrainConfig
+
+__all__ = ["PRESETS", "TWO_VIEW_METHODS", "preset", "list_presets"]
+
+# Methods whose step embeds two augmented views of every patch, so a patch costs ~2x.
+TWO_VIEW_METHODS = ("simclr", "barlowtwins", "regisimed")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ISImed paper (sec. 2-3): DenseNet121, 32^3, 16 patches x 64 volumes, AdamW 1e-3, x0.9 per epoch, 50 epochs.
+    "paper": {
+        "method": {"backbone": "densenet121", "patch_size_vox": 32, "volumes_per_batch": 64, "patches_per_volume": 16},
+        "train": {"epochs": 50, "lr": 1e-3, "lr_decay_per_epoch": 0.9, "device": "auto", "precision": "auto"},
+        "per_method": {},
+    },
+    # 2-core CPU: stride-2 SmallCNN (~1300 training patches/s at 32^3 with bf16, environment.md).
+    # ISImed: 20 volumes x 16 patches = 320 patches/step; 30 epochs x 10 steps = 300 steps, where
+    # environment.md measured Spearman 0.986. 0.9/epoch leaves 0.9^30 = 4.7 % of the lr at the end.
+    # Two-view methods embed 2 views per patch: 10 volumes keep the per-step cost equal.
+    # Wall time: at the environment.md throughput (~1300 patches/s bf16) 300 steps x 320 patch
+    # passes is ~75 s of compute per method, plus evaluation and sampling (~1 % of a step).
+    # Our own per-method timing (same step loop as benchmarks/sampling.py) was taken at load average 8
+    # on 2 cores (other test suites running) and is not a fair number; re-measure on an idle machine.
+    "demo": {
+        "method": {"backbone": "smallcnn", "patch_size_vox": 32, "volumes_per_batch": 20, "patches_per_volume": 16},
+        "train": {
+            "epochs": 30,
+            "steps_per_epoch": 10,
+            "lr": 1e-3,
+            "lr_decay_per_epoch": 0.9,
+            "log_every": 5,
+            "eval_every_epochs": 5,
+            "checkpoint_every_epochs": 10,
+            "keep_last": 1,
+        },
+        "per_method": {m: {"method": {"volumes_per_batch": 10}} for m in TWO_VIEW_METHODS},
+    },
+    # Smoke tests: 16^3 patches, 2 volumes x 4 patches, 2 epochs x 2 steps; fp32 so runs are
+    # deterministic (and because bf16 conv3d gradients on 2^3 feature maps are flaky on this CPU).
+    "tiny": {
+        "method": {"backbone": "smallcnn", "patch_size_vox": 16, "volumes_per_batch": 2, "patches_per_volume": 4},
+        "train": {
+            "epochs": 2,
+            "steps_per_epoch": 2,
+            "lr": 1e-3,
+            "precision": "fp32",
+            "log_every": 1,
+            "keep_last": 1,
+        },
+        "per_method": {},
+    },
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def preset(name: str, method: str) -> tuple[dict[str, Any], TrainConfig]:
+    """``(method_overrides, TrainConfig)`` of preset ``name`` for ``method``.
+
+    Shared method settings are kept only where the method's Config has that field (a
+    method without, say, ``patches_per_volume`` just ignores it); per-method settings
+    are applied as given, so a typo there fails in ``create_method``.
+    """
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
+    spec = PRESETS[name]
+    own = spec["per_method"].get(method, {})
+    known = _config_fields(method)
+    overrides = {k: v for k, v in spec["method"].items() if known is None or k in known}
+    overrides.update(own.get("method", {}))
+    train = replace(TrainConfig(), **{**spec["train"], **own.get("train", {})})
+    return overrides, train
+
+
+def _config_fields(method: str) -> set[str] | None:
+    from medssl.methods.base import get_method_class
+
+    try:
+        return {f.name for f in fields(get_method_class(method).Config)}
+    except KeyError:
+        return None

@@ -1,0 +1,165 @@
+"""Atomic, pickle-free checkpoints and loading a trained method back.
+
+A checkpoint is a plain dict of tensors, numbers and strings (configs and the numpy rng
+state are JSON strings), so ``torch.load(weights_only=True)`` reads it and never runs
+arbitrary pickled code. Writes go to a temp file in the same folder, then ``os.replace``:
+a crash mid-write leaves the previous file intact.
+
+Layout inside a run directory: ``checkpoints/last.pt`` (always the newest state) and
+``checkpoints/epoch-XXXX.pt`` (XXXX = epochs completed), of which ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from medssl.methods.base import Method
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_method",
+    "checkpoint_paths",
+]
+
+CHECKPOINT_FORMAT = "medssl-checkpoint-v1"
+_REQUIRED_KEYS = ("format", "method", "method_config", "model", "step", "epoch")
+_EPOCH_FILE = re.compile(r"^epoch-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used. ``path`` names the file, ``problem`` says why."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def checkpoint_paths(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``(checkpoints dir, last.pt path)`` for a run directory."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    return ckpt_dir, ckpt_dir / "last.pt"
+
+
+def save_checkpoint(state: dict[str, Any], *paths: str | os.PathLike) -> None:
+    """Serialise ``state`` once and write it atomically to each of ``paths``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    for path in paths:
+        _atomic_write_bytes(Path(path), buffer.getbuffer())
+
+
+def _atomic_write_bytes(path: Path, data: memoryview | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a medssl checkpoint with ``weights_only=True`` and check its format tag.
+
+    Raises:
+        CheckpointError: missing file, a file holding pickled objects other than tensors
+            and plain containers, or not a medssl checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for corrupt zips
+        raise CheckpointError(
+            path,
+            f"cannot be loaded safely with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "medssl checkpoints hold only tensors, numbers and strings, and arbitrary pickled objects are refused",
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(path, f"not a medssl checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(path, f"checkpoint lacks {missing}")
+    return state
+
+
+def load_method(checkpoint_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Method":
+    """Rebuild the trained method from a checkpoint (in eval mode, for evaluators).
+
+    The method is rebuilt with ``create_method(name, config)`` from the JSON config stored in
+    the checkpoint, then its weights are loaded strictly.
+    """
+    from medssl.methods.base import create_method, get_method_class
+
+    state = load_checkpoint(checkpoint_path, map_location)
+    try:
+        cls = get_method_class(state["method"])
+        config = config_from_json(cls.Config, state["method_config"])
+        method = create_method(state["method"], config=config)
+        method.load_state_dict(state["model"], strict=True)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(checkpoint_path, f"cannot rebuild method {state['method']!r}: {e}") from None
+    return method.to(map_location).eval()
+
+
+def config_to_json(config: Any) -> str:
+    """A dataclass config as a JSON string (tuples become lists)."""
+    return json.dumps(asdict(config), sort_keys=True)
+
+
+def config_from_json(config_cls: type, text: str) -> Any:
+    """Inverse of :func:`config_to_json`; restores tuple fields and rejects unknown keys."""
+    values = json.loads(text)
+    known = {f.name: f for f in fields(config_cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise TypeError(f"{config_cls.__qualname__} has no fields {unknown}")
+    defaults = config_cls()
+    for name, value in values.items():
+        if isinstance(value, list) and isinstance(getattr(defaults, name), tuple):
+            values[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return config_cls(**values)
+
+
+def numpy_rng_state(rng: np.random.Generator) -> str:
+    """The generator's bit-generator state as JSON (its 128-bit ints survive; no pickling)."""
+    return json.dumps(rng.bit_generator.state)
+
+
+def restore_numpy_rng(text: str) -> np.random.Generator:
+    state = json.loads(text)
+    bit_generator = getattr(np.random, state["bit_generator"])()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
+
+
+def prune_epoch_checkpoints(ckpt_dir: Path, keep_last: int | None) -> None:
+    """Delete all but the newest ``keep_last`` ``epoch-XXXX.pt`` files (``None`` keeps all)."""
+    if keep_last is None:
+        return
+    epoch_files = sorted(
+        (int(m.group(1)), p) for p in ckpt_dir.glob("epoch-*.pt") if (m := _EPOCH_FILE.match(p.name))
+    )
+    for _, p in epoch_files[: max(len(epoch_files) - keep_last, 0)]:
+        p.unlink(missing_ok=True)

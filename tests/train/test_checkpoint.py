@@ -1,0 +1,109 @@
+"""Checkpoints: pickle-free loading, atomic writes, rebuilding a method, rng round trips."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import medssl.train.checkpoint as ckpt
+from medssl.data.volume import Volume
+from medssl.methods import create_method
+from medssl.train import CheckpointError, TrainConfig, fit, load_checkpoint, load_method, save_checkpoint
+from medssl.train.checkpoint import CHECKPOINT_FORMAT, numpy_rng_state, restore_numpy_rng
+
+_MARKER = {"path": None}
+
+
+class _Payload:
+    """Unpickling this would run code (create a file): a stand-in for a malicious object."""
+
+    def __reduce__(self):
+        return (open, (_MARKER["path"], "w"))
+
+
+def _minimal_state(**extra) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "method": "isimed", "method_config": "{}", "model": {}, "step": 0, "epoch": 0, **extra}
+
+
+def test_loading_refuses_a_checkpoint_holding_a_pickled_custom_object_and_runs_none_of_its_code(tmp_path):
+    _MARKER["path"] = str(tmp_path / "pwned")
+    torch.save(_minimal_state(extra_object=_Payload()), tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_loading_refuses_files_that_are_not_medssl_checkpoints(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a medssl checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        load_checkpoint(tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_failure_mid_save_leaves_the_previous_file_intact_and_no_temp_files(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(_minimal_state(step=1, model={"w": torch.ones(3)}), path)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(_minimal_state(step=2, model={"w": torch.zeros(3)}), path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def _volumes(n: int) -> list[Volume]:
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.2, 0.9, 2.5, 1.0])
+    return [Volume(data=rng.normal(size=(1, 20, 18, 19)).astype(np.float32), affine=affine, case_id=f"c{i}") for i in range(n)]
+
+
+def _tiny_isimed():
+    torch.manual_seed(0)
+    return create_method("isimed", backbone="smallcnn", patch_size_vox=16, volumes_per_batch=2, patches_per_volume=3, embed_dim=8)
+
+
+def test_a_crash_while_fit_writes_a_checkpoint_keeps_the_previous_last_pt(tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=1, steps_per_epoch=2, device="cpu", precision="fp32")
+    fit(_tiny_isimed(), _volumes(3), cfg, tmp_path, progress=False)
+    before = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("killed mid-write")))
+    with pytest.raises(OSError, match="killed mid-write"):
+        fit(_tiny_isimed(), _volumes(3), TrainConfig(epochs=2, steps_per_epoch=2, device="cpu", precision="fp32"), tmp_path, progress=False)
+    monkeypatch.undo()
+    after = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert after["step"] == before["step"] == 2
+    for k, v in before["model"].items():
+        assert torch.equal(after["model"][k], v)
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.endswith(".tmp")]
+
+
+def test_load_method_rebuilds_the_trained_method_in_eval_mode_with_its_weights(tmp_path):
+    method = _tiny_isimed()
+    result = fit(method, _volumes(3), TrainConfig(epochs=1, steps_per_epoch=2, device="cpu", precision="fp32"), tmp_path, progress=False)
+    loaded = load_method(result.checkpoint_path)
+    assert type(loaded) is type(method) and loaded.config == method.config and not loaded.training
+    x = torch.randn(4, 1, 16, 16, 16)
+    method.eval()
+    torch.testing.assert_close(loaded.embed(x), method.embed(x), rtol=0, atol=0)
+    assert loaded.embed(x).shape == (4, 8)
+
+
+def test_numpy_generator_state_round_trips_through_json():
+    rng = np.random.default_rng(2024)
+    rng.normal(size=7)
+    copy = restore_numpy_rng(numpy_rng_state(rng))
+    np.testing.assert_array_equal(copy.integers(0, 1 << 40, size=20), rng.integers(0, 1 << 40, size=20))
