@@ -18,7 +18,7 @@ from typing import Any
 
 from medssl.train.config import TrainConfig
 
-__all__ = ["PRESETS", "TWO_VIEW_METHODS", "preset", "list_presets"]
+__all__ = ["PRESETS", "TWO_VIEW_METHODS", "preset", "list_presets", "build_run"]
 
 # Methods whose step embeds two augmented views of every patch, so a patch costs ~2x.
 TWO_VIEW_METHODS = ("simclr", "barlowtwins", "regisimed")
@@ -98,3 +98,31 @@ def _config_fields(method: str) -> set[str] | None:
         return {f.name for f in fields(get_method_class(method).Config)}
     except KeyError:
         return None
+
+
+def build_run(
+    method: str,
+    preset_name: str = "demo",
+    *,
+    method_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[Any, TrainConfig]:
+    """A seeded, freshly initialised method and its TrainConfig, from a preset plus overrides.
+
+    The model is initialised under ``torch.manual_seed(seed)`` (``fit`` seeds only the
+    sampling and training randomness), and ``seed`` also becomes ``TrainConfig.seed``, so
+    one number reproduces a run. Unknown override keys raise.
+    """
+    import torch
+
+    from medssl.methods.base import create_method
+
+    overrides, train = preset(preset_name, method)
+    overrides.update(method_overrides or {})
+    unknown = set(train_overrides or {}) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"unknown TrainConfig keys {sorted(unknown)}; known: {sorted(f.name for f in fields(TrainConfig))}")
+    train = replace(train, **{"seed": seed, **(train_overrides or {})})
+    torch.manual_seed(seed)
+    return create_method(method, **overrides), train

@@ -1,0 +1,265 @@
+"""Cross-subject correspondence through the latent space (design/evaluation.md section 5).
+
+Take a point in subject A, embed the patch there, find the nearest patch
+embedding (exact Euclidean kNN, scikit-learn) on subject B's dense grid, and
+measure how far that grid point is, in mm, from the true corresponding point in
+B (known exactly for the demo cohort, which stores its deformations). This tests
+the "unified global coordinate system" claim of the ISImed paper.
+
+Two reference rows come with every evaluation:
+
+- ``chance``: a random foreground grid point of B (seeded), the error of a
+  method that knows nothing.
+- ``grid_floor``: the nearest grid point of B to the true point, the best any
+  method can do at this stride.
+
+The random-init baseline is just another entry of ``methods`` (the caller adds it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.neighbors import NearestNeighbors
+
+from medssl.data.volume import Volume
+from medssl.evaluate.dense import DenseEmbedding, dense_embeddings
+from medssl.geometry import world_to_vox
+
+__all__ = [
+    "CorrespondenceResult",
+    "correspondence_error",
+    "correspondence_from_dense",
+    "evaluate_correspondence",
+    "query_points",
+    "subject_pairs",
+    "summarize_correspondence",
+]
+
+_COLUMNS = [
+    "method",
+    "case_a",
+    "case_b",
+    "point",
+    *(f"{w}_{a}_mm" for w in ("query", "true", "pred") for a in "xyz"),
+    "error_mm",
+]
+CHANCE = "chance"
+GRID_FLOOR = "grid_floor"
+
+
+def query_points(dense_a: DenseEmbedding, n_points: int, seed: int) -> np.ndarray:
+    """Seeded flat indices of ``n_points`` foreground grid points of A (all of them if fewer).
+
+    They depend only on the grid and the seed, not on the method, so every method
+    is scored on the same query points.
+    """
+    candidates = np.flatnonzero(dense_a.flat_foreground)
+    if candidates.size == 0:
+        candidates = np.arange(dense_a.flat_foreground.size)
+    rng = np.random.default_rng(seed)
+    n = min(int(n_points), candidates.size)
+    return np.sort(rng.choice(candidates, size=n, replace=False))
+
+
+def subject_pairs(case_ids: Sequence[str], n_pairs: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Up to ``n_pairs`` distinct ordered pairs ``(case_a, case_b)`` of different subjects, seeded.
+
+    The first pair is always ``(case_ids[0], case_ids[1])`` so notebooks can show it.
+    """
+    ids = [str(c) for c in case_ids]
+    if len(ids) < 2:
+        raise ValueError(f"correspondence needs at least 2 held-out subjects, got {len(ids)}: {ids}")
+    all_pairs = [(a, b) for a in ids for b in ids if a != b]
+    rest = [p for p in all_pairs if p != (ids[0], ids[1])]
+    order = np.random.default_rng(seed).permutation(len(rest))
+    return [(ids[0], ids[1]), *[rest[i] for i in order]][: max(1, int(n_pairs))]
+
+
+def _true_points_inside(dense_b: DenseEmbedding, points_mm_b: np.ndarray) -> np.ndarray:
+    """True where a point lies inside B's image (its voxel index in ``[-0.5, n - 0.5]``)."""
+    ijk = world_to_vox(dense_b.image_affine, points_mm_b)
+    shape = np.asarray(dense_b.image_shape_vox, dtype=np.float64)
+    return np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=1) & np.all(np.isfinite(points_mm_b), axis=1)
+
+
+def correspondence_from_dense(
+    dense_a: DenseEmbedding,
+    dense_b: DenseEmbedding,
+    true_map_fn: Callable[[np.ndarray], np.ndarray],
+    n_points: int = 200,
+    seed: int = 0,
+    method_name: str = "method",
+    include_references: bool = True,
+) -> pd.DataFrame:
+    """Per-point correspondence errors from two dense embeddings of one method.
+
+    Args:
+        dense_a, dense_b: dense embeddings of subjects A and B (same method).
+        true_map_fn: ``points_mm_a (N, 3) -> points_mm_b (N, 3)``, the true correspondence.
+        n_points: number of query points in A's foreground.
+        seed: chooses the query points and the chance baseline.
+        method_name: value of the ``method`` column.
+        include_references: also return the ``chance`` and ``grid_floor`` rows.
+
+    Returns:
+        One row per (method, query point) with columns ``method, case_a, case_b,
+        point, query_{x,y,z}_mm, true_{x,y,z}_mm, pred_{x,y,z}_mm, error_mm``.
+        Query points whose true partner falls outside B's image are dropped.
+    """
+    if dense_a.embed_dim != dense_b.embed_dim:
+        raise ValueError(f"embedding sizes differ: A has D={dense_a.embed_dim}, B has D={dense_b.embed_dim}")
+    idx = query_points(dense_a, n_points, seed)
+    query_mm = dense_a.flat_centres_mm[idx]
+    true_mm = np.asarray(true_map_fn(query_mm), dtype=np.float64).reshape(-1, 3)
+    if true_mm.shape != query_mm.shape:
+        raise ValueError(f"true_map_fn returned shape {true_mm.shape} for {query_mm.shape} points")
+    keep = _true_points_inside(dense_b, true_mm)
+    idx, query_mm, true_mm = idx[keep], query_mm[keep], true_mm[keep]
+    if idx.size == 0:
+        return pd.DataFrame(columns=_COLUMNS)
+
+    nn_index = NearestNeighbors(n_neighbors=1, algorithm="auto").fit(dense_b.flat_embeddings)
+    _, hit = nn_index.kneighbors(dense_a.flat_embeddings[idx])
+    pred = {method_name: dense_b.flat_centres_mm[hit[:, 0]]}
+    if include_references:
+        rng = np.random.default_rng([seed, 1])
+        fg_b = np.flatnonzero(dense_b.flat_foreground)
+        fg_b = fg_b if fg_b.size else np.arange(dense_b.flat_foreground.size)
+        pred[CHANCE] = dense_b.flat_centres_mm[rng.choice(fg_b, size=len(idx), replace=True)]
+        grid_nn = NearestNeighbors(n_neighbors=1).fit(dense_b.flat_centres_mm)
+        pred[GRID_FLOOR] = dense_b.flat_centres_mm[grid_nn.kneighbors(true_mm)[1][:, 0]]
+
+    frames = []
+    for name, pred_mm in pred.items():
+        frame = pd.DataFrame(
+            {
+                "method": name,
+                "case_a": dense_a.case_id,
+                "case_b": dense_b.case_id,
+                "point": idx,
+                **{f"query_{a}_mm": query_mm[:, i] for i, a in enumerate("xyz")},
+                **{f"true_{a}_mm": true_mm[:, i] for i, a in enumerate("xyz")},
+                **{f"pred_{a}_mm": pred_mm[:, i] for i, a in enumerate("xyz")},
+                "error_mm": np.linalg.norm(pred_mm - true_mm, axis=1),
+            }
+        )
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def correspondence_error(
+    method: Any,
+    vol_a: Volume,
+    vol_b: Volume,
+    true_map_fn: Callable[[np.ndarray], np.ndarray],
+    n_points: int = 200,
+    seed: int = 0,
+    stride_vox: int | Sequence[int] = 4,
+    method_name: str | None = None,
+    **dense_kwargs: Any,
+) -> pd.DataFrame:
+    """Per-point correspondence errors of ``method`` from subject A to subject B.
+
+    Embeds both volumes densely (:func:`medssl.evaluate.dense.dense_embeddings`,
+    ``dense_kwargs`` passed on) and calls :func:`correspondence_from_dense`.
+    Summarise with :func:`summarize_correspondence`.
+    """
+    name = method_name or getattr(method, "name", "") or type(method).__name__
+    dense_a = dense_embeddings(method, vol_a, stride_vox=stride_vox, **dense_kwargs)
+    dense_b = dense_embeddings(method, vol_b, stride_vox=stride_vox, **dense_kwargs)
+    return correspondence_from_dense(dense_a, dense_b, true_map_fn, n_points=n_points, seed=seed, method_name=name)
+
+
+def summarize_correspondence(points: pd.DataFrame) -> pd.DataFrame:
+    """Per method: median, mean and 90th percentile error (mm) and the number of points/pairs.
+
+    The reference rows (``chance``, ``grid_floor``) are pooled over methods: they
+    depend on the grid and the seed, and are identical for methods with the
+    same patch size.
+    """
+    refs = points["method"].isin([CHANCE, GRID_FLOOR])
+    pts = pd.concat(
+        [points[~refs], points[refs].drop_duplicates(["method", "case_a", "case_b", "point"])], ignore_index=True
+    )
+    g = pts.groupby("method", sort=False)["error_mm"]
+    out = pd.DataFrame(
+        {
+            "median_error_mm": g.median(),
+            "mean_error_mm": g.mean(),
+            "p90_error_mm": g.quantile(0.9),
+            "n_points": g.size(),
+            "n_pairs": pts.groupby("method", sort=False)[["case_a", "case_b"]].apply(
+                lambda d: len(d.drop_duplicates())
+            ),
+        }
+    ).reset_index()
+    order = {name: i for i, name in enumerate(pd.unique(pts["method"]))}
+    order[CHANCE], order[GRID_FLOOR] = len(order) + 1, len(order) + 2
+    return out.sort_values("method", key=lambda s: s.map(order)).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class CorrespondenceResult:
+    """``points``: one row per (method, pair, query point); ``summary``: one row per method."""
+
+    points: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def evaluate_correspondence(
+    methods: Mapping[str, Any],
+    volumes: Sequence[Volume] | Mapping[str, Volume],
+    pairs: Sequence[tuple[str, str]],
+    true_map_fn: Callable[[str, str, np.ndarray], np.ndarray],
+    n_points: int = 200,
+    seed: int = 0,
+    stride_vox: int | Sequence[int] = 4,
+    dense: dict[tuple[str, str], DenseEmbedding] | None = None,
+    **dense_kwargs: Any,
+) -> CorrespondenceResult:
+    """Correspondence error of several methods over several held-out subject pairs.
+
+    Args:
+        methods: ``{name: method}``; include the random-init baseline here.
+        volumes: the held-out volumes (a sequence or ``{case_id: volume}``).
+        pairs: ``[(case_a, case_b), ...]``.
+        true_map_fn: ``(case_a, case_b, points_mm_a (N, 3)) -> points_mm_b (N, 3)``,
+            e.g. ``source.cohort.correspondence``.
+        n_points: query points per pair.
+        seed: base seed; pair ``p`` uses ``seed + p``, identical for every method.
+        stride_vox: dense grid stride.
+        dense: optional ``{(method name, case_id): DenseEmbedding}`` store, reused and
+            filled, so the latent maps can share the embeddings.
+        dense_kwargs: passed to :func:`dense_embeddings` (``batch_size``, ``cache_dir``, ...).
+    """
+    by_id = dict(volumes) if isinstance(volumes, Mapping) else {str(v.case_id): v for v in volumes}
+    missing = sorted({c for p in pairs for c in p} - set(by_id))
+    if missing:
+        raise KeyError(f"pairs name cases that are not among the volumes: {missing}")
+    store: dict[tuple[str, str], DenseEmbedding] = {} if dense is None else dense
+
+    def _dense(name: str, case: str) -> DenseEmbedding:
+        if (name, case) not in store:
+            store[(name, case)] = dense_embeddings(methods[name], by_id[case], stride_vox=stride_vox, **dense_kwargs)
+        return store[(name, case)]
+
+    frames = []
+    for name in methods:
+        for p, (case_a, case_b) in enumerate(pairs):
+            frames.append(
+                correspondence_from_dense(
+                    _dense(name, case_a),
+                    _dense(name, case_b),
+                    lambda pts, a=case_a, b=case_b: true_map_fn(a, b, pts),
+                    n_points=n_points,
+                    seed=seed + p,
+                    method_name=name,
+                )
+            )
+    points = pd.concat(frames, ignore_index=True)
+    return CorrespondenceResult(points=points, summary=summarize_correspondence(points))
