@@ -1,0 +1,7 @@
+"""Pure loss modules (no I/O, logging or device choice)."""
+
+from medssl.losses.barlow_twins import BarlowTwinsLoss
+from medssl.losses.isimed import IsimedDistanceLoss
+from medssl.losses.ntxent import NTXentLoss
+
+__all__ = ["BarlowTwinsLoss", "IsimedDistanceLoss", "NTXentLoss"]

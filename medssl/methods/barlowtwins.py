@@ -1,0 +1,47 @@
+"""BarlowTwins baseline of the ISImed paper: standard BT loss on two views, no projector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medssl.losses.barlow_twins import BarlowTwinsLoss
+from medssl.methods.base import StepOutput, register_method
+from medssl.methods.simclr import TwoViewMethod, view_agreement_logs
+from medssl.sampling.base import PatchBatch
+
+
+@dataclass(frozen=True)
+class BarlowTwinsConfig:
+    """ISImed-paper settings (sec. 2.2): lambda = 0.005, no projector, coarse dropout/shuffle views."""
+
+    backbone: str = "densenet121"
+    patch_size_vox: int = 32
+    volumes_per_batch: int = 64
+    patches_per_volume: int = 16
+    in_channels: int = 1
+    foreground_only: bool = False
+    embed_dim: int | None = None
+    lambda_offdiag: float = 5e-3
+    view_mode: str = "random"
+    dropout_holes: int = 6
+    fg_hole_min_vox: int = 3
+    fg_hole_max_vox: int = 10
+    bg_keep_min_vox: int = 3
+    bg_keep_max_vox: int = 21
+    shuffle_prob: float = 0.8
+    shuffle_holes: int = 2
+    shuffle_size_vox: int = 6
+
+
+@register_method("barlowtwins")
+class BarlowTwins(TwoViewMethod):
+    Config = BarlowTwinsConfig
+
+    def __init__(self, config: BarlowTwinsConfig) -> None:
+        super().__init__(config)
+        self.loss_fn = BarlowTwinsLoss(lambda_offdiag=config.lambda_offdiag)
+
+    def training_step(self, batch: PatchBatch) -> StepOutput:
+        h_a, h_b = self._embed_views(batch)
+        loss = self.loss_fn(h_a, h_b)
+        return StepOutput(loss=loss, logs={"loss": float(loss.detach()), **view_agreement_logs(h_a, h_b)})
