@@ -1,0 +1,61 @@
+"""Evaluation: frozen embeddings and the protocols of design/evaluation.md.
+
+Pure functions over embeddings and labels that return tables (pandas DataFrames or
+dataclasses); the notebooks show and plot them. Modules:
+
+- ``patchsets``: seeded evaluation patch sets, drawn once per seed and reused by every method.
+- ``embed``: frozen embedding extraction (eval mode, no-grad, BatchNorm untouched) and its cache.
+- ``fidelity``: latent versus physical distances (ISImed Fig. 1).
+- ``latent``: PCA/UMAP frames, coordinate decoding, PC-axis correlation, collapse (ISImed Fig. 2).
+- ``probe``: subject-grouped linear-probe patch classification (ISImed Table 1).
+- ``stats``: paired t-test / Wilcoxon between methods on the same folds.
+- ``runs``: checkpoints and result folders of a run directory.
+- ``rank``, ``dense``, ``correspondence``, ``maps``: capacity, dense grids, correspondence, latent maps.
+"""
+
+from medssl.evaluate.embed import EmbeddingCache, embed_methods, embed_patches, frozen, model_fingerprint
+from medssl.evaluate.fidelity import FidelityResult, distance_fidelity, fidelity_table, metric_latent, within_volume_pairs
+from medssl.evaluate.latent import collapse_stats, decode_coordinates, pc_axis_correlation, pca_frame, umap_frame
+from medssl.evaluate.patchsets import (
+    PatchSet,
+    draw_labelled_patch_set,
+    draw_pair_set,
+    draw_uniform_patch_set,
+    get_or_draw,
+    positive_mask,
+)
+from medssl.evaluate.probe import (
+    METRICS,
+    ProbeComparison,
+    ProbeResult,
+    binary_metrics,
+    grouped_folds,
+    linear_probe_cv,
+    probe_frozen_backbone,
+    probe_methods,
+    raw_intensity_features,
+)
+from medssl.evaluate.rank import dim_variance_fraction, effective_rank
+from medssl.evaluate.runs import (
+    RANDOM_INIT,
+    eval_dir,
+    find_checkpoints,
+    load_run_methods,
+    method_checkpoint,
+    random_init_like,
+    results_dir,
+)
+from medssl.evaluate.stats import holm, paired_tests, pvalue_matrix
+
+__all__ = [
+    "EmbeddingCache", "embed_methods", "embed_patches", "frozen", "model_fingerprint",
+    "FidelityResult", "distance_fidelity", "fidelity_table", "metric_latent", "within_volume_pairs",
+    "collapse_stats", "decode_coordinates", "pc_axis_correlation", "pca_frame", "umap_frame",
+    "PatchSet", "draw_labelled_patch_set", "draw_pair_set", "draw_uniform_patch_set", "get_or_draw", "positive_mask",
+    "METRICS", "ProbeComparison", "ProbeResult", "binary_metrics", "grouped_folds", "linear_probe_cv",
+    "probe_frozen_backbone", "probe_methods", "raw_intensity_features",
+    "dim_variance_fraction", "effective_rank",
+    "RANDOM_INIT", "eval_dir", "find_checkpoints", "load_run_methods", "method_checkpoint", "random_init_like",
+    "results_dir",
+    "holm", "paired_tests", "pvalue_matrix",
+]

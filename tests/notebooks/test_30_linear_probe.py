@@ -1,0 +1,78 @@
+"""notebooks/30_linear_probe.ipynb runs headlessly on a tiny run and writes the probe tables into the run folder."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+
+def test_30_linear_probe_notebook_follows_the_notebook_conventions(check_notebook_conventions):
+    nb = check_notebook_conventions("30_linear_probe.ipynb")
+    params = next(c for c in nb.cells if c.cell_type == "code").source
+    for name in ("run", "methods", "task", "organ", "n_per_class", "n_splits", "seed", "source"):
+        assert f"{name} = " in params
+
+
+def _train_tiny_run(run_dir, names):
+    """A tiny run directory: each method trained for one step on a 4-subject demo cohort at 6 mm."""
+    from medssl.data.source import open_data
+    from medssl.methods import create_method
+    from medssl.train.config import TrainConfig
+    from medssl.train.loop import fit
+
+    data = open_data("demo", n_subjects=4, target_spacing_mm=6.0, progress=False)
+    train = data.volumes("train")
+    config = TrainConfig(epochs=1, steps_per_epoch=1, device="cpu", precision="fp32", log_every=1)
+    for name in names:
+        torch.manual_seed(0)
+        method = create_method(name, backbone="smallcnn", patch_size_vox=16, volumes_per_batch=2, patches_per_volume=4)
+        fit(method, train, config, run_dir / name, progress=False)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_30_linear_probe_notebook_writes_tables_skips_untrained_methods_and_states_provenance(run_notebook):
+    from medssl import paths
+
+    run = "nb30"
+    run_dir = paths.runs_dir() / run  # the fixture points MEDSSL_RUNS at the test's tmp folder
+    assert str(run_dir).startswith(os.environ["MEDSSL_RUNS"])
+    _train_tiny_run(run_dir, ["isimed", "simclr"])
+
+    params = {
+        "methods": ["isimed", "simclr", "barlowtwins"],  # barlowtwins has no checkpoint in this run
+        "n_subjects": 4,
+        "target_spacing_mm": 6.0,
+        "eval_splits": ["train", "val", "test"],  # 4 subjects in all; enough for grouped folds in a smoke run
+        "patch_size_vox": 16,
+        "n_per_class": 16,
+        "n_splits": 10,
+        "inner_splits": 2,
+        "raw_size_vox": 4,
+    }
+    res = run_notebook("30_linear_probe.ipynb", params, run=run)
+    out = res.run_dir / "30_linear_probe"
+
+    summary = pd.read_csv(out / "probe_summary.csv")
+    assert set(summary["method"]) == {"isimed", "simclr", "random-init", "raw-intensity"}
+    assert set(summary["metric"]) == {"auc", "accuracy", "f1", "sensitivity", "specificity"}
+    per_fold = pd.read_csv(out / "probe_per_fold.csv")
+    # 10 folds requested, 4 subjects: leave-one-subject-out, and every method on the same folds
+    assert per_fold.groupby("method").size().eq(4).all()
+    assert per_fold.groupby("fold")["test_groups"].nunique().eq(1).all()
+    assert summary.loc[summary["metric"] == "auc", "mean"].between(0, 1).all()
+    tests = pd.read_csv(out / "paired_tests_auc.csv")
+    assert len(tests) == 6 and tests["t_pvalue"].between(0, 1).all()
+    assert (out / "probe_auc_per_fold.png").stat().st_size > 5_000
+    assert (out / "paired_tests_auc.png").stat().st_size > 5_000
+
+    # the shared patch set and the embedding cache live in runs/<run>/eval/
+    assert len(list((res.run_dir / "eval" / "patchsets").glob("probe_lesion_lesion_seed0_*.npz"))) == 1
+    assert len(list((res.run_dir / "eval" / "embeddings").glob("*.npy"))) == 3  # isimed, simclr, random-init
+
+    text = res.text_outputs()
+    assert "barlowtwins: no checkpoint" in text
+    assert "SYNTHETIC" in text and "SYNTHETIC" in (out / "provenance.txt").read_text()
