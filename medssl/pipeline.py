@@ -134,6 +134,7 @@ def expand_plan(
     only: Iterable[str] | None = None,
     overrides: dict[str, Any] | None = None,
     runs_root: Path | None = None,
+    declared: dict[str, set[str]] | None = None,
 ) -> list[StepResult]:
     """The concrete notebook executions of a plan, in order (nothing is run).
 
@@ -142,6 +143,8 @@ def expand_plan(
         only: keep only steps whose notebook name starts with one of these (e.g. ``["00", "10"]``).
         overrides: parameters applied to every notebook (e.g. ``{"seed": 1}``); a key
             ``"<notebook stem>.<param>"`` applies to one notebook only.
+        declared: ``{notebook: parameter names}``; when given, plan-wide overrides (and the
+            automatic ``methods``) go only to notebooks that declare that parameter.
     """
     runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
     methods = list(methods) if methods is not None else list(plan["methods"])
@@ -155,18 +158,19 @@ def expand_plan(
         if only and not any(stem.startswith(o) or nb.startswith(o) for o in only):
             continue
         params = {"run": run, **s.get("parameters", {})}
+        known = None if declared is None or nb not in declared else declared[nb]
         for k, v in overrides.items():
             if "." in k:
                 target, key = k.split(".", 1)
                 if target == stem:
                     params[key] = v
-            else:
+            elif known is None or k in known:
                 params[k] = v
         if s.get("per_method"):
             for m in s.get("methods", methods):
                 out.append(StepResult(nb, stem, m, str(run_dir / m / nb), {**params, "method": m}))
         else:
-            if "methods" not in params and methods and stem != "00_data":
+            if "methods" not in params and methods and (("methods" in known) if known is not None else stem != "00_data"):
                 params["methods"] = methods
             out.append(StepResult(nb, stem, None, str(run_dir / stem / nb), params))
     return out
@@ -194,14 +198,29 @@ def run_pipeline(
 
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.repo_root() / "notebooks"
     runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
-    steps = expand_plan(load_plan(plan), run, methods=methods, only=only, overrides=overrides, runs_root=runs_root)
+    plan = load_plan(plan)
+    steps = expand_plan(plan, run, methods=methods, only=only, overrides=overrides, runs_root=runs_root,
+                        declared=declared_parameters(plan, notebooks_dir))
     result = PipelineResult(run_dir=runs_root / run, steps=steps)
     result.run_dir.mkdir(parents=True, exist_ok=True)
     # Kernels inherit the environment: viewers that need a browser refuse to start
     # headless, and the runs root is the one this pipeline writes to.
+    saved_env = {k: os.environ.get(k) for k in ("MEDSSL_HEADLESS", "MEDSSL_RUNS")}
     os.environ["MEDSSL_HEADLESS"] = "1"
     os.environ["MEDSSL_RUNS"] = str(runs_root)
+    try:
+        _run_steps(pm, steps, result, notebooks_dir, kernel_name, progress)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return result
 
+
+def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, notebooks_dir: Path,
+               kernel_name: str, progress: bool) -> None:
     for i, step in enumerate(steps):
         src = notebooks_dir / step.notebook
         label = f"[{i + 1}/{len(steps)}] {step.notebook}" + (f" ({step.method})" if step.method else "")
@@ -234,7 +253,17 @@ def run_pipeline(
         step.status = "ok"
         print(f"{label}: ok in {step.seconds:.0f} s", flush=True)
         _write_status(result)
-    return result
+
+
+def declared_parameters(plan: dict[str, Any], notebooks_dir: Path | None = None) -> dict[str, set[str]]:
+    """``{notebook: names in its parameters cell}`` for the plan's notebooks that exist."""
+    import papermill as pm
+
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.repo_root() / "notebooks"
+    return {
+        s["notebook"]: set(pm.inspect_notebook(str(notebooks_dir / s["notebook"])))
+        for s in plan["steps"] if (notebooks_dir / s["notebook"]).exists()
+    }
 
 
 def _write_status(result: PipelineResult) -> None:
@@ -264,7 +293,9 @@ def _cli_main(args: Any) -> int:
 
     overrides = {k: yaml.safe_load(v) for k, v in args.param}
     if args.dry_run:
-        for s in expand_plan(load_plan(args.plan), args.run, methods=args.methods, only=args.only, overrides=overrides):
+        plan = load_plan(args.plan)
+        for s in expand_plan(plan, args.run, methods=args.methods, only=args.only, overrides=overrides,
+                             declared=declared_parameters(plan)):
             print(f"{s.notebook:24s} {s.method or '':12s} -> {s.output}  {json.dumps(s.parameters)}")
         return 0
     try:

@@ -80,3 +80,17 @@ def test_pipeline_stops_on_first_failure_naming_notebook_and_cell_and_keeps_outp
     assert not (tmp_path / "ran").exists()
     status = json.loads((tmp_path / "runs" / "r" / "pipeline.json").read_text())
     assert [s["status"] for s in status["steps"]] == ["ok", "failed", "pending"]
+
+
+def test_pipeline_marks_kernels_headless_and_restores_the_environment(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("MEDSSL_HEADLESS", raising=False)
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    seen = tmp_path / "seen.txt"
+    _write_notebook(nbs / "00_env.ipynb", [f"import os; open({str(seen)!r}, 'w').write(os.environ.get('MEDSSL_HEADLESS', ''))"])
+    pipeline.run_pipeline({"steps": [{"notebook": "00_env.ipynb"}]}, "r", notebooks_dir=nbs,
+                          runs_root=tmp_path / "runs", progress=False)
+    assert seen.read_text() == "1"  # itkwidgets & co. refuse to start in these kernels
+    assert "MEDSSL_HEADLESS" not in os.environ

@@ -62,7 +62,9 @@ def _parent_pid(pid: int) -> int | None:
 def _headless_reason() -> str | None:
     if os.environ.get("MEDSSL_HEADLESS", "").strip().lower() in ("1", "true", "yes"):
         return "MEDSSL_HEADLESS is set"
-    if any("papermill" in a for a in sys.argv) or "papermill" in sys.modules:
+    # (not `"papermill" in sys.modules`: importing papermill in a live kernel does not make it headless;
+    # papermill-run kernels are found through the process tree or MEDSSL_HEADLESS, which medssl's pipeline sets)
+    if any("papermill" in a for a in sys.argv):
         return "running under papermill"
     pid: int | None = os.getpid()
     for _ in range(6):  # this process (the kernel), its runner, and a few levels above
