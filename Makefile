@@ -16,12 +16,13 @@ export PYTHONUNBUFFERED := 1
 RUN ?= demo
 TEST_WORKERS ?= 2
 
-.PHONY: venv test demo lab clean-runs help
+.PHONY: venv test demo lab browser-test clean-runs help
 
 help:
 	@echo "make demo   - create the venv if needed, then run the demo pipeline into runs/$(RUN)/"
 	@echo "make test   - create the venv if needed, then run the whole test suite"
 	@echo "make lab    - start JupyterLab in the venv"
+	@echo "make browser-test - render the ipyniivue viewer in headless Chromium + JupyterLab, screenshot to runs/browser/"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,17 @@ demo: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
+
+# Opt-in: needs Debian's chromium (installed here with apt-get) and PyPI's playwright, which goes
+# into a separate venv so the project environment stays as CI builds it.
+BROWSER_VENV ?= .venv-browser
+browser-test: $(STAMP)
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+	test -x $(BROWSER_VENV)/bin/python || $(PYTHON) -m venv $(BROWSER_VENV)
+	$(BROWSER_VENV)/bin/python -m pip install --quiet playwright pytest
+	mkdir -p runs/browser
+	MEDSSL_BROWSER_TESTS=1 MEDSSL_BROWSER_SCREENSHOT=runs/browser/niivue.png \
+	  $(BROWSER_VENV)/bin/python -m pytest -p no:cacheprovider --confcutdir tests/browser tests/browser -v
 
 clean-runs:
 	rm -rf runs/

@@ -14,8 +14,22 @@ dataclasses); the notebooks show and plot them. Modules:
 """
 
 from medssl.evaluate.embed import EmbeddingCache, embed_methods, embed_patches, frozen, model_fingerprint
-from medssl.evaluate.fidelity import FidelityResult, distance_fidelity, fidelity_table, metric_latent, within_volume_pairs
-from medssl.evaluate.latent import collapse_stats, decode_coordinates, pc_axis_correlation, pca_frame, umap_frame
+from medssl.evaluate.fidelity import (
+    FidelityResult,
+    distance_fidelity,
+    fidelity_table,
+    method_fidelity,
+    metric_latent,
+    within_volume_pairs,
+)
+from medssl.evaluate.latent import (
+    collapse_coefficient,
+    collapse_stats,
+    decode_coordinates,
+    pc_axis_correlation,
+    pca_frame,
+    umap_frame,
+)
 from medssl.evaluate.patchsets import (
     PatchSet,
     draw_labelled_patch_set,
@@ -49,8 +63,8 @@ from medssl.evaluate.stats import holm, paired_tests, pvalue_matrix
 
 __all__ = [
     "EmbeddingCache", "embed_methods", "embed_patches", "frozen", "model_fingerprint",
-    "FidelityResult", "distance_fidelity", "fidelity_table", "metric_latent", "within_volume_pairs",
-    "collapse_stats", "decode_coordinates", "pc_axis_correlation", "pca_frame", "umap_frame",
+    "FidelityResult", "distance_fidelity", "fidelity_table", "method_fidelity", "metric_latent", "within_volume_pairs",
+    "collapse_coefficient", "collapse_stats", "decode_coordinates", "pc_axis_correlation", "pca_frame", "umap_frame",
     "PatchSet", "draw_labelled_patch_set", "draw_pair_set", "draw_uniform_patch_set", "get_or_draw", "positive_mask",
     "METRICS", "ProbeComparison", "ProbeResult", "binary_metrics", "grouped_folds", "linear_probe_cv",
     "probe_frozen_backbone", "probe_methods", "raw_intensity_features",

@@ -93,7 +93,8 @@ def embed_patches(
             fn = _forward(model)
             starts = range(0, len(x), batch_size)
             for s in tqdm(starts, desc="embedding", disable=not progress, leave=False):
-                xb = torch.as_tensor(np.asarray(x[s : s + batch_size]) if not torch.is_tensor(x) else x[s : s + batch_size])
+                chunk = x[s : s + batch_size]
+                xb = chunk if torch.is_tensor(chunk) else torch.as_tensor(np.asarray(chunk))
                 z = fn(xb.to(device=target, dtype=torch.float32))  # (b, D)
                 if z.ndim != 2:
                     raise ValueError(f"the model returned shape {tuple(z.shape)}; expected (B, D) embeddings")

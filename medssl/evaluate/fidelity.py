@@ -25,9 +25,17 @@ import torch
 from scipy import stats
 from torch import nn
 
-from medssl.evaluate.embed import frozen
+from medssl.evaluate.embed import embed_patches, frozen
+from medssl.evaluate.patchsets import PatchSet
 
-__all__ = ["FidelityResult", "distance_fidelity", "within_volume_pairs", "fidelity_table", "metric_latent"]
+__all__ = [
+    "FidelityResult",
+    "distance_fidelity",
+    "method_fidelity",
+    "within_volume_pairs",
+    "fidelity_table",
+    "metric_latent",
+]
 
 DEFAULT_BINS_MM = np.arange(0.0, 205.0, 5.0)
 
@@ -90,7 +98,10 @@ def within_volume_pairs(case_ids: np.ndarray, n_pairs: int | None, seed: int) ->
     if total == 0:
         raise ValueError("distance fidelity needs at least 2 patches from the same case")
     rng = np.random.default_rng(seed)
-    chosen = np.arange(total) if n_pairs is None or n_pairs >= total else np.sort(rng.choice(total, n_pairs, replace=False))
+    if n_pairs is None or n_pairs >= total:
+        chosen = np.arange(total)
+    else:
+        chosen = np.sort(rng.choice(total, n_pairs, replace=False))
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     out = []
     for b, block in enumerate(blocks):
@@ -136,7 +147,8 @@ def distance_fidelity(
     n = emb.shape[0]
     if emb.ndim != 2 or centres_mm.shape != (n, 3) or case_ids.shape != (n,):
         raise ValueError(
-            f"expected emb (N, D), centres_mm (N, 3), case_ids (N,); got {emb.shape}, {centres_mm.shape}, {case_ids.shape}"
+            "expected emb (N, D), centres_mm (N, 3), case_ids (N,); "
+            f"got {emb.shape}, {centres_mm.shape}, {case_ids.shape}"
         )
     if scale_mm is not None and not (np.isfinite(scale_mm) and scale_mm > 0):
         raise ValueError(f"scale_mm must be a positive number of mm per latent unit, got {scale_mm}")
@@ -148,7 +160,8 @@ def distance_fidelity(
     i, j = pairs[:, 0], pairs[:, 1]
     physical = np.linalg.norm(centres_mm[i] - centres_mm[j], axis=1)
     latent = np.linalg.norm(emb[i] - emb[j], axis=1) * (1.0 if scale_mm is None else float(scale_mm))
-    result = FidelityResult(latent_mm=latent, physical_mm=physical, scale_mm=None if scale_mm is None else float(scale_mm))
+    scale = None if scale_mm is None else float(scale_mm)
+    result = FidelityResult(latent_mm=latent, physical_mm=physical, scale_mm=scale)
     result.summary = _summary(latent, physical, scale_mm)
     return result
 
@@ -206,3 +219,24 @@ def metric_latent(method: nn.Module, emb: np.ndarray) -> tuple[np.ndarray, float
     with frozen(head):
         out = head(x).float().cpu().numpy()
     return out, scale
+
+
+def method_fidelity(
+    method: nn.Module,
+    patch_set: PatchSet,
+    n_pairs: int | None = 20000,
+    seed: int = 0,
+    embeddings: np.ndarray | None = None,
+    **embed_kw,
+) -> FidelityResult:
+    """Distance fidelity of a method on a patch set, in one call (e.g. the pretraining notebook's summary).
+
+    Embeds ``patch_set`` frozen (:func:`medssl.evaluate.embed.embed_patches`) unless
+    ``embeddings`` ``(N, D)`` are given, maps them to the method's metric latent with its
+    scale (:func:`metric_latent`), and uses ``patch_set.pairs`` when the set has them
+    (:func:`medssl.evaluate.patchsets.draw_pair_set`), else ``n_pairs`` random within-case pairs.
+    """
+    emb = embed_patches(method, patch_set, **embed_kw) if embeddings is None else embeddings
+    z, scale_mm = metric_latent(method, emb)
+    return distance_fidelity(z, patch_set.centres_mm, patch_set.case_ids, scale_mm=scale_mm,
+                             pairs=patch_set.pairs, n_pairs=n_pairs, seed=seed)

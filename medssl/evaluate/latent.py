@@ -24,7 +24,15 @@ from sklearn.preprocessing import StandardScaler
 
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 
-__all__ = ["pca_frame", "umap_frame", "decode_coordinates", "pc_axis_correlation", "collapse_stats", "AXES"]
+__all__ = [
+    "pca_frame",
+    "umap_frame",
+    "decode_coordinates",
+    "pc_axis_correlation",
+    "collapse_stats",
+    "collapse_coefficient",
+    "AXES",
+]
 
 AXES = ("x", "y", "z")
 DEFAULT_ALPHAS = np.logspace(-3, 4, 15)
@@ -39,7 +47,9 @@ def _check_emb(emb: np.ndarray) -> np.ndarray:
     return e
 
 
-def _attach(frame: pd.DataFrame, centres_mm: np.ndarray | None, case_ids: np.ndarray | None, index: np.ndarray) -> pd.DataFrame:
+def _attach(
+    frame: pd.DataFrame, centres_mm: np.ndarray | None, case_ids: np.ndarray | None, index: np.ndarray
+) -> pd.DataFrame:
     if centres_mm is not None:
         c = np.asarray(centres_mm, dtype=np.float64)[index]
         for k, ax in enumerate(AXES):
@@ -140,7 +150,9 @@ def decode_coordinates(
         raise ValueError(f"centres_mm must be (N, 3) and groups (N,), got {y.shape} and {g.shape} for N = {len(e)}")
     n_groups = len(np.unique(g))
     if n_groups < 3:
-        raise ValueError(f"coordinate decoding needs >= 3 subjects for grouped CV (train, inner validation, test); got {n_groups}")
+        raise ValueError(
+            f"coordinate decoding needs >= 3 subjects for grouped CV (train, inner validation, test); got {n_groups}"
+        )
     n_splits = _clamp_splits(n_splits, n_groups, "decode_coordinates")
     rows = []
     for fold, (tr, te) in enumerate(GroupKFold(n_splits=n_splits).split(e, y, g)):
@@ -189,7 +201,10 @@ def _clamp_splits(n_splits: int, n_groups: int, who: str, warn: bool = True) -> 
         raise ValueError(f"{who}: grouped CV needs >= 2 subjects, got {n_groups}")
     if n_splits > n_groups:
         if warn:
-            warnings.warn(f"{who}: {n_splits} folds requested but only {n_groups} subjects; using {n_groups} (leave-one-subject-out)")
+            warnings.warn(
+                f"{who}: {n_splits} folds requested but only {n_groups} subjects; "
+                f"using {n_groups} (leave-one-subject-out)"
+            )
         return n_groups
     return n_splits
 
@@ -214,10 +229,25 @@ def pc_axis_correlation(emb: np.ndarray, centres_mm: np.ndarray, n_components: i
     return table
 
 
+def collapse_coefficient(z: np.ndarray) -> float:
+    """SimSiam-style collapse coefficient ``max(0, 1 - sqrt(d) * s)`` of ``z (N, d)``.
+
+    ``s`` is the mean over channels of the per-channel std of the l2-normalised outputs
+    (Chen & He, SimSiam, sec. 4.1: ``s -> 1/sqrt(d)`` for well-spread outputs, ``0`` when
+    collapsed). 0 = no collapse, 1 = complete collapse. The thesis measures it on the
+    predictor output p, the SimSiam paper on z; call it on each.
+    """
+    e = _check_emb(z)
+    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    s = float(unit.std(axis=0).mean())
+    return max(0.0, 1.0 - np.sqrt(e.shape[1]) * s)
+
+
 def collapse_stats(emb: np.ndarray, rel_threshold: float = 1e-3) -> dict:
     """Capacity of an embedding ``(N, D)`` (design/evaluation.md sec. 6).
 
     Returns ``effective_rank`` (RankMe, uncentred), ``effective_rank_centred``,
+    ``collapse_coefficient`` (:func:`collapse_coefficient`),
     ``used_dim_fraction`` (dims with variance > ``rel_threshold`` x the largest),
     ``embed_dim``, ``total_variance`` and ``dim_variance`` (``(D,)`` per-dimension
     variance, sorted descending).
@@ -227,6 +257,7 @@ def collapse_stats(emb: np.ndarray, rel_threshold: float = 1e-3) -> dict:
     return {
         "effective_rank": effective_rank(e),
         "effective_rank_centred": effective_rank(e, centre=True),
+        "collapse_coefficient": collapse_coefficient(e),
         "used_dim_fraction": dim_variance_fraction(e, rel_threshold=rel_threshold),
         "embed_dim": int(e.shape[1]),
         "total_variance": float(var.sum()),

@@ -157,7 +157,9 @@ class PatchSet:
             raise FileNotFoundError(f"{npz_path.with_suffix('')}: patch set needs both .npz and .json (one is missing)")
         info = json.loads(json_path.read_text())
         if info.get("npz_sha256") != _file_sha256(npz_path):
-            raise ValueError(f"{npz_path}: content does not match its .json sidecar (partial or altered save); redraw it")
+            raise ValueError(
+                f"{npz_path}: content does not match its .json sidecar (partial or altered save); redraw it"
+            )
         with np.load(npz_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         return cls(
@@ -274,8 +276,14 @@ def draw_uniform_patch_set(
         # distinct positions when the volume has enough of them
         pick = rng.choice(len(allowed), size=n_per_volume, replace=len(allowed) < n_per_volume)
         parts.append((v, allowed[pick].astype(np.int64), None))
-    desc = description or f"uniform {n_per_volume} patches/volume of {size} vox" + (", foreground centres" if foreground_only else "")
-    meta = {"kind": "uniform", "n_per_volume": n_per_volume, "patch_size_vox": list(size), "foreground_only": foreground_only}
+    where = ", foreground centres" if foreground_only else ""
+    desc = description or f"uniform {n_per_volume} patches/volume of {size} vox{where}"
+    meta = {
+        "kind": "uniform",
+        "n_per_volume": n_per_volume,
+        "patch_size_vox": list(size),
+        "foreground_only": foreground_only,
+    }
     return _assemble(parts, size, seed, desc, meta)
 
 
@@ -403,7 +411,7 @@ def _valid_centres(v: Volume, size: tuple[int, int, int], mask: np.ndarray | Non
         grid = np.indices(tuple(n_starts)).reshape(3, -1).T
         return grid
     offset = np.asarray(size) // 2  # the centre voxel (upper middle for even sizes) of a box
-    sub = mask[offset[0] : offset[0] + n_starts[0], offset[1] : offset[1] + n_starts[1], offset[2] : offset[2] + n_starts[2]]
+    sub = mask[tuple(slice(o, o + n) for o, n in zip(offset, n_starts))]
     starts = np.argwhere(sub)
     if len(starts) == 0:
         raise ValueError(f"{v.source or v.case_id}: no foreground voxel can be a patch centre for patch size {size}")
@@ -506,7 +514,8 @@ def get_or_draw(
         ps = get_or_draw(run_dir / "eval", "probe_lesion", 0, draw_labelled_patch_set,
                          volumes=test_volumes, target="lesion", n_per_class=200, patch_size_vox=32)
     """
-    spec = {"draw": getattr(draw, "__qualname__", str(draw)), **{k: _spec_value(v) for k, v in sorted(draw_kwargs.items())}}
+    spec = {"draw": getattr(draw, "__qualname__", str(draw))}
+    spec.update({k: _spec_value(v) for k, v in sorted(draw_kwargs.items())})
     spec_hash = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
     path = patch_set_path(eval_dir, name, seed, spec_hash)
     if path.exists() and path.with_suffix(".json").exists():
@@ -529,7 +538,8 @@ def _spec_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_spec_value(v) for v in value]
     if isinstance(value, np.ndarray):
-        return {"shape": list(value.shape), "sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16]}
+        digest = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16]
+        return {"shape": list(value.shape), "sha256": digest}
     if callable(value):
         return getattr(value, "__qualname__", str(value))
     return value

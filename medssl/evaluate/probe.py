@@ -8,7 +8,8 @@ Correct by construction where the authors' downstream code was not (design/metho
 - **No choice on the test fold**: the regularisation ``C`` is chosen by an inner grouped
   CV over the *train-side* subjects only (mean inner AUC), then refit on the whole train
   side and scored once on the test fold.
-- **Standardisation fit on the train side only** (a ``StandardScaler`` in the pipeline).
+- **Standardisation fit on the train side only** (a ``StandardScaler`` in the pipeline;
+  while choosing C, on each inner-train part only).
 - **Fresh metrics per fold**: each fold's metrics are computed from that fold's
   predictions alone into a new dict; nothing accumulates across folds or methods.
 - **Frozen features**: :func:`probe_frozen_backbone` extracts features with
@@ -93,10 +94,14 @@ def grouped_folds(
     if n_splits < 2:
         raise ValueError(f"n_splits must be >= 2, got {n_splits}")
     if n_splits > n_groups:
-        warnings.warn(f"{n_splits} folds requested but only {n_groups} subjects; using {n_groups} (leave-one-subject-out)")
+        warnings.warn(_too_few_subjects(n_splits, n_groups))
         n_splits = n_groups
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in cv.split(np.zeros(len(y)), y, g)]
+
+
+def _too_few_subjects(n_splits: int, n_groups: int) -> str:
+    return f"{n_splits} folds requested but only {n_groups} subjects; using {n_groups} (leave-one-subject-out)"
 
 
 @dataclass
@@ -150,7 +155,13 @@ def _fit_path(x: np.ndarray, y: np.ndarray, Cs: Sequence[float], seed: int) -> l
 
 
 def _choose_C(
-    x: np.ndarray, y: np.ndarray, g: np.ndarray, train_idx: np.ndarray, inner_splits: int, Cs: Sequence[float], seed: int
+    x: np.ndarray,
+    y: np.ndarray,
+    g: np.ndarray,
+    train_idx: np.ndarray,
+    inner_splits: int,
+    Cs: Sequence[float],
+    seed: int,
 ) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
     """C with the best mean AUC over an inner grouped CV of the train side only."""
     n_inner = min(inner_splits, len(np.unique(g[train_idx])))
@@ -238,7 +249,8 @@ class ProbeComparison:
 
     def wide(self, digits: int = 3) -> pd.DataFrame:
         """Table-1 style: one row per method, one ``mean +- std`` column per metric."""
-        t = self.table.assign(cell=lambda d: d["mean"].map(f"{{:.{digits}f}}".format) + " ± " + d["std"].map(f"{{:.{digits}f}}".format))
+        fmt = f"{{:.{digits}f}}".format
+        t = self.table.assign(cell=self.table["mean"].map(fmt) + " ± " + self.table["std"].map(fmt))
         wide = t.pivot(index="method", columns="metric", values="cell")[list(METRICS)]
         return wide.loc[list(dict.fromkeys(self.table["method"]))]
 
@@ -261,7 +273,7 @@ def probe_methods(
     """
     n_groups = len(np.unique(np.asarray(groups).astype(str)))
     if n_splits > n_groups >= 2:  # say it once here rather than once per method
-        warnings.warn(f"{n_splits} folds requested but only {n_groups} subjects; using {n_groups} (leave-one-subject-out)")
+        warnings.warn(_too_few_subjects(n_splits, n_groups))
         n_splits = n_groups
     results: dict[str, ProbeResult] = {}
     for name, feats in tqdm(features_by_method.items(), desc="probing", disable=not progress):
@@ -281,7 +293,9 @@ def _check_same_folds(results: Mapping[str, ProbeResult]) -> None:
         if ref is None:
             ref = (name, key)
         elif key != ref[1]:
-            raise RuntimeError(f"probe folds of {name!r} differ from those of {ref[0]!r}; paired tests would be invalid")
+            raise RuntimeError(
+                f"probe folds of {name!r} differ from those of {ref[0]!r}; paired tests would be invalid"
+            )
 
 
 def raw_intensity_features(patches: np.ndarray | PatchSet, size_vox: int = 8) -> np.ndarray:

@@ -90,8 +90,8 @@ def load_run_methods(
     loaded: dict[str, torch.nn.Module] = {}
     for name, ckpt in find_checkpoints(run_dir, methods).items():
         if ckpt is None:
-            msg = f"{name}: no checkpoint at {method_checkpoint(run_dir, name)}; skipped (train it with 10_pretrain.ipynb)"
-            _report(msg, verbose)
+            where = method_checkpoint(run_dir, name)
+            _report(f"{name}: no checkpoint at {where}; skipped (train it with 10_pretrain.ipynb)", verbose)
             continue
         with torch.random.fork_rng(devices=[]):  # building the module draws init weights; keep the caller's RNG
             loaded[name] = load_method(ckpt).eval()

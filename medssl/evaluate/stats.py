@@ -79,7 +79,8 @@ def paired_tests(per_fold: Mapping[str, np.ndarray], correction: str | None = "h
     values = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in per_fold.items()}
     lengths = {len(v) for v in values.values()}
     if len(lengths) > 1:
-        raise ValueError(f"every method needs the same folds; got fold counts { {k: len(v) for k, v in values.items()} }")
+        counts = {k: len(v) for k, v in values.items()}
+        raise ValueError(f"every method needs the same folds; got fold counts {counts}")
     if len(names) < 2:
         raise ValueError("paired tests need at least two methods")
     keep = np.all(np.isfinite(np.stack(list(values.values()))), axis=0)

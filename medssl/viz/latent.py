@@ -88,7 +88,9 @@ def latent_scatter(
         raise ValueError(f"latent_scatter needs 2 or 3 coordinate columns, got {columns}")
     missing = [c for c in [*columns, *colour_by] if c not in frame]
     if missing:
-        raise ValueError(f"frame lacks columns {missing}; pass centres_mm to pca_frame/umap_frame to colour by position")
+        raise ValueError(
+            f"frame lacks columns {missing}; pass centres_mm to pca_frame/umap_frame to colour by position"
+        )
     f = frame.sample(max_points, random_state=0) if len(frame) > max_points else frame
     if backend == "plotly":
         return _scatter_plotly(f, columns, list(colour_by), title)
@@ -112,7 +114,9 @@ def _scatter_plotly(f: pd.DataFrame, columns: list[str], colour_by: list[str], t
         else:
             trace = go.Scattergl(x=f[columns[0]], y=f[columns[1]], mode="markers", marker=marker, text=hover, name=col)
         fig.add_trace(trace, row=1, col=k + 1)
-    fig.update_layout(title=title, showlegend=False, height=420, width=380 * len(colour_by), margin=dict(l=10, r=10, t=60, b=10))
+    fig.update_layout(
+        title=title, showlegend=False, height=420, width=380 * len(colour_by), margin=dict(l=10, r=10, t=60, b=10)
+    )
     return fig
 
 
@@ -120,7 +124,7 @@ def _scatter_matplotlib(f: pd.DataFrame, columns: list[str], colour_by: list[str
     import matplotlib.pyplot as plt
 
     three_d = len(columns) == 3
-    fig = plt.figure(figsize=(4.2 * len(colour_by), 3.8))
+    fig = plt.figure(figsize=((4.8 if three_d else 4.2) * len(colour_by), 3.8))
     for k, col in enumerate(colour_by):
         if three_d:
             ax = fig.add_subplot(1, len(colour_by), k + 1, projection="3d")
@@ -132,7 +136,7 @@ def _scatter_matplotlib(f: pd.DataFrame, columns: list[str], colour_by: list[str
         ax.set_xlabel(columns[0])
         ax.set_ylabel(columns[1])
         ax.set_title(f"colour: {col}")
-        fig.colorbar(sc, ax=ax, shrink=0.7, label="mm")
+        fig.colorbar(sc, ax=ax, shrink=0.7, label="mm", pad=0.15 if three_d else 0.03)  # clear of the z label
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -160,7 +164,8 @@ def decoding_bars(tables: Mapping[str, pd.DataFrame], backend: str = "matplotlib
     w = 0.8 / 3
     for k, ax_name in enumerate(("x", "y", "z")):
         sub = axes_only[axes_only["axis"] == ax_name].set_index("method").loc[methods]
-        a1.bar(np.arange(len(methods)) + (k - 1) * w, sub["r2"], w, yerr=sub["r2_std"].fillna(0), label=ax_name, capsize=2)
+        x = np.arange(len(methods)) + (k - 1) * w
+        a1.bar(x, sub["r2"], w, yerr=sub["r2_std"].fillna(0), label=ax_name, capsize=2)
     a1.set_xticks(np.arange(len(methods)), methods, rotation=30, ha="right")
     a1.set_ylabel("R² (held-out subjects)")
     a1.axhline(0, color="0.5", lw=0.8)
@@ -188,7 +193,7 @@ def probe_boxplot(per_fold: pd.DataFrame, metric: str = "auc", backend: str = "m
 
     fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 3.6))
     data = [per_fold.loc[per_fold["method"] == m, metric].dropna().to_numpy() for m in methods]
-    ax.boxplot(data, showmeans=True)
+    ax.boxplot(data, showmeans=True, showfliers=False)  # every fold is drawn as a point below
     ax.set_xticks(np.arange(1, len(methods) + 1), methods)
     for k, d in enumerate(data):
         ax.scatter(np.full(len(d), k + 1) + np.linspace(-0.08, 0.08, len(d)), d, s=10, color="k", alpha=0.6, zorder=3)
@@ -218,7 +223,8 @@ def pvalue_heatmap(matrix: pd.DataFrame, title: str = "paired t-test p-value (AU
 
     n = len(matrix)
     fig, ax = plt.subplots(figsize=(1.0 * n + 2.5, 0.8 * n + 1.5))
-    im = ax.imshow(np.ma.masked_invalid(logp), cmap="Blues", vmin=0, vmax=max(3.0, np.nanmax(logp) if np.isfinite(logp).any() else 3.0))
+    vmax = max(3.0, float(np.nanmax(logp))) if np.isfinite(logp).any() else 3.0
+    im = ax.imshow(np.ma.masked_invalid(logp), cmap="Blues", vmin=0, vmax=vmax)
     for i in range(n):
         for j in range(n):
             if np.isfinite(values[i, j]):

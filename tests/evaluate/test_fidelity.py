@@ -106,3 +106,27 @@ def test_metric_latent_finds_the_isimed_scale_and_regisimed_head():
     np.testing.assert_allclose(out, expected, rtol=1e-5)
     assert scale == pytest.approx(1.0)
     assert metric_latent(create_method("simclr", **kw), emb) == (emb, None)
+
+
+def test_method_fidelity_embeds_frozen_and_uses_the_patch_set_pairs():
+    import torch
+    from medssl.evaluate.embed import embed_patches
+    from medssl.evaluate.fidelity import method_fidelity
+    from medssl.evaluate.patchsets import PatchSet
+    from medssl.methods import create_method
+
+    torch.manual_seed(0)
+    method = create_method("isimed", backbone="smallcnn", patch_size_vox=16, volumes_per_batch=2,
+                           patches_per_volume=4, scale_mm=3.0).train()
+    rng = np.random.default_rng(0)
+    n = 8
+    ps = PatchSet(patches=rng.standard_normal((n, 1, 16, 16, 16)).astype(np.float32),
+                  centres_mm=rng.uniform(-50, 50, (n, 3)), boxes_vox=np.zeros((n, 6)),
+                  case_ids=["a"] * 4 + ["b"] * 4, groups=["a"] * 4 + ["b"] * 4, seed=0,
+                  pairs=np.array([[0, 1], [0, 3], [4, 7]]))
+    r = method_fidelity(method, ps, progress=False)
+    emb = embed_patches(method, ps, progress=False)
+    expected = distance_fidelity(emb, ps.centres_mm, ps.case_ids, scale_mm=3.0, pairs=ps.pairs)
+    np.testing.assert_allclose(r.latent_mm, expected.latent_mm, rtol=1e-6)
+    assert r.summary["n_pairs"] == 3 and r.scale_mm == pytest.approx(3.0)
+    assert method.training  # mode restored

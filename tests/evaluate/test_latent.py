@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medssl.evaluate.latent import collapse_stats, decode_coordinates, pc_axis_correlation, pca_frame, umap_frame
+from medssl.evaluate.latent import (
+    collapse_coefficient,
+    collapse_stats,
+    decode_coordinates,
+    pc_axis_correlation,
+    pca_frame,
+    umap_frame,
+)
 
 
 def _points(n_subjects: int = 8, n_per: int = 40, seed: int = 0):
@@ -80,6 +87,20 @@ def test_collapse_stats_see_a_collapsed_embedding():
     assert h["used_dim_fraction"] == 1.0 and c["used_dim_fraction"] == pytest.approx(2 / 16)
     assert h["effective_rank_centred"] > 14 and c["effective_rank_centred"] < 2.5
     assert c["dim_variance"].shape == (16,) and np.all(np.diff(c["dim_variance"]) <= 0)
+
+
+def test_collapse_coefficient_is_zero_for_spread_outputs_and_one_for_a_constant():
+    rng = np.random.default_rng(0)
+    d = 64
+    spread = rng.standard_normal((4000, d))
+    # unit vectors of an isotropic Gaussian have per-channel std ~ 1/sqrt(d): coefficient ~ 0
+    assert collapse_coefficient(spread) < 0.02
+    constant = np.tile(rng.standard_normal(d), (100, 1))
+    assert collapse_coefficient(constant) == pytest.approx(1.0)
+    # written out: 1 - sqrt(d) * mean std of the normalised rows
+    z = rng.standard_normal((50, 8)) + 2.0
+    u = z / np.linalg.norm(z, axis=1, keepdims=True)
+    assert collapse_coefficient(z) == pytest.approx(max(0.0, 1 - np.sqrt(8) * u.std(axis=0).mean()))
 
 
 def test_umap_frame_is_seeded_and_subsamples():

@@ -17,7 +17,8 @@ AUC = {
 
 def test_paired_tests_agree_with_scipy_for_every_pair():
     t = paired_tests(AUC)
-    assert list(zip(t["method_a"], t["method_b"])) == [("isimed", "simclr"), ("isimed", "random-init"), ("simclr", "random-init")]
+    pairs = [("isimed", "simclr"), ("isimed", "random-init"), ("simclr", "random-init")]
+    assert list(zip(t["method_a"], t["method_b"])) == pairs
     for _, r in t.iterrows():
         a, b = AUC[r["method_a"]], AUC[r["method_b"]]
         tt, w = stats.ttest_rel(a, b), stats.wilcoxon(a, b)
