@@ -254,7 +254,10 @@ def test_presets_give_the_paper_settings_and_halve_volumes_for_two_view_methods_
     demo_isimed, demo_cfg = preset("demo", "isimed")
     demo_simclr, _ = preset("demo", "simclr")
     assert demo_isimed["backbone"] == "smallcnn" and demo_isimed["volumes_per_batch"] == 2 * demo_simclr["volumes_per_batch"]
-    assert demo_cfg.epochs * demo_cfg.steps_per_epoch == 300
+    assert demo_cfg.epochs * demo_cfg.steps_per_epoch == 600
+    # ISImed-type methods get a latent scale the SmallCNN can reach (see the comment in presets.py)
+    assert demo_isimed["scale_mm"] == preset("demo", "regisimed")[0]["scale_mm"] == 50.0
+    assert "scale_mm" not in demo_simclr
     with pytest.raises(KeyError, match="unknown preset"):
         preset("fast", "isimed")
 
