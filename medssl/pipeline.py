@@ -7,6 +7,7 @@ pretraining notebook). Every executed notebook lands in the run directory::
     runs/<run>/00_data/00_data.ipynb
     runs/<run>/<method>/10_pretrain.ipynb        (one per method)
     runs/<run>/20_latent_space/20_latent_space.ipynb
+    runs/<run>/30_linear_probe/30_linear_probe_organ.ipynb   (a step with "name": the same notebook again)
     ...
 
 The runner stops at the first failure and says which notebook and which cell
@@ -24,6 +25,9 @@ shape::
       - notebook: 10_pretrain.ipynb
         per_method: true
         parameters: {preset: demo}
+      - notebook: 30_linear_probe.ipynb
+        name: 30_linear_probe_organ      # optional; needed when a notebook runs twice
+        parameters: {task: organ, organ: liver}
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ PLANS: dict[str, dict[str, Any]] = {
             {"notebook": "00_data.ipynb", "parameters": {"source": "demo"}},
             {"notebook": "10_pretrain.ipynb", "per_method": True, "parameters": {"preset": "demo"}},
             {"notebook": "20_latent_space.ipynb", "parameters": {}},
-            {"notebook": "30_linear_probe.ipynb", "parameters": {}},
+            {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
+            {"notebook": "30_linear_probe.ipynb", "name": "30_linear_probe_organ",
+             "parameters": {"task": "organ", "organ": "liver"}},
             {"notebook": "40_report.ipynb", "parameters": {}},
         ],
     },
@@ -119,7 +125,7 @@ def load_plan(plan: str | Path | dict[str, Any]) -> dict[str, Any]:
     for i, s in enumerate(steps):
         if not isinstance(s, dict) or "notebook" not in s:
             raise ValueError(f"plan step {i} must be a mapping with a 'notebook' key, got {s!r}")
-        unknown = set(s) - {"notebook", "parameters", "per_method", "methods"}
+        unknown = set(s) - {"notebook", "name", "parameters", "per_method", "methods"}
         if unknown:
             raise ValueError(f"plan step {i} ({s['notebook']}): unknown keys {sorted(unknown)}")
     data.setdefault("methods", [])
@@ -155,6 +161,7 @@ def expand_plan(
     for s in plan["steps"]:
         nb = s["notebook"]
         stem = Path(nb).stem
+        name = s.get("name", stem)  # a notebook run twice needs distinct names: it writes <name>.ipynb
         if only and not any(stem.startswith(o) or nb.startswith(o) for o in only):
             continue
         params = {"run": run, **s.get("parameters", {})}
@@ -168,11 +175,11 @@ def expand_plan(
                 params[k] = v
         if s.get("per_method"):
             for m in s.get("methods", methods):
-                out.append(StepResult(nb, stem, m, str(run_dir / m / nb), {**params, "method": m}))
+                out.append(StepResult(nb, name, m, str(run_dir / m / f"{name}.ipynb"), {**params, "method": m}))
         else:
             if "methods" not in params and methods and (("methods" in known) if known is not None else stem != "00_data"):
                 params["methods"] = methods
-            out.append(StepResult(nb, stem, None, str(run_dir / stem / nb), params))
+            out.append(StepResult(nb, name, None, str(run_dir / stem / f"{name}.ipynb"), params))
     return out
 
 

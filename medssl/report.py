@@ -22,9 +22,8 @@ _TABLES = {
     "decoding": "20_latent_space/decoding.csv",
     "collapse": "20_latent_space/collapse.csv",
     "correspondence": "20_latent_space/correspondence.csv",
-    "probe": "30_linear_probe/probe_summary.csv",
-    "paired_tests": "30_linear_probe/paired_tests_auc.csv",
 }
+# the linear probe writes one folder per target: 30_linear_probe/<lesion|organ name>/
 
 
 @dataclass
@@ -34,6 +33,8 @@ class RunResults:
     run_dir: Path
     methods: list[str]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    probes: dict[str, pd.DataFrame] = field(default_factory=dict)  # target -> probe_summary
+    paired_tests: dict[str, pd.DataFrame] = field(default_factory=dict)  # target -> paired tests on AUC
     pretrain: pd.DataFrame = field(default_factory=pd.DataFrame)
     missing: list[str] = field(default_factory=list)
 
@@ -58,6 +59,14 @@ def collect_results(run: str | os.PathLike, methods: Sequence[str] | None = None
         else:
             res.tables[key] = pd.DataFrame()
             res.missing.append(rel)
+    probe_dirs = sorted(p.parent for p in (run_dir / "30_linear_probe").glob("*/probe_summary.csv"))
+    # the lesion task (ISImed Table 1) first, organ variants after
+    for d in sorted(probe_dirs, key=lambda d: (d.name != "lesion", d.name)):
+        res.probes[d.name] = pd.read_csv(d / "probe_summary.csv")
+        if (d / "paired_tests_auc.csv").is_file():
+            res.paired_tests[d.name] = pd.read_csv(d / "paired_tests_auc.csv")
+    if not res.probes:
+        res.missing.append("30_linear_probe/<target>/probe_summary.csv")
     res.pretrain = _pretrain_table(run_dir, res.methods, res.missing)
     return res
 
@@ -90,7 +99,7 @@ def comparison_table(res: RunResults) -> pd.DataFrame:
 
     Columns (where the step has run): distance-fidelity Spearman and median |D_lat - D_mm|,
     coordinate-decoding R^2 and mean error, correspondence median error, effective rank,
-    linear-probe AUC (mean ± std), and pretraining minutes.
+    linear-probe AUC per probe target (mean ± std), and pretraining minutes.
     """
     t = res.tables
     parts: list[pd.DataFrame] = []
@@ -105,9 +114,9 @@ def comparison_table(res: RunResults) -> pd.DataFrame:
                      .rename(columns={"median_error_mm": "correspondence_median_mm"}))
     if not t["collapse"].empty:
         parts.append(t["collapse"].set_index("method")[["effective_rank"]])
-    if not t["probe"].empty:
-        p = t["probe"][t["probe"]["metric"] == "auc"].set_index("method")
-        parts.append(p[["mean", "std"]].rename(columns={"mean": "probe_auc", "std": "probe_auc_std"}))
+    for target, probe in res.probes.items():
+        p = probe[probe["metric"] == "auc"].set_index("method")
+        parts.append(p[["mean", "std"]].rename(columns={"mean": f"probe_auc_{target}", "std": f"probe_auc_{target}_std"}))
     if not res.pretrain.empty:
         parts.append(res.pretrain.set_index("method")[["train_minutes"]])
     if not parts:
@@ -128,9 +137,11 @@ def key_figures(res: RunResults) -> list[tuple[str, Path]]:
         ("Coordinate decoding (ridge, subject-grouped CV)", d / "20_latent_space" / "decoding.png"),
         ("Cross-subject correspondence error", d / "20_latent_space" / "correspondence_errors.png"),
         ("Per-dimension variance (collapse check)", d / "20_latent_space" / "dim_variance.png"),
-        ("Linear probe AUC per fold", d / "30_linear_probe" / "probe_auc_per_fold.png"),
-        ("Paired tests on per-fold AUC", d / "30_linear_probe" / "paired_tests_auc.png"),
     ]
+    for target in res.probes:
+        wanted.append((f"Linear probe ({target}): AUC per fold", d / "30_linear_probe" / target / "probe_auc_per_fold.png"))
+        wanted.append((f"Linear probe ({target}): paired tests on per-fold AUC",
+                       d / "30_linear_probe" / target / "paired_tests_auc.png"))
     for m in res.methods:
         wanted.append((f"{m}: latent coordinate map (PC1-3 as RGB)", d / "20_latent_space" / f"latent_map_{m}.png"))
         wanted.append((f"{m}: PCA of patch embeddings coloured by position", d / "20_latent_space" / f"pca_{m}.png"))
@@ -154,12 +165,13 @@ def write_report(run: str | os.PathLike, *, out_path: str | os.PathLike | None =
     if not res.pretrain.empty:
         sections.append(("Pretraining", [res.pretrain]))
     details = [("Distance fidelity", "fidelity"), ("Coordinate decoding", "decoding"),
-               ("Cross-subject correspondence", "correspondence"), ("Collapse and capacity", "collapse"),
-               ("Linear probe (mean ± std over subject-grouped folds)", "probe"),
-               ("Paired tests on per-fold AUC", "paired_tests")]
+               ("Cross-subject correspondence", "correspondence"), ("Collapse and capacity", "collapse")]
     for title, key in details:
         if not res.tables[key].empty:
             sections.append((title, [res.tables[key]]))
+    for target, probe in res.probes.items():
+        sections.append((f"Linear probe: patch contains {target} (mean ± std over subject-grouped folds)", [
+            probe, *([res.paired_tests[target]] if target in res.paired_tests else [])]))
     sections.append(("Figures", [item for title, p in key_figures(res) for item in (title, p)]))
     if res.missing:
         sections.append(("Not available in this run", [", ".join(res.missing)]))

@@ -12,7 +12,8 @@ from medssl.report import collect_results, comparison_table, write_report
 def _fake_run(root, methods=("isimed", "simclr")):
     run = root / "r"
     (run / "20_latent_space").mkdir(parents=True)
-    (run / "30_linear_probe").mkdir(parents=True)
+    (run / "30_linear_probe" / "lesion").mkdir(parents=True)
+    (run / "30_linear_probe" / "liver").mkdir(parents=True)
     rng = np.random.default_rng(0)
     names = [*methods, "random-init"]
     spearman = dict(zip(names, rng.uniform(0, 1, len(names))))
@@ -22,7 +23,9 @@ def _fake_run(root, methods=("isimed", "simclr")):
     pd.DataFrame(dec).to_csv(run / "20_latent_space" / "decoding.csv", index=False)
     probe = [{"method": n, "metric": m, "mean": rng.uniform(), "std": rng.uniform(0, 0.1), "n_folds": 10}
              for n in [*names, "raw-intensity"] for m in ("auc", "f1")]
-    pd.DataFrame(probe).to_csv(run / "30_linear_probe" / "probe_summary.csv", index=False)
+    pd.DataFrame(probe).to_csv(run / "30_linear_probe" / "lesion" / "probe_summary.csv", index=False)
+    organ_probe = pd.DataFrame(probe).assign(mean=lambda d: d["mean"] / 2)  # a different table for the organ task
+    organ_probe.to_csv(run / "30_linear_probe" / "liver" / "probe_summary.csv", index=False)
     for m in methods:
         (run / m / "checkpoints").mkdir(parents=True)
         (run / m / "checkpoints" / "last.pt").write_bytes(b"")
@@ -44,7 +47,8 @@ def test_comparison_table_takes_the_xyz_decoding_row_and_the_auc_probe_row(tmp_p
             assert t.loc[d["method"], "decoding_r2"] == pytest.approx(d["r2"])
     for p in probe:
         if p["metric"] == "auc":
-            assert t.loc[p["method"], "probe_auc"] == pytest.approx(p["mean"])
+            assert t.loc[p["method"], "probe_auc_lesion"] == pytest.approx(p["mean"])
+            assert t.loc[p["method"], "probe_auc_liver"] == pytest.approx(p["mean"] / 2)
     assert t.loc["simclr", "fidelity_spearman"] == pytest.approx(spearman["simclr"])
     assert t.loc["isimed", "train_minutes"] == pytest.approx(1.0)  # 60 s of logged training time
     assert np.isnan(t.loc["raw-intensity", "fidelity_spearman"])  # a probe-only baseline has no fidelity

@@ -54,7 +54,7 @@ def test_30_linear_probe_notebook_writes_tables_skips_untrained_methods_and_stat
         "raw_size_vox": 4,
     }
     res = run_notebook("30_linear_probe.ipynb", params, run=run)
-    out = res.run_dir / "30_linear_probe"
+    out = res.run_dir / "30_linear_probe" / "lesion"
 
     summary = pd.read_csv(out / "probe_summary.csv")
     assert set(summary["method"]) == {"isimed", "simclr", "random-init", "raw-intensity"}

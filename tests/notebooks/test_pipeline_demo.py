@@ -29,14 +29,14 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
     runs = tmp_path / "runs"
     res = pipeline.run_pipeline("demo", "e2e", methods=["isimed", "simclr"], overrides=TINY, runs_root=runs,
                                 progress=False)
-    assert [s.status for s in res.steps] == ["ok"] * 6
+    assert [s.status for s in res.steps] == ["ok"] * 7
     run = runs / "e2e"
     for f in ["00_data/00_data.ipynb", "isimed/10_pretrain.ipynb", "simclr/checkpoints/last.pt",
-              "20_latent_space/fidelity.csv", "30_linear_probe/probe_summary.csv", "40_report/40_report.ipynb"]:
+              "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "40_report/40_report.ipynb"]:
         assert (run / f).is_file(), f
     table = pd.read_csv(run / "40_report" / "comparison.csv")
     assert {"isimed", "simclr", "random-init"} <= set(table["method"])
-    assert {"fidelity_spearman", "decoding_r2", "correspondence_median_mm", "probe_auc"} <= set(table.columns)
+    assert {"fidelity_spearman", "decoding_r2", "correspondence_median_mm", "probe_auc_lesion", "probe_auc_liver"} <= set(table.columns)
     html = (run / "40_report" / "report.html").read_text()
     assert "SYNTHETIC" in html and "not manual masks" in html
     assert "<img src=\"data:image/png;base64," in html
