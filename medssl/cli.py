@@ -112,17 +112,9 @@ def _run_data_demo(args: argparse.Namespace) -> int:
 
 @register_command("pipeline")
 def _add_pipeline_parser(sub: "argparse._SubParsersAction") -> None:
-    try:  # the pipeline module owns its arguments; a broken import must not take `medssl data` down
-        from medssl.pipeline import add_cli_parser
-    except ImportError as e:
-        sub.add_parser("pipeline", help=f"unavailable: {e}").set_defaults(func=lambda _a: _unavailable(e))
-        return
+    from medssl.pipeline import add_cli_parser  # the pipeline module owns its arguments
+
     add_cli_parser(sub)
-
-
-def _unavailable(error: Exception) -> int:
-    print(f"medssl pipeline is unavailable: {error}", file=sys.stderr)
-    return 1
 
 
 # --------------------------------------------------------------------------- entry point

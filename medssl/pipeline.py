@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from medssl import paths
+from medssl._atomic import atomic_write_text
 
 DEMO_METHODS = ["isimed", "regisimed", "simclr", "barlowtwins"]
 
@@ -274,10 +275,8 @@ def declared_parameters(plan: dict[str, Any], notebooks_dir: Path | None = None)
 
 
 def _write_status(result: PipelineResult) -> None:
-    path = result.run_dir / "pipeline.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"run_dir": str(result.run_dir), "steps": [asdict(s) for s in result.steps]}, indent=2))
-    os.replace(tmp, path)
+    status = {"run_dir": str(result.run_dir), "steps": [asdict(s) for s in result.steps]}
+    atomic_write_text(result.run_dir / "pipeline.json", json.dumps(status, indent=2))
 
 
 def add_cli_parser(subparsers: Any) -> None:

@@ -42,6 +42,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl import paths
+from medssl._atomic import atomic_write_text, replace_dir
 from medssl.data.datasets import (
     AUX_PREFIX,
     ScanReport,
@@ -253,20 +254,7 @@ class VolumeCache:
             bar.close()
 
     def _commit(self, case_id: str, tmp: Path) -> None:
-        dest = self.entry_dir(case_id)
-        if not dest.exists():
-            os.replace(tmp, dest)
-            return
-        # A directory cannot be os.replace'd onto a non-empty one: move the old
-        # entry aside first, and put it back if the swap fails.
-        old = self.dir / f"{_OLD_PREFIX}{case_id}-{uuid.uuid4().hex}"
-        os.replace(dest, old)
-        try:
-            os.replace(tmp, dest)
-        except BaseException:
-            os.replace(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, self.entry_dir(case_id))  # a replaced entry is parked as ".old-<case>-*" until swapped
 
     def _write_config_file(self) -> None:
         path = self.dir / "config.json"
@@ -282,7 +270,7 @@ class VolumeCache:
                     path, f"holds digest {stored} but this config's digest is {self.digest} (same 16-char prefix); "
                     "use another cache root"
                 )
-        _atomic_write_text(path, json.dumps({"digest": self.digest, "config": _config_json(self.config)}, indent=1))
+        atomic_write_text(path, json.dumps({"digest": self.digest, "config": _config_json(self.config)}, indent=1))
 
     def _remove_leftovers(self) -> None:
         """Delete temporary folders of builds that were killed long ago."""
@@ -604,11 +592,3 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from medssl._atomic import atomic_path
 from medssl.data.errors import DatasetScanError, MedsslDataError, TooSmallError
 from medssl.data.volume import Volume
 
@@ -106,18 +106,11 @@ def write_manifest(df: pd.DataFrame, path: PathLike) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise ValueError(f"{path}: manifest must be a .csv or .json file, got {suffix!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            if suffix == ".csv":
-                df.to_csv(f, index=False)
-            else:
-                json.dump(df.to_dict(orient="records"), f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        if suffix == ".csv":
+            df.to_csv(f, index=False)
+        else:
+            json.dump(df.to_dict(orient="records"), f, indent=1)
     return path
 
 

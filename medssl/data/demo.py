@@ -54,6 +54,7 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from medssl import paths
+from medssl._atomic import replace_dir
 from medssl.data.errors import MedsslDataError
 from medssl.provenance import DEMO_PROVENANCE
 
@@ -924,7 +925,7 @@ def build_demo_cohort(
     try:
         subjects = _synthesize_all(cfg, examples, tmp, n_workers, progress)
         _write_cohort_files(cfg, examples, tmp, root, subjects, time.perf_counter() - start)
-        _install_cohort(tmp, root)
+        replace_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1063,21 +1064,7 @@ def _remove_stale_builds(parent: Path, name: str, older_than_s: float = 24 * 360
             pass
 
 
-def _install_cohort(tmp: Path, root: Path) -> None:
-    old = None
-    if root.exists():
-        old = root.with_name(f".{root.name}.old-{uuid.uuid4().hex}")
-        os.replace(root, old)
-    try:
-        os.replace(tmp, root)
-    except BaseException:
-        if old is not None:
-            os.replace(old, root)
-            old = None
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
 
 
 class DemoCohort:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -25,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from medssl._atomic import atomic_path
 from medssl.data.errors import (
     DimensionalityError,
     GeometryError,
@@ -412,13 +412,6 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix) as tmp:  # nibabel picks the format from the suffix
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl._atomic import atomic_save_npy
 from medssl.data.volume import Volume
 from medssl.evaluate.embed import embed_patches, model_fingerprint
 from medssl.evaluate.patchsets import foreground_mask
@@ -175,15 +175,7 @@ def _cache_load(path: Path) -> np.ndarray | None:
 
 
 def _cache_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_npy(path, array)
 
 
 class _GridPatches:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from medssl._atomic import atomic_save_npy
 from medssl.evaluate.patchsets import PatchSet
 
 __all__ = ["embed_patches", "frozen", "EmbeddingCache", "model_fingerprint", "file_sha256", "embed_methods"]
@@ -193,12 +193,4 @@ class EmbeddingCache:
         return emb
 
     def _save(self, path: Path, emb: np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, emb, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_npy(path, emb)

@@ -16,7 +16,6 @@ affines because both grids share the image affine.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from scipy import ndimage
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
+from medssl._atomic import atomic_path
 from medssl.data.volume import Volume
 from medssl.evaluate.dense import DenseEmbedding, dense_embeddings
 from medssl.geometry import vox_to_world, world_to_vox
@@ -199,16 +199,8 @@ def save_latent_map(path: str | os.PathLike, rgb: np.ndarray | LatentMap, image_
     img = nib.Nifti1Image(packed, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, "".join(path.suffixes) or ".nii.gz") as tmp:  # nibabel picks the format from the suffix
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

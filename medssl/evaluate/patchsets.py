@@ -25,13 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+from medssl._atomic import atomic_path, atomic_write_text
 from medssl.data.volume import Volume
 from medssl.geometry import box_centres_mm
 
@@ -128,14 +131,8 @@ class PatchSet:
             arrays["labels"] = self.labels
         if self.pairs is not None:
             arrays["pairs"] = self.pairs
-        fd, tmp = tempfile.mkstemp(dir=npz_path.parent, prefix=f".{npz_path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, npz_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(npz_path, ".npz") as tmp:
+            np.savez(tmp, **arrays)
         info = {
             "format_version": _FORMAT_VERSION,
             "seed": int(self.seed),
@@ -146,7 +143,7 @@ class PatchSet:
             "npz_sha256": _file_sha256(npz_path),
             "meta": self.meta,
         }
-        _atomic_write_text(json_path, json.dumps(info, indent=2, sort_keys=True))
+        atomic_write_text(json_path, json.dumps(info, indent=2, sort_keys=True))
         return npz_path
 
     @classmethod
@@ -560,12 +557,3 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,13 +15,14 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from medssl._atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from medssl.methods.base import Method
@@ -60,21 +61,7 @@ def save_checkpoint(state: dict[str, Any], *paths: str | os.PathLike) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     for path in paths:
-        _atomic_write_bytes(Path(path), buffer.getbuffer())
-
-
-def _atomic_write_bytes(path: Path, data: memoryview | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_bytes(Path(path), buffer.getbuffer(), fsync=True)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

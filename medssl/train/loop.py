@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from medssl._atomic import atomic_write_bytes
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 from medssl.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
-    _atomic_write_bytes,
     checkpoint_paths,
     config_to_json,
     load_checkpoint,
@@ -401,7 +401,7 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if (r := _parse(line)) and r.get("step", 0) <= step]
     if step == 0:
         kept = []  # no checkpoint: a fresh start, the old records belong to a run that left nothing
-    _atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _parse(line: str) -> dict | None:
@@ -437,7 +437,7 @@ def _write_config_json(run_dir: Path, method: "Method", config: TrainConfig, **r
         "world_size": world_size(),
         "torch_version": str(torch.__version__),
     }
-    _atomic_write_bytes(run_dir / "config.json", json.dumps(content, indent=2).encode())
+    atomic_write_bytes(run_dir / "config.json", json.dumps(content, indent=2).encode())
 
 
 # ----------------------------------------------------------------------------------------

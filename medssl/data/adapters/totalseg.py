@@ -28,6 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl import paths
+from medssl._atomic import atomic_write_text
 from medssl.data.adapters.folder import LayoutError, finalise, raise_problems
 from medssl.data.errors import LabelGridMismatchError, UnreadableFileError
 
@@ -219,13 +220,7 @@ def _fresh_merge(subject: Path, out: Path, names: list[str]) -> dict[int, str] |
 
 
 def _atomic_write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def looks_like_totalseg(root: Path, max_dirs: int = 20) -> bool:
