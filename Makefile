@@ -12,6 +12,8 @@ export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export MALLOC_TOP_PAD_ := 1000000000
 export PYTHONUNBUFFERED := 1
+# UTF-8 I/O whatever the locale of the machine (CI may run with LANG=C)
+export PYTHONUTF8 := 1
 
 RUN ?= demo
 TEST_WORKERS ?= 2

@@ -57,7 +57,7 @@ def test_comparison_table_takes_the_xyz_decoding_row_and_the_auc_probe_row(tmp_p
 def test_report_html_states_provenance_and_lists_what_is_missing(tmp_path):
     run, *_ = _fake_run(tmp_path)
     out = write_report(run, provenance="SYNTHETIC cohort statement")
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert out == run / "40_report" / "report.html"
     assert "SYNTHETIC cohort statement" in text and "correspondence.csv" in text and "isimed" in text
 

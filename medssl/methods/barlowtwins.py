@@ -6,31 +6,15 @@ from dataclasses import dataclass
 
 from medssl.losses.barlow_twins import BarlowTwinsLoss
 from medssl.methods.base import StepOutput, register_method
-from medssl.methods.simclr import TwoViewMethod, view_agreement_logs
+from medssl.methods.simclr import TwoViewConfig, TwoViewMethod, view_agreement_logs
 from medssl.sampling.base import PatchBatch
 
 
 @dataclass(frozen=True)
-class BarlowTwinsConfig:
+class BarlowTwinsConfig(TwoViewConfig):
     """ISImed-paper settings (sec. 2.2): lambda = 0.005, no projector, coarse dropout/shuffle views."""
 
-    backbone: str = "densenet121"
-    patch_size_vox: int = 32
-    volumes_per_batch: int = 64
-    patches_per_volume: int = 16
-    in_channels: int = 1
-    foreground_only: bool = False
-    embed_dim: int | None = None
     lambda_offdiag: float = 5e-3
-    view_mode: str = "random"
-    dropout_holes: int = 6
-    fg_hole_min_vox: int = 3
-    fg_hole_max_vox: int = 10
-    bg_keep_min_vox: int = 3
-    bg_keep_max_vox: int = 21
-    shuffle_prob: float = 0.8
-    shuffle_holes: int = 2
-    shuffle_size_vox: int = 6
 
 
 @register_method("barlowtwins")

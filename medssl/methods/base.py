@@ -19,6 +19,22 @@ from medssl.data.volume import Volume
 from medssl.sampling.base import PatchBatch
 
 
+@dataclass(frozen=True)
+class MethodConfig:
+    """Fields every method's Config has (the trainer, presets and evaluators rely on them).
+
+    Defaults are the ISImed paper's: DenseNet121, 32^3 patches, 16 patches from each of 64 volumes.
+    """
+
+    backbone: str = "densenet121"
+    patch_size_vox: int = 32
+    volumes_per_batch: int = 64
+    patches_per_volume: int = 16
+    in_channels: int = 1
+    foreground_only: bool = False  # patch centres on the body (label > 0, else image above its minimum)
+    embed_dim: int | None = None  # None = the backbone's default width (1024 for DenseNet121)
+
+
 @dataclass
 class StepOutput:
     """What ``training_step`` returns: the loss to minimise and scalar logs."""

@@ -11,23 +11,16 @@ from torch import nn
 
 from medssl.data.volume import Volume
 from medssl.losses.isimed import IsimedDistanceLoss
-from medssl.methods.base import Method, StepOutput, register_method
+from medssl.methods.base import Method, MethodConfig, StepOutput, register_method
 from medssl.models.backbones import build_backbone
 from medssl.sampling.base import PatchBatch
 from medssl.sampling.uniform import UniformPatchSampler
 
 
 @dataclass(frozen=True)
-class IsimedConfig:
-    """Paper defaults: DenseNet121, 32^3 patches, 16 patches from each of 64 volumes."""
+class IsimedConfig(MethodConfig):
+    """Paper defaults (MethodConfig) plus the distance loss: MSE on raw mm, pairs within a volume."""
 
-    backbone: str = "densenet121"
-    patch_size_vox: int = 32
-    volumes_per_batch: int = 64
-    patches_per_volume: int = 16
-    in_channels: int = 1
-    foreground_only: bool = False
-    embed_dim: int | None = None  # None = the backbone's default width (1024 for DenseNet121)
     loss: str = "mse"  # "mse" (paper) or "huber"
     huber_delta_mm: float = 10.0
     pairs: str = "within_volume"  # "all" only for registered cohorts

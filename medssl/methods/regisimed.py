@@ -8,43 +8,25 @@ import torch
 
 from medssl.losses.barlow_twins import BarlowTwinsLoss
 from medssl.methods.base import StepOutput, register_method
-from medssl.methods.isimed import _isimed_loss_from_config, isimed_distance_logs
-from medssl.methods.simclr import TwoViewMethod, view_agreement_logs
+from medssl.methods.isimed import IsimedConfig, _isimed_loss_from_config, isimed_distance_logs
+from medssl.methods.simclr import TwoViewConfig, TwoViewMethod, view_agreement_logs
 from medssl.models.heads import LinearHead
 from medssl.sampling.base import PatchBatch
 
 
 @dataclass(frozen=True)
-class RegIsimedConfig:
-    """Paper defaults: linear 1024->512 ISImed head, linear 1024->2048 BarlowTwins head, lambda = 1e3."""
+class RegIsimedConfig(TwoViewConfig, IsimedConfig):
+    """Paper defaults: linear 1024->512 ISImed head, linear 1024->2048 BarlowTwins head, lambda = 1e3.
 
-    backbone: str = "densenet121"
-    patch_size_vox: int = 32
-    volumes_per_batch: int = 64
-    patches_per_volume: int = 16
-    in_channels: int = 1
-    foreground_only: bool = False
-    embed_dim: int | None = None
+    Inherits the common fields, the ISImed loss fields and the view fields.
+    """
+
     # heads: None keeps the paper's ratios to the backbone width (D/2 and 2D: 512 and 2048 for D = 1024)
     isimed_head_dim: int | None = None
     barlow_head_dim: int | None = None
     # loss = isimed + barlow_weight * barlow_twins / barlow_head_dim  (see RegIsimed)
     barlow_weight: float = 1e3
     lambda_offdiag: float = 5e-3
-    loss: str = "mse"
-    huber_delta_mm: float = 10.0
-    pairs: str = "within_volume"
-    scale: str = "fixed"
-    scale_mm: float = 1.0
-    view_mode: str = "random"
-    dropout_holes: int = 6
-    fg_hole_min_vox: int = 3
-    fg_hole_max_vox: int = 10
-    bg_keep_min_vox: int = 3
-    bg_keep_max_vox: int = 21
-    shuffle_prob: float = 0.8
-    shuffle_holes: int = 2
-    shuffle_size_vox: int = 6
 
 
 @register_method("regisimed")

@@ -12,25 +12,16 @@ import torch.nn.functional as F
 from medssl.augment import CoarseDropoutShuffleViews
 from medssl.data.volume import Volume
 from medssl.losses.ntxent import NTXentLoss
-from medssl.methods.base import Method, StepOutput, register_method
+from medssl.methods.base import Method, MethodConfig, StepOutput, register_method
 from medssl.methods.isimed import _backbone_from_config, _sampler_from_config
 from medssl.sampling.base import PatchBatch
 
 
 @dataclass(frozen=True)
-class SimclrConfig:
-    """ISImed-paper settings (sec. 2.2): tau = 0.05, no projector, coarse dropout/shuffle views."""
+class TwoViewConfig(MethodConfig):
+    """MethodConfig plus the ISImed paper's views: coarse dropout then coarse shuffle (sizes in voxels, inclusive)."""
 
-    backbone: str = "densenet121"
-    patch_size_vox: int = 32
-    volumes_per_batch: int = 64
-    patches_per_volume: int = 16
-    in_channels: int = 1
-    foreground_only: bool = False
-    embed_dim: int | None = None
-    temperature: float = 0.05
-    # views (CoarseDropoutShuffleViews); sizes in voxels, inclusive ranges
-    view_mode: str = "random"
+    view_mode: str = "random"  # "foreground" (6 holes dropped), "background" (6 regions kept) or "random" per patch
     dropout_holes: int = 6
     fg_hole_min_vox: int = 3
     fg_hole_max_vox: int = 10
@@ -39,6 +30,13 @@ class SimclrConfig:
     shuffle_prob: float = 0.8
     shuffle_holes: int = 2
     shuffle_size_vox: int = 6
+
+
+@dataclass(frozen=True)
+class SimclrConfig(TwoViewConfig):
+    """ISImed-paper settings (sec. 2.2): tau = 0.05, no projector, coarse dropout/shuffle views."""
+
+    temperature: float = 0.05
 
 
 class TwoViewMethod(Method):

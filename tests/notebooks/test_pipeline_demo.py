@@ -37,6 +37,6 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
     table = pd.read_csv(run / "40_report" / "comparison.csv")
     assert {"isimed", "simclr", "random-init"} <= set(table["method"])
     assert {"fidelity_spearman", "decoding_r2", "correspondence_median_mm", "probe_auc_lesion", "probe_auc_liver"} <= set(table.columns)
-    html = (run / "40_report" / "report.html").read_text()
+    html = (run / "40_report" / "report.html").read_text(encoding="utf-8")
     assert "SYNTHETIC" in html and "not manual masks" in html
     assert "<img src=\"data:image/png;base64," in html

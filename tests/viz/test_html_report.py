@@ -21,7 +21,7 @@ def test_html_report_embeds_plotly_once_and_images_and_needs_no_network(tmp_path
     out = write_html_report(tmp_path / "r" / "report.html", "Demo <report>",
                             [("Table", [table, "a note"]), ("Figures", [fig1, fig2, mfig])],
                             provenance="synthetic deformations of one real CT")
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert "Demo &lt;report&gt;" in text
     assert text.index("synthetic deformations of one real CT") < text.index("<h2>Table</h2>")
     assert "isimed" in text and "0.97" in text
