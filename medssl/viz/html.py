@@ -25,7 +25,7 @@ h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 .provenance{background:#fff6e0;border-left:4px solid #e0a000;padding:.6em 1em;margin:1em 0}
-.note{color:#555;font-size:13px}img{max-width:100%}
+.note{color:#555;font-size:13px}img{max-width:100%}.scroll{overflow-x:auto}
 """
 
 
@@ -35,7 +35,8 @@ def _render(item: Any, plotly_js_done: list[bool]) -> str:
     if isinstance(item, str):
         return f"<p>{html.escape(item)}</p>"
     if isinstance(item, pd.DataFrame):
-        return item.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
+        table = item.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
+        return f'<div class="scroll">{table}</div>'  # wide tables scroll instead of widening the page
     mod = type(item).__module__
     if mod.startswith("plotly"):
         include = "inline" if not plotly_js_done[0] else False
