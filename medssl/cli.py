@@ -15,6 +15,7 @@ before :func:`main` builds the parser (see ``_COMMAND_MODULES``).
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import sys
 from pathlib import Path
@@ -115,6 +116,70 @@ def _add_pipeline_parser(sub: "argparse._SubParsersAction") -> None:
     from medssl.pipeline import add_cli_parser  # the pipeline module owns its arguments
 
     add_cli_parser(sub)
+
+
+# --------------------------------------------------------------------------- medssl train ...
+
+
+@register_command("train")
+def _add_train_parser(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "train",
+        help="pretrain one method headlessly (also under torchrun for DDP)",
+        description="Pretrain one registered method on a data source, writing runs/<run>/<method>/ exactly as "
+        "10_pretrain.ipynb does. Under `torchrun --nproc-per-node N -m medssl.cli train --run-name R ...` every rank samples "
+        "its own volumes and batch-level losses gather across ranks (gloo on CPU, NCCL on GPU).",
+    )
+    p.add_argument("--method", required=True, help="a registered method, e.g. isimed")
+    p.add_argument("--preset", default="demo", help="demo | paper | tiny")
+    # (--run-name: torchrun's own parser rejects `--run` as an ambiguous prefix of its --run-path)
+    p.add_argument("--run", "--run-name", dest="run", default="cli", help="outputs go to runs/<run>/<method>/")
+    p.add_argument("--source", default="demo", help='"demo" or a folder of volumes')
+    p.add_argument("--n-subjects", type=int, default=48, help="demo cohort size")
+    p.add_argument("--target-spacing-mm", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-m", "--method-param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="method config override (VALUE parsed as YAML), e.g. -m patches_per_volume 8")
+    p.add_argument("-t", "--train-param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="TrainConfig override, e.g. -t epochs 5")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    p.set_defaults(func=_train_main)
+
+
+def _train_main(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+    import yaml
+
+    from medssl import paths
+    from medssl.data.source import open_data
+    from medssl.evaluate.summary import pretraining_summary
+    from medssl.presets import build_run
+    from medssl.train import fit
+
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        data = open_data(args.source, n_subjects=args.n_subjects, seed=args.seed,
+                         target_spacing_mm=args.target_spacing_mm, progress=False)
+        model, train_config = build_run(
+            args.method, args.preset, seed=args.seed,
+            method_overrides={k: yaml.safe_load(v) for k, v in args.method_param},
+            train_overrides={k: yaml.safe_load(v) for k, v in args.train_param},
+        )
+        run_dir = paths.runs_dir() / args.run / args.method
+        result = fit(model, data.volumes("train"), train_config, run_dir, val_volumes=data.volumes("val"),
+                     resume=not args.no_resume)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(data.provenance)
+            summary = pretraining_summary(model, data.volumes("test"), seed=args.seed, run_dir=run_dir)
+            summary.to_csv(run_dir / "summary.csv", index=False)
+            print(f"\n{args.method}: {result.step} steps, last checkpoint {result.checkpoint_path}")
+            print(summary.to_string(index=False))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 # --------------------------------------------------------------------------- entry point
