@@ -33,6 +33,8 @@ class TrainConfig:
         keep_last: keep this many ``epoch-XXXX.pt`` files (``None`` keeps all; 0 keeps only ``last.pt``).
         val_seed: seed of the fixed validation patch set (drawn once, reused at every evaluation).
         val_batches: number of ``method.sample`` batches in the fixed validation set.
+        prefetch: draw the next training batch in a background thread while the current one
+            trains (same batches in the same order as without; mostly helps two-view methods).
     """
 
     epochs: int = 50
@@ -50,6 +52,7 @@ class TrainConfig:
     keep_last: int | None = 3
     val_seed: int = 12345
     val_batches: int = 1
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

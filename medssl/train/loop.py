@@ -22,6 +22,7 @@ import math
 import os
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,7 +176,9 @@ def fit(
     def save(epoch_file: bool) -> None:
         if not is_main:
             return
-        state = _checkpoint_state(method, config, optimizer, scheduler, scaler, rng, step, steps_per_epoch, elapsed_s())
+        # the rng as it was after the last batch TRAINED on (a prefetched batch is drawn again on resume)
+        state = _checkpoint_state(method, config, optimizer, scheduler, scaler, sampler.consumed_rng(), step,
+                                  steps_per_epoch, elapsed_s())
         epochs_done = step // steps_per_epoch
         paths = [ckpt_dir / f"epoch-{epochs_done:04d}.pt"] if epoch_file else []
         save_checkpoint(state, *paths, last_path)
@@ -191,60 +194,62 @@ def fit(
     last_loss: float | None = None
     bad_grad_streak, skipped_steps = 0, 0
     method.train()
-    while step < total_steps and not stop:
-        t0 = time.perf_counter()
-        # No background prefetch: sampling is ~1 % of a demo step (benchmarks/sampling.py), and on
-        # a 2-core CPU a sampling thread would compete with torch's own threads for that 1 %.
-        batch = method.sample(train_volumes, rng).to(device, non_blocking=True)
-        t_sampled = time.perf_counter()
+    sampler = _BatchSource(method, train_volumes, rng, prefetch=config.prefetch and total_steps - step > 1)
+    try:
+        while step < total_steps and not stop:
+            t0 = time.perf_counter()
+            batch = sampler.next(more=step + 1 < total_steps).to(device, non_blocking=True)
+            t_sampled = time.perf_counter()  # with prefetch: only the wait for the batch
 
-        with autocast:
-            out = method.training_step(batch)
-        loss_value = float(out.loss.detach())
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(_non_finite_message("loss", loss_value, step, steps_per_epoch, config, out.logs, last_path))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
-        if is_distributed():
-            _average_gradients(method)
-        scaler.unscale_(optimizer)
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(method.parameters(), config.grad_clip_norm or float("inf"))
-        )
-        lr = optimizer.param_groups[0]["lr"]
-        if math.isfinite(grad_norm) or precision == "fp16":  # fp16: GradScaler skips such steps itself
-            scaler.step(optimizer)
-            scaler.update()
-            bad_grad_streak = 0
-        else:
-            # Finite loss but NaN/Inf gradients: seen sporadically from oneDNN's bf16 conv3d weight
-            # gradient on tiny (2^3) feature maps on AVX512-BF16 CPUs; a rerun of the same batch is
-            # finite. Skip the update like GradScaler would, and stop if it keeps happening.
-            bad_grad_streak += 1
-            skipped_steps += 1
-            if bad_grad_streak > _MAX_NONFINITE_GRAD_STREAK:
-                raise NonFiniteLossError(
-                    _non_finite_message("gradient norm", grad_norm, step, steps_per_epoch, config, out.logs, last_path)
-                )
-        step += 1
-        last_loss = loss_value
+            with autocast:
+                out = method.training_step(batch)
+            loss_value = float(out.loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(_non_finite_message("loss", loss_value, step, steps_per_epoch, config, out.logs, last_path))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.loss).backward()
+            if is_distributed():
+                _average_gradients(method)
+            scaler.unscale_(optimizer)
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(method.parameters(), config.grad_clip_norm or float("inf"))
+            )
+            lr = optimizer.param_groups[0]["lr"]
+            if math.isfinite(grad_norm) or precision == "fp16":  # fp16: GradScaler skips such steps itself
+                scaler.step(optimizer)
+                scaler.update()
+                bad_grad_streak = 0
+            else:
+                # Finite loss but NaN/Inf gradients: seen sporadically from oneDNN's bf16 conv3d weight
+                # gradient on tiny (2^3) feature maps on AVX512-BF16 CPUs; a rerun of the same batch is
+                # finite. Skip the update like GradScaler would, and stop if it keeps happening.
+                bad_grad_streak += 1
+                skipped_steps += 1
+                if bad_grad_streak > _MAX_NONFINITE_GRAD_STREAK:
+                    raise NonFiniteLossError(
+                        _non_finite_message("gradient norm", grad_norm, step, steps_per_epoch, config, out.logs, last_path)
+                    )
+            step += 1
+            last_loss = loss_value
 
-        window.add(loss_value, out.logs, len(batch), grad_norm, sample_s=t_sampled - t0, step_s=time.perf_counter() - t0)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2g}", refresh=False)
-        end_of_epoch = step % steps_per_epoch == 0
-        if step % config.log_every == 0 or end_of_epoch:
-            record = window.record(lr) | {"skipped_nonfinite_grad_steps": skipped_steps}
-            stop = log.write(record | _when(step, steps_per_epoch, elapsed_s()))
+            window.add(loss_value, out.logs, len(batch), grad_norm, sample_s=t_sampled - t0, step_s=time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2g}", refresh=False)
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % config.log_every == 0 or end_of_epoch:
+                record = window.record(lr) | {"skipped_nonfinite_grad_steps": skipped_steps}
+                stop = log.write(record | _when(step, steps_per_epoch, elapsed_s()))
 
-        if end_of_epoch:
-            scheduler.step()
-            epochs_done = step // steps_per_epoch
-            if val_set is not None and (epochs_done % config.eval_every_epochs == 0 or step == total_steps):
-                stop = log.write(_evaluate(method, val_set, autocast) | _when(step, steps_per_epoch, elapsed_s())) or stop
-            save(epoch_file=epochs_done % config.checkpoint_every_epochs == 0 or step == total_steps)
-        elif stop:
-            save(epoch_file=False)  # a callback asked to stop mid-epoch: keep the exact state
+            if end_of_epoch:
+                scheduler.step()
+                epochs_done = step // steps_per_epoch
+                if val_set is not None and (epochs_done % config.eval_every_epochs == 0 or step == total_steps):
+                    stop = log.write(_evaluate(method, val_set, autocast) | _when(step, steps_per_epoch, elapsed_s())) or stop
+                save(epoch_file=epochs_done % config.checkpoint_every_epochs == 0 or step == total_steps)
+            elif stop:
+                save(epoch_file=False)  # a callback asked to stop mid-epoch: keep the exact state
+    finally:
+        sampler.close()
     bar.close()
 
     return FitResult(
@@ -255,6 +260,42 @@ def fit(
         final_loss=last_loss,
         stopped_early=step < total_steps,
     )
+
+
+class _BatchSource:
+    """Draws training batches in order from one numpy rng, optionally one batch ahead in a thread.
+
+    Two-view methods spend ~20 % of a demo step making their views (metrics ``sample_share``);
+    drawing the next batch while the current one trains hides most of it (torch and numpy release
+    the GIL). Batches are drawn strictly in sequence from the same rng, so a run with prefetch
+    sees exactly the batches of a run without. ``consumed_rng()`` is the rng state after the last
+    batch handed out, which is what a checkpoint must store for an exact resume.
+    """
+
+    def __init__(self, method: "Method", volumes: Sequence[Any], rng: np.random.Generator, prefetch: bool) -> None:
+        self._method, self._volumes, self._rng = method, volumes, rng
+        self._consumed_state = numpy_rng_state(rng)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medssl-prefetch") if prefetch else None
+        self._pending: Future | None = None
+
+    def _draw(self) -> tuple["PatchBatch", str]:
+        batch = self._method.sample(self._volumes, self._rng)
+        return batch, numpy_rng_state(self._rng)
+
+    def next(self, more: bool) -> "PatchBatch":
+        """The next batch; ``more`` says whether another one will be asked for (to prefetch it)."""
+        batch, self._consumed_state = self._pending.result() if self._pending is not None else self._draw()
+        self._pending = self._pool.submit(self._draw) if (self._pool is not None and more) else None
+        return batch
+
+    def consumed_rng(self) -> np.random.Generator:
+        return restore_numpy_rng(self._consumed_state)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            if self._pending is not None:
+                self._pending.cancel()
+            self._pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -274,3 +274,24 @@ def test_the_tiny_preset_trains_each_builtin_method_end_to_end(tmp_path, name):
     assert result.step == 4 and np.isfinite(log.loss).all()
     assert np.isfinite(log[log.split == "val"].effective_rank).all()
     assert load_method(result.checkpoint_path).name == name
+
+
+def test_prefetching_batches_trains_on_exactly_the_same_batches_as_drawing_them_inline(tmp_path):
+    from dataclasses import replace
+
+    from medssl.methods import create_method
+    from medssl.presets import preset
+
+    overrides, cfg = preset("tiny", "simclr")  # two-view: the views consume the sampling rng too
+    cfg = replace(cfg, epochs=2, steps_per_epoch=3)
+    vols = _volumes(3, shape=(20, 18, 17))
+    params = {}
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        model = create_method("simclr", **overrides)
+        fit(model, vols, replace(cfg, prefetch=prefetch), tmp_path / str(prefetch), progress=False)
+        params[prefetch] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params[False], params[True]))
+    # the checkpoint stores the rng after the last TRAINED batch, not after the prefetched one
+    ck = {p: load_checkpoint(tmp_path / str(p) / "checkpoints" / "last.pt")["numpy_rng"] for p in (False, True)}
+    assert ck[False] == ck[True]
