@@ -265,9 +265,9 @@ def fit(
 class _BatchSource:
     """Draws training batches in order from one numpy rng, optionally one batch ahead in a thread.
 
-    Two-view methods spend ~20 % of a demo step making their views (metrics ``sample_share``);
-    drawing the next batch while the current one trains hides most of it (torch and numpy release
-    the GIL). Batches are drawn strictly in sequence from the same rng, so a run with prefetch
+    Two-view methods spend ~20 % of a demo step making their views (metrics ``sample_share``).
+    On a GPU machine, drawing the next batch on the CPU while the GPU trains hides that (torch
+    and numpy release the GIL); on a 2-core CPU it gains nothing (TrainConfig.prefetch). Batches are drawn strictly in sequence from the same rng, so a run with prefetch
     sees exactly the batches of a run without. ``consumed_rng()`` is the rng state after the last
     batch handed out, which is what a checkpoint must store for an exact resume.
     """

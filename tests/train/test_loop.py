@@ -101,20 +101,26 @@ def _new_method(init_seed: int = 0, **overrides) -> _TinyRegressor:
 _CFG = TrainConfig(epochs=3, steps_per_epoch=4, lr=3e-3, seed=5, device="cpu", precision="fp32", log_every=1, keep_last=None)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("stop_at_step", [6, 8])  # mid-epoch and at an epoch boundary
-def test_resumed_training_ends_with_the_same_parameters_as_uninterrupted_training(tmp_path, registered, stop_at_step):
+def test_resumed_training_ends_with_the_same_parameters_as_uninterrupted_training(
+    tmp_path, registered, stop_at_step, prefetch
+):
+    from dataclasses import replace
+
+    cfg = replace(_CFG, prefetch=prefetch)
     train, val = _volumes(5), _volumes(2, seed=1)
     full = _new_method()
-    fit(full, train, _CFG, tmp_path / "full", val_volumes=val, progress=False)
+    fit(full, train, cfg, tmp_path / "full", val_volumes=val, progress=False)
 
     first = _new_method()
     stopped = fit(
-        first, train, _CFG, tmp_path / "split", val_volumes=val, progress=False,
+        first, train, cfg, tmp_path / "split", val_volumes=val, progress=False,
         callbacks=[lambda r: r["split"] == "train" and r["step"] == stop_at_step],
     )
     assert stopped.stopped_early and stopped.step == stop_at_step
     second = _new_method(init_seed=123)  # a fresh object with different weights: all state must come from last.pt
-    resumed = fit(second, train, _CFG, tmp_path / "split", val_volumes=val, progress=False)
+    resumed = fit(second, train, cfg, tmp_path / "split", val_volumes=val, progress=False)
     assert resumed.step == 12 and not resumed.stopped_early
 
     for (name, p_full), p_resumed in zip(full.named_parameters(), second.parameters()):
