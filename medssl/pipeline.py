@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from medssl import paths
-from medssl._atomic import atomic_write_text
+from medssl._files import atomic_write_text
 
 DEMO_METHODS = ["isimed", "regisimed", "simclr", "barlowtwins"]
 

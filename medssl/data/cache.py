@@ -42,7 +42,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl import paths
-from medssl._atomic import atomic_write_text, replace_dir
+from medssl._files import atomic_write_text, replace_dir
 from medssl.data.datasets import (
     AUX_PREFIX,
     ScanReport,

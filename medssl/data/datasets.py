@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from medssl._atomic import atomic_path
+from medssl._files import atomic_path
 from medssl.data.errors import DatasetScanError, MedsslDataError, TooSmallError
 from medssl.data.volume import Volume
 

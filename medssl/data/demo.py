@@ -54,7 +54,7 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from medssl import paths
-from medssl._atomic import replace_dir
+from medssl._files import file_sha256, replace_dir
 from medssl.data.errors import MedsslDataError
 from medssl.provenance import DEMO_PROVENANCE
 
@@ -160,7 +160,7 @@ def fetch_totalseg_examples(
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.tmp-") as tmp:
         tmp = Path(tmp)
         archive = Path(sdist) if sdist is not None else _pip_download(tmp / "download", progress)
-        digest = _sha256(archive)
+        digest = file_sha256(archive)
         if digest != expected_sha256:
             raise ChecksumMismatchError(
                 archive,
@@ -266,12 +266,6 @@ def _pip_download(folder: Path, progress: bool) -> Path:
     return archive
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _wanted_name(member: str) -> str | None:

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medssl._atomic import atomic_path
+from medssl._files import atomic_path
 from medssl.data.errors import (
     DimensionalityError,
     GeometryError,

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl._atomic import atomic_save_npy
+from medssl._files import atomic_save_npy
 from medssl.data.volume import Volume
 from medssl.evaluate.embed import embed_patches, model_fingerprint
 from medssl.evaluate.patchsets import foreground_mask

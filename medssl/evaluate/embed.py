@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medssl._atomic import atomic_save_npy
+from medssl._files import atomic_save_npy, file_sha256
 from medssl.evaluate.patchsets import PatchSet
 
 __all__ = ["embed_patches", "frozen", "EmbeddingCache", "model_fingerprint", "file_sha256", "embed_methods"]
@@ -128,14 +128,6 @@ def embed_methods(
             ckpt = (checkpoints or {}).get(name)
             out[name] = cache.embed(model, patch_set, checkpoint=ckpt, settings=settings, **embed_kw)
     return out
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> str:

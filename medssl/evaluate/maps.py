@@ -27,7 +27,7 @@ from scipy import ndimage
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from medssl._atomic import atomic_path
+from medssl._files import atomic_path
 from medssl.data.volume import Volume
 from medssl.evaluate.dense import DenseEmbedding, dense_embeddings
 from medssl.geometry import vox_to_world, world_to_vox

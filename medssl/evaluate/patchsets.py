@@ -34,7 +34,7 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-from medssl._atomic import atomic_path, atomic_write_text
+from medssl._files import atomic_path, atomic_write_text, file_sha256
 from medssl.data.volume import Volume
 from medssl.geometry import box_centres_mm
 
@@ -140,7 +140,7 @@ class PatchSet:
             "n_patches": len(self),
             "patch_shape": list(self.patches.shape[1:]),
             "content_sha256": self.content_sha256,
-            "npz_sha256": _file_sha256(npz_path),
+            "npz_sha256": file_sha256(npz_path),
             "meta": self.meta,
         }
         atomic_write_text(json_path, json.dumps(info, indent=2, sort_keys=True))
@@ -153,7 +153,7 @@ class PatchSet:
         if not npz_path.exists() or not json_path.exists():
             raise FileNotFoundError(f"{npz_path.with_suffix('')}: patch set needs both .npz and .json (one is missing)")
         info = json.loads(json_path.read_text())
-        if info.get("npz_sha256") != _file_sha256(npz_path):
+        if info.get("npz_sha256") != file_sha256(npz_path):
             raise ValueError(
                 f"{npz_path}: content does not match its .json sidecar (partial or altered save); redraw it"
             )
@@ -549,11 +549,5 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".npz"), p.with_name(p.name + ".json")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 

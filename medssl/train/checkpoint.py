@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from medssl._atomic import atomic_write_bytes
+from medssl._files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from medssl.methods.base import Method

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from medssl._atomic import atomic_write_bytes
+from medssl._files import atomic_write_bytes
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 from medssl.train.checkpoint import (
     CHECKPOINT_FORMAT,

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from medssl._atomic import atomic_write_text
+from medssl._files import atomic_write_text
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}

@@ -28,7 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl import paths
-from medssl._atomic import atomic_write_text
+from medssl._files import atomic_write_text
 from medssl.data.adapters.folder import LayoutError, finalise, raise_problems
 from medssl.data.errors import LabelGridMismatchError, UnreadableFileError
 

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from medssl._atomic import atomic_path, atomic_save_npy, atomic_write_text, replace_dir
+from medssl._files import atomic_path, atomic_save_npy, atomic_write_text, replace_dir
 
 
 def test_a_failing_writer_leaves_the_old_file_and_no_temp_file(tmp_path):

@@ -1,4 +1,6 @@
-"""Atomic writes: a reader sees the old file or the new one, never half of one.
+"""File helpers: atomic writes and content hashes.
+
+Atomic writes: a reader sees the old file or the new one, never half of one.
 
 Everything medssl writes that someone may read later (caches, checkpoints,
 manifests, patch sets, maps, reports) goes through these helpers: the data is
@@ -9,6 +11,7 @@ and the destination is untouched.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -19,7 +22,13 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_save_npy", "replace_dir"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_save_npy", "replace_dir", "file_sha256"]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextmanager
