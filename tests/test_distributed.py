@@ -4,7 +4,6 @@ shards and, after DDP's gradient averaging, gives exactly the single-process gra
 from __future__ import annotations
 
 import gc
-import time
 
 import torch
 import torch.distributed as dist
@@ -116,6 +115,4 @@ def test_gather_with_grad_is_identity_on_one_process():
 
 
 def test_gather_concatenates_shards_and_ddp_gradients_match_single_process_on_two_cpu_ranks(tmp_path):
-    t0 = time.perf_counter()
     mp.spawn(_worker, args=(str(tmp_path / "dist_init"),), nprocs=WORLD, join=True)
-    assert time.perf_counter() - t0 < 60  # budget: ~20 s on the shared 2-core machine

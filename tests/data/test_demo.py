@@ -11,7 +11,6 @@ import io
 import json
 import shutil
 import tarfile
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -109,10 +108,8 @@ def test_fetch_verifies_the_pinned_sha256_and_extracts_only_the_needed_members(e
 @pytest.mark.network
 def test_second_fetch_is_a_noop(examples):
     before = (examples / "SOURCE.json").stat().st_mtime_ns
-    t0 = time.perf_counter()
     assert fetch_totalseg_examples(progress=False) == examples
-    assert time.perf_counter() - t0 < 1.0
-    assert (examples / "SOURCE.json").stat().st_mtime_ns == before
+    assert (examples / "SOURCE.json").stat().st_mtime_ns == before  # nothing downloaded or rewritten
 
 
 def test_fetch_rejects_an_archive_with_the_wrong_sha256_and_leaves_nothing_behind(tmp_path):
@@ -195,10 +192,9 @@ def test_same_seed_gives_identical_cohorts_whatever_the_workers_and_other_seeds_
 @pytest.mark.network
 def test_second_build_with_the_same_parameters_is_a_noop_and_other_parameters_rebuild(cohort, examples, tmp_path):
     stamp = (cohort.root / "cohort.json").stat().st_mtime_ns
-    t0 = time.perf_counter()
     same = build_demo_cohort(n_subjects=3, seed=0, spacing_mm=6.0, out_dir=cohort.root, progress=False,
                              examples_dir=examples)  # fmt: skip
-    assert time.perf_counter() - t0 < 2.0 and (cohort.root / "cohort.json").stat().st_mtime_ns == stamp
+    assert (cohort.root / "cohort.json").stat().st_mtime_ns == stamp  # not rebuilt
     assert same.info["built"] == cohort.info["built"]
     copy = tmp_path / "copy"
     shutil.copytree(cohort.root, copy)
