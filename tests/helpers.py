@@ -221,3 +221,33 @@ def make_volume_file(
     image_path = write(directory / f"{name}{suffix}", data, affine)
     label_path = write(directory / f"{name}_seg{suffix}", label_map, affine) if label else None
     return SyntheticVolume(image_path, label_path, data, label_map, affine, landmark)
+
+
+def coordinate_volume(case_id: str, shape: Sequence[int], affine: np.ndarray, channels: str = "xyz"):
+    """A Volume whose channels hold each voxel's world mm coordinate (``"0"`` for a zero channel).
+
+    Patch embeddings of such a volume reveal exactly where a patch was cut.
+    """
+    from medssl.data.volume import Volume
+
+    mm = world_grid_mm(shape, affine)  # (X, Y, Z, 3)
+    data = np.stack([mm[..., "xyz".index(c)] if c != "0" else np.zeros(tuple(shape)) for c in channels])
+    return Volume(data.astype(np.float32), np.asarray(affine, dtype=np.float64), case_id)
+
+
+def centre_channels():
+    """A tiny module whose ``embed`` returns the channels of a 1-voxel patch (times a parameter of 1)."""
+    import torch
+    from torch import nn
+
+    class _CentreChannels(nn.Module):
+        patch_size_vox = (1, 1, 1)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def embed(self, x):
+            return x[:, :, 0, 0, 0] * self.w
+
+    return _CentreChannels()

@@ -5,11 +5,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from medssl.data.io import write_nifti
-from medssl.data.volume import Volume
 from medssl.evaluate.dense import dense_embeddings
 from medssl.evaluate.maps import (
     fit_latent_rgb,
@@ -20,28 +17,15 @@ from medssl.evaluate.maps import (
     upsample_to_image,
 )
 from medssl.geometry import vox_to_world, world_to_vox
-from tests.helpers import oblique_affine
+from tests.helpers import centre_channels, coordinate_volume, oblique_affine
 
 
-class CentreChannels(nn.Module):
-    """Embedding = the channels of a 1-voxel patch."""
-
-    patch_size_vox = (1, 1, 1)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def embed(self, x):
-        return x[:, :, 0, 0, 0] * self.w
+CentreChannels = centre_channels  # embedding = the channels of a 1-voxel patch
 
 
 def world_volume(case_id, shape, affine, channels=("x", "y", "z")):
     """Channels = world mm of each voxel (chosen axes; ``0`` for a zero channel)."""
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
-    mm = vox_to_world(affine, ijk).reshape(*shape, 3)
-    data = np.stack([mm[..., "xyz".index(c)] if c != "0" else np.zeros(shape) for c in channels])
-    return Volume(data.astype(np.float32), affine, case_id)
+    return coordinate_volume(case_id, shape, affine, "".join(channels))
 
 
 def centred(affine, shape, centre_mm):

@@ -4,9 +4,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medssl.data.volume import Volume
 from medssl.evaluate.summary import pretraining_summary
-from tests.helpers import oblique_affine, world_grid_mm
+from tests.helpers import coordinate_volume, oblique_affine
 
 
 class _CoordinateEmbedder(nn.Module):
@@ -31,10 +30,7 @@ def _coordinate_volumes(n=3):
     vols = []
     for k in range(n):
         aff = oblique_affine((0.9, 1.7, 3.2), (20, -15, 10), (k * 5.0, -30.0, 12.0))
-        shape = (24, 20, 14)
-        xyz = world_grid_mm(shape, aff).reshape(*shape, 3)  # world mm of every voxel
-        data = np.moveaxis(xyz, -1, 0).astype(np.float32)
-        vols.append(Volume(data=data, affine=aff, case_id=f"c{k}"))
+        vols.append(coordinate_volume(f"c{k}", (24, 20, 14), aff))  # channels = world mm of every voxel
     return vols
 
 

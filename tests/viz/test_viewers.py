@@ -12,11 +12,8 @@ import numpy as np
 import pandas as pd
 import plotly.io as pio
 import pytest
-import torch
-from torch import nn
 
 from medssl.data.io import write_nifti
-from medssl.data.volume import Volume
 from medssl.evaluate.dense import dense_embeddings
 from medssl.evaluate.maps import fit_latent_rgb, latent_map, save_latent_map
 from medssl.geometry import vox_to_world
@@ -28,26 +25,16 @@ from medssl.viz.maps import (
     plot_latent_map_slices,
     plot_point_query,
 )
-from tests.helpers import oblique_affine
+from tests.helpers import centre_channels, coordinate_volume, oblique_affine
 
 AFFINE = oblique_affine((2.0, 3.0, 2.5), (15.0, -10.0, 20.0), (-10.0, 5.0, -20.0))
 
 
-class CentreChannels(nn.Module):
-    patch_size_vox = (1, 1, 1)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def embed(self, x):
-        return x[:, :, 0, 0, 0] * self.w
+CentreChannels = centre_channels  # embedding = the channels of a 1-voxel patch
 
 
 def _volume(case_id="s", shape=(12, 10, 8)):
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
-    mm = vox_to_world(AFFINE, ijk).T.reshape(3, *shape)
-    return Volume(mm.astype(np.float32), AFFINE, case_id)
+    return coordinate_volume(case_id, shape, AFFINE)
 
 
 @pytest.fixture
