@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medssl.losses.barlow_twins import BarlowTwinsLoss
-from medssl.methods.base import StepOutput, register_method
-from medssl.methods.simclr import TwoViewConfig, TwoViewMethod, view_agreement_logs
-from medssl.sampling.base import PatchBatch
+from medssl.methods.base import register_method
+from medssl.methods.simclr import TwoViewConfig, TwoViewMethod
 
 
 @dataclass(frozen=True)
@@ -24,8 +23,3 @@ class BarlowTwins(TwoViewMethod):
     def __init__(self, config: BarlowTwinsConfig) -> None:
         super().__init__(config)
         self.loss_fn = BarlowTwinsLoss(lambda_offdiag=config.lambda_offdiag)
-
-    def training_step(self, batch: PatchBatch) -> StepOutput:
-        h_a, h_b = self._embed_views(batch)
-        loss = self.loss_fn(h_a, h_b)
-        return StepOutput(loss=loss, logs={"loss": float(loss.detach()), **view_agreement_logs(h_a, h_b)})

@@ -57,6 +57,12 @@ class TwoViewMethod(Method):
         batch.extras["views"] = self.views(batch.patches, rng)
         return batch
 
+    def training_step(self, batch: PatchBatch) -> StepOutput:
+        """``self.loss_fn(h_a, h_b)`` on the backbone outputs of the two views (SimCLR, BarlowTwins)."""
+        h_a, h_b = self._embed_views(batch)
+        loss = self.loss_fn(h_a, h_b)
+        return StepOutput(loss=loss, logs={"loss": float(loss.detach()), **view_agreement_logs(h_a, h_b)})
+
     def _embed_views(self, batch: PatchBatch) -> tuple[torch.Tensor, torch.Tensor]:
         views = batch.extras["views"]  # (2, N, C, *S)
         h = self.backbone(views.flatten(0, 1))  # one pass over both views: (2N, D)
@@ -91,8 +97,3 @@ class Simclr(TwoViewMethod):
     def __init__(self, config: SimclrConfig) -> None:
         super().__init__(config)
         self.loss_fn = NTXentLoss(temperature=config.temperature)
-
-    def training_step(self, batch: PatchBatch) -> StepOutput:
-        h_a, h_b = self._embed_views(batch)
-        loss = self.loss_fn(h_a, h_b)
-        return StepOutput(loss=loss, logs={"loss": float(loss.detach()), **view_agreement_logs(h_a, h_b)})
