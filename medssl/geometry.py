@@ -6,8 +6,14 @@ Conventions used everywhere in medssl:
   millimetres (RAS+): ``xyz_mm = affine @ [i, j, k, 1]``. Voxel centres sit at
   integer indices.
 - A box is half-open in voxels, ``[x0, y0, z0, x1, y1, z1)``: it holds the
-  voxels ``x0 .. x1 - 1`` (and likewise for y, z). Its centre voxel index is
-  ``(x0 + x1 - 1) / 2`` (a half-integer for even sizes).
+  voxels ``x0 .. x1 - 1`` (and likewise for y, z). Its geometric centre is
+  ``(x0 + x1 - 1) / 2`` (a half-integer for even sizes); that is what
+  ``centres_mm`` of every patch means.
+- **The centre-voxel rule** (one rule for every sampler, evaluation set and dense
+  grid): a patch of size ``S`` "at" integer voxel ``c`` is the box starting at
+  ``c - S // 2``, so ``c`` is the box's middle voxel for odd ``S`` and the upper of
+  the two middle voxels for even ``S`` (:func:`box_start_for_centre`,
+  :func:`centre_voxel_of_box`). Foreground tests and labels look at ``c``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ __all__ = [
     "box_iou_3d",
     "plane_axes",
     "check_affine",
+    "box_start_for_centre",
+    "centre_voxel_of_box",
+    "boxes_for_centres",
+    "centre_window",
 ]
 
 # Smallest voxel size (mm) we accept as non-zero; real scanners are >= 0.01 mm.
@@ -115,6 +125,40 @@ def box_centres_vox(boxes_vox: ArrayLike) -> np.ndarray:
     """
     b = _boxes(boxes_vox, "boxes_vox").astype(np.float64)
     return (b[..., :3] + b[..., 3:] - 1.0) / 2.0
+
+
+def box_start_for_centre(centres_vox: ArrayLike, size_vox: ArrayLike) -> np.ndarray:
+    """Start voxel of the box of ``size_vox`` whose centre voxel is ``centres_vox``: ``c - S // 2``.
+
+    ``centres_vox``: ``(..., 3)`` integer voxel indices; ``size_vox``: 3 ints (broadcast).
+    Returns int64 of the same shape.
+    """
+    c = np.asarray(centres_vox, dtype=np.int64)
+    return c - np.asarray(size_vox, dtype=np.int64) // 2
+
+
+def centre_voxel_of_box(start_vox: ArrayLike, size_vox: ArrayLike) -> np.ndarray:
+    """Inverse of :func:`box_start_for_centre`: the centre voxel ``start + S // 2`` (int64)."""
+    return np.asarray(start_vox, dtype=np.int64) + np.asarray(size_vox, dtype=np.int64) // 2
+
+
+def boxes_for_centres(centres_vox: ArrayLike, size_vox: ArrayLike) -> np.ndarray:
+    """Half-open boxes ``(N, 6)`` of ``size_vox`` around centre voxels ``(N, 3)`` (the centre-voxel rule)."""
+    start = box_start_for_centre(centres_vox, size_vox).reshape(-1, 3)
+    return np.concatenate([start, start + np.asarray(size_vox, dtype=np.int64)], axis=1)
+
+
+def centre_window(shape_vox: ArrayLike, size_vox: ArrayLike) -> tuple[slice, slice, slice]:
+    """Slices of the voxel grid whose voxels can be centres of a box that fits entirely inside.
+
+    Along an axis of ``n`` voxels a box of size ``S`` fits for centres ``S // 2 .. n - S + S // 2``;
+    an empty slice when ``S > n``. ``mask[centre_window(shape, size)]`` is the mask of valid centres.
+    """
+    shape = np.asarray(shape_vox, dtype=np.int64)
+    size = np.asarray(size_vox, dtype=np.int64)
+    lo = size // 2
+    hi = shape - size + size // 2 + 1  # exclusive
+    return tuple(slice(int(a), int(max(a, b))) for a, b in zip(lo, hi))  # type: ignore[return-value]
 
 
 def box_centres_mm(affine: ArrayLike, boxes_vox: ArrayLike) -> np.ndarray:

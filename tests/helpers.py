@@ -226,13 +226,16 @@ def make_volume_file(
 def coordinate_volume(case_id: str, shape: Sequence[int], affine: np.ndarray, channels: str = "xyz"):
     """A Volume whose channels hold each voxel's world mm coordinate (``"0"`` for a zero channel).
 
-    Patch embeddings of such a volume reveal exactly where a patch was cut.
+    Patch embeddings of such a volume reveal exactly where a patch was cut. The whole
+    grid is "body" (``aux["body"]``): coordinate values are not intensities a body mask
+    could be computed from.
     """
     from medssl.data.volume import Volume
 
     mm = world_grid_mm(shape, affine)  # (X, Y, Z, 3)
     data = np.stack([mm[..., "xyz".index(c)] if c != "0" else np.zeros(tuple(shape)) for c in channels])
-    return Volume(data.astype(np.float32), np.asarray(affine, dtype=np.float64), case_id)
+    body = np.ones(tuple(int(s) for s in shape), np.uint8)
+    return Volume(data.astype(np.float32), np.asarray(affine, dtype=np.float64), case_id, aux={"body": body})
 
 
 def centre_channels():

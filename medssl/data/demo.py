@@ -1132,7 +1132,7 @@ class DemoCohort:
         """Cached, preprocessed Volumes of a split (all cases if None), through :class:`VolumeCache`.
 
         The default preprocessing (:meth:`default_preprocess_config`) keeps the
-        cohort's spacing and crops to the body (> -500 HU).
+        cohort's spacing and crops to the body (medssl.data.body).
         """
         from medssl.data.cache import VolumeCache
 
@@ -1145,6 +1145,5 @@ class DemoCohort:
         from medssl.data.preprocess import PreprocessConfig
 
         s = float(self.config.spacing_mm)
-        # -500 HU: crops the air around the body (the subjects' noise defeats the default "> minimum"
-        # rule); for the MR case (intensities >= about -50) it keeps everything.
-        return PreprocessConfig(target_spacing_mm=(s, s, s), foreground_threshold=-500.0)
+        # The body mask's modality rule crops the air: -500 HU for the CT subjects, Otsu for the MR case.
+        return PreprocessConfig(target_spacing_mm=(s, s, s))

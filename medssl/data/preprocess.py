@@ -4,9 +4,14 @@ Every spatial step updates the affine, so any voxel of the result still maps
 to the right world millimetres (``affine @ [i, j, k, 1]``); labels and aux maps
 follow the image through each of them. Inputs are never modified in place.
 
-ISImed (Jung et al.) scales intensities with MONAI's
-``ScaleIntensityRangePercentiles(5, 95, -1, 1, clip=False)``; that is the
-default here.
+ISImed (Jabareen, Yuan and Lukassen, arXiv 2410.16947) crops to the foreground
+(MONAI ``CropForeground``) and scales intensities with MONAI's
+``ScaleIntensityRangePercentiles(5, 95, -1, 1, clip=False)``; that is the default
+here, in that order: the percentiles are taken over the cropped image, not over the
+air around the body.
+
+The foreground is the **body** (:mod:`medssl.data.body`, from intensity), never a label
+map: labels are targets. The body mask travels with the volume as ``aux["body"]``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medssl.data.body import BODY_KEY, MODALITIES, body_mask_from_intensity
 from medssl.data.errors import EmptyForegroundError
 from medssl.data.validate import check_min_shape
 from medssl.data.volume import Volume
@@ -36,7 +42,7 @@ __all__ = [
 ]
 
 # Bump when the preprocessing code changes what it outputs: it is part of every cache key.
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"  # 2: body mask (aux "body") drives the crop; percentiles after the crop
 # Spacings closer than this (mm) count as equal: no resampling.
 _SPACING_TOL_MM = 1e-3
 _INTENSITY_MODES = ("percentile", "ct_window", "none")
@@ -58,10 +64,14 @@ class PreprocessConfig:
         out_range: target range of the intensity mapping.
         ct_window_hu: HU window for ``"ct_window"``; the default (-200, 300) is the
             abdominal soft-tissue window (level 50, width 500).
-        crop_foreground: crop to the foreground's bounding box plus ``crop_margin_vox``.
-        foreground_threshold: foreground is ``image > threshold`` in raw intensity
-            units (e.g. HU), on any channel. ``None`` means ``image > its minimum`` per
-            channel, i.e. only pure air/padding at the minimum value is dropped.
+        modality: ``"auto"`` (CT if the intensities look like HU, else other), ``"ct"``,
+            ``"mr"``, ``"pet"`` or ``"other"``: chooses the body-mask rule
+            (:mod:`medssl.data.body`: -500 HU for CT, Otsu's threshold otherwise).
+        body_mask: compute the body mask and keep it as ``aux["body"]`` (the
+            foreground of every sampler and evaluation set).
+        crop_foreground: crop to the body mask's bounding box plus ``crop_margin_vox``.
+        foreground_threshold: overrides the modality's body threshold, in raw
+            intensity units (e.g. HU). ``None``: the modality's rule.
         crop_margin_vox: voxels kept around the foreground box (clipped at the edge).
         min_shape_vox: smallest acceptable output shape ``(X, Y, Z)``, e.g. the patch
             size; smaller results raise ``TooSmallError``.
@@ -73,6 +83,8 @@ class PreprocessConfig:
     percentiles: tuple[float, float] = (5.0, 95.0)
     out_range: tuple[float, float] = (-1.0, 1.0)
     ct_window_hu: tuple[float, float] = (-200.0, 300.0)
+    modality: str = "auto"
+    body_mask: bool = True
     crop_foreground: bool = True
     foreground_threshold: float | None = None
     crop_margin_vox: int = 2
@@ -98,6 +110,8 @@ class PreprocessConfig:
             ) from None
         if len(self.orientation) != 3 or len(set(self.orientation)) != 3:
             raise ValueError(f"orientation must be 3 distinct axis codes such as 'RAS', got {self.orientation!r}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
         if self.intensity not in _INTENSITY_MODES:
             raise ValueError(f"intensity must be one of {_INTENSITY_MODES}, got {self.intensity!r}")
         for name in ("percentiles", "out_range", "ct_window_hu"):
@@ -195,23 +209,14 @@ def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float]) -> Volume:
     return _with_maps(volume, data, affine, maps)
 
 
-def foreground_box(data: np.ndarray, threshold: float | None = None, margin_vox: int = 0) -> np.ndarray | None:
-    """Half-open bounding box ``[x0, y0, z0, x1, y1, z1)`` of the foreground, plus a margin.
+def foreground_box(mask: np.ndarray, margin_vox: int = 0) -> np.ndarray | None:
+    """Half-open bounding box ``[x0, y0, z0, x1, y1, z1)`` of a ``(X, Y, Z)`` mask, plus a margin.
 
-    Args:
-        data: ``(C, X, Y, Z)``.
-        threshold: foreground is ``data > threshold`` on any channel; ``None``
-            means ``data > min`` per channel.
-        margin_vox: voxels added on every side (clipped to the array).
-
-    Returns:
-        ``(6,)`` int64, or ``None`` when there is no foreground.
+    Returns ``(6,)`` int64 (the margin is clipped to the array), or ``None`` for an empty mask.
     """
-    if threshold is None:
-        mins = data.reshape(data.shape[0], -1).min(axis=1)
-        mask = np.any(data > mins[:, None, None, None], axis=0)
-    else:
-        mask = np.any(data > threshold, axis=0)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"foreground_box expects an (X, Y, Z) mask, got shape {mask.shape}")
     if not mask.any():
         return None
     lo, hi = [], []
@@ -258,23 +263,27 @@ def _scale_intensity(data: np.ndarray, config: PreprocessConfig) -> tuple[np.nda
 
 
 def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) -> Volume:
-    """Reorient, resample, scale intensities and crop a volume; labels/aux follow.
+    """Reorient, resample, find the body, crop to it and scale intensities; labels/aux follow.
 
     Steps (each keeps world coordinates right by updating the affine):
+
     1. reorient to ``config.orientation`` (RAS);
     2. resample to ``config.target_spacing_mm`` (skipped if already within 1e-3 mm);
-    3. find the foreground box on the resampled raw intensities (so a threshold
-       is in the file's units, e.g. HU);
-    4. scale intensities (percentiles are taken over the whole resampled image);
-    5. crop to the foreground box; check ``config.min_shape_vox``.
+    3. body mask on the resampled *raw* intensities (:mod:`medssl.data.body`; a
+       threshold there is in the file's units, e.g. HU), kept as ``aux["body"]``;
+    4. crop to the body's bounding box plus ``crop_margin_vox``;
+    5. scale intensities; percentiles are taken over the cropped image (ISImed's order:
+       crop, then scale), so the air outside the crop does not set the range;
+    6. check ``config.min_shape_vox``.
 
-    ``meta`` gains ``original_shape_vox``, ``original_spacing_mm``,
-    ``original_affine`` (of the input), ``resampled_shape_vox`` (before cropping),
-    ``crop_box_vox`` (half-open box in the resampled grid, or None), ``intensity_range`` (per-channel input low/high),
-    ``preprocess_digest`` and ``preprocess_config``, all JSON-serialisable.
+    ``meta`` gains ``original_shape_vox``, ``original_spacing_mm``, ``original_affine`` (of
+    the input), ``resampled_shape_vox`` (before cropping), ``crop_box_vox`` (half-open box
+    in the resampled grid, or None), ``body_fraction`` (share of the resampled grid inside
+    the body), ``intensity_range`` (per-channel input low/high), ``preprocess_digest`` and
+    ``preprocess_config``, all JSON-serialisable.
 
     Raises:
-        EmptyForegroundError: cropping found no foreground.
+        EmptyForegroundError: no body voxel.
         TooSmallError: the result is smaller than ``config.min_shape_vox``.
     """
     path = volume.source or volume.case_id
@@ -289,27 +298,24 @@ def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) ->
         out = resample_to_spacing(out, config.target_spacing_mm)
 
     resampled_shape_vox = list(out.shape_vox)
-    box = None
-    if config.crop_foreground:
-        box = foreground_box(out.data, config.foreground_threshold, config.crop_margin_vox)
-        if box is None:
-            rule = "> its minimum value" if config.foreground_threshold is None else f"> {config.foreground_threshold}"
-            raise EmptyForegroundError(
-                path,
-                f"no foreground voxels (image {rule}) in the resampled image of shape {out.shape_vox}; "
-                "the image is constant or below the threshold: set foreground_threshold or crop_foreground=False",
-            )
-    ranges = None
-    if config.intensity != "none":
-        data, ranges = _scale_intensity(out.data, config)
-        out = out.with_(data=data)
+    body = None
+    if config.body_mask or config.crop_foreground:
+        body = body_mask_from_intensity(out.data, config.modality, config.foreground_threshold, source=path)
+    box = foreground_box(body, config.crop_margin_vox) if config.crop_foreground else None
+    if config.body_mask:
+        out = out.with_(aux={**out.aux, BODY_KEY: body.astype(np.uint8)})
     if box is not None:
         out = crop_to_box(out, box)
+    ranges = None
+    if config.intensity != "none":
+        data, ranges = _scale_intensity(np.asarray(out.data), config)
+        out = out.with_(data=data)
 
     check_min_shape(path, out.shape_vox, config.min_shape_vox)
     meta.update(
         resampled_shape_vox=resampled_shape_vox,
         crop_box_vox=None if box is None else box.tolist(),
+        body_fraction=None if body is None else float(body.mean()),
         intensity_range=ranges,
         preprocess_digest=config.digest(),
         preprocess_config=asdict(config),

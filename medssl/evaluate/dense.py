@@ -36,8 +36,9 @@ import torch
 from medssl._files import atomic_save_npy
 from medssl.data.volume import Volume
 from medssl.evaluate.embed import embed_patches, model_fingerprint
-from medssl.evaluate.patchsets import foreground_mask
-from medssl.geometry import vox_to_world
+from medssl.sampling.patches import padding_values
+from medssl.sampling.regions import foreground_mask
+from medssl.geometry import box_start_for_centre, vox_to_world
 
 __all__ = ["DenseEmbedding", "dense_embeddings", "dense_grid"]
 
@@ -59,7 +60,7 @@ class DenseEmbedding:
         stride_vox: grid step per array axis, in voxels.
         patch_size_vox: patch size per array axis, in voxels.
         foreground: ``(Gx, Gy, Gz)`` bool, the image's foreground at the grid
-            centre voxel (:func:`medssl.evaluate.patchsets.foreground_mask`,
+            centre voxel (:func:`medssl.sampling.regions.foreground_mask`: the body,
             the training sampler's rule).
         case_id: the volume's case id.
         padding: how border patches were padded.
@@ -127,7 +128,7 @@ def dense_grid(
         start = ((int(n) - 1) - (g - 1) * s) // 2
         a = start + s * np.arange(g, dtype=np.int64)
         anchors.append(a)
-        centres.append(a - p // 2 + (p - 1) / 2.0)
+        centres.append(box_start_for_centre(a, p) + (p - 1) / 2.0)  # the centre-voxel rule of medssl.geometry
     return anchors, centres
 
 
@@ -140,7 +141,7 @@ def _window_view(volume: Volume, anchors: list[np.ndarray], patch: tuple[int, in
     data = np.asarray(volume.data, dtype=np.float32)
     lo = [p // 2 for p in patch]
     hi = [p for p in patch]
-    fill = data.reshape(data.shape[0], -1).min(axis=1)
+    fill = padding_values(data)
     padded = np.empty((data.shape[0], *(n + l + h for n, l, h in zip(data.shape[1:], lo, hi))), np.float32)
     padded[...] = fill[:, None, None, None]
     padded[:, lo[0] : lo[0] + data.shape[1], lo[1] : lo[1] + data.shape[2], lo[2] : lo[2] + data.shape[3]] = data
@@ -246,7 +247,7 @@ def dense_embeddings(
     grid_to_vox = np.eye(4)
     grid_to_vox[:3, :3] = np.diag(stride)
     grid_to_vox[:3, 3] = [c[0] for c in centres_axes]
-    fg = foreground_mask(volume)[np.ix_(*anchors)]  # the training sampler's foreground rule
+    fg = foreground_mask(volume)[np.ix_(*anchors)]  # the body: the training sampler's foreground rule
 
     cache_path = None
     emb = None

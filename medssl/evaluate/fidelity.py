@@ -27,6 +27,7 @@ from torch import nn
 
 from medssl.evaluate.embed import embed_patches, frozen
 from medssl.evaluate.patchsets import PatchSet
+from medssl.sampling.sets import within_volume_pairs
 
 __all__ = [
     "FidelityResult",
@@ -83,34 +84,6 @@ class FidelityResult:
 
     def as_row(self) -> dict[str, float]:
         return dict(self.summary)
-
-
-def within_volume_pairs(case_ids: np.ndarray, n_pairs: int | None, seed: int) -> np.ndarray:
-    """``(P, 2)`` index pairs ``i < j`` of patches from the same case.
-
-    Every within-case pair when there are at most ``n_pairs`` of them (or ``n_pairs`` is
-    None); otherwise ``n_pairs`` distinct pairs drawn uniformly from all of them.
-    """
-    case_ids = np.asarray(case_ids).astype(str)
-    blocks = [np.flatnonzero(case_ids == c) for c in dict.fromkeys(case_ids.tolist())]
-    sizes = np.array([len(b) * (len(b) - 1) // 2 for b in blocks], dtype=np.int64)
-    total = int(sizes.sum())
-    if total == 0:
-        raise ValueError("distance fidelity needs at least 2 patches from the same case")
-    rng = np.random.default_rng(seed)
-    if n_pairs is None or n_pairs >= total:
-        chosen = np.arange(total)
-    else:
-        chosen = np.sort(rng.choice(total, n_pairs, replace=False))
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    out = []
-    for b, block in enumerate(blocks):
-        local = chosen[(chosen >= offsets[b]) & (chosen < offsets[b + 1])] - offsets[b]
-        if len(local) == 0:
-            continue
-        i, j = np.triu_indices(len(block), k=1)
-        out.append(np.stack([block[i[local]], block[j[local]]], axis=1))
-    return np.concatenate(out).astype(np.int64)
 
 
 def distance_fidelity(

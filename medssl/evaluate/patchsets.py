@@ -7,15 +7,19 @@ of every patch, optional labels and the seed it was drawn from. It is saved as a
 ``.npz`` (arrays only, loaded with ``allow_pickle=False``) plus a ``.json`` sidecar
 (scalars and provenance, written last so it marks a complete save).
 
-Three ways to draw one:
+The drawing rules live in :mod:`medssl.sampling.sets` (one sampling layer); this module
+wraps them and stores the result:
 
-- :func:`draw_uniform_patch_set`: ``n_per_volume`` boxes per volume, uniformly over
-  positions (optionally only where the centre voxel is foreground).
+- :func:`draw_uniform_patch_set`: ``n_per_volume`` centres per volume, uniformly over the body.
 - :func:`draw_pair_set`: a uniform set plus random pairs of patches *within* a volume,
   for distance fidelity.
 - :func:`draw_labelled_patch_set`: "does this patch contain any voxel of X?" (a lesion
-  map in ``Volume.aux`` or an organ named in ``Volume.label_names``), balanced 50/50
-  by construction, with equal positives and negatives from every subject.
+  map in ``Volume.aux`` or an organ named in ``Volume.label_names``), balanced 50/50,
+  with negatives matched in position (:func:`medssl.sampling.sets.draw_labelled_centres`).
+
+A set is defined by its **centre voxels**; :meth:`PatchSet.for_size` cuts patches of
+another size around the same centres, so methods with different input sizes are still
+compared on identical positions.
 
 :func:`get_or_draw` loads a saved set or draws and saves it.
 """
@@ -36,22 +40,29 @@ if TYPE_CHECKING:
 
 from medssl._files import atomic_path, atomic_write_text, file_sha256
 from medssl.data.volume import Volume
-from medssl.geometry import box_centres_mm
+from medssl.geometry import box_centres_mm, boxes_for_centres
+from medssl.sampling.patches import extract_patches
+from medssl.sampling.regions import as_size
+from medssl.sampling.sets import (
+    DrawnCentres,
+    draw_labelled_centres,
+    draw_uniform_centres,
+    target_mask,
+    within_volume_pairs,
+)
 
 __all__ = [
     "PatchSet",
     "draw_uniform_patch_set",
     "draw_pair_set",
     "draw_labelled_patch_set",
-    "positive_mask",
-    "foreground_mask",
+    "target_mask",
+    "assemble_patch_set",
     "get_or_draw",
     "patch_set_path",
 ]
 
-# Rejection sampling gives up after this many candidate boxes per requested patch.
-_MAX_TRIES_PER_PATCH = 200
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: centres_vox stored (sets are defined by their centre voxels)
 
 
 @dataclass
@@ -62,6 +73,8 @@ class PatchSet:
         patches: ``(N, C, *S)`` float32.
         centres_mm: ``(N, 3)`` float64 world (RAS) mm of each patch centre, from its volume's affine.
         boxes_vox: ``(N, 6)`` int64 half-open voxel boxes ``[x0, y0, z0, x1, y1, z1)``.
+        centres_vox: ``(N, 3)`` int64 centre voxel of each box (the centre-voxel rule of
+            :mod:`medssl.geometry`): what defines the set across patch sizes.
         case_ids: ``(N,)`` str, the case each patch came from.
         groups: ``(N,)`` str, the patient of each patch (for grouped cross-validation).
         labels: ``(N,)`` int64 (e.g. lesion 0/1) or None.
@@ -77,6 +90,7 @@ class PatchSet:
     case_ids: np.ndarray
     groups: np.ndarray
     seed: int
+    centres_vox: np.ndarray | None = None
     description: str = ""
     labels: np.ndarray | None = None
     pairs: np.ndarray | None = None
@@ -87,13 +101,17 @@ class PatchSet:
         self.patches = np.asarray(self.patches, dtype=np.float32)
         self.centres_mm = np.asarray(self.centres_mm, dtype=np.float64).reshape(-1, 3)
         self.boxes_vox = np.asarray(self.boxes_vox, dtype=np.int64).reshape(-1, 6)
+        if self.centres_vox is None:
+            size = self.boxes_vox[:, 3:] - self.boxes_vox[:, :3]
+            self.centres_vox = self.boxes_vox[:, :3] + size // 2
+        self.centres_vox = np.asarray(self.centres_vox, dtype=np.int64).reshape(-1, 3)
         self.case_ids = np.asarray(self.case_ids, dtype=str)
         self.groups = np.asarray(self.groups, dtype=str)
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.int64)
         if self.pairs is not None:
             self.pairs = np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2)
-        for name in ("centres_mm", "boxes_vox", "case_ids", "groups", "labels"):
+        for name in ("centres_mm", "boxes_vox", "centres_vox", "case_ids", "groups", "labels"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"PatchSet.{name} has {len(value)} rows but there are {n} patches")
@@ -124,6 +142,7 @@ class PatchSet:
             "patches": self.patches,
             "centres_mm": self.centres_mm,
             "boxes_vox": self.boxes_vox,
+            "centres_vox": self.centres_vox,
             "case_ids": self.case_ids,
             "groups": self.groups,
         }
@@ -163,6 +182,7 @@ class PatchSet:
             patches=arrays["patches"],
             centres_mm=arrays["centres_mm"],
             boxes_vox=arrays["boxes_vox"],
+            centres_vox=arrays.get("centres_vox"),
             case_ids=arrays["case_ids"],
             groups=arrays["groups"],
             labels=arrays.get("labels"),
@@ -187,6 +207,7 @@ class PatchSet:
             patches=self.patches[index],
             centres_mm=self.centres_mm[index],
             boxes_vox=self.boxes_vox[index],
+            centres_vox=self.centres_vox[index],
             case_ids=self.case_ids[index],
             groups=self.groups[index],
             labels=None if self.labels is None else self.labels[index],
@@ -196,54 +217,36 @@ class PatchSet:
         )
 
 
-# --------------------------------------------------------------------------- masks
+    @property
+    def patch_size_vox(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.patches.shape[2:5])  # type: ignore[return-value]
 
+    def for_size(self, size_vox: int | Sequence[int], volumes: Sequence[Volume]) -> "PatchSet":
+        """The same centre voxels with patches of ``size_vox`` cut from ``volumes`` (padded outside the image).
 
-def foreground_mask(volume: Volume) -> np.ndarray:
-    """``(X, Y, Z)`` bool: where a patch centre counts as "foreground".
-
-    The same rule as the training sampler (``medssl.sampling.uniform``): ``label > 0``
-    when the volume has a label map, else any channel above that channel's minimum
-    (the padding/air floor).
-    """
-    if volume.label is not None:
-        return np.asarray(volume.label) > 0
-    data = np.asarray(volume.data)
-    floor = data.reshape(data.shape[0], -1).min(axis=1)
-    return np.any(data > floor[:, None, None, None], axis=0)
-
-
-def positive_mask(volume: Volume, target: str | Sequence[str]) -> np.ndarray:
-    """``(X, Y, Z)`` bool mask of the structure(s) a labelled patch set asks about.
-
-    ``target`` is a key of ``volume.aux`` (e.g. ``"lesion"``: voxels > 0), or one or more
-    structure names from ``volume.label_names``. A name also matches its sided parts:
-    ``"kidney"`` matches ``"kidney_left"`` and ``"kidney_right"`` (TotalSegmentator names).
-    """
-    names = [target] if isinstance(target, str) else list(target)
-    if len(names) == 1 and names[0] in volume.aux:
-        return np.asarray(volume.aux[names[0]]) > 0
-    if volume.label is None or not volume.label_names:
-        raise ValueError(
-            f"{volume.source or volume.case_id}: {target!r} is not an aux map ({sorted(volume.aux)}) and the volume "
-            "has no named label map to look it up in"
+        ``volumes`` must include every case of the set (matched by case id). Returns ``self``
+        when the size is already this set's.
+        """
+        size = as_size(size_vox)
+        if size == self.patch_size_vox:
+            return self
+        by_id = {str(v.case_id): v for v in volumes}
+        missing = sorted(set(self.case_ids.tolist()) - set(by_id))
+        if missing:
+            raise ValueError(f"PatchSet.for_size needs the volumes of cases {missing}")
+        patches = np.empty((len(self), self.patches.shape[1], *size), dtype=np.float32)
+        centres_mm = np.empty((len(self), 3))
+        for case in dict.fromkeys(self.case_ids.tolist()):
+            rows = np.flatnonzero(self.case_ids == case)
+            v = by_id[case]
+            patches[rows] = extract_patches(v.data, self.centres_vox[rows], size)
+            centres_mm[rows] = box_centres_mm(v.affine, boxes_for_centres(self.centres_vox[rows], size))
+        return PatchSet(
+            patches=patches, centres_mm=centres_mm, boxes_vox=boxes_for_centres(self.centres_vox, size),
+            centres_vox=self.centres_vox, case_ids=self.case_ids, groups=self.groups, seed=self.seed,
+            description=self.description, labels=self.labels, pairs=self.pairs,
+            meta={**self.meta, "cut_at_size_vox": list(size)},
         )
-    ids = _label_ids(volume.label_names, names)
-    if not ids:
-        raise ValueError(
-            f"{volume.source or volume.case_id}: no label named {target!r}; "
-            f"known names: {sorted(set(volume.label_names.values()))}"
-        )
-    return np.isin(np.asarray(volume.label), ids)
-
-
-def _label_ids(label_names: dict[int, str], names: Sequence[str]) -> list[int]:
-    wanted = [n.lower() for n in names]
-    return sorted(
-        int(i)
-        for i, n in label_names.items()
-        if any(n.lower() == w or n.lower().startswith(w + "_") for w in wanted)
-    )
 
 
 # --------------------------------------------------------------------------- drawing
@@ -257,31 +260,15 @@ def draw_uniform_patch_set(
     foreground_only: bool = True,
     description: str = "",
 ) -> PatchSet:
-    """``n_per_volume`` patch boxes per volume, uniformly over positions.
+    """``n_per_volume`` patches per volume, centres uniformly over the body (``foreground_only``) or anywhere they fit.
 
-    With ``foreground_only`` the centre voxel must be foreground (:func:`foreground_mask`),
-    so patches are not pure air; centres are chosen uniformly among valid foreground voxels.
     Deterministic given ``seed`` and the volumes (in order).
     """
-    size = _patch_size(patch_size_vox)
-    if n_per_volume < 1:
-        raise ValueError(f"n_per_volume must be >= 1, got {n_per_volume}")
-    rng = np.random.default_rng(seed)
-    parts = []
-    for v in _check_volumes(volumes, size):
-        allowed = _valid_centres(v, size, foreground_mask(v) if foreground_only else None)  # (M, 3) box starts
-        # distinct positions when the volume has enough of them
-        pick = rng.choice(len(allowed), size=n_per_volume, replace=len(allowed) < n_per_volume)
-        parts.append((v, allowed[pick].astype(np.int64), None))
-    where = ", foreground centres" if foreground_only else ""
-    desc = description or f"uniform {n_per_volume} patches/volume of {size} vox{where}"
-    meta = {
-        "kind": "uniform",
-        "n_per_volume": n_per_volume,
-        "patch_size_vox": list(size),
-        "foreground_only": foreground_only,
-    }
-    return _assemble(parts, size, seed, desc, meta)
+    size = as_size(patch_size_vox)
+    drawn = draw_uniform_centres(volumes, n_per_volume, size, np.random.default_rng(seed), foreground_only)
+    where = ", centres on the body" if foreground_only else ""
+    return assemble_patch_set(volumes, drawn, size, seed,
+                              description or f"uniform {n_per_volume} patches/volume of {size} vox{where}")
 
 
 def draw_pair_set(
@@ -297,15 +284,10 @@ def draw_pair_set(
     ``n_pairs_per_volume=None`` keeps every within-volume pair (strict upper triangle).
     """
     ps = draw_uniform_patch_set(volumes, n_per_volume, patch_size_vox, seed, foreground_only=foreground_only)
-    rng = np.random.default_rng([seed, 1])
     pairs = []
     for case in dict.fromkeys(ps.case_ids.tolist()):
         idx = np.flatnonzero(ps.case_ids == case)
-        i, j = np.triu_indices(len(idx), k=1)
-        if n_pairs_per_volume is not None and n_pairs_per_volume < len(i):
-            keep = np.sort(rng.choice(len(i), size=n_pairs_per_volume, replace=False))
-            i, j = i[keep], j[keep]
-        pairs.append(np.stack([idx[i], idx[j]], axis=1))
+        pairs.append(idx[within_volume_pairs(np.zeros(len(idx)), n_pairs_per_volume, [seed, 1, len(pairs)])])
     ps.pairs = np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
     ps.description = f"{ps.description}; {len(ps.pairs)} within-volume pairs"
     ps.meta.update(kind="pairs", n_pairs_per_volume=n_pairs_per_volume)
@@ -318,173 +300,53 @@ def draw_labelled_patch_set(
     n_per_class: int,
     patch_size_vox: int | Sequence[int],
     seed: int,
-    foreground_only: bool = True,
+    negatives: str = "auto",
+    correspondence: Callable[[str, str, np.ndarray], np.ndarray] | None = None,
+    shell_mm: float = 30.0,
 ) -> PatchSet:
-    """Patches labelled 1 if they contain any voxel of ``target``, else 0; balanced 50/50 by construction.
+    """Patches labelled 1 if they contain any voxel of ``target``, else 0; balanced 50/50, negatives matched in position.
 
-    ISImed Table 1 task ("32^3 patch contains any lesion voxel"). ``target`` is an aux
-    map key (``"lesion"``), organ name(s) from ``label_names`` (``"liver"``, ``"kidney"``),
-    or a function ``volume -> (X, Y, Z) bool``.
-
-    ``n_per_class`` is the total per class. Volumes without any target voxel are skipped
-    (listed in ``meta["skipped_cases"]``); the others each give the same number of
-    positives and negatives (the remainder goes to randomly chosen volumes), so a
-    subject's identity cannot predict the label.
-
-    - Positive: a target voxel chosen uniformly, then a box position chosen uniformly
-      among those that contain it and fit in the volume (so large structures are
-      sampled more often, per voxel).
-    - Negative: a uniform box (foreground centre if ``foreground_only``) whose box holds
-      no target voxel, checked exactly with a summed-volume table.
+    ISImed Table 1 task ("32^3 patch contains any lesion voxel"). See
+    :func:`medssl.sampling.sets.draw_labelled_centres` for ``target``, ``negatives``
+    (``"auto"``: corresponding points in other subjects for sparse targets when
+    ``correspondence`` is given, the organ's neighbourhood for organs), ``correspondence``
+    and ``shell_mm``.
     """
-    size = _patch_size(patch_size_vox)
-    if n_per_class < 1:
-        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
-    vols = _check_volumes(volumes, size)
-    mask_fn = target if callable(target) else (lambda v: positive_mask(v, target))
-    masks = [np.asarray(mask_fn(v), dtype=bool) for v in vols]
-    usable = [k for k, m in enumerate(masks) if m.any()]
-    skipped = [vols[k].case_id for k in range(len(vols)) if k not in usable]
-    if not usable:
-        raise ValueError(f"no volume contains any voxel of {_target_name(target)!r}; cannot draw positives")
-    rng = np.random.default_rng(seed)
-    counts = np.full(len(usable), n_per_class // len(usable))
-    counts[rng.permutation(len(usable))[: n_per_class % len(usable)]] += 1
-    parts = []
-    for k, n in zip(usable, counts):
-        if n == 0:
-            continue
-        v, m = vols[k], masks[k]
-        table = _summed_volume_table(m)
-        pos = _positive_starts(m, size, int(n), rng)
-        neg = _negative_starts(v, m, table, size, int(n), rng, foreground_only)
-        starts = np.concatenate([pos, neg])
-        labels = np.r_[np.ones(len(pos), np.int64), np.zeros(len(neg), np.int64)]
-        parts.append((v, starts, labels))
-    name = _target_name(target)
-    desc = f"{size} vox patches: contains any '{name}' voxel (1) or none (0); {n_per_class} per class"
-    meta = {
-        "kind": "labelled",
-        "target": name,
-        "n_per_class": n_per_class,
-        "patch_size_vox": list(size),
-        "foreground_only": foreground_only,
-        "skipped_cases": skipped,
-    }
-    return _assemble(parts, size, seed, desc, meta)
+    size = as_size(patch_size_vox)
+    drawn = draw_labelled_centres(volumes, target, n_per_class, size, np.random.default_rng(seed),
+                                  negatives=negatives, correspondence=correspondence, shell_mm=shell_mm)
+    m = drawn.meta
+    desc = (f"{size} vox patches: contains any '{m['target']}' voxel (1) or none (0); {n_per_class} per class; "
+            f"negatives: {m['negatives']}")
+    return assemble_patch_set(volumes, drawn, size, seed, desc)
 
 
-def _target_name(target: Any) -> str:
-    if callable(target):
-        return getattr(target, "__name__", "custom")
-    return target if isinstance(target, str) else "+".join(target)
-
-
-def _patch_size(patch_size_vox: int | Sequence[int]) -> tuple[int, int, int]:
-    size = (int(patch_size_vox),) * 3 if np.isscalar(patch_size_vox) else tuple(int(s) for s in patch_size_vox)
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"patch_size_vox must be a positive int or 3 ints, got {patch_size_vox!r}")
-    return size  # type: ignore[return-value]
-
-
-def _check_volumes(volumes: Sequence[Volume], size: tuple[int, int, int]) -> list[Volume]:
+def assemble_patch_set(
+    volumes: Sequence[Volume], drawn: DrawnCentres, size_vox: Sequence[int], seed: int, description: str
+) -> PatchSet:
+    """Cut the patches of drawn centres (boxes inside the volumes) and record their geometry."""
     vols = list(volumes)
-    if not vols:
-        raise ValueError("no volumes to draw patches from")
-    for v in vols:
-        if any(s < p for s, p in zip(v.shape_vox, size)):
-            raise ValueError(
-                f"{v.source or v.case_id}: volume shape {v.shape_vox} is smaller than the patch size {size}; "
-                "choose a smaller patch or a finer target spacing"
-            )
-    return vols
-
-
-def _valid_centres(v: Volume, size: tuple[int, int, int], mask: np.ndarray | None) -> np.ndarray:
-    """``(M, 3)`` box start voxels whose box fits and (with a mask) whose centre voxel is in the mask."""
-    shape = np.asarray(v.shape_vox)
-    n_starts = shape - np.asarray(size) + 1  # start positions per axis
-    if mask is None:
-        grid = np.indices(tuple(n_starts)).reshape(3, -1).T
-        return grid
-    offset = np.asarray(size) // 2  # the centre voxel (upper middle for even sizes) of a box
-    sub = mask[tuple(slice(o, o + n) for o, n in zip(offset, n_starts))]
-    starts = np.argwhere(sub)
-    if len(starts) == 0:
-        raise ValueError(f"{v.source or v.case_id}: no foreground voxel can be a patch centre for patch size {size}")
-    return starts
-
-
-def _positive_starts(mask: np.ndarray, size: tuple[int, int, int], n: int, rng: np.random.Generator) -> np.ndarray:
-    """Box starts, each containing a uniformly chosen mask voxel (uniform over the boxes that fit)."""
-    vox = np.argwhere(mask)[rng.integers(0, int(mask.sum()), n)]  # (n, 3)
-    shape, s = np.asarray(mask.shape), np.asarray(size)
-    lo = np.maximum(vox - s + 1, 0)
-    hi = np.minimum(vox, shape - s)  # inclusive
-    return (lo + np.floor(rng.random((n, 3)) * (hi - lo + 1))).astype(np.int64)
-
-
-def _negative_starts(
-    v: Volume, mask: np.ndarray, table: np.ndarray, size: tuple[int, int, int], n: int,
-    rng: np.random.Generator, foreground_only: bool,
-) -> np.ndarray:
-    allowed = _valid_centres(v, size, foreground_mask(v) if foreground_only else None)
-    empty = _box_counts(table, allowed, size) == 0
-    allowed = allowed[empty]
-    if len(allowed) < 1:
-        raise ValueError(
-            f"{v.source or v.case_id}: every {size} vox box {'with a foreground centre ' if foreground_only else ''}"
-            "contains target voxels; no negatives possible"
-        )
-    pick = rng.choice(len(allowed), size=n, replace=len(allowed) < n)
-    return allowed[pick].astype(np.int64)
-
-
-def _summed_volume_table(mask: np.ndarray) -> np.ndarray:
-    """3D integral image with a zero border: ``T[x, y, z] = mask[:x, :y, :z].sum()``."""
-    t = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int64)
-    t[1:, 1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1).cumsum(2)
-    return t
-
-
-def _box_counts(table: np.ndarray, starts: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Number of mask voxels in each box ``[start, start + size)`` by inclusion-exclusion. ``(M,)``."""
-    a = starts.T
-    b = a + np.asarray(size)[:, None]
-    x = (a[0], b[0])
-    y = (a[1], b[1])
-    z = (a[2], b[2])
-    total = np.zeros(starts.shape[0], dtype=np.int64)
-    for ix, sx in ((1, 1), (0, -1)):
-        for iy, sy in ((1, 1), (0, -1)):
-            for iz, sz in ((1, 1), (0, -1)):
-                total += sx * sy * sz * table[x[ix], y[iy], z[iz]]
-    return total
-
-
-def _assemble(parts: list, size: tuple[int, int, int], seed: int, description: str, meta: dict) -> PatchSet:
-    patches, centres, boxes, cases, groups, labels = [], [], [], [], [], []
-    for v, starts, lab in parts:
-        box = np.concatenate([starts, starts + np.asarray(size)], axis=1).astype(np.int64)
-        data = v.data
-        for x0, y0, z0, x1, y1, z1 in box:
-            patches.append(np.asarray(data[:, x0:x1, y0:y1, z0:z1], dtype=np.float32))
-        centres.append(box_centres_mm(v.affine, box))
-        boxes.append(box)
-        cases += [v.case_id] * len(box)
-        groups += [v.group] * len(box)
-        if lab is not None:
-            labels.append(lab)
+    size = as_size(size_vox)
+    order = np.argsort(drawn.volume_index, kind="stable")  # patches of one volume together
+    vi, centres = drawn.volume_index[order], drawn.centres_vox[order]
+    labels = None if drawn.labels is None else drawn.labels[order]
+    patches = np.empty((len(vi), vols[0].n_channels, *size), dtype=np.float32)
+    centres_mm = np.empty((len(vi), 3))
+    for k in np.unique(vi):
+        rows = np.flatnonzero(vi == k)
+        patches[rows] = extract_patches(vols[k].data, centres[rows], size)
+        centres_mm[rows] = box_centres_mm(vols[k].affine, boxes_for_centres(centres[rows], size))
     return PatchSet(
-        patches=np.stack(patches),
-        centres_mm=np.concatenate(centres),
-        boxes_vox=np.concatenate(boxes),
-        case_ids=np.asarray(cases),
-        groups=np.asarray(groups),
-        labels=np.concatenate(labels) if labels else None,
+        patches=patches,
+        centres_mm=centres_mm,
+        boxes_vox=boxes_for_centres(centres, size),
+        centres_vox=centres,
+        case_ids=np.asarray([vols[k].case_id for k in vi]),
+        groups=np.asarray([vols[k].group for k in vi]),
+        labels=labels,
         seed=int(seed),
         description=description,
-        meta={**meta, "cases": sorted(set(cases))},
+        meta={**drawn.meta, "cases": sorted({vols[k].case_id for k in vi})},
     )
 
 

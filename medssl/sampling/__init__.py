@@ -1,4 +1,11 @@
-"""Patch samplers: ``sampler(volumes, rng) -> PatchBatch``."""
+"""Every patch-drawing rule: training samplers ``sampler(volumes, rng) -> PatchBatch`` and evaluation sets.
+
+- ``base``: :class:`PatchBatch` and the :class:`PatchSampler` contract.
+- ``regions``: the one "does a patch fit" check and the one foreground rule (the body).
+- ``patches``: cutting patches out (plain copies; constant padding outside the image).
+- ``uniform``: :class:`UniformPatchSampler` (ISImed and the two-view methods).
+- ``sets``: evaluation sets (uniform centres, position-matched labelled sets, pairs).
+"""
 
 from medssl.sampling.base import PatchBatch, PatchSampler
 from medssl.sampling.uniform import UniformPatchSampler

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from medssl.data.volume import Volume
+from medssl.sampling.regions import as_size, check_fits
 
 
 @dataclass
@@ -59,20 +60,13 @@ class PatchSampler:
     """Base class. Subclasses implement ``_sample``; ``__call__`` validates first."""
 
     def __init__(self, patch_size_vox: int | Sequence[int]) -> None:
-        size = (patch_size_vox,) * 3 if isinstance(patch_size_vox, int) else tuple(int(s) for s in patch_size_vox)
-        if len(size) != 3 or min(size) < 1:
-            raise ValueError(f"patch_size_vox must be a positive int or 3 ints, got {patch_size_vox!r}")
-        self.patch_size_vox: tuple[int, int, int] = size  # type: ignore[assignment]
+        self.patch_size_vox: tuple[int, int, int] = as_size(patch_size_vox)
 
     def __call__(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
         if len(volumes) == 0:
             raise ValueError("sampler got no volumes")
         for v in volumes:
-            if any(s < p for s, p in zip(v.shape_vox, self.patch_size_vox)):
-                raise ValueError(
-                    f"{v.source or v.case_id}: volume shape {v.shape_vox} is smaller than the patch size "
-                    f"{self.patch_size_vox}; choose a smaller patch or a finer target spacing"
-                )
+            check_fits(v, self.patch_size_vox)
         return self._sample(volumes, rng)
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:

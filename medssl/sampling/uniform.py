@@ -3,7 +3,7 @@
 ISImed (the ISImed paper, sec. 2) draws 16 random 32^3 patches from each of 64 images per
 batch and regresses the physical distance between patch centres. This sampler draws
 volumes without replacement, then boxes that lie fully inside each volume, optionally
-with the centre voxel on the foreground, and reports every centre in world millimetres
+with the centre voxel on the body (``foreground_only``), and reports every centre in world millimetres
 (from the affine, never from crop metadata).
 
 Cropping is plain numpy slicing straight from the (possibly memory-mapped, read-only)
@@ -20,10 +20,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from medssl.data.errors import EmptyForegroundError, LabelGridMismatchError
 from medssl.data.volume import Volume
-from medssl.geometry import box_centres_mm
+from medssl.geometry import box_centres_mm, boxes_for_centres
 from medssl.sampling.base import PatchBatch, PatchSampler
+from medssl.sampling.patches import copy_patches
+from medssl.sampling.regions import BODY, foreground_mask, valid_centres
 
 __all__ = ["UniformPatchSampler"]
 
@@ -39,20 +40,19 @@ class UniformPatchSampler(PatchSampler):
         patch_size_vox: patch edge in voxels (int) or 3 ints.
         volumes_per_batch: volumes per batch; fewer when the pool is smaller.
         patches_per_volume: patches drawn from each chosen volume.
-        foreground_only: put each patch's centre voxel on the foreground.
-        foreground_label_key: which map defines the foreground when ``foreground_only``:
-            ``None`` uses ``volume.label > 0`` when the volume has a label and otherwise
-            "any channel above that channel's minimum" (i.e. not the padding/air floor);
-            ``"label"`` forces ``volume.label``; any other string names ``volume.aux[key]``.
+        foreground_only: put each patch's centre voxel (the centre-voxel rule of
+            :mod:`medssl.geometry`) on the foreground.
+        region: what "foreground" means (:func:`medssl.sampling.regions.foreground_mask`):
+            ``"body"`` (default, the body mask from intensity), ``"label"`` or an aux key.
 
     Returns (from ``sampler(volumes, rng)``) a :class:`PatchBatch` with ``patches``
-    ``(N, C, Sx, Sy, Sz)`` float32, ``centres_mm`` ``(N, 3)`` (``affine @`` the box's centre
-    voxel ``(x0 + x1 - 1) / 2``), ``boxes_vox`` ``(N, 6)``, ``volume_index`` ``(N,)`` into
+    ``(N, C, Sx, Sy, Sz)`` float32, ``centres_mm`` ``(N, 3)`` (``affine @`` the box's geometric
+    centre ``(x0 + x1 - 1) / 2``), ``boxes_vox`` ``(N, 6)``, ``volume_index`` ``(N,)`` into
     ``case_ids``. Patches of one volume are contiguous in the batch. The same ``rng`` state
     gives the same batch.
 
-    The foreground centre candidates of each volume are computed once and cached on the
-    sampler (keyed by case id, array identity and shape), so later steps only draw indices.
+    The allowed centres of each volume are computed once and cached on the sampler (keyed by
+    case id, array identity and shape), so later steps only draw indices.
     """
 
     def __init__(
@@ -61,7 +61,7 @@ class UniformPatchSampler(PatchSampler):
         volumes_per_batch: int,
         patches_per_volume: int,
         foreground_only: bool = False,
-        foreground_label_key: str | None = None,
+        region: str = BODY,
     ) -> None:
         super().__init__(patch_size_vox)
         if int(volumes_per_batch) < 1 or int(patches_per_volume) < 1:
@@ -71,9 +71,8 @@ class UniformPatchSampler(PatchSampler):
         self.volumes_per_batch = int(volumes_per_batch)
         self.patches_per_volume = int(patches_per_volume)
         self.foreground_only = bool(foreground_only)
-        self.foreground_label_key = foreground_label_key
-        # (case_id, id(data), shape) -> flat indices (int32/int64) of allowed centre voxels
-        # within the grid of valid centres (shape = volume shape - patch size + 1).
+        self.region = region
+        # (case_id, id(data), shape, region) -> flat indices (int32/int64) of allowed centre voxels
         self._centre_cache: dict[tuple, np.ndarray] = {}
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
@@ -87,21 +86,16 @@ class UniformPatchSampler(PatchSampler):
         n_vol = min(self.volumes_per_batch, len(volumes))
         chosen = rng.choice(len(volumes), size=n_vol, replace=False)
         P = self.patches_per_volume
-        sx, sy, sz = self.patch_size_vox
+        size = np.asarray(self.patch_size_vox)
 
-        patches = np.empty((n_vol * P, n_channels, sx, sy, sz), dtype=np.float32)
+        patches = np.empty((n_vol * P, n_channels, *self.patch_size_vox), dtype=np.float32)
         boxes = np.empty((n_vol * P, 6), dtype=np.int64)
         centres_mm = np.empty((n_vol * P, 3), dtype=np.float64)
         for slot, vi in enumerate(chosen):
             vol = volumes[int(vi)]
-            starts = self._draw_starts(vol, rng)  # (P, 3)
             rows = slice(slot * P, (slot + 1) * P)
-            boxes[rows, :3] = starts
-            boxes[rows, 3:] = starts + np.asarray(self.patch_size_vox)
-            for k, (x0, y0, z0) in enumerate(starts):
-                # Plain slicing of a memmap reads only the touched pages; copying into the
-                # preallocated buffer casts to float32 and yields a writable, contiguous batch.
-                patches[slot * P + k] = vol.data[:, x0 : x0 + sx, y0 : y0 + sy, z0 : z0 + sz]
+            boxes[rows] = boxes_for_centres(self._draw_centres(vol, rng), size)
+            copy_patches(vol.data, boxes[rows], out=patches[rows])
             centres_mm[rows] = box_centres_mm(vol.affine, boxes[rows])
 
         return PatchBatch(
@@ -112,62 +106,23 @@ class UniformPatchSampler(PatchSampler):
             case_ids=[volumes[int(i)].case_id for i in chosen],
         )
 
-    def _draw_starts(self, vol: Volume, rng: np.random.Generator) -> np.ndarray:
-        """``(P, 3)`` int64 box starts with the whole box inside ``vol``."""
-        n_starts = np.asarray(vol.shape_vox) - np.asarray(self.patch_size_vox) + 1  # valid starts per axis
-        if not self.foreground_only:
-            return rng.integers(0, n_starts, size=(self.patches_per_volume, 3), dtype=np.int64)
-        candidates = self._foreground_starts(vol, n_starts)
+    def _draw_centres(self, vol: Volume, rng: np.random.Generator) -> np.ndarray:
+        """``(P, 3)`` int64 centre voxels whose box lies inside ``vol`` (on the foreground if asked)."""
+        candidates = self._allowed_centres(vol)
         picks = candidates[rng.integers(0, candidates.size, size=self.patches_per_volume)]
-        return np.stack(np.unravel_index(picks, tuple(n_starts)), axis=1).astype(np.int64)
+        return np.stack(np.unravel_index(picks, vol.shape_vox), axis=1).astype(np.int64)
 
-    def _foreground_starts(self, vol: Volume, n_starts: np.ndarray) -> np.ndarray:
-        """Flat indices (into the grid of valid starts) of boxes whose centre voxel is foreground."""
-        key = (vol.case_id, id(vol.data), vol.shape_vox, self.foreground_label_key)
+    def _allowed_centres(self, vol: Volume) -> np.ndarray:
+        """Flat indices (into the volume grid) of allowed centre voxels, cached per volume."""
+        key = (vol.case_id, id(vol.data), vol.shape_vox, self.foreground_only, self.region)
         cached = self._centre_cache.get(key)
         if cached is not None:
             return cached
-        mask = self._foreground_mask(vol)
-        if mask.shape != vol.shape_vox:
-            raise LabelGridMismatchError(
-                vol.source or vol.case_id, f"foreground map shape {mask.shape} differs from image shape {vol.shape_vox}"
-            )
-        # The centre voxel of a box starting at x0 is x0 + (S - 1) // 2 (the lower of the two
-        # middle voxels for even S), so valid centres are a shifted window of the mask.
-        off = [(s - 1) // 2 for s in self.patch_size_vox]
-        window = mask[
-            off[0] : off[0] + n_starts[0],
-            off[1] : off[1] + n_starts[1],
-            off[2] : off[2] + n_starts[2],
-        ]
-        flat = np.flatnonzero(window)
-        if flat.size == 0:
-            raise EmptyForegroundError(
-                vol.source or vol.case_id,
-                f"no foreground voxel can be a patch centre with patch size {self.patch_size_vox} "
-                f"(volume shape {vol.shape_vox}, foreground voxels in the whole volume: {int(mask.sum())})",
-            )
+        mask = foreground_mask(vol, self.region) if self.foreground_only else None
+        flat = np.flatnonzero(valid_centres(vol, self.patch_size_vox, mask))
         flat = flat.astype(np.int32 if flat[-1] < np.iinfo(np.int32).max else np.int64)
         if len(self._centre_cache) >= _MAX_CACHED_VOLUMES:  # volumes reloaded many times: start over
             self._centre_cache.clear()
         self._centre_cache[key] = flat
         return flat
 
-    def _foreground_mask(self, vol: Volume) -> np.ndarray:
-        key = self.foreground_label_key
-        if key is None:
-            if vol.label is not None:
-                return np.asarray(vol.label) > 0
-            data = np.asarray(vol.data)
-            floor = data.reshape(data.shape[0], -1).min(axis=1)
-            return np.any(data > floor[:, None, None, None], axis=0)
-        if key == "label":
-            if vol.label is None:
-                raise EmptyForegroundError(vol.source or vol.case_id, "foreground_label_key='label' but it has no label")
-            return np.asarray(vol.label) > 0
-        if key not in vol.aux:
-            raise EmptyForegroundError(
-                vol.source or vol.case_id,
-                f"foreground_label_key={key!r} is not among its label maps {sorted(vol.aux)}",
-            )
-        return np.asarray(vol.aux[key]) > 0

@@ -317,14 +317,14 @@ def test_volume_too_small_after_preprocessing_names_file_shape_and_required_size
 def test_constant_image_has_empty_foreground(tmp_path):
     path = write_nifti_file(tmp_path / "flat.nii.gz", np.full(SHAPE, -1000.0, np.float32), AFFINE)
     volume = read_volume(path)
-    _raises(EmptyForegroundError, path, "no foreground", call=lambda: preprocess(volume, PreprocessConfig()))
+    _raises(EmptyForegroundError, path, "no body voxels", call=lambda: preprocess(volume, PreprocessConfig()))
 
 
 def test_image_below_an_explicit_threshold_has_empty_foreground(tmp_path):
     path = write_nifti_file(tmp_path / "dark.nii.gz", _image() - 2000.0, AFFINE)
     volume = read_volume(path)
     config = PreprocessConfig(foreground_threshold=-500.0)
-    _raises(EmptyForegroundError, path, "> -500.0", call=lambda: preprocess(volume, config))
+    _raises(EmptyForegroundError, path, "above -500", call=lambda: preprocess(volume, config))
 
 
 # --------------------------------------------------------------------------- in-memory volumes

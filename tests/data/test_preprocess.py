@@ -186,12 +186,12 @@ def test_crop_moves_the_origin_by_the_crop_offset(name):
 # --------------------------------------------------------------------------- foreground
 
 
-def test_foreground_box_is_the_bounding_box_above_the_minimum_plus_margin():
-    data = np.zeros((1, 12, 10, 8), np.float32)
-    data[0, 5:9, 3:6, 2:4] = 10.0
-    np.testing.assert_array_equal(foreground_box(data, None, 2), [3, 1, 0, 11, 8, 6])
-    np.testing.assert_array_equal(foreground_box(data, None, 0), [5, 3, 2, 9, 6, 4])
-    np.testing.assert_array_equal(foreground_box(data, 20.0, 0) is None, True)
+def test_foreground_box_is_the_bounding_box_of_the_mask_plus_a_clipped_margin():
+    mask = np.zeros((12, 10, 8), bool)
+    mask[5:9, 3:6, 2:4] = True
+    np.testing.assert_array_equal(foreground_box(mask, 2), [3, 1, 0, 11, 8, 6])
+    np.testing.assert_array_equal(foreground_box(mask, 0), [5, 3, 2, 9, 6, 4])
+    assert foreground_box(np.zeros_like(mask), 0) is None
 
 
 def test_foreground_threshold_is_in_raw_units_even_with_intensity_scaling():
@@ -207,12 +207,26 @@ def test_foreground_threshold_is_in_raw_units_even_with_intensity_scaling():
 def test_default_preprocess_crops_the_padding_around_the_body(volume_file):
     volume = read_volume(volume_file.image_path, volume_file.label_path)
     spacing = (1.5, 1.5, 1.5)
-    uncropped = preprocess(volume, PreprocessConfig(target_spacing_mm=spacing, crop_foreground=False))
-    out = preprocess(volume, PreprocessConfig(target_spacing_mm=spacing, crop_margin_vox=1))
+    uncropped = preprocess(volume, PreprocessConfig(target_spacing_mm=spacing, crop_foreground=False, intensity="none"))
+    out = preprocess(volume, PreprocessConfig(target_spacing_mm=spacing, crop_margin_vox=1, intensity="none"))
     assert np.all(np.array(out.shape_vox) <= uncropped.shape_vox) and out.shape_vox != uncropped.shape_vox
     x0, y0, z0, x1, y1, z1 = out.meta["crop_box_vox"]
     np.testing.assert_array_equal(out.label, uncropped.label[x0:x1, y0:y1, z0:z1])
     np.testing.assert_allclose(out.data, uncropped.data[:, x0:x1, y0:y1, z0:z1])
+    np.testing.assert_array_equal(out.aux["body"], uncropped.aux["body"][x0:x1, y0:y1, z0:z1])
+    body_box = np.argwhere(uncropped.aux["body"])
+    np.testing.assert_array_equal([x0, y0, z0], np.maximum(body_box.min(0) - 1, 0))  # the crop is the body's box
+
+
+def test_percentiles_are_taken_after_the_crop_as_isimed_does():
+    rng = np.random.default_rng(7)
+    data = np.full((1, 30, 28, 26), -1000.0, np.float32)
+    data[0, 6:24, 5:22, 4:20] = rng.normal(40.0, 60.0, size=(18, 17, 16))  # the body, HU
+    out = preprocess(_volume(data[0], np.eye(4)), PreprocessConfig(target_spacing_mm=None, crop_margin_vox=0))
+    x0, y0, z0, x1, y1, z1 = out.meta["crop_box_vox"]
+    cropped = data[:, x0:x1, y0:y1, z0:z1]
+    reference = ScaleIntensityRangePercentiles(lower=5, upper=95, b_min=-1.0, b_max=1.0, clip=False)(cropped)
+    np.testing.assert_allclose(out.data, np.asarray(reference), rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- intensity
@@ -322,3 +336,60 @@ def test_raw_files_and_the_input_volume_are_never_modified(make_volume_file):
     np.testing.assert_array_equal(volume.label, snapshot[2])
     assert volume.meta == snapshot[3]
     assert not np.shares_memory(out.data, volume.data)
+
+
+# --------------------------------------------------------------------------- body mask
+
+
+def _ct_phantom(shape=(40, 36, 30)):
+    """Air, a body ellipse column with air-filled 'lungs' inside, and a separate thin table below it."""
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    hu = np.full(shape, -1000.0, np.float32)
+    body = ((x - 20) / 14.0) ** 2 + ((y - 17) / 11.0) ** 2 <= 1.0
+    hu[body] = 30.0
+    lungs = (((x - 14) / 4.0) ** 2 + ((y - 17) / 4.0) ** 2 <= 1.0) | (((x - 26) / 4.0) ** 2 + ((y - 17) / 4.0) ** 2 <= 1.0)
+    hu[lungs & (z > 12)] = -850.0  # open at the top slice: only slice-wise filling closes it
+    hu[4:36, 31:33, :] = 200.0  # the table, 2 voxels thick, not touching the body
+    return hu, body
+
+
+def test_ct_body_mask_keeps_the_body_fills_the_lungs_and_drops_the_table():
+    from medssl.data.body import body_mask_from_intensity, detect_modality
+
+    hu, body = _ct_phantom()
+    assert detect_modality(hu) == "ct"
+    mask = body_mask_from_intensity(hu[None], "auto")
+    assert not mask[4:36, 31:33, :].any()  # the table is gone
+    inner = ndimage_erode(body, 2)
+    assert mask[inner].all()  # lungs included
+    assert np.mean(mask == body) > 0.98
+
+
+def ndimage_erode(mask, n):
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=n)
+
+
+def test_mr_body_mask_uses_otsu_and_ignores_the_label_map():
+    from medssl.data.body import body_mask_from_intensity, detect_modality, otsu_threshold
+
+    rng = np.random.default_rng(1)
+    img = np.abs(rng.normal(0.0, 5.0, size=(30, 30, 20))).astype(np.float32)  # Rician-like background
+    img[5:25, 6:24, 3:17] = rng.normal(300.0, 40.0, size=(20, 18, 14))
+    assert detect_modality(img) == "other"
+    t = otsu_threshold(img)
+    assert 20.0 < t < 250.0
+    mask = body_mask_from_intensity(img[None], "mr")
+    assert mask[5:25, 6:24, 3:17].mean() > 0.99 and mask.mean() < (20 * 18 * 14) / img.size + 0.01
+
+
+def test_preprocess_keeps_the_body_mask_as_an_aux_map_that_follows_the_crop():
+    hu, body = _ct_phantom()
+    lesion = np.zeros(hu.shape, np.uint8)
+    lesion[20, 17, 5] = 1  # the label is a lesion: it must not define the foreground
+    vol = Volume(data=hu[None], affine=AFFINES["oblique"], case_id="ct", label=lesion)
+    out = preprocess(vol, PreprocessConfig(target_spacing_mm=None, crop_margin_vox=0))
+    assert out.aux["body"].dtype == np.uint8 and out.aux["body"].shape == out.shape_vox
+    assert out.aux["body"].sum() > 1000 * out.label.sum()
+    assert 0.2 < out.meta["body_fraction"] < 0.8

@@ -14,8 +14,10 @@ from medssl.evaluate.patchsets import (
     draw_pair_set,
     draw_uniform_patch_set,
     get_or_draw,
-    positive_mask,
+    target_mask,
 )
+from medssl.data.body import body_mask
+from medssl.geometry import vox_to_world, world_to_vox
 from tests.helpers import oblique_affine
 
 LABEL_NAMES = {1: "liver", 2: "kidney_left", 3: "kidney_right", 4: "muscle"}
@@ -34,7 +36,7 @@ def make_volume(k: int, shape=(28, 24, 20), with_lesion: bool = True) -> Volume:
     if with_lesion:
         lesion[5:7, 5:7, 4:6] = 1
         lesion[20, 15, 11] = 1
-    data = (rng.standard_normal((1, *shape)) + label[None]).astype(np.float32)
+    data = (0.3 * rng.standard_normal((1, *shape)) + 2.0 * (label[None] > 0) + label[None]).astype(np.float32)
     return Volume(data=data, affine=affine, case_id=f"case{k}", group=f"pat{k // 2}", label=label,
                   aux={"lesion": lesion}, label_names=LABEL_NAMES)
 
@@ -70,7 +72,7 @@ def test_organ_patch_set_matches_sided_structures_by_name(volumes):
         kidney = np.isin(by_case[case].label, [2, 3])
         assert (_box_sum(kidney, box) > 0) == bool(label)
     assert ps.labels.mean() == 0.5
-    assert positive_mask(volumes[0], "liver").sum() == 9 * 9 * 7
+    assert target_mask(volumes[0], "liver").sum() == 9 * 9 * 7
 
 
 def test_unknown_structure_name_raises_listing_known_names(volumes):
@@ -111,12 +113,68 @@ def test_patches_centres_and_groups_come_from_the_box_and_the_affine(volumes):
         assert group == v.group
 
 
-def test_uniform_foreground_only_centres_lie_on_the_label(volumes):
+def test_uniform_foreground_only_centres_lie_on_the_body_not_on_the_label(volumes):
     ps = draw_uniform_patch_set(volumes, 40, 6, seed=0, foreground_only=True)
     by_case = {v.case_id: v for v in volumes}
-    for box, case in zip(ps.boxes_vox, ps.case_ids):
-        c = box[:3] + 3  # centre voxel (upper middle) of an even box
-        assert by_case[case].label[tuple(c)] > 0
+    for box, case, c in zip(ps.boxes_vox, ps.case_ids, ps.centres_vox):
+        np.testing.assert_array_equal(c, box[:3] + 3)  # centre voxel (upper middle) of an even box
+        assert body_mask(by_case[case])[tuple(c)]
+
+
+def test_foreground_of_a_lesion_labelled_volume_is_the_body_and_negatives_exist():
+    """autoPET/MSD style: the label map IS the lesion; foreground must still be the body."""
+    vols = []
+    for k in range(3):
+        v = make_volume(k)
+        vols.append(v.with_(label=v.aux["lesion"].astype(np.int16), aux={}, label_names={1: "lesion"}))
+    ps = draw_uniform_patch_set(vols, 200, 6, seed=0, foreground_only=True)
+    lesion_share = np.mean([vols[int(c[-1])].label[tuple(x)] > 0 for c, x in zip(ps.case_ids, ps.centres_vox)])
+    assert lesion_share < 0.1  # centres spread over the body, not stuck on the lesion
+    probe = draw_labelled_patch_set(vols, "lesion", n_per_class=12, patch_size_vox=6, seed=0)
+    assert probe.labels.sum() == 12 and (probe.labels == 0).sum() == 12
+
+
+def test_corresponding_negatives_sit_at_the_positives_corresponding_point_in_another_subject(volumes):
+    shift = {v.case_id: np.array([0.7 * k, -1.1 * k, 2.0 * k]) for k, v in enumerate(volumes)}
+
+    def correspondence(a, b, pts):  # a known synthetic correspondence: per-subject translations
+        return np.asarray(pts) - shift[a] + shift[b]
+
+    ps = draw_labelled_patch_set(volumes, "lesion", n_per_class=24, patch_size_vox=6, seed=1,
+                                 correspondence=correspondence)
+    assert ps.meta["negatives"] == "corresponding"
+    by_case = {v.case_id: v for v in volumes}
+    pos = np.flatnonzero(ps.labels == 1)
+    neg = np.flatnonzero(ps.labels == 0)
+    fallback = ps.meta["negatives_fallback_nearby"]
+    matched = 0
+    for n in neg:
+        vb = by_case[ps.case_ids[n]]
+        for p in pos:  # some positive of another subject maps onto this negative's centre voxel
+            if ps.case_ids[p] == ps.case_ids[n]:
+                continue
+            q = correspondence(ps.case_ids[p], ps.case_ids[n], vox_to_world(by_case[ps.case_ids[p]].affine, ps.centres_vox[p]))
+            if np.array_equal(np.rint(world_to_vox(vb.affine, q))[0].astype(int), ps.centres_vox[n]):
+                matched += 1
+                break
+    assert matched >= len(neg) - fallback and matched > 0
+    counts = {c: (int((ps.labels[ps.case_ids == c] == 1).sum()), int((ps.labels[ps.case_ids == c] == 0).sum()))
+              for c in np.unique(ps.case_ids)}
+    assert all(abs(p - n) <= 2 for p, n in counts.values()), counts  # balanced per subject
+
+
+def test_organ_negatives_come_from_the_organs_neighbourhood(volumes):
+    from scipy import ndimage
+
+    ps = draw_labelled_patch_set(volumes, "liver", n_per_class=20, patch_size_vox=6, seed=0, shell_mm=4.0)
+    assert ps.meta["negatives"] == "shell"
+    by_case = {v.case_id: v for v in volumes}
+    for case, c, lab in zip(ps.case_ids, ps.centres_vox, ps.labels):
+        v = by_case[case]
+        liver = v.label == 1
+        dist = ndimage.distance_transform_edt(~liver, sampling=np.linalg.norm(v.affine[:3, :3], axis=0))
+        if lab == 0:
+            assert dist[tuple(c)] <= 6 * 3.5 + 4.0  # near the organ, not anywhere on the body
 
 
 def test_pair_set_pairs_are_within_a_volume(volumes):
@@ -130,7 +188,7 @@ def test_save_and_load_round_trip_without_pickle(volumes, tmp_path):
     ps = draw_labelled_patch_set(volumes, "lesion", n_per_class=8, patch_size_vox=6, seed=2)
     ps.save(tmp_path / "set")
     back = PatchSet.load(tmp_path / "set.npz")
-    for name in ("patches", "centres_mm", "boxes_vox", "case_ids", "groups", "labels"):
+    for name in ("patches", "centres_mm", "boxes_vox", "centres_vox", "case_ids", "groups", "labels"):
         np.testing.assert_array_equal(getattr(back, name), getattr(ps, name))
     assert back.seed == 2 and back.description == ps.description and back.meta["target"] == "lesion"
     with np.load(tmp_path / "set.npz", allow_pickle=False) as z:  # loads with pickle disabled
@@ -181,3 +239,17 @@ def test_get_or_draw_keys_volumes_by_their_content(volumes, tmp_path):
 def test_patch_larger_than_volume_is_rejected_with_the_case_named(volumes):
     with pytest.raises(ValueError, match="case0.*smaller than the patch size"):
         draw_uniform_patch_set(volumes, 2, 32, seed=0)
+
+
+def test_for_size_keeps_the_centre_voxels_and_pads_outside_the_image(volumes):
+    ps = draw_uniform_patch_set(volumes, 6, 6, seed=3)
+    big = ps.for_size(12, volumes)
+    np.testing.assert_array_equal(big.centres_vox, ps.centres_vox)
+    assert big.patches.shape[2:] == (12, 12, 12)
+    np.testing.assert_array_equal(big.patches[:, :, 3:9, 3:9, 3:9], ps.patches)  # same centre voxel
+    by_case = {v.case_id: v for v in volumes}
+    for patch, box, case in zip(big.patches, big.boxes_vox, big.case_ids):
+        data = by_case[case].data
+        if np.any(box[:3] < 0):  # padded with the per-channel minimum
+            assert patch.min() == pytest.approx(float(data.min()))
+    assert ps.for_size(6, volumes) is ps

@@ -95,7 +95,10 @@ def test_same_seed_gives_an_identical_batch_and_another_seed_a_different_one():
 
 
 def _label_volume(case_id="lab") -> Volume:
-    data = np.random.default_rng(0).normal(size=(1, 30, 28, 26)).astype(np.float32)
+    """Air (-1000 HU + noise) around a CT-like body block; a small organ label and a one-voxel lesion."""
+    rng = np.random.default_rng(0)
+    data = (-1000.0 + 5.0 * rng.normal(size=(1, 30, 28, 26))).astype(np.float32)
+    data[0, 4:27, 3:25, 2:24] = 40.0 + 10.0 * rng.normal(size=(23, 22, 22))  # the body
     label = np.zeros((30, 28, 26), np.int16)
     label[18:24, 5:9, 10:13] = 3  # a small off-centre organ
     lesion = np.zeros_like(label)
@@ -103,43 +106,48 @@ def _label_volume(case_id="lab") -> Volume:
     return Volume(data=data, affine=_oblique_anisotropic_affine(), case_id=case_id, label=label, aux={"lesion": lesion})
 
 
-def _centre_voxels(batch: PatchBatch) -> np.ndarray:
-    b = batch.boxes_vox.numpy()
-    return b[:, :3] + (b[:, 3:] - b[:, :3] - 1) // 2
+def _centre_voxels(batch: PatchBatch, size) -> np.ndarray:
+    return batch.boxes_vox.numpy()[:, :3] + np.asarray(size) // 2  # the centre-voxel rule
 
 
-def test_foreground_only_puts_every_centre_voxel_on_the_label():
+def test_foreground_only_puts_every_centre_voxel_on_the_body_not_on_the_label():
     vol = _label_volume()
     sampler = UniformPatchSampler((8, 6, 7), volumes_per_batch=1, patches_per_volume=300, foreground_only=True)
     batch = sampler([vol], np.random.default_rng(0))
-    c = _centre_voxels(batch)
-    assert np.all(vol.label[c[:, 0], c[:, 1], c[:, 2]] > 0)
-    assert len({tuple(x) for x in c}) > 20  # spread over the organ, not one voxel
+    c = _centre_voxels(batch, (8, 6, 7))
+    body = np.zeros(vol.shape_vox, bool)
+    body[4:27, 3:25, 2:24] = True
+    assert np.all(body[c[:, 0], c[:, 1], c[:, 2]])
+    assert np.mean(vol.label[c[:, 0], c[:, 1], c[:, 2]] > 0) < 0.2  # the organ label does not attract centres
+    assert len({tuple(x) for x in c}) > 200  # spread over the body
     b = batch.boxes_vox.numpy()
     assert b[:, :3].min() >= 0 and np.all(b[:, 3:] <= np.array(vol.shape_vox))
 
 
 def test_foreground_only_can_use_a_named_aux_label_map():
     vol = _label_volume()
-    sampler = UniformPatchSampler(8, 1, 10, foreground_only=True, foreground_label_key="lesion")
-    c = _centre_voxels(sampler([vol], np.random.default_rng(0)))
+    sampler = UniformPatchSampler(8, 1, 10, foreground_only=True, region="lesion")
+    c = _centre_voxels(sampler([vol], np.random.default_rng(0)), 8)
     assert np.all(c == np.array([8, 20, 15]))
 
 
-def test_foreground_without_label_means_voxels_above_the_image_minimum():
-    data = np.full((1, 20, 20, 20), -1.0, np.float32)  # air floor
-    data[0, 12:16, 3:7, 9:11] = 0.5  # body
-    vol = Volume(data=data, affine=np.diag([2.0, 1.0, 0.5, 1.0]), case_id="body")
-    c = _centre_voxels(UniformPatchSampler(6, 1, 200, foreground_only=True)([vol], np.random.default_rng(1)))
-    assert np.all(data[0, c[:, 0], c[:, 1], c[:, 2]] > -1.0)
+def test_foreground_is_the_cached_body_mask_when_the_volume_carries_one():
+    data = np.zeros((1, 20, 20, 20), np.float32)
+    body = np.zeros((20, 20, 20), np.uint8)
+    body[12:16, 3:7, 9:11] = 1
+    vol = Volume(data=data, affine=np.diag([2.0, 1.0, 0.5, 1.0]), case_id="body", aux={"body": body})
+    c = _centre_voxels(UniformPatchSampler(6, 1, 200, foreground_only=True)([vol], np.random.default_rng(1)), 6)
+    assert np.all(body[c[:, 0], c[:, 1], c[:, 2]] == 1)
 
 
 def test_foreground_candidates_are_computed_once_per_volume(monkeypatch):
+    import medssl.sampling.uniform as uniform
+
     vol = _label_volume()
     sampler = UniformPatchSampler(8, 1, 4, foreground_only=True)
     calls = []
-    original = sampler._foreground_mask
-    monkeypatch.setattr(sampler, "_foreground_mask", lambda v: calls.append(v.case_id) or original(v))
+    original = uniform.foreground_mask
+    monkeypatch.setattr(uniform, "foreground_mask", lambda v, r: calls.append(v.case_id) or original(v, r))
     rng = np.random.default_rng(0)
     for _ in range(5):
         sampler([vol], rng)
@@ -148,10 +156,10 @@ def test_foreground_candidates_are_computed_once_per_volume(monkeypatch):
 
 def test_foreground_only_names_the_volume_when_no_foreground_voxel_can_be_a_centre():
     vol = _label_volume().with_(source="/data/ct_007.nii.gz")
-    vol.label[...] = 0
-    vol.label[0, 0, 0] = 1  # a corner voxel can never be the centre of an 8^3 box
+    body = np.zeros(vol.shape_vox, np.uint8)
+    body[0, 0, 0] = 1  # a corner voxel can never be the centre of an 8^3 box
     with pytest.raises(EmptyForegroundError, match="ct_007"):
-        UniformPatchSampler(8, 1, 4, foreground_only=True)([vol], np.random.default_rng(0))
+        UniformPatchSampler(8, 1, 4, foreground_only=True)([vol.with_(aux={"body": body})], np.random.default_rng(0))
 
 
 def test_patches_are_writable_copies_of_read_only_memmaps(tmp_path):
