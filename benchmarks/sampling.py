@@ -24,8 +24,7 @@ from medssl.data.volume import Volume
 from medssl.methods import create_method
 from medssl.presets import preset
 from medssl.sampling import UniformPatchSampler
-from medssl.train.loop import _autocast, resolve_device, resolve_precision
-from medssl.train.schedule import make_optimizer
+from medssl.train.precision import autocast, resolve_device, resolve_precision
 
 SHAPE_VOX = (120, 100, 110)  # a typical preprocessed CT crop at ~3 mm
 N_VOLUMES = 20
@@ -82,20 +81,20 @@ def bench_sampler(volumes: list[Volume], nifti_items: list[dict]) -> tuple[float
 
 
 def bench_demo_step(volumes: list[Volume]) -> dict[str, float]:
-    overrides, train_cfg = preset("demo", "isimed")
+    overrides, train_cfg = preset("isimed", "demo")
     torch.manual_seed(0)
     method = create_method("isimed", **overrides)
     device = resolve_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
     method.to(device).train()
-    optimizer = make_optimizer(method.parameters(), train_cfg)
+    optimizer, _ = method.configure_optimizers(train_cfg)
     rng = np.random.default_rng(0)
     sample_s = total_s = 0.0
     for i in range(2 + REPEATS):  # 2 warm-up steps
         t0 = time.perf_counter()
         batch = method.sample(volumes, rng).to(device)
         t1 = time.perf_counter()
-        with _autocast(device, precision):
+        with autocast(device, precision):
             loss = method.training_step(batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

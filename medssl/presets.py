@@ -1,9 +1,9 @@
 """Named settings: ``paper`` (the published setup, for a GPU), ``demo`` (minutes on a laptop
 CPU) and ``tiny`` (seconds, for smoke tests).
 
-``preset(name, method) -> (method_overrides, TrainConfig)``::
+``preset(method, name) -> (method_overrides, TrainConfig)``::
 
-    overrides, train_config = preset("demo", "isimed")
+    overrides, train_config = preset("isimed", "demo")
     method = create_method("isimed", **overrides)
     fit(method, volumes, train_config, run_dir)
 
@@ -18,28 +18,22 @@ from typing import Any
 
 from medssl.train.config import TrainConfig
 
-__all__ = ["PRESETS", "TWO_VIEW_METHODS", "preset", "list_presets", "build_run"]
+__all__ = ["PRESETS", "preset", "list_presets", "build_run"]
 
-# Methods whose step embeds two augmented views of every patch, so a patch costs ~2x.
-TWO_VIEW_METHODS = ("simclr", "barlowtwins", "regisimed")
-
+# Shared settings per preset. A method adds its own on top through its class attribute
+# ``Method.presets`` (e.g. ISImed's demo scale), so a new method needs no edit here.
 PRESETS: dict[str, dict[str, Any]] = {
     # ISImed paper (sec. 2-3): DenseNet121, 32^3, 16 patches x 64 volumes, AdamW 1e-3, x0.9 per epoch, 50 epochs.
     "paper": {
         "method": {"backbone": "densenet121", "patch_size_vox": 32, "volumes_per_batch": 64, "patches_per_volume": 16},
         "train": {"epochs": 50, "lr": 1e-3, "lr_decay_per_epoch": 0.9, "device": "auto", "precision": "auto"},
-        "per_method": {},
     },
-    # 2-core CPU: stride-2 SmallCNN, 32^3 patches centred on the body (foreground_only), 20 volumes x
-    # 16 patches = 320 patches/step, 30 epochs x 20 steps = 600 steps; 0.9/epoch leaves 4.7 % of the lr.
-    # Two-view methods embed 2 views per patch: 10 volumes keep the per-step cost equal.
-    # ISImed scale: with raw mm (scale_mm=1, the paper's choice) the SmallCNN's GroupNorm'd, pooled
-    # output must grow to ~150 units, which AdamW at lr 1e-3 cannot do in 600 steps: measured held-out
-    # Spearman 0.19 after 300 steps. With 50 mm per latent unit the targets are O(1) and the same run
-    # reaches 0.93 (300 steps) / 0.97 (600 steps, foreground centres); scale 100 gave the same 0.93.
-    # Measured on the idle 2-core machine: ~60 s per 300 steps (ISImed), ~2 min per method here.
+    # 2-core CPU: stride-2 SmallCNN, 32^3 patches centred on the body (foreground_only), 30 epochs x 20 steps =
+    # 600 steps; 0.9/epoch leaves 4.7 % of the lr at the end.
+    # Equal data budget: EVERY method sees 12 volumes x 16 = 192 distinct patches per step (two-view methods
+    # embed two views of each, so their steps cost about twice as much compute; the report states it).
     "demo": {
-        "method": {"backbone": "smallcnn", "patch_size_vox": 32, "volumes_per_batch": 20, "patches_per_volume": 16,
+        "method": {"backbone": "smallcnn", "patch_size_vox": 32, "volumes_per_batch": 12, "patches_per_volume": 16,
                    "foreground_only": True},
         "train": {
             "epochs": 30,
@@ -50,11 +44,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval_every_epochs": 5,
             "checkpoint_every_epochs": 10,
             "keep_last": 1,
-        },
-        "per_method": {
-            **{m: {"method": {"volumes_per_batch": 10}} for m in TWO_VIEW_METHODS},
-            "isimed": {"method": {"scale_mm": 50.0}},
-            "regisimed": {"method": {"volumes_per_batch": 10, "scale_mm": 50.0}},
         },
     },
     # Smoke tests: 16^3 patches, 2 volumes x 4 patches, 2 epochs x 2 steps; fp32 so runs are
@@ -69,7 +58,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_every": 1,
             "keep_last": 1,
         },
-        "per_method": {},
     },
 }
 
@@ -78,22 +66,31 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def preset(name: str, method: str) -> tuple[dict[str, Any], TrainConfig]:
-    """``(method_overrides, TrainConfig)`` of preset ``name`` for ``method``.
+def preset(method: str, name: str) -> tuple[dict[str, Any], TrainConfig]:
+    """``(method_overrides, TrainConfig)`` of preset ``name`` for ``method`` (the argument order of :func:`build_run`).
 
-    Shared method settings are kept only where the method's Config has that field (a
+    The shared preset, then the method class's own ``presets[name]``. Shared method settings are kept only where the method's Config has that field (a
     method without, say, ``patches_per_volume`` just ignores it); per-method settings
     are applied as given, so a typo there fails in ``create_method``.
     """
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
     spec = PRESETS[name]
-    own = spec["per_method"].get(method, {})
+    own = _method_preset(method, name)
     known = _config_fields(method)
     overrides = {k: v for k, v in spec["method"].items() if known is None or k in known}
     overrides.update(own.get("method", {}))
     train = replace(TrainConfig(), **{**spec["train"], **own.get("train", {})})
     return overrides, train
+
+
+def _method_preset(method: str, name: str) -> dict[str, Any]:
+    from medssl.methods.base import get_method_class
+
+    try:
+        return dict(get_method_class(method).presets.get(name, {}))
+    except KeyError:
+        return {}
 
 
 def _config_fields(method: str) -> set[str] | None:
@@ -123,7 +120,7 @@ def build_run(
 
     from medssl.methods.base import create_method
 
-    overrides, train = preset(preset_name, method)
+    overrides, train = preset(method, preset_name)
     overrides.update(method_overrides or {})
     unknown = set(train_overrides or {}) - {f.name for f in fields(TrainConfig)}
     if unknown:

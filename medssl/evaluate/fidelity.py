@@ -169,29 +169,19 @@ def fidelity_table(results: Mapping[str, FidelityResult]) -> pd.DataFrame:
 def metric_latent(method: nn.Module, emb: np.ndarray) -> tuple[np.ndarray, float | None]:
     """The method's metric latent for ``emb`` (``(N, D)`` from ``method.embed``) and its mm per unit.
 
-    ISImed: the embedding itself, scaled by the ISImed loss's ``latent_distance_scale_mm``.
-    regISImed: the ISImed loss sits on a linear ``isimed_head`` over the embedding, so the
-    head is applied first. Methods without an ISImed-type loss: ``(emb, None)``.
+    Asks the method (:meth:`medssl.methods.base.Method.metric_latent`): ISImed's embedding
+    itself, regISImed's ISImed head applied to it; ``(emb, None)`` for methods without one
+    (and for modules that are not Methods).
     """
-    scale = None
-    for m in method.modules():
-        if m is not method and hasattr(m, "latent_distance_scale_mm"):
-            scale = float(m.latent_distance_scale_mm)
-            break
-    if scale is None:
+    ask = getattr(method, "metric_latent", None)
+    if not callable(ask):
         return emb, None
-    head = getattr(method, "isimed_head", None)
-    if head is None:
-        return emb, scale
-    x = torch.as_tensor(np.asarray(emb, dtype=np.float32))
-    try:
-        p = next(head.parameters())
-        x = x.to(device=p.device, dtype=p.dtype)
-    except StopIteration:
-        pass
-    with frozen(head):
-        out = head(x).float().cpu().numpy()
-    return out, scale
+    with frozen(method):
+        out = ask(torch.as_tensor(np.asarray(emb, dtype=np.float32)))
+    if out is None:
+        return emb, None
+    latent, scale_mm = out
+    return latent.float().cpu().numpy(), float(scale_mm)
 
 
 def method_fidelity(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medssl.train.distributed import gather_with_grad
+from medssl.distributed import gather_with_grad
 
 __all__ = ["BarlowTwinsLoss"]
 

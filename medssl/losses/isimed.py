@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.train.distributed import gather_with_grad
+from medssl.distributed import gather_with_grad
 
 __all__ = ["IsimedDistanceLoss"]
 

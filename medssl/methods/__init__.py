@@ -1,6 +1,15 @@
-"""SSL methods, registered by name. ``create_method("isimed", **overrides)``."""
+"""SSL methods, registered by name. ``create_method("isimed", **overrides)``.
+
+Every module in this package is imported here, and each registers its methods with
+``@register_method`` (and variants with ``register_variant``): a new method is a new
+file, with no edit to this one.
+"""
+
+import importlib
+import pkgutil
 
 from medssl.methods.base import (
+    FAMILIES,
     Method,
     MethodConfig,
     StepOutput,
@@ -8,10 +17,17 @@ from medssl.methods.base import (
     get_method_class,
     list_methods,
     make_config,
+    method_info,
     register_method,
+    register_variant,
 )
 
-# Built-in methods register themselves on import. Keep this list in roadmap order.
-from medssl.methods import isimed, regisimed, simclr, barlowtwins  # noqa: E402,F401
+_SUPPORT_MODULES = {"base", "two_view"}
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _module.name not in _SUPPORT_MODULES and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Method", "MethodConfig", "StepOutput", "create_method", "get_method_class", "list_methods", "make_config", "register_method"]
+__all__ = [
+    "FAMILIES", "Method", "MethodConfig", "StepOutput", "create_method", "get_method_class", "list_methods",
+    "make_config", "method_info", "register_method", "register_variant",
+]

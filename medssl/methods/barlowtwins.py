@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from medssl.losses.barlow_twins import BarlowTwinsLoss
 from medssl.methods.base import register_method
-from medssl.methods.simclr import TwoViewConfig, TwoViewMethod
+from medssl.methods.two_view import TwoViewConfig, TwoViewMethod
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,11 @@ class BarlowTwinsConfig(TwoViewConfig):
 
 @register_method("barlowtwins")
 class BarlowTwins(TwoViewMethod):
+    """BarlowTwins (standard loss, lambda 0.005) on coarse dropout + shuffle views, no projector."""
+
     Config = BarlowTwinsConfig
+    family = "joint embedding"
+    paper = "Zbontar et al., ICML 2021; as the ISImed paper's baseline (Jabareen et al., arXiv 2410.16947)"
 
     def __init__(self, config: BarlowTwinsConfig) -> None:
         super().__init__(config)

@@ -1,9 +1,14 @@
 """The Method contract and the method registry.
 
-A Method is backbone + heads + loss + the sampler/view recipe it needs. The
-trainer only ever calls ``sample``, ``training_step`` and ``embed``, so a new
-method is one file plus ``@register_method("name")``; the shared tests in
-``tests/methods/test_shared_method_contract.py`` then cover it automatically.
+A Method is backbone + heads + loss + the sampler/view recipe it needs. A new method is
+**one file** in ``medssl/methods/`` (found and imported automatically) with a
+``@register_method("name")`` class; its loss and any new sampler or network live in their
+own files under ``losses/``, ``sampling/`` and ``models/``. Nothing else needs an edit:
+the shared tests (``tests/methods/test_shared_method_contract.py``), the pipeline's method
+list, the notebooks and the report all read the registry and the class attributes below.
+
+The trainer only calls ``configure_optimizers``, ``sample``, ``training_step`` and
+``embed``; the evaluators call ``embed`` and ``metric_latent``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,35 @@ import torch
 from torch import nn
 
 from medssl.data.volume import Volume
+from medssl.models.backbones import build_backbone
 from medssl.sampling.base import PatchBatch
+from medssl.sampling.uniform import UniformPatchSampler
+from medssl.train.config import TrainConfig
+
+__all__ = [
+    "FAMILIES",
+    "Method",
+    "MethodConfig",
+    "StepOutput",
+    "backbone_from_config",
+    "create_method",
+    "get_method_class",
+    "list_methods",
+    "make_config",
+    "method_info",
+    "register_method",
+    "register_variant",
+    "uniform_sampler_from_config",
+]
+
+# Report order of the families (a family not listed here sorts after them, by name).
+FAMILIES = (
+    "distance regression",
+    "joint embedding",
+    "positive-pair selection",
+    "context prediction",
+    "untrained baseline",
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +64,7 @@ class MethodConfig:
     volumes_per_batch: int = 64
     patches_per_volume: int = 16
     in_channels: int = 1
-    foreground_only: bool = False  # patch centres on the body (label > 0, else image above its minimum)
+    foreground_only: bool = False  # patch centres on the body (the intensity body mask, medssl.data.body)
     embed_dim: int | None = None  # None = the backbone's default width (1024 for DenseNet121)
 
 
@@ -46,22 +79,44 @@ class StepOutput:
 class Method(nn.Module):
     """Base class for every SSL method.
 
-    Subclasses set ``name`` (via the registry decorator) and ``Config`` (a frozen
-    dataclass with the paper's defaults), build ``self.backbone`` and whatever
-    heads/losses they need in ``__init__(config)``, and implement:
+    Subclasses set ``Config`` (a frozen dataclass with the paper's defaults), build
+    ``self.backbone`` and whatever heads/losses they need in ``__init__(config)``, and
+    implement:
 
-    - ``sample(volumes, rng) -> PatchBatch``: draw one training batch on the CPU,
-      views included (so the trainer can prefetch it).
+    - ``sample(volumes, rng) -> PatchBatch``: draw one training batch on the CPU, views
+      included (so the trainer can prefetch it). Default: ``self.sampler(volumes, rng)``.
     - ``training_step(batch) -> StepOutput``: batch already on the model's device.
-    - ``embed(x) -> (B, D)``: the representation used for transfer/evaluation.
+    - ``embed(x) -> (B, D)``: the representation used for transfer/evaluation, from patches
+      ``(B, C, *input_size_vox)`` cut around the points to describe.
+
+    Class attributes the rest of medssl reads (so nothing else lists methods by name):
+
+    - ``family``: one of :data:`FAMILIES` (report grouping and order).
+    - ``paper``: one-line citation.
+    - ``trains``: False for baselines that are never optimised (e.g. untrained networks,
+      handcrafted descriptors); ``fit`` then only writes their initial state.
+    - ``views_per_patch``: forward passes per distinct patch in a training step (2 for
+      two-view methods): the compute cost stated next to equal-patch budgets.
+    - ``presets``: per-preset overrides, ``{"demo": {"method": {...}, "train": {...}}}``,
+      applied on top of the shared preset (:mod:`medssl.presets`).
+    - ``in_demo``: run by ``make demo``.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    trains: ClassVar[bool] = True
+    views_per_patch: ClassVar[int] = 1
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    in_demo: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
+        self.registry_name = self.name  # the registry entry it was built from (a variant's own name)
+
+    # ------------------------------------------------------------------ geometry of the input
 
     @property
     def embed_dim(self) -> int:
@@ -72,73 +127,180 @@ class Method(nn.Module):
         p = self.config.patch_size_vox
         return (p,) * 3 if isinstance(p, int) else tuple(p)
 
+    @property
+    def input_size_vox(self) -> tuple[int, int, int]:
+        """The cube around a point that ``embed`` needs (its patch size unless a method says otherwise)."""
+        return self.patch_size_vox
+
+    @property
+    def patches_per_step(self) -> int:
+        """Distinct patches per training step (per rank): the data budget compared across methods."""
+        return int(self.config.volumes_per_batch) * int(self.config.patches_per_volume)
+
+    # ------------------------------------------------------------------ training
+
+    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+        """``(optimizer, scheduler)``; the scheduler's ``step()`` is called once after every epoch.
+
+        Default (the ISImed paper): AdamW over every trainable parameter with ``config.lr``
+        and ``config.weight_decay`` (norms and biases included, plain AdamW), and
+        ``lr = config.lr * config.lr_decay_per_epoch ** epoch``.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay_per_epoch)
+
     def sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
-        raise NotImplementedError
+        return self.sampler(volumes, rng)  # type: ignore[attr-defined]
 
     def training_step(self, batch: PatchBatch) -> StepOutput:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (B, C, *S)`` -> ``(B, D)``. Callers put the module in eval mode."""
         return self.backbone(x)  # type: ignore[attr-defined]
 
+    @torch.no_grad()
+    def metric_latent(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """The latent whose Euclidean distances are meant to be physical, and its mm per unit.
+
+        ``None`` (default): the method has no metric latent (joint-embedding methods);
+        distance fidelity then reports correlations and an affine fit only. Methods
+        trained to make distances physical (ISImed) return ``(latent (B, D'), scale_mm)``
+        computed from ``embed``'s output.
+        """
+        return None
+
     def config_dict(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self.config)}
 
 
-_REGISTRY: dict[str, type[Method]] = {}
+def backbone_from_config(config: Any, spatial_dims: int = 3) -> nn.Module:
+    """The backbone named by ``config.backbone`` (``in_channels``, ``embed_dim`` from the config)."""
+    return build_backbone(config.backbone, in_channels=config.in_channels, spatial_dims=spatial_dims,
+                          embed_dim=config.embed_dim)
+
+
+def uniform_sampler_from_config(config: Any) -> UniformPatchSampler:
+    """Uniform patches: ``patches_per_volume`` from each of ``volumes_per_batch`` volumes."""
+    return UniformPatchSampler(
+        config.patch_size_vox,
+        volumes_per_batch=config.volumes_per_batch,
+        patches_per_volume=config.patches_per_volume,
+        foreground_only=config.foreground_only,
+    )
+
+
+# ---------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class _Entry:
+    cls: type[Method]
+    overrides: dict[str, Any]
+    description: str
+    in_demo: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: ``@register_method("isimed")``."""
 
     def deco(cls: type[Method]) -> type[Method]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].cls.__qualname__}")
         if not is_dataclass(getattr(cls, "Config", None)):
             raise TypeError(f"{cls.__qualname__} needs a dataclass `Config`")
         cls.name = name
-        _REGISTRY[name] = cls
+        doc = (cls.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = _Entry(cls, {}, doc[0] if doc else "", bool(cls.in_demo))
         return cls
 
     return deco
 
 
-def list_methods() -> list[str]:
+def register_variant(name: str, base: str, description: str = "", in_demo: bool = False, **overrides: Any) -> None:
+    """Register ``name`` as ``base`` with config ``overrides`` (e.g. SimSiam with another IoU interval).
+
+    A variant is a method like any other for runs, notebooks and reports (its run folder is
+    ``runs/<run>/<name>/``); its checkpoint records the base method and the full config.
+    """
+    if name in _REGISTRY and (_REGISTRY[name].cls is not _REGISTRY[base].cls or _REGISTRY[name].overrides != overrides):
+        raise ValueError(f"method {name!r} is already registered")
+    entry = _REGISTRY[base]
+    known = {f.name for f in fields(entry.cls.Config)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"variant {name!r}: {base} has no config fields {sorted(unknown)}")
+    _REGISTRY[name] = _Entry(entry.cls, {**entry.overrides, **overrides}, description or f"{base} {overrides}",
+                             bool(in_demo))
+
+
+def list_methods(*, trains: bool | None = None, demo: bool | None = None) -> list[str]:
+    """Registered method names in report order (family, then registration order).
+
+    ``trains``: only methods that are (True) / are not (False) optimised; ``demo``: only
+    those ``make demo`` runs.
+    """
     _import_builtin_methods()
-    return sorted(_REGISTRY)
+    rank = {f: i for i, f in enumerate(FAMILIES)}
+    order = {n: i for i, n in enumerate(_REGISTRY)}
+    names = sorted(_REGISTRY, key=lambda n: (rank.get(_REGISTRY[n].cls.family, len(FAMILIES)),
+                                             _REGISTRY[n].cls.family, order[n]))
+    return [
+        n for n in names
+        if (trains is None or _REGISTRY[n].cls.trains == trains) and (demo is None or _REGISTRY[n].in_demo == demo)
+    ]
 
 
 def get_method_class(name: str) -> type[Method]:
-    _import_builtin_methods()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+    return _entry(name).cls
+
+
+def method_info(name: str) -> dict[str, Any]:
+    """What the registry knows about ``name``: family, citation, whether it trains, views per patch, ..."""
+    e = _entry(name)
+    return {"method": name, "base": e.cls.name, "family": e.cls.family, "paper": e.cls.paper,
+            "trains": e.cls.trains, "views_per_patch": e.cls.views_per_patch, "in_demo": e.in_demo,
+            "overrides": dict(e.overrides), "description": e.description}
 
 
 def make_config(name: str, **overrides: Any) -> Any:
-    """The method's default Config with ``overrides`` applied (unknown keys raise)."""
-    cls = get_method_class(name)
-    cfg = cls.Config()
+    """The method's default Config with the variant's and then ``overrides`` applied (unknown keys raise)."""
+    e = _entry(name)
+    cfg = e.cls.Config()
     known = {f.name for f in fields(cfg)}
     unknown = set(overrides) - known
     if unknown:
         raise TypeError(f"{name}: unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-    return replace(cfg, **overrides)
+    return replace(cfg, **{**e.overrides, **overrides})
 
 
 def create_method(name: str, config: Any = None, **overrides: Any) -> Method:
-    """Build a registered method from its default config, a config, or overrides."""
-    cls = get_method_class(name)
+    """Build a registered method (or variant) from its default config, a config, or overrides."""
+    e = _entry(name)
     if config is None:
         config = make_config(name, **overrides)
     elif overrides:
         config = replace(config, **overrides)
-    return cls(config)
+    method = e.cls(config)
+    method.registry_name = name
+    return method
+
+
+def _entry(name: str) -> _Entry:
+    _import_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; registered: {', '.join(list_methods())}") from None
 
 
 def _import_builtin_methods() -> None:
-    # Importing the package registers the built-in methods (each file decorates its class).
+    # Importing the package imports every module in it, and each registers its methods.
     import medssl.methods  # noqa: F401

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from medssl.data.volume import Volume
 from medssl.losses.isimed import IsimedDistanceLoss
-from medssl.methods.base import Method, MethodConfig, StepOutput, register_method
-from medssl.models.backbones import build_backbone
+from medssl.methods.base import Method, MethodConfig, StepOutput, backbone_from_config, register_method, \
+    uniform_sampler_from_config
 from medssl.sampling.base import PatchBatch
-from medssl.sampling.uniform import UniformPatchSampler
+
+# The demo preset's scale (mm per latent unit), chosen on the VALIDATION split (presets.py, README).
+DEMO_SCALE_MM = 50.0
 
 
 @dataclass(frozen=True)
@@ -30,30 +29,35 @@ class IsimedConfig(MethodConfig):
 
 @register_method("isimed")
 class Isimed(Method):
-    """The backbone output itself carries the ISImed loss (no head, as the paper).
+    """ISImed: latent L2 distances regressed onto the physical distances (mm) between patch centres.
 
-    ``sample``: uniform patches (no views). ``training_step`` logs the loss, the mean
-    absolute error between scaled latent and physical pair distances (mm), their means
-    and the number of pairs.
+    The backbone output itself carries the ISImed loss (no head, as the paper); it is the
+    metric latent. ``sample``: uniform patches (no views). ``training_step`` logs the loss,
+    the mean absolute error between scaled latent and physical pair distances (mm), their
+    means and the number of pairs.
     """
 
     Config = IsimedConfig
+    family = "distance regression"
+    paper = "Jabareen, Yuan, Lukassen: ISImed, arXiv 2410.16947"
+    presets = {"demo": {"method": {"scale_mm": DEMO_SCALE_MM}}}
 
     def __init__(self, config: IsimedConfig) -> None:
         super().__init__(config)
-        self.backbone = _backbone_from_config(config)
-        self.sampler = _sampler_from_config(config)
-        self.loss_fn = _isimed_loss_from_config(config)
-
-    def sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
-        return self.sampler(volumes, rng)
+        self.backbone = backbone_from_config(config)
+        self.sampler = uniform_sampler_from_config(config)
+        self.loss_fn = isimed_loss_from_config(config)
 
     def training_step(self, batch: PatchBatch) -> StepOutput:
-        e = self.backbone(batch.patches)  # (N, D)
+        e = self.backbone(batch.patches)  # (N, D), fp32 even under autocast (the backbone's tail runs in fp32)
         latent_mm, physical_mm = self.loss_fn.pair_distances_mm(e, batch.centres_mm, batch.volume_index)
         loss = self.loss_fn.regression_loss(latent_mm, physical_mm)
         logs = {"loss": float(loss.detach()), **isimed_distance_logs(latent_mm, physical_mm)}
         return StepOutput(loss=loss, logs=logs)
+
+    @torch.no_grad()
+    def metric_latent(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return embeddings, self.loss_fn.latent_distance_scale_mm
 
 
 def isimed_distance_logs(latent_mm: torch.Tensor, physical_mm: torch.Tensor, prefix: str = "") -> dict[str, float]:
@@ -67,20 +71,7 @@ def isimed_distance_logs(latent_mm: torch.Tensor, physical_mm: torch.Tensor, pre
     }
 
 
-def _backbone_from_config(config: Any) -> nn.Module:
-    return build_backbone(config.backbone, in_channels=config.in_channels, spatial_dims=3, embed_dim=config.embed_dim)
-
-
-def _sampler_from_config(config: Any) -> UniformPatchSampler:
-    return UniformPatchSampler(
-        config.patch_size_vox,
-        volumes_per_batch=config.volumes_per_batch,
-        patches_per_volume=config.patches_per_volume,
-        foreground_only=config.foreground_only,
-    )
-
-
-def _isimed_loss_from_config(config: Any) -> IsimedDistanceLoss:
+def isimed_loss_from_config(config: Any) -> IsimedDistanceLoss:
     return IsimedDistanceLoss(
         loss=config.loss,
         huber_delta_mm=config.huber_delta_mm,

@@ -8,8 +8,8 @@ import torch
 
 from medssl.losses.barlow_twins import BarlowTwinsLoss
 from medssl.methods.base import StepOutput, register_method
-from medssl.methods.isimed import IsimedConfig, _isimed_loss_from_config, isimed_distance_logs
-from medssl.methods.simclr import TwoViewConfig, TwoViewMethod, view_agreement_logs
+from medssl.methods.isimed import DEMO_SCALE_MM, IsimedConfig, isimed_distance_logs, isimed_loss_from_config
+from medssl.methods.two_view import TwoViewConfig, TwoViewMethod, view_agreement_logs
 from medssl.models.heads import LinearHead
 from medssl.sampling.base import PatchBatch
 
@@ -31,7 +31,9 @@ class RegIsimedConfig(TwoViewConfig, IsimedConfig):
 
 @register_method("regisimed")
 class RegIsimed(TwoViewMethod):
-    """Backbone -> {linear ISImed head, linear BarlowTwins head}, trained on two views.
+    """regISImed: ISImed on a linear head plus BarlowTwins on another, trained on two views.
+
+    Backbone -> {linear ISImed head, linear BarlowTwins head}.
 
     The views are two augmentations of the SAME patches, so they share ``centres_mm``;
     the ISImed loss is applied to each view's ISImed-head output and averaged.
@@ -46,13 +48,16 @@ class RegIsimed(TwoViewMethod):
     """
 
     Config = RegIsimedConfig
+    family = "distance regression"
+    paper = "Jabareen, Yuan, Lukassen: ISImed, arXiv 2410.16947 (sec. 2.1)"
+    presets = {"demo": {"method": {"scale_mm": DEMO_SCALE_MM}}}
 
     def __init__(self, config: RegIsimedConfig) -> None:
         super().__init__(config)
         d = self.backbone.embed_dim
         self.isimed_head = LinearHead(d, config.isimed_head_dim or max(1, d // 2))
         self.barlow_head = LinearHead(d, config.barlow_head_dim or 2 * d)
-        self.isimed_loss = _isimed_loss_from_config(config)
+        self.isimed_loss = isimed_loss_from_config(config)
         self.barlow_loss = BarlowTwinsLoss(lambda_offdiag=config.lambda_offdiag)
 
     def training_step(self, batch: PatchBatch) -> StepOutput:
@@ -71,3 +76,10 @@ class RegIsimed(TwoViewMethod):
             **view_agreement_logs(h_a, h_b),
         }
         return StepOutput(loss=loss, logs=logs)
+
+    @torch.no_grad()
+    def metric_latent(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The ISImed head's output carries the distances (the backbone output feeds both heads)."""
+        head = self.isimed_head
+        p = next(head.parameters())
+        return head(embeddings.to(device=p.device, dtype=p.dtype)), self.isimed_loss.latent_distance_scale_mm

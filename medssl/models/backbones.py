@@ -13,7 +13,17 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import DenseNet121
 from torch import nn
 
-__all__ = ["SmallCNN", "DenseNet121Backbone", "build_backbone", "list_backbones", "register_backbone"]
+__all__ = ["SmallCNN", "DenseNet121Backbone", "build_backbone", "fp32", "list_backbones", "register_backbone"]
+
+
+def fp32(x: torch.Tensor):
+    """Autocast off for the block: the last layers of a backbone and metric heads run in float32.
+
+    ISImed compares latent distances with physical ones in mm; computed from bf16 outputs
+    they would be quantised to ~1-2 mm steps at raw-mm scale, which no later ``.float()``
+    can undo. The tail (last block, pooling, final linear) is a small share of the compute.
+    """
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 class SmallCNN(nn.Module):
@@ -81,9 +91,13 @@ class SmallCNN(nn.Module):
             self.embed_dim = int(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x)  # (B, channels[-1], *S')
-        h = h.flatten(2).mean(-1)  # global average pool -> (B, channels[-1])
-        return self.fc(h)
+        h = x
+        for block in self.features[:-1]:
+            h = block(h)
+        with fp32(h):  # the last block, pooling and fc in float32 (see fp32)
+            h = self.features[-1](h.float())  # (B, channels[-1], *S')
+            h = h.flatten(2).mean(-1)  # global average pool -> (B, channels[-1])
+            return self.fc(h)
 
 
 class DenseNet121Backbone(nn.Module):
@@ -103,7 +117,9 @@ class DenseNet121Backbone(nn.Module):
         self.spatial_dims = spatial_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        h = self.net.features(x)
+        with fp32(h):  # the classifier layers (ReLU, pooling, the 1024-d linear) in float32 (see fp32)
+            return self.net.class_layers(h.float())
 
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {}

@@ -48,10 +48,14 @@ class ProjectionHead(nn.Module):
 
 
 class LinearHead(ProjectionHead):
-    """One linear layer, ``(B, in_features) -> (B, out_features)`` (regISImed's heads)."""
+    """One linear layer, ``(B, in_features) -> (B, out_features)`` (regISImed's heads), in float32 under autocast."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__([(in_features, out_features, None, None)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):  # a metric head: see backbones.fp32
+            return self.layers(x.float())
 
 
 def mlp_blocks(

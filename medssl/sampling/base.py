@@ -43,6 +43,23 @@ class PatchBatch:
     def __len__(self) -> int:
         return int(self.patches.shape[0])
 
+    @staticmethod
+    def concat(batches: Sequence["PatchBatch"]) -> "PatchBatch":
+        """One batch from several (e.g. the shards of DDP ranks): rows in order, volume indices offset.
+
+        Only batches without ``extras`` (whose batch axis differs between methods) can be joined.
+        """
+        if any(b.extras for b in batches):
+            raise ValueError("PatchBatch.concat cannot join batches with extras")
+        offsets = np.cumsum([0] + [len(b.case_ids) for b in batches[:-1]])
+        return PatchBatch(
+            patches=torch.cat([b.patches for b in batches]),
+            centres_mm=torch.cat([b.centres_mm for b in batches]),
+            boxes_vox=torch.cat([b.boxes_vox for b in batches]),
+            volume_index=torch.cat([b.volume_index + int(o) for b, o in zip(batches, offsets)]),
+            case_ids=[c for b in batches for c in b.case_ids],
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PatchBatch":
         """Move every tensor to ``device`` (a new batch; this one is unchanged)."""
         moved = {}

@@ -34,6 +34,8 @@ __all__ = [
     "load_checkpoint",
     "load_method",
     "checkpoint_paths",
+    "training_state",
+    "check_resumable",
 ]
 
 CHECKPOINT_FORMAT = "medssl-checkpoint-v1"
@@ -107,6 +109,7 @@ def load_method(checkpoint_path: str | os.PathLike, map_location: str | torch.de
         method.load_state_dict(state["model"], strict=True)
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(checkpoint_path, f"cannot rebuild method {state['method']!r}: {e}") from None
+    method.registry_name = str(state.get("registry_name", state["method"]))
     return method.to(map_location).eval()
 
 
@@ -150,3 +153,50 @@ def prune_epoch_checkpoints(ckpt_dir: Path, keep_last: int | None) -> None:
     )
     for _, p in epoch_files[: max(len(epoch_files) - keep_last, 0)]:
         p.unlink(missing_ok=True)
+
+
+def training_state(method: "Method", config: Any, optimizer: Any, scheduler: Any, scaler: Any, step: int,
+                   steps_per_epoch: int, elapsed_s: float, numpy_rngs: list[str], torch_rngs: list[torch.Tensor],
+                   cuda_rng: torch.Tensor | None) -> dict[str, Any]:
+    """Everything an exact resume needs, as plain tensors, numbers and strings.
+
+    ``numpy_rngs``/``torch_rngs``: one entry per DDP rank (rank order), so every rank resumes
+    its own sampling stream; ``numpy_rng`` (rank 0's) is kept for readers of older files.
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "method": method.name,
+        "registry_name": getattr(method, "registry_name", method.name),
+        "method_config": config_to_json(method.config),
+        "train_config": config_to_json(config),
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+        "step": step,
+        "epoch": step // steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "elapsed_s": elapsed_s,
+        "numpy_rng": numpy_rngs[0],
+        "numpy_rngs": list(numpy_rngs),
+        "torch_rng": torch_rngs[0],
+        "torch_rngs": list(torch_rngs),
+        "cuda_rng": cuda_rng,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def check_resumable(state: dict, method: "Method", config: Any, path: Path) -> None:
+    """Refuse a checkpoint of another method/config; warn about changed train settings."""
+    import warnings
+
+    if state["method"] != method.name or state["method_config"] != config_to_json(method.config):
+        raise CheckpointError(
+            path,
+            f"was trained by {state['method']!r} with config {state['method_config']}, which differs from the "
+            f"method given ({method.name!r}, {config_to_json(method.config)}); use another run_dir to train it",
+        )
+    saved = json.loads(state.get("train_config", "{}"))
+    changed = {k: (saved.get(k), v) for k, v in asdict(config).items() if k != "epochs" and saved.get(k) != v}
+    if changed:
+        warnings.warn(f"{path}: resuming with changed train settings (old, new): {changed}", stacklevel=3)

@@ -13,13 +13,17 @@ _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class TrainConfig:
     """How ``fit`` trains. Defaults are the ISImed paper's (AdamW lr 1e-3, x0.9 per epoch, 50 epochs).
 
+    The optimiser and schedule come from the method (``Method.configure_optimizers``; the
+    default is AdamW with ``lr``, ``weight_decay`` and ``lr_decay_per_epoch`` below); a method
+    with its own recipe (SimSiam's SGD, Blendowski's Adam) reads what it needs from here.
+
     Attributes:
         epochs: number of epochs.
         steps_per_epoch: optimiser steps per epoch; ``None`` -> ``ceil(len(train_volumes) /
             (volumes_per_batch * world_size))``, i.e. one epoch sees each volume about once.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay; 1e-2 is PyTorch's AdamW default (the paper gives none).
-        lr_decay_per_epoch: exponential decay factor applied after every epoch.
+        lr: base learning rate.
+        weight_decay: weight decay; 1e-2 is PyTorch's AdamW default (the ISImed paper gives none).
+        lr_decay_per_epoch: exponential decay factor applied after every epoch (default schedule).
         grad_clip_norm: clip the global gradient L2 norm to this; ``None`` disables clipping.
         seed: seeds the sampling rng (numpy; rank r of a DDP run uses ``[seed, r]``) and torch
             (dropout etc.). The model is built, and so initialised, before ``fit``: seed that yourself.
@@ -38,6 +42,9 @@ class TrainConfig:
             torch already uses both cores and SimCLR's demo steps took 20.0-20.4 s per 80 steps
             with and 19.8-20.1 s without; it is meant for GPU runs, where sampling and view
             making on the CPU can overlap GPU compute.
+        sync_batchnorm: under DDP, convert BatchNorm layers to ``SyncBatchNorm`` (batch
+            statistics over all ranks). DDP broadcasts rank 0's buffers before every forward
+            either way, so the running statistics stay identical on every rank.
     """
 
     epochs: int = 50
@@ -56,6 +63,7 @@ class TrainConfig:
     val_seed: int = 12345
     val_batches: int = 1
     prefetch: bool = False
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

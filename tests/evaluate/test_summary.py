@@ -16,14 +16,16 @@ class _CoordinateEmbedder(nn.Module):
 
     def __init__(self, scale_mm: float = 1.0, constant: bool = False):
         super().__init__()
-        self.loss = nn.Module()
-        self.loss.latent_distance_scale_mm = scale_mm  # what ISImed-type losses expose
+        self.scale_mm = scale_mm
         self.constant = constant
         self.w = nn.Parameter(torch.zeros(1))
 
     def embed(self, x):
-        z = x.mean(dim=(2, 3, 4)) / self.loss.latent_distance_scale_mm
+        z = x.mean(dim=(2, 3, 4)) / self.scale_mm
         return torch.zeros_like(z) if self.constant else z
+
+    def metric_latent(self, emb):  # the Method hook: this latent is metric, scale_mm mm per unit
+        return emb, self.scale_mm
 
 
 def _coordinate_volumes(n=3):

@@ -251,21 +251,70 @@ def test_resuming_with_a_different_method_config_is_refused(tmp_path, registered
         fit(_new_method(embed_dim=4), _volumes(2), cfg, tmp_path, progress=False)
 
 
-def test_presets_give_the_paper_settings_and_halve_volumes_for_two_view_methods_in_the_demo():
+def test_presets_give_the_paper_settings_and_every_demo_method_the_same_distinct_patches_per_step():
+    from medssl.methods import create_method, list_methods
     from medssl.presets import preset
 
-    overrides, cfg = preset("paper", "isimed")
+    overrides, cfg = preset("isimed", "paper")
     assert overrides == {"backbone": "densenet121", "patch_size_vox": 32, "volumes_per_batch": 64, "patches_per_volume": 16}
     assert (cfg.epochs, cfg.lr, cfg.lr_decay_per_epoch) == (50, 1e-3, 0.9)
-    demo_isimed, demo_cfg = preset("demo", "isimed")
-    demo_simclr, _ = preset("demo", "simclr")
-    assert demo_isimed["backbone"] == "smallcnn" and demo_isimed["volumes_per_batch"] == 2 * demo_simclr["volumes_per_batch"]
+    demo_isimed, demo_cfg = preset("isimed", "demo")
+    demo_simclr, _ = preset("simclr", "demo")
+    assert demo_isimed["backbone"] == "smallcnn"
     assert demo_cfg.epochs * demo_cfg.steps_per_epoch == 600
-    # ISImed-type methods get a latent scale the SmallCNN can reach (see the comment in presets.py)
-    assert demo_isimed["scale_mm"] == preset("demo", "regisimed")[0]["scale_mm"] == 50.0
+    budgets = {}
+    for name in list_methods(trains=True, demo=True):
+        m_over, _ = preset(name, "demo")
+        budgets[name] = create_method(name, **{**m_over, "backbone": "smallcnn"}).patches_per_step
+    assert len(set(budgets.values())) == 1, budgets  # equal data budgets (two-view methods pay 2 views each)
+    # ISImed-type methods get a latent scale the SmallCNN can reach (chosen on validation; presets.py)
+    assert demo_isimed["scale_mm"] == preset("regisimed", "demo")[0]["scale_mm"] == 50.0
     assert "scale_mm" not in demo_simclr
     with pytest.raises(KeyError, match="unknown preset"):
-        preset("fast", "isimed")
+        preset("isimed", "fast")
+
+
+def test_the_default_optimiser_is_adamw_and_the_lr_follows_lr_times_0_9_to_the_epoch(tmp_path, registered):
+    cfg = TrainConfig(epochs=4, steps_per_epoch=2, lr=2e-3, device="cpu", precision="fp32", log_every=1)
+    method = _new_method()
+    optimizer, scheduler = method.configure_optimizers(cfg)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == cfg.weight_decay
+    fit(method, _volumes(3), cfg, tmp_path, progress=False)
+    log = read_metrics(tmp_path)
+    train = log[log.split == "train"]
+    epochs_done = (train.step.to_numpy() - 1) // cfg.steps_per_epoch  # the lr in use during that step
+    np.testing.assert_allclose(train.lr.to_numpy(), 2e-3 * 0.9 ** epochs_done, rtol=1e-12)
+
+
+def test_a_method_can_bring_its_own_optimiser_and_schedule(tmp_path, registered):
+    class _SgdRegressor(_TinyRegressor):
+        def configure_optimizers(self, config):
+            opt = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+            return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+
+    torch.manual_seed(0)
+    method = _SgdRegressor(_TinyConfig())
+    fit(method, _volumes(3), TrainConfig(epochs=2, steps_per_epoch=1, device="cpu", precision="fp32", log_every=1),
+        tmp_path, progress=False)
+    np.testing.assert_allclose(read_metrics(tmp_path).lr.dropna().tolist(), [0.5, 0.05])
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert "momentum" in state["optimizer"]["param_groups"][0]
+
+
+def test_an_untrained_baseline_is_not_optimised_but_its_initial_state_is_checkpointed(tmp_path, registered):
+    class _Untrained(_TinyRegressor):
+        trains = False
+
+    torch.manual_seed(0)
+    method = _Untrained(_TinyConfig())
+    before = [p.detach().clone() for p in method.parameters()]
+    result = fit(method, _volumes(3), _CFG, tmp_path, val_volumes=_volumes(2, seed=1), progress=False)
+    assert result.step == 0 and not result.stopped_early
+    assert all(torch.equal(a, b) for a, b in zip(before, method.parameters()))
+    assert not [c for c in method.calls if c[0] == "step" and c[1]]  # no training step ran
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 0 and all(torch.equal(state["model"][k], v) for k, v in method.state_dict().items())
+    assert read_metrics(tmp_path).split.tolist() == ["val"]
 
 
 @pytest.mark.parametrize("name", ["isimed", "regisimed", "simclr", "barlowtwins"])
@@ -273,7 +322,7 @@ def test_the_tiny_preset_trains_each_builtin_method_end_to_end(tmp_path, name):
     from medssl.methods import create_method
     from medssl.presets import preset
 
-    overrides, cfg = preset("tiny", name)
+    overrides, cfg = preset(name, "tiny")
     vols = _volumes(3, shape=(20, 18, 17))
     result = fit(create_method(name, **overrides), vols, cfg, tmp_path, val_volumes=vols[:2], progress=False)
     log = read_metrics(tmp_path)
@@ -288,7 +337,7 @@ def test_prefetching_batches_trains_on_exactly_the_same_batches_as_drawing_them_
     from medssl.methods import create_method
     from medssl.presets import preset
 
-    overrides, cfg = preset("tiny", "simclr")  # two-view: the views consume the sampling rng too
+    overrides, cfg = preset("simclr", "tiny")  # two-view: the views consume the sampling rng too
     cfg = replace(cfg, epochs=2, steps_per_epoch=3)
     vols = _volumes(3, shape=(20, 18, 17))
     params = {}
