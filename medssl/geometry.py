@@ -35,6 +35,8 @@ __all__ = [
     "centre_voxel_of_box",
     "boxes_for_centres",
     "centre_window",
+    "moment_alignment",
+    "apply_affine_mm",
 ]
 
 # Smallest voxel size (mm) we accept as non-zero; real scanners are >= 0.01 mm.
@@ -227,3 +229,31 @@ def check_affine(affine: ArrayLike) -> None:
             "affine is singular (its voxel axes are parallel, "
             f"det of the direction matrix = {normalised_det:.3g}):\n{a}"
         )
+
+
+def moment_alignment(points_a_mm: ArrayLike, points_b_mm: ArrayLike) -> np.ndarray:
+    """A ``(4, 4)`` world-mm map that aligns point cloud A with point cloud B by their moments.
+
+    Translation plus a scaling along each world axis: ``x_b = mu_b + (sigma_b / sigma_a) * (x_a - mu_a)``,
+    with ``mu``/``sigma`` the mean and standard deviation of each cloud along x, y, z (e.g. the
+    voxels of two body masks). No rotation: scans in medssl are RAS-oriented, and a rotation
+    from second moments is ambiguous (axis signs and order) for near-symmetric bodies. This is
+    the "aligned identity" shortcut of the evaluations: what plain body size and position
+    explain, without any image content.
+    """
+    a, b = _points(points_a_mm, "points_a_mm"), _points(points_b_mm, "points_b_mm")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("moment_alignment needs at least 2 points in each cloud")
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    sd_a, sd_b = a.std(axis=0), b.std(axis=0)
+    scale = np.divide(sd_b, sd_a, out=np.ones(3), where=sd_a > 0)
+    out = np.eye(4)
+    out[:3, :3] = np.diag(scale)
+    out[:3, 3] = mu_b - scale * mu_a
+    return out
+
+
+def apply_affine_mm(transform: ArrayLike, points_mm: ArrayLike) -> np.ndarray:
+    """``(N, 3)`` points mapped by a ``(4, 4)`` mm -> mm transform."""
+    t = _affine(transform)
+    return _points(points_mm, "points_mm") @ t[:3, :3].T + t[:3, 3]

@@ -9,7 +9,7 @@ dataclasses); the notebooks show and plot them. Modules:
 - ``latent``: PCA/UMAP frames, coordinate decoding, PC-axis correlation, collapse (ISImed Fig. 2).
 - ``probe``: subject-grouped linear-probe patch classification (ISImed Table 1).
 - ``stats``: paired t-test / Wilcoxon between methods on the same folds.
-- ``runs``: checkpoints and result folders of a run directory.
+- ``runs``: loading a run's trained methods (the layout is :class:`medssl.rundir.RunDir`).
 - ``rank``, ``dense``, ``correspondence``, ``maps``: capacity, dense grids, correspondence, latent maps.
 """
 
@@ -50,15 +50,7 @@ from medssl.evaluate.probe import (
     raw_intensity_features,
 )
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
-from medssl.evaluate.runs import (
-    RANDOM_INIT,
-    eval_dir,
-    find_checkpoints,
-    load_run_methods,
-    method_checkpoint,
-    random_init_like,
-    results_dir,
-)
+from medssl.evaluate.runs import RANDOM_INIT, load_run_methods, random_init_like
 from medssl.evaluate.stats import holm, paired_tests, pvalue_matrix
 
 __all__ = [
@@ -69,7 +61,6 @@ __all__ = [
     "METRICS", "ProbeComparison", "ProbeResult", "binary_metrics", "grouped_folds", "linear_probe_cv",
     "probe_frozen_backbone", "probe_methods", "raw_intensity_features",
     "dim_variance_fraction", "effective_rank",
-    "RANDOM_INIT", "eval_dir", "find_checkpoints", "load_run_methods", "method_checkpoint", "random_init_like",
-    "results_dir",
+    "RANDOM_INIT", "load_run_methods", "random_init_like",
     "holm", "paired_tests", "pvalue_matrix",
 ]

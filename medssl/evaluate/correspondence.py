@@ -6,14 +6,24 @@ measure how far that grid point is, in mm, from the true corresponding point in
 B (known exactly for the demo cohort, which stores its deformations). This tests
 the "unified global coordinate system" claim of the ISImed paper.
 
-Two reference rows come with every evaluation:
+Rows that expose shortcuts come with every evaluation (all predictions are grid points of
+B, like a method's):
 
-- ``chance``: a random foreground grid point of B (seeded), the error of a
-  method that knows nothing.
-- ``grid_floor``: the nearest grid point of B to the true point, the best any
+- ``identity`` (shortcut baseline): the grid point of B nearest to the *same world
+  coordinate* as the query. On a cohort of warped copies of one CT (the demo) or on
+  roughly registered scans this is already good; a method that does not beat it has not
+  shown a latent coordinate system.
+- ``aligned-identity`` (shortcut baseline): the same after aligning the two bodies by
+  their moments (:func:`medssl.geometry.moment_alignment` on the body grid points: centroid
+  and extent along x, y, z). A method is called better only if it beats this row.
+- ``chance`` (reference): a random body grid point of B (seeded).
+- ``grid_floor`` (reference): the nearest grid point of B to the true point, the best any
   method can do at this stride.
 
 The random-init baseline is just another entry of ``methods`` (the caller adds it).
+
+Unregistered scans: the identity rows compare world coordinates of two scans, which only
+means something when both share a frame; ``aligned-identity`` does not need one.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from medssl.data.volume import Volume
 from medssl.evaluate.dense import DenseEmbedding, dense_embeddings
-from medssl.geometry import world_to_vox
+from medssl.geometry import apply_affine_mm, moment_alignment, world_to_vox
 
 __all__ = [
     "CorrespondenceResult",
@@ -50,6 +60,11 @@ _COLUMNS = [
 ]
 CHANCE = "chance"
 GRID_FLOOR = "grid_floor"
+IDENTITY = "identity"
+ALIGNED_IDENTITY = "aligned-identity"
+BASELINES = (IDENTITY, ALIGNED_IDENTITY)
+REFERENCES = (CHANCE, GRID_FLOOR)
+SHARED_ROWS = BASELINES + REFERENCES  # depend only on the two grids and the seed, not on the method
 
 
 def query_points(dense_a: DenseEmbedding, n_points: int, seed: int) -> np.ndarray:
@@ -104,7 +119,8 @@ def correspondence_from_dense(
         n_points: number of query points in A's foreground.
         seed: chooses the query points and the chance baseline.
         method_name: value of the ``method`` column.
-        include_references: also return the ``chance`` and ``grid_floor`` rows.
+        include_references: also return the ``identity``, ``aligned-identity``, ``chance`` and
+            ``grid_floor`` rows.
 
     Returns:
         One row per (method, query point) with columns ``method, case_a, case_b,
@@ -133,6 +149,9 @@ def correspondence_from_dense(
         pred[CHANCE] = dense_b.flat_centres_mm[rng.choice(fg_b, size=len(idx), replace=True)]
         grid_nn = NearestNeighbors(n_neighbors=1).fit(dense_b.flat_centres_mm)
         pred[GRID_FLOOR] = dense_b.flat_centres_mm[grid_nn.kneighbors(true_mm)[1][:, 0]]
+        pred[IDENTITY] = dense_b.flat_centres_mm[grid_nn.kneighbors(query_mm)[1][:, 0]]
+        align = moment_alignment(_body_points(dense_a), _body_points(dense_b))
+        pred[ALIGNED_IDENTITY] = dense_b.flat_centres_mm[grid_nn.kneighbors(apply_affine_mm(align, query_mm))[1][:, 0]]
 
     frames = []
     for name, pred_mm in pred.items():
@@ -150,6 +169,11 @@ def correspondence_from_dense(
         )
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def _body_points(dense: DenseEmbedding) -> np.ndarray:
+    fg = dense.flat_foreground
+    return dense.flat_centres_mm[fg] if fg.any() else dense.flat_centres_mm
 
 
 def correspondence_error(
@@ -176,13 +200,12 @@ def correspondence_error(
 
 
 def summarize_correspondence(points: pd.DataFrame) -> pd.DataFrame:
-    """Per method: median, mean and 90th percentile error (mm) and the number of points/pairs.
+    """Per method: median, mean and 90th percentile error (mm), the number of points/pairs, and the row kind.
 
-    The reference rows (``chance``, ``grid_floor``) are pooled over methods: they
-    depend on the grid and the seed, and are identical for methods with the
-    same patch size.
+    The shared rows (identity, aligned identity, chance, grid floor) are pooled over methods:
+    they depend on the grid and the seed, and are identical for methods with the same stride.
     """
-    refs = points["method"].isin([CHANCE, GRID_FLOOR])
+    refs = points["method"].isin(SHARED_ROWS)
     pts = pd.concat(
         [points[~refs], points[refs].drop_duplicates(["method", "case_a", "case_b", "point"])], ignore_index=True
     )
@@ -198,8 +221,11 @@ def summarize_correspondence(points: pd.DataFrame) -> pd.DataFrame:
             ),
         }
     ).reset_index()
-    order = {name: i for i, name in enumerate(pd.unique(pts["method"]))}
-    order[CHANCE], order[GRID_FLOOR] = len(order) + 1, len(order) + 2
+    order = {name: i for i, name in enumerate(n for n in pd.unique(pts["method"]) if n not in SHARED_ROWS)}
+    for k, name in enumerate(SHARED_ROWS):
+        order[name] = len(order) + k + 1
+    out["kind"] = out["method"].map(lambda m: "baseline" if m in BASELINES or m == "random-init"
+                                    else "reference" if m in REFERENCES else "method")
     return out.sort_values("method", key=lambda s: s.map(order)).reset_index(drop=True)
 
 

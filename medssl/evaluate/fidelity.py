@@ -170,12 +170,12 @@ def metric_latent(method: nn.Module, emb: np.ndarray) -> tuple[np.ndarray, float
     """The method's metric latent for ``emb`` (``(N, D)`` from ``method.embed``) and its mm per unit.
 
     Asks the method (:meth:`medssl.methods.base.Method.metric_latent`): ISImed's embedding
-    itself, regISImed's ISImed head applied to it; ``(emb, None)`` for methods without one
-    (and for modules that are not Methods).
+    itself, regISImed's ISImed head applied to it; ``(emb, None)`` for methods without one,
+    for modules that are not Methods, and for the random-init baseline.
     """
     ask = getattr(method, "metric_latent", None)
-    if not callable(ask):
-        return emb, None
+    if not callable(ask) or getattr(method, "random_init", False):
+        return emb, None  # untrained weights have no metric latent, whatever the class says
     with frozen(method):
         out = ask(torch.as_tensor(np.asarray(emb, dtype=np.float32)))
     if out is None:

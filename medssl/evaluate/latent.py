@@ -2,8 +2,10 @@
 
 - :func:`pca_frame`, :func:`umap_frame`: low-dimensional views of patch embeddings as
   DataFrames, with the patch centres in mm alongside so figures can colour by x, y, z.
-- :func:`decode_coordinates`: ridge regression embedding -> (x, y, z) mm, cross-validated
-  grouped by subject (held-out subjects only), features standardised on the train side.
+- :func:`decode_coordinates`: ridge regression embedding -> (x, y, z) mm. Protocol: alpha
+  chosen by a grouped CV over the validation subjects, the ridge fit on them and scored once
+  per test subject (``splits``); without splits, grouped cross-validation (alpha from an
+  inner grouped CV on each train side). Features standardised on the fitting side only.
 - :func:`pc_axis_correlation`: Pearson correlation of the top principal components with
   each axis.
 - :func:`collapse_stats`: effective rank (RankMe) and the share of used dimensions.
@@ -124,23 +126,28 @@ def decode_coordinates(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     inner_splits: int = 3,
     return_per_fold: bool = False,
+    splits: np.ndarray | None = None,
+    fit_split: str = "val",
+    score_split: str = "test",
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
-    """Linear decoding of patch position from the embedding, on held-out subjects.
+    """Linear decoding of patch position from the embedding, on subjects held out from pretraining.
 
-    For each of ``n_splits`` ``GroupKFold`` folds (subjects never straddle train and
-    test): a ``StandardScaler`` + ``RidgeCV`` pipeline is fit on the train side only, with
-    ``alpha`` chosen by an inner ``GroupKFold`` over the *train* subjects (one alpha shared
-    by the three axes; scikit-learn allows per-axis alphas only with leave-one-out, which
-    would not be grouped), then scored on the test subjects.
+    With ``splits`` (``PatchSet.splits``) holding both ``fit_split`` and ``score_split``: a
+    ``StandardScaler`` + ``RidgeCV`` pipeline is fit on the ``fit_split`` subjects, with
+    ``alpha`` chosen by a grouped CV over them only, and scored on every ``score_split``
+    subject separately (the units of the summary). Otherwise: ``GroupKFold`` folds, alpha
+    chosen by an inner ``GroupKFold`` over each fold's train subjects (one alpha shared by
+    the three axes; scikit-learn allows per-axis alphas only with leave-one-out, which
+    would not be grouped).
 
     Args:
         emb: ``(N, D)``; centres_mm: ``(N, 3)`` targets in mm; groups: ``(N,)`` subject ids.
 
     Returns:
-        DataFrame with rows ``x, y, z, xyz`` and columns ``r2``, ``r2_std`` (over folds),
-        ``error_mm``, ``error_mm_std``, ``n_folds``. For ``x/y/z`` the error is the mean
+        DataFrame with rows ``x, y, z, xyz`` and columns ``r2``, ``r2_std`` (over units),
+        ``error_mm``, ``error_mm_std``, ``n_folds`` (units). For ``x/y/z`` the error is the mean
         absolute error along the axis; for ``xyz`` the mean Euclidean error and ``r2`` the
-        mean of the three axes. With ``return_per_fold`` also the per-fold table
+        mean of the three axes. With ``return_per_fold`` also the per-unit table
         (``fold, n_test, r2_<axis>, error_mm_<axis>, alpha_<axis>``).
     """
     e = _check_emb(emb)
@@ -148,6 +155,33 @@ def decode_coordinates(
     g = np.asarray(groups).astype(str)
     if y.shape != (len(e), 3) or g.shape != (len(e),):
         raise ValueError(f"centres_mm must be (N, 3) and groups (N,), got {y.shape} and {g.shape} for N = {len(e)}")
+    sp = None if splits is None else np.asarray(splits).astype(str)
+    if sp is not None and np.any(sp == fit_split) and np.any(sp == score_split):
+        per_fold = _decode_split(e, y, g, sp == fit_split, sp == score_split, alphas, inner_splits)
+    else:
+        per_fold = _decode_cv(e, y, g, n_splits, alphas, inner_splits)
+    summary = _decoding_summary(per_fold)
+    return (summary, per_fold) if return_per_fold else summary
+
+
+def _ridge(e: np.ndarray, y: np.ndarray, g: np.ndarray, alphas, inner_splits: int):
+    inner = _clamp_splits(inner_splits, len(np.unique(g)), "decode_coordinates (inner)", warn=False)
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.asarray(alphas), cv=list(GroupKFold(n_splits=inner).split(e, y, g))))
+    return model.fit(e, y)
+
+
+def _decode_split(e, y, g, fit, score, alphas, inner_splits) -> pd.DataFrame:
+    if set(g[fit]) & set(g[score]):
+        raise ValueError("decode_coordinates: a subject is in both the fitting and the scoring split")
+    model = _ridge(e[fit], y[fit], g[fit], alphas, inner_splits)
+    rows = []
+    for subject in sorted(np.unique(g[score])):
+        sel = score & (g == subject)
+        rows.append(_decoding_fold_row(subject, y[sel], model.predict(e[sel]), model[-1].alpha_))
+    return pd.DataFrame(rows)
+
+
+def _decode_cv(e, y, g, n_splits, alphas, inner_splits) -> pd.DataFrame:
     n_groups = len(np.unique(g))
     if n_groups < 3:
         raise ValueError(
@@ -156,18 +190,12 @@ def decode_coordinates(
     n_splits = _clamp_splits(n_splits, n_groups, "decode_coordinates")
     rows = []
     for fold, (tr, te) in enumerate(GroupKFold(n_splits=n_splits).split(e, y, g)):
-        inner = _clamp_splits(inner_splits, len(np.unique(g[tr])), "decode_coordinates (inner)", warn=False)
-        inner_cv = list(GroupKFold(n_splits=inner).split(e[tr], y[tr], g[tr]))
-        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.asarray(alphas), cv=inner_cv))
-        model.fit(e[tr], y[tr])
-        pred = model.predict(e[te])
-        rows.append(_decoding_fold_row(fold, y[te], pred, model[-1].alpha_))
-    per_fold = pd.DataFrame(rows)
-    summary = _decoding_summary(per_fold)
-    return (summary, per_fold) if return_per_fold else summary
+        model = _ridge(e[tr], y[tr], g[tr], alphas, inner_splits)
+        rows.append(_decoding_fold_row(fold, y[te], model.predict(e[te]), model[-1].alpha_))
+    return pd.DataFrame(rows)
 
 
-def _decoding_fold_row(fold: int, truth: np.ndarray, pred: np.ndarray, alpha: np.ndarray) -> dict:
+def _decoding_fold_row(fold, truth: np.ndarray, pred: np.ndarray, alpha: np.ndarray) -> dict:
     row: dict = {"fold": fold, "n_test": len(truth)}
     for k, ax in enumerate(AXES):
         ss_res = float(np.sum((truth[:, k] - pred[:, k]) ** 2))

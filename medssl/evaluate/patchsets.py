@@ -58,6 +58,8 @@ __all__ = [
     "draw_labelled_patch_set",
     "target_mask",
     "assemble_patch_set",
+    "draw_by_split",
+    "concat_patch_sets",
     "get_or_draw",
     "patch_set_path",
 ]
@@ -79,6 +81,8 @@ class PatchSet:
         groups: ``(N,)`` str, the patient of each patch (for grouped cross-validation).
         labels: ``(N,)`` int64 (e.g. lesion 0/1) or None.
         pairs: ``(P, 2)`` int64 indices of patch pairs (within one volume) or None.
+        splits: ``(N,)`` str, the data split of each patch (``"val"``: for choices and
+            fitting probes; ``"test"``: scored once), or None.
         seed: the seed it was drawn with.
         description: what the set is, in words (shown in reports).
         meta: JSON-serialisable provenance (drawing parameters, skipped cases, ...).
@@ -94,6 +98,7 @@ class PatchSet:
     description: str = ""
     labels: np.ndarray | None = None
     pairs: np.ndarray | None = None
+    splits: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,7 +116,9 @@ class PatchSet:
             self.labels = np.asarray(self.labels, dtype=np.int64)
         if self.pairs is not None:
             self.pairs = np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2)
-        for name in ("centres_mm", "boxes_vox", "centres_vox", "case_ids", "groups", "labels"):
+        if self.splits is not None:
+            self.splits = np.asarray(self.splits, dtype=str)
+        for name in ("centres_mm", "boxes_vox", "centres_vox", "case_ids", "groups", "labels", "splits"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"PatchSet.{name} has {len(value)} rows but there are {n} patches")
@@ -150,6 +157,8 @@ class PatchSet:
             arrays["labels"] = self.labels
         if self.pairs is not None:
             arrays["pairs"] = self.pairs
+        if self.splits is not None:
+            arrays["splits"] = self.splits
         with atomic_path(npz_path, ".npz") as tmp:
             np.savez(tmp, **arrays)
         info = {
@@ -187,6 +196,7 @@ class PatchSet:
             groups=arrays["groups"],
             labels=arrays.get("labels"),
             pairs=arrays.get("pairs"),
+            splits=arrays.get("splits"),
             seed=int(info["seed"]),
             description=str(info.get("description", "")),
             meta=dict(info.get("meta", {})),
@@ -211,6 +221,7 @@ class PatchSet:
             case_ids=self.case_ids[index],
             groups=self.groups[index],
             labels=None if self.labels is None else self.labels[index],
+            splits=None if self.splits is None else self.splits[index],
             seed=self.seed,
             description=self.description,
             meta=dict(self.meta),
@@ -244,7 +255,7 @@ class PatchSet:
         return PatchSet(
             patches=patches, centres_mm=centres_mm, boxes_vox=boxes_for_centres(self.centres_vox, size),
             centres_vox=self.centres_vox, case_ids=self.case_ids, groups=self.groups, seed=self.seed,
-            description=self.description, labels=self.labels, pairs=self.pairs,
+            description=self.description, labels=self.labels, pairs=self.pairs, splits=self.splits,
             meta={**self.meta, "cut_at_size_vox": list(size)},
         )
 
@@ -319,6 +330,46 @@ def draw_labelled_patch_set(
     desc = (f"{size} vox patches: contains any '{m['target']}' voxel (1) or none (0); {n_per_class} per class; "
             f"negatives: {m['negatives']}")
     return assemble_patch_set(volumes, drawn, size, seed, desc)
+
+
+def draw_by_split(
+    volumes_by_split: dict[str, Sequence[Volume]], draw: Callable[..., PatchSet], seed: int, **draw_kwargs: Any
+) -> PatchSet:
+    """One set drawn separately within each split (``{"val": [...], "test": [...]}``), concatenated with ``splits``.
+
+    Every drawing rule then stays inside its split (matched negatives never cross from
+    validation to test subjects). Split k uses seed ``[seed, k]``-style offsets (``seed + 1000 k``).
+    """
+    parts = {}
+    for k, (split, vols) in enumerate(volumes_by_split.items()):
+        if len(vols):
+            parts[split] = draw(volumes=list(vols), seed=seed + 1000 * k, **draw_kwargs)
+    if not parts:
+        raise ValueError("draw_by_split got no volumes in any split")
+    return concat_patch_sets(parts, seed)
+
+
+def concat_patch_sets(sets: dict[str, PatchSet], seed: int) -> PatchSet:
+    """Concatenate sets of the same patch size, recording each one's key as the split of its patches."""
+    items = list(sets.items())
+    offsets = np.cumsum([0] + [len(ps) for _, ps in items[:-1]])
+    pairs = [ps.pairs + o for (_, ps), o in zip(items, offsets) if ps.pairs is not None]
+    labels = [ps.labels for _, ps in items]
+    first = items[0][1]
+    return PatchSet(
+        patches=np.concatenate([ps.patches for _, ps in items]),
+        centres_mm=np.concatenate([ps.centres_mm for _, ps in items]),
+        boxes_vox=np.concatenate([ps.boxes_vox for _, ps in items]),
+        centres_vox=np.concatenate([ps.centres_vox for _, ps in items]),
+        case_ids=np.concatenate([ps.case_ids for _, ps in items]),
+        groups=np.concatenate([ps.groups for _, ps in items]),
+        labels=None if any(lab is None for lab in labels) else np.concatenate(labels),
+        pairs=np.concatenate(pairs) if len(pairs) == len(items) else None,
+        splits=np.concatenate([np.full(len(ps), split) for split, ps in items]),
+        seed=int(seed),
+        description=f"{first.description} (drawn within each split: {', '.join(k for k, _ in items)})",
+        meta={**first.meta, "splits": {k: ps.meta for k, ps in items}},
+    )
 
 
 def assemble_patch_set(
@@ -396,6 +447,8 @@ def _spec_value(value: Any) -> Any:
         return {"case_id": value.case_id, "shape_vox": list(value.shape_vox), "sha256": h.hexdigest()[:16]}
     if isinstance(value, (list, tuple)):
         return [_spec_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _spec_value(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
         digest = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16]
         return {"shape": list(value.shape), "sha256": digest}

@@ -1,19 +1,23 @@
 """Linear-probe patch classification on frozen features (ISImed Table 1; design/evaluation.md sec. 3).
 
-Correct by construction where the authors' downstream code was not (design/methods.md):
+**Protocol (default, ``linear_probe`` with splits):** the probe's regularisation ``C`` is
+chosen by a grouped cross-validation over the **validation** subjects only; the probe is then
+fit on all validation patches and scored once on the **test** subjects, per subject (the unit
+of the paired tests) and pooled. Nothing about the test split is used for any choice.
 
-- **Folds grouped by subject**: ``StratifiedGroupKFold`` on patient ids, so no patient is
-  on both sides of a fold. Every method is scored on the *same* folds (they depend only
-  on the labels, groups and seed).
-- **No choice on the test fold**: the regularisation ``C`` is chosen by an inner grouped
-  CV over the *train-side* subjects only (mean inner AUC), then refit on the whole train
-  side and scored once on the test fold.
-- **Standardisation fit on the train side only** (a ``StandardScaler`` in the pipeline;
-  while choosing C, on each inner-train part only).
-- **Fresh metrics per fold**: each fold's metrics are computed from that fold's
-  predictions alone into a new dict; nothing accumulates across folds or methods.
-- **Frozen features**: :func:`probe_frozen_backbone` extracts features with
-  :func:`medssl.evaluate.embed.embed_patches` (eval mode, no-grad, BatchNorm untouched).
+**Fallback (``linear_probe_cv``, no validation split):** ``StratifiedGroupKFold`` over
+subjects, ``C`` chosen by an inner grouped CV on the train side of each fold only; the folds
+are the units and the paired tests use the corrected resampled t-test
+(:mod:`medssl.evaluate.stats`).
+
+Either way: subjects never straddle fitting and scoring; standardisation is fit on the
+fitting side only; metrics are computed per unit from that unit's predictions alone into a
+new dict (nothing accumulates across units or methods); features are frozen
+(:func:`medssl.evaluate.embed.embed_patches`: eval mode, no-grad, BatchNorm untouched).
+
+Shortcut baselines come with every probe: raw intensities (:func:`raw_intensity_features`)
+and **position only** (:func:`position_features`, the patch centre in mm, linear and cubic).
+A method that does not beat the position-only rows has not shown more than "where the patch is".
 
 Metrics at threshold 0.5 on the predicted probability: AUC, accuracy and F1 from
 scikit-learn; sensitivity (recall of class 1) and specificity (recall of class 0) from the
@@ -47,10 +51,12 @@ __all__ = [
     "ProbeComparison",
     "binary_metrics",
     "grouped_folds",
+    "linear_probe",
     "linear_probe_cv",
     "probe_methods",
     "probe_frozen_backbone",
     "raw_intensity_features",
+    "position_features",
 ]
 
 METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity")
@@ -106,33 +112,38 @@ def _too_few_subjects(n_splits: int, n_groups: int) -> str:
 
 @dataclass
 class ProbeResult:
-    """One method's probe.
+    """One feature set's probe.
 
     Attributes:
-        per_fold: one row per fold: ``fold``, the :data:`METRICS`, ``C`` chosen on the
-            train side, ``n_train``, ``n_test``, ``test_groups``.
-        predictions: one row per patch: ``index``, ``fold``, ``y``, ``prob`` (out-of-fold).
-        folds: the outer ``(train_idx, test_idx)`` pairs.
-        inner_folds: per outer fold, the inner ``(train_idx, val_idx)`` pairs, as indices
-            into the full feature matrix.
+        per_unit: one row per scoring unit (a test subject, or a CV fold): ``unit``, the
+            :data:`METRICS`, ``C`` (chosen without the unit), ``n_train``, ``n_test``,
+            ``test_groups``.
+        unit: ``"subject"`` (validation -> test protocol) or ``"fold"`` (cross-validation).
+        predictions: one row per scored patch: ``index``, ``unit``, ``y``, ``prob``.
+        pooled: the metrics over all scored patches at once (validation -> test protocol).
+        folds: the ``(fit_idx, score_idx)`` index pairs (one for the split protocol).
+        inner_folds: per fold, the inner ``(train_idx, val_idx)`` pairs that chose ``C``.
     """
 
-    per_fold: pd.DataFrame
+    per_unit: pd.DataFrame
     predictions: pd.DataFrame
     folds: list[tuple[np.ndarray, np.ndarray]] = field(repr=False)
     inner_folds: list[list[tuple[np.ndarray, np.ndarray]]] = field(repr=False)
+    unit: str = "fold"
+    pooled: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> pd.DataFrame:
-        """``metric, mean, std, n_folds`` (std with ddof=1 over folds; NaN folds are skipped)."""
+        """``metric, mean, std, n`` over units (std with ddof=1; NaN units are skipped)."""
         rows = []
         for m in METRICS:
-            v = self.per_fold[m].to_numpy(dtype=float)
+            v = self.per_unit[m].to_numpy(dtype=float)
             v = v[np.isfinite(v)]
             rows.append({
                 "metric": m,
                 "mean": float(v.mean()) if len(v) else float("nan"),
                 "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
-                "n_folds": int(len(v)),
+                "n": int(len(v)),
+                "pooled": self.pooled.get(m, float("nan")),
             })
         return pd.DataFrame(rows)
 
@@ -169,6 +180,8 @@ def _choose_C(
         raise ValueError("the train side of a fold holds a single subject; cannot choose C without the test fold")
     cv = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed)
     inner = [(train_idx[a], train_idx[b]) for a, b in cv.split(np.zeros(len(train_idx)), y[train_idx], g[train_idx])]
+    if len(Cs) == 1:
+        return float(Cs[0]), inner
     aucs = []  # (n_inner_used, len(Cs))
     for tr, va in inner:
         if len(np.unique(y[va])) < 2 or len(np.unique(y[tr])) < 2:
@@ -202,15 +215,7 @@ def linear_probe_cv(
     Returns:
         :class:`ProbeResult`.
     """
-    x = np.asarray(features, dtype=np.float64)
-    y = np.asarray(y).astype(int)
-    g = np.asarray(groups).astype(str)
-    if x.ndim != 2 or y.shape != (len(x),) or g.shape != (len(x),):
-        raise ValueError(f"expected features (N, F), y (N,), groups (N,); got {x.shape}, {y.shape}, {g.shape}")
-    if not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) < 2:
-        raise ValueError(f"y must hold both classes 0 and 1, got values {np.unique(y).tolist()}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("features contain NaN or Inf")
+    x, y, g = _check_probe_inputs(features, y, groups)
     Cs = np.sort(np.asarray(Cs, dtype=np.float64))
     folds = grouped_folds(y, g, n_splits, seed)
     rows, preds, inner_all = [], [], []
@@ -220,32 +225,103 @@ def linear_probe_cv(
         metrics = binary_metrics(y[te], prob)  # a fresh dict: this fold's predictions only
         if np.isnan(metrics["auc"]):
             warnings.warn(f"fold {fold}: the test subjects hold one class only; AUC undefined for this fold")
-        rows.append({"fold": fold, **metrics, "C": C, "n_train": len(tr), "n_test": len(te),
+        rows.append({"unit": fold, **metrics, "C": C, "n_train": len(tr), "n_test": len(te),
                      "test_groups": ",".join(sorted(np.unique(g[te])))})
-        preds.append(pd.DataFrame({"index": te, "fold": fold, "y": y[te], "prob": prob}))
+        preds.append(pd.DataFrame({"index": te, "unit": fold, "y": y[te], "prob": prob}))
         inner_all.append(inner)
-    return ProbeResult(
-        per_fold=pd.DataFrame(rows), predictions=pd.concat(preds, ignore_index=True), folds=folds, inner_folds=inner_all
-    )
+    return ProbeResult(per_unit=pd.DataFrame(rows), predictions=pd.concat(preds, ignore_index=True), folds=folds,
+                       inner_folds=inner_all, unit="fold")
+
+
+def linear_probe(
+    features: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    splits: np.ndarray | None = None,
+    fit_split: str = "val",
+    score_split: str = "test",
+    n_splits: int = 10,
+    inner_splits: int = 3,
+    Cs: Sequence[float] = DEFAULT_CS,
+    seed: int = 0,
+) -> ProbeResult:
+    """The probe protocol: fit (and choose C) on ``fit_split``, score once on ``score_split``, per subject.
+
+    Falls back to :func:`linear_probe_cv` over all patches (with a warning) when ``splits`` is
+    None or one of the two splits is missing.
+
+    Args:
+        features: ``(N, F)`` frozen features; y: ``(N,)`` labels 0/1; groups: ``(N,)`` subject ids.
+        splits: ``(N,)`` the split of each patch (``PatchSet.splits``).
+        inner_splits: grouped folds over the fitting subjects that choose ``C``.
+    """
+    x, y, g = _check_probe_inputs(features, y, groups)
+    sp = None if splits is None else np.asarray(splits).astype(str)
+    if sp is None or not (np.any(sp == fit_split) and np.any(sp == score_split)):
+        warnings.warn(f"no {fit_split!r} and {score_split!r} splits to fit and score on: "
+                      "falling back to subject-grouped cross-validation over all patches")
+        return linear_probe_cv(x, y, g, n_splits=n_splits, inner_splits=inner_splits, Cs=Cs, seed=seed)
+    fit_idx, score_idx = np.flatnonzero(sp == fit_split), np.flatnonzero(sp == score_split)
+    if set(g[fit_idx]) & set(g[score_idx]):
+        raise ValueError(f"subjects {sorted(set(g[fit_idx]) & set(g[score_idx]))} are in both {fit_split} and {score_split}")
+    Cs = np.sort(np.asarray(Cs, dtype=np.float64))
+    C, inner = _choose_C(x, y, g, fit_idx, inner_splits, Cs, seed)
+    prob = _fit_path(x[fit_idx], y[fit_idx], [C], seed)[0].predict_proba(x[score_idx])[:, 1]
+    rows = []
+    for subject in sorted(np.unique(g[score_idx])):
+        sel = g[score_idx] == subject
+        rows.append({"unit": subject, **binary_metrics(y[score_idx][sel], prob[sel]), "C": C, "n_train": len(fit_idx),
+                     "n_test": int(sel.sum()), "test_groups": subject})
+    preds = pd.DataFrame({"index": score_idx, "unit": g[score_idx], "y": y[score_idx], "prob": prob})
+    return ProbeResult(per_unit=pd.DataFrame(rows), predictions=preds, folds=[(fit_idx, score_idx)],
+                       inner_folds=[inner], unit="subject", pooled=binary_metrics(y[score_idx], prob))
+
+
+def _check_probe_inputs(features, y, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(y).astype(int)
+    g = np.asarray(groups).astype(str)
+    if x.ndim != 2 or y.shape != (len(x),) or g.shape != (len(x),):
+        raise ValueError(f"expected features (N, F), y (N,), groups (N,); got {x.shape}, {y.shape}, {g.shape}")
+    if not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) < 2:
+        raise ValueError(f"y must hold both classes 0 and 1, got values {np.unique(y).tolist()}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features contain NaN or Inf")
+    return x, y, g
 
 
 @dataclass
 class ProbeComparison:
-    """Probes of several feature sets on the same folds.
+    """Probes of several feature sets on the same units.
 
     Attributes:
-        table: long table ``method, metric, mean, std, n_folds``.
-        per_fold: ``method, fold, <metrics>, C, ...``.
+        table: long table ``method, metric, mean, std, n, pooled``.
+        per_unit: ``method, unit, <metrics>, C, ...``.
         results: ``{method: ProbeResult}``.
+        unit: ``"subject"`` or ``"fold"``.
     """
 
     table: pd.DataFrame
-    per_fold: pd.DataFrame
+    per_unit: pd.DataFrame
     results: dict[str, ProbeResult]
+    unit: str = "fold"
 
-    def per_fold_metric(self, metric: str = "auc") -> dict[str, np.ndarray]:
-        """``{method: (n_folds,) values}`` in fold order (for :func:`medssl.evaluate.stats.paired_tests`)."""
-        return {m: r.per_fold[metric].to_numpy(dtype=float) for m, r in self.results.items()}
+    def per_unit_metric(self, metric: str = "auc") -> dict[str, np.ndarray]:
+        """``{method: (n_units,) values}`` in unit order (for :func:`medssl.evaluate.stats.paired_tests`)."""
+        return {m: r.per_unit[metric].to_numpy(dtype=float) for m, r in self.results.items()}
+
+    def fold_sizes(self) -> tuple[float, float] | None:
+        """``(mean n_train, mean n_test)`` of the folds when the units are CV folds (corrected t-test), else None."""
+        if self.unit != "fold":
+            return None
+        r = next(iter(self.results.values())).per_unit
+        return float(r["n_train"].mean()), float(r["n_test"].mean())
+
+    def paired_tests(self, metric: str = "auc") -> pd.DataFrame:
+        """Paired tests between every pair of feature sets on the per-unit ``metric``, Holm-adjusted."""
+        from medssl.evaluate.stats import paired_tests
+
+        return paired_tests(self.per_unit_metric(metric), fold_sizes=self.fold_sizes())
 
     def wide(self, digits: int = 3) -> pd.DataFrame:
         """Table-1 style: one row per method, one ``mean +- std`` column per metric."""
@@ -259,34 +335,41 @@ def probe_methods(
     features_by_method: Mapping[str, np.ndarray],
     y: np.ndarray,
     groups: np.ndarray,
+    splits: np.ndarray | None = None,
     n_splits: int = 10,
     inner_splits: int = 3,
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
     progress: bool = True,
 ) -> ProbeComparison:
-    """:func:`linear_probe_cv` for every feature set, on identical folds.
+    """:func:`linear_probe` for every feature set, on identical units.
 
     ``features_by_method`` maps a name to ``(N, F)`` features of the same patches: the
-    pretrained methods plus the baselines the caller adds (``"random-init"``: the same
-    backbone with untrained weights; ``"raw-intensity"``: :func:`raw_intensity_features`).
+    pretrained methods plus the baselines the caller adds (``"random-init"``, ``"raw-intensity"``,
+    ``"position-linear"``, ``"position-cubic"``).
     """
     n_groups = len(np.unique(np.asarray(groups).astype(str)))
-    if n_splits > n_groups >= 2:  # say it once here rather than once per method
+    if splits is None and n_splits > n_groups >= 2:  # say it once here rather than once per method
         warnings.warn(_too_few_subjects(n_splits, n_groups))
         n_splits = n_groups
     results: dict[str, ProbeResult] = {}
-    for name, feats in tqdm(features_by_method.items(), desc="probing", disable=not progress):
-        results[name] = linear_probe_cv(feats, y, groups, n_splits, inner_splits, Cs, seed)
-    _check_same_folds(results)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fallback warning: once, below
+        for name, feats in tqdm(features_by_method.items(), desc="probing", disable=not progress):
+            results[name] = linear_probe(feats, y, groups, splits, n_splits=n_splits, inner_splits=inner_splits,
+                                         Cs=Cs, seed=seed)
+    unit = next(iter(results.values())).unit
+    if splits is not None and unit == "fold":
+        warnings.warn("no validation and test splits to fit and score on: the probe fell back to grouped CV")
+    _check_same_units(results)
     table = pd.concat([r.summary().assign(method=m) for m, r in results.items()], ignore_index=True)
-    table = table[["method", "metric", "mean", "std", "n_folds"]]
-    per_fold = pd.concat([r.per_fold.assign(method=m) for m, r in results.items()], ignore_index=True)
-    per_fold = per_fold[["method", *[c for c in per_fold.columns if c != "method"]]]
-    return ProbeComparison(table=table, per_fold=per_fold, results=results)
+    table = table[["method", "metric", "mean", "std", "n", "pooled"]]
+    per_unit = pd.concat([r.per_unit.assign(method=m) for m, r in results.items()], ignore_index=True)
+    per_unit = per_unit[["method", *[c for c in per_unit.columns if c != "method"]]]
+    return ProbeComparison(table=table, per_unit=per_unit, results=results, unit=unit)
 
 
-def _check_same_folds(results: Mapping[str, ProbeResult]) -> None:
+def _check_same_units(results: Mapping[str, ProbeResult]) -> None:
     ref = None
     for name, r in results.items():
         key = [tuple(te.tolist()) for _, te in r.folds]
@@ -294,8 +377,21 @@ def _check_same_folds(results: Mapping[str, ProbeResult]) -> None:
             ref = (name, key)
         elif key != ref[1]:
             raise RuntimeError(
-                f"probe folds of {name!r} differ from those of {ref[0]!r}; paired tests would be invalid"
+                f"probe units of {name!r} differ from those of {ref[0]!r}; paired tests would be invalid"
             )
+
+
+def position_features(centres_mm: np.ndarray | PatchSet, degree: int = 1) -> np.ndarray:
+    """The position-only shortcut: patch centres in world mm ``(N, 3)``, or all their monomials up to ``degree``.
+
+    ``degree=3`` (cubic, 19 features) lets a linear probe carve curved regions such as an organ.
+    """
+    from sklearn.preprocessing import PolynomialFeatures
+
+    c = centres_mm.centres_mm if isinstance(centres_mm, PatchSet) else np.asarray(centres_mm, dtype=np.float64)
+    if degree == 1:
+        return np.asarray(c, dtype=np.float64)
+    return PolynomialFeatures(degree, include_bias=False).fit_transform(c)
 
 
 def raw_intensity_features(patches: np.ndarray | PatchSet, size_vox: int = 8) -> np.ndarray:
@@ -330,4 +426,5 @@ def probe_frozen_backbone(
     if patch_set.labels is None:
         raise ValueError("probe_frozen_backbone needs a labelled patch set (draw_labelled_patch_set)")
     feats = embed_patches(model, patch_set, batch_size=batch_size, **embed_kw)
-    return linear_probe_cv(feats, patch_set.labels, patch_set.groups, n_splits, inner_splits, Cs, seed)
+    return linear_probe(feats, patch_set.labels, patch_set.groups, patch_set.splits, n_splits=n_splits,
+                        inner_splits=inner_splits, Cs=Cs, seed=seed)

@@ -1,13 +1,19 @@
-"""Paired comparisons of methods on the same folds (ISImed Table 1; design/evaluation.md sec. 3).
+"""Paired comparisons of methods on the same units (ISImed Table 1; design/evaluation.md sec. 3).
 
-For every pair of methods: the paired t-test (``scipy.stats.ttest_rel``) and the
-Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) on per-fold values (e.g. AUC),
-the mean difference, and Holm-corrected p-values over all pairs.
+The unit is a **test subject** (the default protocol: the probe is fit once on the
+validation split and scored per test subject; subjects are independent draws, so the
+ordinary paired t-test applies) or a **cross-validation fold** (the fallback when a
+dataset has no validation split). For every pair of methods: the paired t-test, the
+Wilcoxon signed-rank test, the mean difference, and **Holm-adjusted p-values** over all
+pairs, which are the ones to quote.
 
-With only 5-10 folds the Wilcoxon test cannot reach small p-values (its exact
-minimum two-sided p with 10 folds is 2/1024); read both tests together. Cross-validation
-folds share training data, so fold scores are not independent and the t-test tends to be
-optimistic (Nadeau & Bengio, 2003); it is the comparison the ISImed paper reports.
+- Folds share training data, so fold scores are not independent and the plain paired
+  t-test is optimistic. With ``n_train``/``n_test`` given, :func:`paired_tests` uses the
+  corrected resampled t-test of Nadeau and Bengio (2003), which inflates the variance by
+  ``1/k + n_test/n_train``.
+- With few units the Wilcoxon test cannot reach small p-values: its smallest exact
+  two-sided p is ``2 / 2**n`` (:func:`min_wilcoxon_p`: 0.0078 for 8 subjects, 0.002 for 10
+  folds); the tables say so.
 """
 
 from __future__ import annotations
@@ -20,7 +26,27 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["paired_tests", "holm", "pvalue_matrix"]
+__all__ = ["paired_tests", "holm", "pvalue_matrix", "min_wilcoxon_p", "corrected_resampled_ttest"]
+
+
+def min_wilcoxon_p(n: int) -> float:
+    """Smallest two-sided p-value the exact Wilcoxon signed-rank test can give with ``n`` pairs (no ties): ``2 / 2**n``."""
+    return 2.0 / 2.0 ** int(n) if n > 0 else float("nan")
+
+
+def corrected_resampled_ttest(diffs: np.ndarray, n_train: float, n_test: float) -> tuple[float, float]:
+    """Nadeau & Bengio (2003) corrected resampled t-test on per-fold differences ``(k,)``.
+
+    ``t = mean(d) / sqrt((1/k + n_test/n_train) * var(d))`` with ``k - 1`` degrees of freedom;
+    returns ``(t, two-sided p)``. ``n_train``/``n_test``: (mean) sizes of a fold's two sides.
+    """
+    d = np.asarray(diffs, dtype=np.float64).ravel()
+    k = len(d)
+    var = d.var(ddof=1) if k > 1 else float("nan")
+    if not var > 0:
+        return (0.0, 1.0) if np.all(d == 0) else (float(np.sign(d.mean())) * float("inf"), 0.0)
+    t = float(d.mean() / np.sqrt((1.0 / k + float(n_test) / float(n_train)) * var))
+    return t, float(2.0 * stats.t.sf(abs(t), df=k - 1))
 
 
 def holm(pvalues: np.ndarray) -> np.ndarray:
@@ -40,7 +66,7 @@ def holm(pvalues: np.ndarray) -> np.ndarray:
     return out
 
 
-def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+def _paired(a: np.ndarray, b: np.ndarray, fold_sizes: tuple[float, float] | None = None) -> dict[str, float]:
     d = a - b
     row = {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "mean_diff": float(d.mean())}
     if np.all(d == 0):
@@ -48,10 +74,14 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         # raises (Wilcoxon) here, so report the conventional statistic 0, p = 1.
         row.update(t_stat=0.0, t_pvalue=1.0, wilcoxon_stat=0.0, wilcoxon_pvalue=1.0)
         return row
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # constant non-zero difference: t = +-inf, p = 0
-        t = stats.ttest_rel(a, b)
-    row.update(t_stat=float(t.statistic), t_pvalue=float(t.pvalue))
+    if fold_sizes is not None:
+        t_stat, t_p = corrected_resampled_ttest(d, *fold_sizes)
+        row.update(t_stat=t_stat, t_pvalue=t_p)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # constant non-zero difference: t = +-inf, p = 0
+            t = stats.ttest_rel(a, b)
+        row.update(t_stat=float(t.statistic), t_pvalue=float(t.pvalue))
     try:
         w = stats.wilcoxon(a, b)
         row.update(wilcoxon_stat=float(w.statistic), wilcoxon_pvalue=float(w.pvalue))
@@ -60,20 +90,25 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return row
 
 
-def paired_tests(per_fold: Mapping[str, np.ndarray], correction: str | None = "holm") -> pd.DataFrame:
-    """Paired tests between every pair of methods on per-fold values from the same folds.
+def paired_tests(
+    per_fold: Mapping[str, np.ndarray],
+    correction: str | None = "holm",
+    fold_sizes: tuple[float, float] | None = None,
+) -> pd.DataFrame:
+    """Paired tests between every pair of methods on per-unit values (test subjects or folds).
 
     Args:
-        per_fold: ``{method: (n_folds,) values}``, fold k of every method on the same test
-            subjects (e.g. ``ProbeComparison.per_fold_metric("auc")``). Folds where any
-            method is NaN are dropped for every pair.
+        per_fold: ``{method: (n_units,) values}``, unit k of every method being the same test
+            subject (or fold). Units where any method is NaN are dropped for every pair.
         correction: ``"holm"`` adds ``t_pvalue_holm`` and ``wilcoxon_pvalue_holm`` over all
             pairs; ``None`` skips it.
+        fold_sizes: ``(n_train, n_test)`` when the units are cross-validation folds: the
+            t-test becomes the corrected resampled t-test (Nadeau & Bengio 2003).
 
     Returns:
-        One row per pair ``(method_a, method_b)`` in input order: ``n_folds``, ``mean_a``,
+        One row per pair ``(method_a, method_b)`` in input order: ``n_folds`` (units), ``mean_a``,
         ``mean_b``, ``mean_diff`` (a - b), ``t_stat``, ``t_pvalue``, ``wilcoxon_stat``,
-        ``wilcoxon_pvalue`` [, Holm columns].
+        ``wilcoxon_pvalue``, ``min_wilcoxon_p`` [, Holm columns].
     """
     names = list(per_fold)
     values = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in per_fold.items()}
@@ -89,7 +124,8 @@ def paired_tests(per_fold: Mapping[str, np.ndarray], correction: str | None = "h
     rows = []
     for a, b in itertools.combinations(names, 2):
         rows.append({"method_a": a, "method_b": b, "n_folds": int(keep.sum()),
-                     **_paired(values[a][keep], values[b][keep])})
+                     **_paired(values[a][keep], values[b][keep], fold_sizes),
+                     "min_wilcoxon_p": min_wilcoxon_p(int(keep.sum()))})
     table = pd.DataFrame(rows)
     if correction == "holm":
         table["t_pvalue_holm"] = holm(table["t_pvalue"].to_numpy())

@@ -180,14 +180,14 @@ def decoding_bars(tables: Mapping[str, pd.DataFrame], backend: str = "matplotlib
 
 
 def probe_boxplot(per_fold: pd.DataFrame, metric: str = "auc", backend: str = "matplotlib"):
-    """Per-fold ``metric`` per method (``ProbeComparison.per_fold``), one box per method with the folds as points."""
+    """Per-unit ``metric`` per method (``ProbeComparison.per_unit``: test subjects or folds), one box per method."""
     _check_backend(backend)
     methods = list(dict.fromkeys(per_fold["method"]))
     if backend == "plotly":
         import plotly.express as px
 
-        fig = px.box(per_fold, x="method", y=metric, points="all", title=f"Linear probe: per-fold {metric.upper()}",
-                     category_orders={"method": methods}, hover_data=["fold"])
+        fig = px.box(per_fold, x="method", y=metric, points="all", title=f"Linear probe: {metric.upper()} per test subject / fold",
+                     category_orders={"method": methods}, hover_data=["unit"])
         return fig
     import matplotlib.pyplot as plt
 
@@ -199,8 +199,9 @@ def probe_boxplot(per_fold: pd.DataFrame, metric: str = "auc", backend: str = "m
         ax.scatter(np.full(len(d), k + 1) + np.linspace(-0.08, 0.08, len(d)), d, s=10, color="k", alpha=0.6, zorder=3)
     if metric == "auc":
         ax.axhline(0.5, color="0.6", ls="--", lw=0.8)
-    ax.set_ylabel(f"{metric} per fold")
-    ax.set_title(f"Linear probe on frozen features ({len(data[0]) if data else 0} subject-grouped folds)")
+    unit = "test subjects" if "unit" in per_fold and per_fold["unit"].dtype == object else "subject-grouped folds"
+    ax.set_ylabel(f"{metric} per unit")
+    ax.set_title(f"Linear probe on frozen features ({len(data[0]) if data else 0} {unit})")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig

@@ -53,7 +53,8 @@ class Subject:
         ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
         template = self.to_template(vox_to_world(affine, ijk)).T.reshape(3, *shape)
         noise = np.random.default_rng(seed).normal(size=(N_NOISE, *shape))
-        self.volume = Volume(np.concatenate([template, noise]).astype(np.float32), affine, case_id)
+        body = np.ones(shape, np.uint8)  # the whole grid is body (coordinates are not intensities)
+        self.volume = Volume(np.concatenate([template, noise]).astype(np.float32), affine, case_id, aux={"body": body})
 
     def to_template(self, x_mm):
         return (np.asarray(x_mm) - self.o) @ self.R
@@ -120,7 +121,8 @@ def test_random_embeddings_score_near_the_chance_baseline_and_far_above_a_perfec
         progress=False,
     )
     s = res.summary.set_index("method")
-    assert list(res.summary.method) == ["perfect", "random", "chance", "grid_floor"]
+    assert list(res.summary.method) == ["perfect", "random", "identity", "aligned-identity", "chance", "grid_floor"]
+    assert list(res.summary.kind) == ["method", "method", "baseline", "baseline", "reference", "reference"]
     assert set(s.columns) >= {"median_error_mm", "mean_error_mm", "p90_error_mm", "n_points", "n_pairs"}
     assert (s.n_pairs == 2).all()
     chance = s.loc["chance", "median_error_mm"]
@@ -141,3 +143,26 @@ def test_summary_statistics_are_the_median_mean_and_90th_percentile_of_the_per_p
     assert s.median_error_mm == 5.5 and s.mean_error_mm == 5.5
     assert s.p90_error_mm == np.quantile(err, 0.9)
     assert s.n_points == 10 and s.n_pairs == 1
+
+
+def test_identity_rows_expose_a_shared_frame_and_aligned_identity_undoes_a_shift_and_a_scaling():
+    """Two grids over the same anatomy whose world frames differ by a translation and per-axis scaling."""
+    shape = (20, 18, 16)
+    scale_b = np.array([1.1, 0.9, 1.0])
+    shift_b = np.array([30.0, -20.0, 12.0])
+    aff_a = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff_b = np.diag([*(2.0 * scale_b), 1.0])
+    aff_b[:3, 3] = shift_b
+    vols = {}
+    for name, aff in (("a", aff_a), ("b", aff_b)):
+        noise = np.random.default_rng(len(vols)).normal(size=(3 + N_NOISE, *shape))
+        vols[name] = Volume(noise.astype(np.float32), aff, name, aux={"body": np.ones(shape, np.uint8)})
+
+    def true(a, b, pts):  # the same voxel index in both grids is the same anatomy
+        return vox_to_world(vols[b].affine, np.linalg.solve(vols[a].affine[:3, :3], (pts - vols[a].affine[:3, 3]).T).T)
+
+    res = evaluate_correspondence({"random": RANDOM}, list(vols.values()), [("a", "b")], true, n_points=150,
+                                  seed=0, stride_vox=2, progress=False)
+    s = res.summary.set_index("method").median_error_mm
+    assert s["identity"] > 20.0  # the world frames differ by ~38 mm
+    assert s["aligned-identity"] <= s["grid_floor"] + 1e-6  # moments recover shift + scaling exactly

@@ -143,10 +143,11 @@ def _save_tiny_checkpoint(run_dir, name: str, seed: int):
 
 
 def test_load_run_methods_skips_untrained_methods_and_adds_a_seeded_random_init(tmp_path, capsys):
-    from medssl.evaluate.runs import RANDOM_INIT, find_checkpoints, load_run_methods, results_dir
+    from medssl.evaluate.runs import RANDOM_INIT, load_run_methods
+    from medssl.rundir import RunDir
 
     trained = _save_tiny_checkpoint(tmp_path, "isimed", seed=1)
-    assert find_checkpoints(tmp_path, ["isimed", "simclr"])["simclr"] is None
+    assert RunDir(tmp_path).checkpoints(["isimed", "simclr"])["simclr"] is None
     rng_state = torch.get_rng_state()
     models = load_run_methods(tmp_path, ["isimed", "simclr"], seed=7)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the global RNG is not consumed
@@ -159,4 +160,5 @@ def test_load_run_methods_skips_untrained_methods_and_adds_a_seeded_random_init(
     again = load_run_methods(tmp_path, ["isimed"], seed=7)[RANDOM_INIT]
     assert model_fingerprint(again) == model_fingerprint(models[RANDOM_INIT])  # seeded
     assert not models["isimed"].training
-    assert results_dir(tmp_path, "30_linear_probe").is_dir()
+    assert models[RANDOM_INIT].random_init and not getattr(models["isimed"], "random_init", False)
+    assert list(load_run_methods(tmp_path, [], seed=7)) == ["isimed", RANDOM_INIT]  # [] = every trained method

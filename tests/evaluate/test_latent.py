@@ -131,7 +131,7 @@ def test_latent_figures_build_in_both_backends_and_reject_missing_position_colum
     fid = {"perfect": distance_fidelity(centres, centres, groups, scale_mm=1.0),
            "scaled": distance_fidelity(0.1 * centres, centres, groups)}
     decoding = {"perfect": decode_coordinates(centres, centres, groups, n_splits=4)}
-    per_fold = pd.DataFrame({"method": ["a"] * 4 + ["b"] * 4, "fold": [0, 1, 2, 3] * 2,
+    per_fold = pd.DataFrame({"method": ["a"] * 4 + ["b"] * 4, "unit": [0, 1, 2, 3] * 2,
                              "auc": [0.8, 0.9, 0.85, 0.7, 0.5, 0.6, 0.55, 0.4]})
     pm = pvalue_matrix(paired_tests({"a": per_fold["auc"][:4].to_numpy(), "b": per_fold["auc"][4:].to_numpy()}))
     for backend in ("matplotlib", "plotly"):

@@ -103,14 +103,14 @@ def test_warm_started_path_matches_independent_fits():
 def test_per_fold_metrics_come_from_that_fold_alone_and_are_never_accumulated():
     x, y, g = _task(signal=1.0)
     r = linear_probe_cv(x, y, g, n_splits=4, Cs=[0.01, 1.0], seed=1)
-    for _, row in r.per_fold.iterrows():
-        fold = r.predictions[r.predictions["fold"] == row["fold"]]
+    for _, row in r.per_unit.iterrows():
+        fold = r.predictions[r.predictions["unit"] == row["unit"]]
         expected = binary_metrics(fold["y"], fold["prob"])
         for m in probe.METRICS:
             assert row[m] == pytest.approx(expected[m])
     # pooled predictions differ from the per-fold values (so accumulation would be visible)
     pooled = roc_auc_score(r.predictions["y"], r.predictions["prob"])
-    assert not np.allclose(r.per_fold["auc"], pooled)
+    assert not np.allclose(r.per_unit["auc"], pooled)
 
 
 def test_probing_several_methods_carries_nothing_over_and_uses_identical_folds():
@@ -118,14 +118,14 @@ def test_probing_several_methods_carries_nothing_over_and_uses_identical_folds()
     noise = np.random.default_rng(5).standard_normal(x.shape)
     alone = linear_probe_cv(noise, y, g, n_splits=4, Cs=FEW_CS, seed=3)
     both = probe_methods({"good": x, "noise": noise}, y, g, n_splits=4, Cs=FEW_CS, seed=3, progress=False)
-    assert both.results["noise"].per_fold[list(probe.METRICS)].equals(alone.per_fold[list(probe.METRICS)])
+    assert both.results["noise"].per_unit[list(probe.METRICS)].equals(alone.per_unit[list(probe.METRICS)])
     for (_, te_a), (_, te_b) in zip(both.results["good"].folds, both.results["noise"].folds):
         np.testing.assert_array_equal(te_a, te_b)
     t = both.table.set_index(["method", "metric"])
     assert t.loc[("good", "auc"), "mean"] > 0.8
     assert abs(t.loc[("noise", "auc"), "mean"] - 0.5) < 0.2
-    assert set(both.table.columns) == {"method", "metric", "mean", "std", "n_folds"}
-    assert both.per_fold_metric("auc")["good"].shape == (4,)
+    assert set(both.table.columns) == {"method", "metric", "mean", "std", "n", "pooled"}
+    assert both.per_unit_metric("auc")["good"].shape == (4,)
     assert list(both.wide().index) == ["good", "noise"] and "±" in both.wide().loc["good", "auc"]
 
 
@@ -180,4 +180,36 @@ def test_probing_a_frozen_backbone_leaves_parameters_and_batchnorm_buffers_bit_i
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
     assert model.training and all(m.training for m in model.modules())
-    assert len(r.per_fold) == 3 and r.summary().set_index("metric").loc["auc", "mean"] > 0.7
+    assert len(r.per_unit) == 3 and r.summary().set_index("metric").loc["auc", "mean"] > 0.7
+
+
+def test_split_protocol_chooses_C_on_validation_subjects_only_and_scores_each_test_subject(monkeypatch):
+    x, y, g = _task(signal=1.0)
+    splits = np.where(np.isin(g, np.unique(g)[: len(np.unique(g)) // 2]), "val", "test")
+    seen = []
+    original = probe._fit_path
+    monkeypatch.setattr(probe, "_fit_path", lambda xx, yy, Cs, seed: seen.append(len(xx)) or original(xx, yy, Cs, seed))
+    r = probe.linear_probe(x, y, g, splits, Cs=FEW_CS, seed=0)
+    n_val = int(np.sum(splits == "val"))
+    assert seen and max(seen) == n_val  # no fit ever sees a test patch
+    assert r.unit == "subject" and sorted(r.per_unit.unit) == sorted(np.unique(g[splits == "test"]))
+    for _, row in r.per_unit.iterrows():  # each subject's metrics from that subject's predictions alone
+        pred = r.predictions[r.predictions.unit == row.unit]
+        assert row.auc == pytest.approx(probe.binary_metrics(pred.y, pred.prob)["auc"])
+    assert r.pooled["auc"] == pytest.approx(probe.binary_metrics(r.predictions.y, r.predictions.prob)["auc"])
+
+
+def test_split_protocol_refuses_a_subject_in_both_splits():
+    x, y, g = _task(signal=1.0)
+    splits = np.where(np.arange(len(g)) % 2 == 0, "val", "test")  # every subject straddles
+    with pytest.raises(ValueError, match="in both"):
+        probe.linear_probe(x, y, g, splits, Cs=FEW_CS)
+
+
+def test_position_features_are_the_centres_or_their_monomials():
+    c = np.random.default_rng(0).normal(size=(10, 3)) * 50
+    np.testing.assert_array_equal(probe.position_features(c), c)
+    cubic = probe.position_features(c, degree=3)
+    assert cubic.shape == (10, 19)  # 3 + 6 + 10 monomials of degree 1..3
+    np.testing.assert_allclose(cubic[:, 0], c[:, 0])
+    np.testing.assert_allclose(cubic[:, -1], c[:, 2] ** 3)

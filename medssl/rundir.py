@@ -1,0 +1,179 @@
+"""The one object that knows the layout of a run directory.
+
+``fit``, the notebooks, the pipeline, the evaluations and the report all go through
+:class:`RunDir`; nothing else spells out where a run keeps what::
+
+    runs/<run>/
+      pipeline.json                       status of every pipeline step
+      00_data/ ...                        data notebook outputs
+      <method>/                           one per pretrained method (or variant)
+        config.json  metrics.jsonl  checkpoints/last.pt  10_pretrain.ipynb  summary.csv
+      eval/                               shared evaluation artefacts (patch sets, embedding caches)
+      <step>/                             one per evaluation notebook, e.g. 20_latent_space/
+        headline.csv                      the step's headline numbers (the report concatenates them)
+        <target>/headline.csv             a step may keep several (e.g. 30_linear_probe/lesion/)
+
+**Headline tables** are long tables with the columns of :data:`HEADLINE_COLUMNS`: one row
+per (method, metric) with its value, spread, sample size, the split it was measured on,
+which direction is better, and whether the row is a method, a shortcut baseline or a
+reference. A new evaluation writes one with :meth:`RunDir.write_headline` and appears in
+the report with no edit to the report.
+
+A run is named by a plain string (``"demo"``: ``$MEDSSL_RUNS/demo``); names with path
+separators or ``..`` are refused so that a run never writes outside the runs folder. Code
+that really means another folder passes a :class:`pathlib.Path`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from medssl import paths
+
+__all__ = ["RunDir", "HEADLINE_COLUMNS", "ROW_KINDS", "InvalidRunNameError"]
+
+HEADLINE_COLUMNS = ["step", "method", "kind", "metric", "value", "std", "n", "split", "higher_is_better", "note"]
+ROW_KINDS = ("method", "baseline", "reference")  # baseline: a shortcut a method must beat; reference: chance/floor
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_EVAL = "eval"
+_HEADLINE = "headline.csv"
+
+
+class InvalidRunNameError(ValueError):
+    """A run name that would leave the runs folder (separators, ``..``) or is empty."""
+
+
+class RunDir:
+    """A run directory: ``RunDir("demo")`` or ``RunDir(Path("/somewhere/run"))``.
+
+    Args:
+        run: a run name (a plain string without separators: ``runs_root / name``), a
+            :class:`pathlib.Path`, or another :class:`RunDir`.
+        runs_root: the runs folder for names (default :func:`medssl.paths.runs_dir`).
+    """
+
+    def __init__(self, run: "str | os.PathLike | RunDir", runs_root: str | os.PathLike | None = None) -> None:
+        if isinstance(run, RunDir):
+            self.path: Path = run.path
+        elif isinstance(run, os.PathLike) and not isinstance(run, str):
+            self.path = Path(run).expanduser()
+        else:
+            name = str(run)
+            if not _NAME.match(name) or ".." in name:
+                raise InvalidRunNameError(
+                    f"run name {name!r} is not a plain name (letters, digits, '.', '_', '-', '+'; no '/' or '..'): "
+                    "runs always live inside the runs folder "
+                    f"({Path(runs_root) if runs_root else paths.runs_dir()}; set MEDSSL_RUNS to move it)"
+                )
+            self.path = (Path(runs_root) if runs_root is not None else paths.runs_dir()) / name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # ------------------------------------------------------------------ layout
+
+    def method_dir(self, method: str) -> Path:
+        """``<run>/<method>/``: where ``fit`` writes (not created)."""
+        return self.path / _plain(method, "method")
+
+    def checkpoint(self, method: str, which: str = "last.pt") -> Path:
+        return self.method_dir(method) / "checkpoints" / which
+
+    def step_dir(self, step: str, *sub: str, create: bool = True) -> Path:
+        """``<run>/<step>/[<sub>/...]`` of an evaluation step (created unless ``create=False``)."""
+        d = self.path / _plain(step, "step")
+        for s in sub:
+            d = d / _plain(s, "sub-folder")
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def eval_dir(self) -> Path:
+        """``<run>/eval/``: patch sets and embedding caches shared by every step (created)."""
+        return self.step_dir(_EVAL)
+
+    @property
+    def pipeline_json(self) -> Path:
+        return self.path / "pipeline.json"
+
+    # ------------------------------------------------------------------ methods of the run
+
+    def trained_methods(self) -> list[str]:
+        """Methods (and variants) with a ``checkpoints/last.pt`` here, in the registry's report order."""
+        if not self.path.is_dir():
+            return []
+        found = {p.parent.parent.name for p in self.path.glob("*/checkpoints/last.pt")}
+        from medssl.methods import list_methods
+
+        known = [m for m in list_methods() if m in found]
+        return known + sorted(found - set(known))
+
+    def checkpoints(self, methods: Sequence[str] | None = None) -> dict[str, Path | None]:
+        """``{method: last.pt, or None when the method has not been trained in this run}`` (None: every trained one)."""
+        return {m: (p if (p := self.checkpoint(m)).is_file() else None) for m in self.resolve_methods(methods)}
+
+    def resolve_methods(self, methods: Sequence[str] | None) -> list[str]:
+        """``methods`` as given, or every trained method of the run when it is empty or None."""
+        return list(methods) if methods else self.trained_methods()
+
+    # ------------------------------------------------------------------ headline tables
+
+    def write_headline(self, step_dir: str | os.PathLike, table: pd.DataFrame) -> Path:
+        """Write ``<step_dir>/headline.csv`` (a step folder of this run, or a sub-folder of one).
+
+        ``table`` needs ``method``, ``metric``, ``value`` and ``split``; missing optional
+        columns get defaults (``kind="method"``, ``higher_is_better=True``, ...); ``step``
+        defaults to the folder's path relative to the run.
+        """
+        from medssl._files import atomic_write_text
+
+        d = Path(step_dir) if Path(step_dir).is_absolute() else self.path / step_dir
+        t = _normalise_headline(table, default_step=str(d.relative_to(self.path)))
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / _HEADLINE
+        atomic_write_text(path, t.to_csv(index=False))
+        return path
+
+    def headlines(self) -> pd.DataFrame:
+        """Every ``headline.csv`` of the run, concatenated (steps in folder order)."""
+        files = sorted(self.path.glob(f"*/{_HEADLINE}")) + sorted(self.path.glob(f"*/*/{_HEADLINE}"))
+        if not files:
+            return pd.DataFrame(columns=HEADLINE_COLUMNS)
+        frames = [_normalise_headline(pd.read_csv(f), str(f.parent.relative_to(self.path))) for f in files]
+        return pd.concat(frames, ignore_index=True)
+
+
+def _plain(name: str, what: str) -> str:
+    if not _NAME.match(str(name)) or ".." in str(name):
+        raise InvalidRunNameError(f"{what} name {name!r} must be a plain name without '/' or '..'")
+    return str(name)
+
+
+def _normalise_headline(table: pd.DataFrame, default_step: str) -> pd.DataFrame:
+    missing = [c for c in ("method", "metric", "value", "split") if c not in table.columns]
+    if missing:
+        raise ValueError(f"a headline table needs the columns method, metric, value, split; missing {missing}")
+    t = table.copy()
+    defaults = {"step": default_step, "kind": "method", "std": float("nan"), "n": float("nan"),
+                "higher_is_better": True, "note": ""}
+    for col, value in defaults.items():
+        if col not in t.columns:
+            t[col] = value
+    bad = sorted(set(t["kind"]) - set(ROW_KINDS))
+    if bad:
+        raise ValueError(f"headline kind must be one of {ROW_KINDS}, got {bad}")
+    t["note"] = t["note"].fillna("")
+    return t[HEADLINE_COLUMNS]
