@@ -36,6 +36,7 @@ import torch
 from medssl._files import atomic_save_npy
 from medssl.data.volume import Volume
 from medssl.evaluate.embed import embed_patches, model_fingerprint
+from medssl.methods.base import cuts_cubes
 from medssl.sampling.patches import padding_values
 from medssl.sampling.regions import foreground_mask
 from medssl.geometry import box_start_for_centre, vox_to_world
@@ -201,6 +202,22 @@ class _GridPatches:
         return np.ascontiguousarray(np.moveaxis(self.windows[:, gx, gy, gz], 1, 0))  # (B, C, *P)
 
 
+class _GridInputs:
+    """Lazy inputs cut by a method's own ``cut_inputs`` at the grid's centre voxels (e.g. 2.5D planar patches)."""
+
+    def __init__(self, method: Any, data: np.ndarray, centres_vox: np.ndarray) -> None:
+        self.method, self.data, self.centres = method, data, centres_vox
+        probe = np.asarray(method.cut_inputs(data, centres_vox[:1]))
+        self.shape = (len(centres_vox), *probe.shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.method.cut_inputs(self.data, self.centres[sl]), dtype=np.float32)
+
+
 def dense_embeddings(
     method: Any,
     volume: Volume,
@@ -220,7 +237,9 @@ def dense_embeddings(
             eval mode, no-grad, every submodule's train/eval flag restored afterwards.
         volume: the image, ``data (C, X, Y, Z)``.
         stride_vox: grid step in voxels, one int or one per array axis.
-        patch_size_vox: patch size; default the method's own ``patch_size_vox``.
+        patch_size_vox: patch size; default the method's ``input_size_vox`` (its ``patch_size_vox``
+            unless the method says otherwise). A method with its own ``cut_inputs`` gets its
+            inputs cut by it at every grid centre voxel.
         batch_size: patches per forward pass.
         device: ``"auto"`` (wherever the method's weights are) or a torch device
             (the method is moved there for the call and moved back afterwards).
@@ -239,7 +258,8 @@ def dense_embeddings(
     if volume.data.ndim != 4:
         raise ValueError(f"{volume.source or volume.case_id}: data must be (C, X, Y, Z), got shape {volume.data.shape}")
     stride = _triple(stride_vox, "stride_vox")
-    patch = _triple(method.patch_size_vox if patch_size_vox is None else patch_size_vox, "patch_size_vox")
+    default_size = getattr(method, "input_size_vox", None) or method.patch_size_vox
+    patch = _triple(default_size if patch_size_vox is None else patch_size_vox, "patch_size_vox")
     anchors, centres_axes = dense_grid(volume.shape_vox, stride, patch)
     mesh = np.stack(np.meshgrid(*centres_axes, indexing="ij"), axis=-1)  # (Gx, Gy, Gz, 3)
     affine = np.asarray(volume.affine, dtype=np.float64)
@@ -257,8 +277,12 @@ def dense_embeddings(
         if emb is not None and emb.shape[:3] != mesh.shape[:3]:
             emb = None
     if emb is None:
-        windows = _window_view(volume, anchors, patch)
-        flat = embed_patches(method, _GridPatches(windows), batch_size=batch_size, device=device, progress=progress)
+        if cuts_cubes(method):
+            inputs: Any = _GridPatches(_window_view(volume, anchors, patch))
+        else:  # the method cuts its own input (e.g. planar patches) at every grid centre voxel
+            grid_vox = np.stack(np.meshgrid(*anchors, indexing="ij"), axis=-1).reshape(-1, 3)
+            inputs = _GridInputs(method, np.asarray(volume.data, dtype=np.float32), grid_vox)
+        flat = embed_patches(method, inputs, batch_size=batch_size, device=device, progress=progress)
         emb = flat.reshape(*mesh.shape[:3], -1)
         if cache_path is not None:
             _cache_save(cache_path, emb)

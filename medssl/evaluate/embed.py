@@ -19,7 +19,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medssl._files import atomic_save_npy, file_sha256
+from medssl.data.volume import Volume
 from medssl.evaluate.patchsets import PatchSet
 
 __all__ = ["embed_patches", "frozen", "EmbeddingCache", "model_fingerprint", "file_sha256", "embed_methods"]
@@ -64,12 +65,16 @@ def embed_patches(
     batch_size: int = 256,
     device: str | torch.device = "auto",
     progress: bool = True,
+    volumes: Sequence[Volume] | None = None,
 ) -> np.ndarray:
     """Embed patches with a frozen model.
 
     Args:
         model: a ``Method`` (uses ``method.embed``) or a backbone ``nn.Module`` (uses forward).
-        patches: ``(N, C, *S)`` float array/tensor, or a :class:`PatchSet`.
+        patches: ``(N, C, *S)`` float array/tensor (any sequence with slicing and ``shape``), or
+            a :class:`PatchSet` (its :meth:`PatchSet.inputs_for` the model).
+        volumes: the volumes of a PatchSet's cases, needed when the model's input differs from
+            the stored patches (another size, or its own ``cut_inputs``).
         batch_size: patches per forward pass.
         device: ``"auto"`` = where the model's parameters already are; otherwise the model
             is moved there for the call and moved back afterwards.
@@ -78,7 +83,7 @@ def embed_patches(
     Returns:
         ``(N, D)`` float32 numpy array.
     """
-    x = patches.patches if isinstance(patches, PatchSet) else patches
+    x = patches.inputs_for(model, volumes) if isinstance(patches, PatchSet) else patches
     if x.ndim < 3:
         raise ValueError(f"patches must be (N, C, *S), got shape {tuple(x.shape)}")
     if batch_size < 1:
@@ -153,9 +158,11 @@ class EmbeddingCache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
 
-    def key(self, fingerprint: str, patch_set: PatchSet, settings: Mapping[str, Any] | None = None) -> str:
+    def key(self, fingerprint: str, patch_set: PatchSet, settings: Mapping[str, Any] | None = None,
+            input_spec: Any = None) -> str:
         spec = {
             "model": fingerprint,
+            "input": input_spec,
             "patch_set": patch_set.content_sha256,
             "patch_set_name": patch_set.meta.get("name", ""),
             "seed": int(patch_set.seed),
@@ -175,7 +182,8 @@ class EmbeddingCache:
         **embed_kw: Any,
     ) -> np.ndarray:
         """Cached :func:`embed_patches` of ``patch_set``; computes and stores on a miss."""
-        path = self.path(self.key(model_fingerprint(model, checkpoint), patch_set, settings))
+        input_spec = [list(getattr(model, "input_size_vox", ())), type(model).__qualname__]
+        path = self.path(self.key(model_fingerprint(model, checkpoint), patch_set, settings, input_spec))
         if path.exists():
             emb = np.load(path, allow_pickle=False)
             if emb.shape[0] == len(patch_set):

@@ -232,6 +232,43 @@ class PatchSet:
     def patch_size_vox(self) -> tuple[int, int, int]:
         return tuple(int(v) for v in self.patches.shape[2:5])  # type: ignore[return-value]
 
+    def inputs_for(self, model: Any, volumes: Sequence[Volume] | None = None) -> np.ndarray:
+        """What ``model.embed`` takes at this set's centres: the stored patches when they fit, else cut anew.
+
+        A model whose input is a cube of this set's patch size gets :attr:`patches`; any other
+        (another size, or its own ``cut_inputs`` such as planar 2.5D patches) gets its input cut
+        from ``volumes`` around the same centre voxels, so every method is compared on
+        identical positions.
+        """
+        from medssl.methods.base import cuts_cubes
+
+        size = tuple(getattr(model, "input_size_vox", getattr(model, "patch_size_vox", self.patch_size_vox)))
+        if cuts_cubes(model) and size == self.patch_size_vox:
+            return self.patches
+        if volumes is None:
+            raise ValueError(
+                f"{getattr(model, 'registry_name', type(model).__name__)} needs inputs of size {size} (or its own "
+                f"cut); this patch set holds {self.patch_size_vox}: pass the volumes so they can be cut"
+            )
+        by_id = self._volumes_by_id(volumes)
+        parts: list[np.ndarray] = []
+        order: list[np.ndarray] = []
+        for case in dict.fromkeys(self.case_ids.tolist()):
+            rows = np.flatnonzero(self.case_ids == case)
+            parts.append(np.asarray(model.cut_inputs(by_id[case].data, self.centres_vox[rows]), dtype=np.float32))
+            order.append(rows)
+        out = np.empty((len(self), *parts[0].shape[1:]), dtype=np.float32)
+        for rows, part in zip(order, parts):
+            out[rows] = part
+        return out
+
+    def _volumes_by_id(self, volumes: Sequence[Volume]) -> dict[str, Volume]:
+        by_id = {str(v.case_id): v for v in volumes}
+        missing = sorted(set(self.case_ids.tolist()) - set(by_id))
+        if missing:
+            raise ValueError(f"the patch set needs the volumes of cases {missing}")
+        return by_id
+
     def for_size(self, size_vox: int | Sequence[int], volumes: Sequence[Volume]) -> "PatchSet":
         """The same centre voxels with patches of ``size_vox`` cut from ``volumes`` (padded outside the image).
 
@@ -241,10 +278,7 @@ class PatchSet:
         size = as_size(size_vox)
         if size == self.patch_size_vox:
             return self
-        by_id = {str(v.case_id): v for v in volumes}
-        missing = sorted(set(self.case_ids.tolist()) - set(by_id))
-        if missing:
-            raise ValueError(f"PatchSet.for_size needs the volumes of cases {missing}")
+        by_id = self._volumes_by_id(volumes)
         patches = np.empty((len(self), self.patches.shape[1], *size), dtype=np.float32)
         centres_mm = np.empty((len(self), 3))
         for case in dict.fromkeys(self.case_ids.tolist()):

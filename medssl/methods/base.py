@@ -23,11 +23,13 @@ from torch import nn
 from medssl.data.volume import Volume
 from medssl.models.backbones import build_backbone
 from medssl.sampling.base import PatchBatch
+from medssl.sampling.patches import extract_patches
 from medssl.sampling.uniform import UniformPatchSampler
 from medssl.train.config import TrainConfig
 
 __all__ = [
     "FAMILIES",
+    "cuts_cubes",
     "Method",
     "MethodConfig",
     "StepOutput",
@@ -132,6 +134,17 @@ class Method(nn.Module):
         """The cube around a point that ``embed`` needs (its patch size unless a method says otherwise)."""
         return self.patch_size_vox
 
+    def cut_inputs(self, data: np.ndarray, centres_vox: np.ndarray) -> np.ndarray:
+        """What ``embed`` takes for the points ``centres_vox`` ``(N, 3)`` (int) of a volume ``data (C, X, Y, Z)``.
+
+        Default: cubes of ``input_size_vox`` around each centre voxel (the centre-voxel rule),
+        padded with the per-channel minimum outside the image. A method with another input
+        (e.g. three orthogonal planar patches) overrides this and ``input_size_vox`` (the cube
+        that bounds its input); evaluations then cut inputs through it
+        (:meth:`medssl.evaluate.patchsets.PatchSet.inputs_for`, dense grids).
+        """
+        return extract_patches(data, centres_vox, self.input_size_vox)
+
     @property
     def patches_per_step(self) -> int:
         """Distinct patches per training step (per rank): the data budget compared across methods."""
@@ -176,6 +189,12 @@ class Method(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self.config)}
+
+
+def cuts_cubes(model: Any) -> bool:
+    """True when ``model``'s input at a point is the plain cube of its ``input_size_vox`` (no own ``cut_inputs``)."""
+    own = getattr(type(model), "cut_inputs", None)
+    return own is None or own is Method.cut_inputs
 
 
 def backbone_from_config(config: Any, spatial_dims: int = 3) -> nn.Module:

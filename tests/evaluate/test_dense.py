@@ -130,3 +130,40 @@ def test_dense_embeddings_of_an_untrained_registered_method_have_its_embedding_w
     d = dense_embeddings(m, vol, stride_vox=6, progress=False)
     assert d.embeddings.shape == (4, 3, 2, m.embed_dim)
     assert d.patch_size_vox == (16, 16, 16)
+
+
+def test_a_method_that_cuts_its_own_inputs_gets_them_cut_at_every_grid_centre_voxel():
+    """E.g. 2.5D methods cut planar patches; here the input is just the centre voxel's channels."""
+    import torch
+    from torch import nn
+
+    from medssl.evaluate.patchsets import draw_uniform_patch_set
+    from medssl.evaluate.embed import embed_patches
+    from tests.helpers import coordinate_volume, oblique_affine
+
+    class CentreVoxel(nn.Module):
+        input_size_vox = (5, 5, 5)
+        patch_size_vox = (5, 5, 5)
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def cut_inputs(self, data, centres_vox):
+            c = np.asarray(centres_vox)
+            return np.asarray(data)[:, c[:, 0], c[:, 1], c[:, 2]].T[:, :, None]  # (N, C, 1)
+
+        def embed(self, x):
+            return x[:, :, 0] * self.w
+
+    vol = coordinate_volume("c", (17, 15, 13), oblique_affine((1.0, 2.0, 3.0), (20.0, 0.0, 10.0)))
+    d = dense_embeddings(CentreVoxel(), vol, stride_vox=3, progress=False)
+    anchors, _ = dense_grid(vol.shape_vox, 3, 5)
+    expected = vol.data[:, anchors[0]][:, :, anchors[1]][:, :, :, anchors[2]]  # (3, Gx, Gy, Gz)
+    np.testing.assert_allclose(d.embeddings, np.moveaxis(expected, 0, -1), rtol=1e-6)
+    ps = draw_uniform_patch_set([vol], 7, 3, seed=0)  # stored 3^3 cubes; the model cuts its own input
+    emb = embed_patches(CentreVoxel(), ps, volumes=[vol], progress=False)
+    c = ps.centres_vox
+    np.testing.assert_allclose(emb, vol.data[:, c[:, 0], c[:, 1], c[:, 2]].T, rtol=1e-6)
+    with pytest.raises(ValueError, match="pass the volumes"):
+        embed_patches(CentreVoxel(), ps, progress=False)
