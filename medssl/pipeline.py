@@ -2,7 +2,10 @@
 
 A plan is a list of steps. Each step names a notebook in ``notebooks/`` and its
 parameters; a step with ``per_method: true`` runs once per method (the
-pretraining notebook). Every executed notebook lands in the run directory::
+pretraining notebook). A plan's ``methods`` is a list of names, or ``"demo"`` /
+``"all"`` for the registry's demo methods / every registered method
+(:func:`medssl.methods.list_methods`): a new method file joins the demo with no
+edit here. Every executed notebook lands in the run directory::
 
     runs/<run>/00_data/00_data.ipynb
     runs/<run>/<method>/10_pretrain.ipynb        (one per method)
@@ -42,14 +45,13 @@ from typing import Any, Iterable
 
 from medssl import paths
 from medssl._files import atomic_write_text
-
-DEMO_METHODS = ["isimed", "regisimed", "simclr", "barlowtwins"]
+from medssl.rundir import RunDir
 
 # The ordered notebooks and what each step runs. Notebooks that do not exist
 # yet (later roadmap items) are skipped with a message, so a plan can list them.
 PLANS: dict[str, dict[str, Any]] = {
     "demo": {
-        "methods": DEMO_METHODS,
+        "methods": "demo",
         "steps": [
             {"notebook": "00_data.ipynb", "parameters": {"source": "demo"}},
             {"notebook": "10_pretrain.ipynb", "per_method": True, "parameters": {"preset": "demo"}},
@@ -65,6 +67,21 @@ PLANS: dict[str, dict[str, Any]] = {
         "steps": [{"notebook": "00_data.ipynb", "parameters": {"source": "demo"}}],
     },
 }
+# "full": the demo's steps for every registered method (not only those marked for the demo).
+PLANS["full"] = {**copy.deepcopy(PLANS["demo"]), "methods": "all"}
+
+
+def plan_methods(spec: Any) -> list[str]:
+    """A plan's ``methods``: a list of names, ``"demo"`` (the registry's demo methods) or ``"all"``."""
+    from medssl.methods import list_methods
+
+    if spec in (None, "demo"):
+        return list_methods(demo=True)
+    if spec == "all":
+        return list_methods()
+    if isinstance(spec, str):
+        raise ValueError(f"plan methods must be a list of names, 'demo' or 'all', got {spec!r}")
+    return [str(m) for m in spec]
 
 
 class PipelineError(RuntimeError):
@@ -130,6 +147,7 @@ def load_plan(plan: str | Path | dict[str, Any]) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"plan step {i} ({s['notebook']}): unknown keys {sorted(unknown)}")
     data.setdefault("methods", [])
+    plan_methods(data["methods"])  # validates
     return data
 
 
@@ -154,10 +172,10 @@ def expand_plan(
             automatic ``methods``) go only to notebooks that declare that parameter.
     """
     runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
-    methods = list(methods) if methods is not None else list(plan["methods"])
+    methods = list(methods) if methods is not None else plan_methods(plan["methods"])
     overrides = dict(overrides or {})
     only = [str(o) for o in only] if only else None
-    run_dir = runs_root / run
+    run_dir = RunDir(run, runs_root).path
     out: list[StepResult] = []
     for s in plan["steps"]:
         nb = s["notebook"]
@@ -209,7 +227,7 @@ def run_pipeline(
     plan = load_plan(plan)
     steps = expand_plan(plan, run, methods=methods, only=only, overrides=overrides, runs_root=runs_root,
                         declared=declared_parameters(plan, notebooks_dir))
-    result = PipelineResult(run_dir=runs_root / run, steps=steps)
+    result = PipelineResult(run_dir=RunDir(run, runs_root).path, steps=steps)
     result.run_dir.mkdir(parents=True, exist_ok=True)
     # Kernels inherit the environment: viewers that need a browser refuse to start
     # headless, and the runs root is the one this pipeline writes to.

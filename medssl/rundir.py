@@ -11,6 +11,7 @@
       eval/                               shared evaluation artefacts (patch sets, embedding caches)
       <step>/                             one per evaluation notebook, e.g. 20_latent_space/
         headline.csv                      the step's headline numbers (the report concatenates them)
+        key_figures.json                  the step's key figures, [{"title", "file"}] (the report shows them)
         <target>/headline.csv             a step may keep several (e.g. 30_linear_probe/lesion/)
 
 **Headline tables** are long tables with the columns of :data:`HEADLINE_COLUMNS`: one row
@@ -42,6 +43,7 @@ ROW_KINDS = ("method", "baseline", "reference")  # baseline: a shortcut a method
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _EVAL = "eval"
 _HEADLINE = "headline.csv"
+_FIGURES = "key_figures.json"
 
 
 class InvalidRunNameError(ValueError):
@@ -146,6 +148,37 @@ class RunDir:
         path = d / _HEADLINE
         atomic_write_text(path, t.to_csv(index=False))
         return path
+
+    def write_key_figures(self, step_dir: str | os.PathLike, figures: Sequence[tuple[str, str | os.PathLike]]) -> Path:
+        """Record ``[(title, figure file), ...]`` as the step's key figures (``key_figures.json``), for the report.
+
+        Files are stored relative to the run, so a moved run still finds them.
+        """
+        import json
+
+        from medssl._files import atomic_write_text
+
+        d = Path(step_dir) if Path(step_dir).is_absolute() else self.path / step_dir
+        items = []
+        for title, f in figures:
+            p = Path(f)
+            items.append({"title": str(title), "file": str((p if p.is_absolute() else d / p).relative_to(self.path))})
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / _FIGURES
+        atomic_write_text(path, json.dumps(items, indent=1))
+        return path
+
+    def key_figures(self) -> list[tuple[str, Path]]:
+        """Every step's key figures that exist, as ``(title, absolute path)``, steps in folder order."""
+        import json
+
+        out = []
+        for f in sorted(self.path.glob(f"*/{_FIGURES}")) + sorted(self.path.glob(f"*/*/{_FIGURES}")):
+            for item in json.loads(f.read_text(encoding="utf-8")):
+                p = self.path / item["file"]
+                if p.is_file():
+                    out.append((item["title"], p))
+        return out
 
     def headlines(self) -> pd.DataFrame:
         """Every ``headline.csv`` of the run, concatenated (steps in folder order)."""

@@ -59,3 +59,14 @@ def test_headline_tables_are_written_with_defaults_and_concatenated(tmp_path):
     with pytest.raises(ValueError, match="split"):
         rd.write_headline(rd.step_dir("x"), pd.DataFrame({"method": ["a"], "metric": ["m"], "value": [1]}))
     assert not list(Path(tmp_path).rglob("*.tmp"))
+
+
+def test_key_figures_are_recorded_relative_to_the_run_and_listed_when_they_exist(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    d = rd.step_dir("20_latent_space")
+    (d / "a.png").write_bytes(b"png")
+    rd.write_key_figures(d, [("First", d / "a.png"), ("Missing", "b.png")])
+    moved = tmp_path / "moved"
+    rd.path.rename(moved)
+    figs = RunDir(moved).key_figures()
+    assert figs == [("First", moved / "20_latent_space" / "a.png")]
