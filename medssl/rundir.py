@@ -208,5 +208,5 @@ def _normalise_headline(table: pd.DataFrame, default_step: str) -> pd.DataFrame:
     bad = sorted(set(t["kind"]) - set(ROW_KINDS))
     if bad:
         raise ValueError(f"headline kind must be one of {ROW_KINDS}, got {bad}")
-    t["note"] = t["note"].fillna("")
+    t["note"] = t["note"].astype(object).where(t["note"].notna(), "")
     return t[HEADLINE_COLUMNS]
