@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from medssl import paths
+from medssl._alloc import MALLOC_ENV
 from medssl._files import atomic_write_text
 from medssl.rundir import RunDir
 
@@ -231,9 +232,12 @@ def run_pipeline(
     result.run_dir.mkdir(parents=True, exist_ok=True)
     # Kernels inherit the environment: viewers that need a browser refuse to start
     # headless, and the runs root is the one this pipeline writes to.
-    saved_env = {k: os.environ.get(k) for k in ("MEDSSL_HEADLESS", "MEDSSL_RUNS")}
+    saved_env = {k: os.environ.get(k) for k in ("MEDSSL_HEADLESS", "MEDSSL_RUNS", *MALLOC_ENV)}
     os.environ["MEDSSL_HEADLESS"] = "1"
     os.environ["MEDSSL_RUNS"] = str(runs_root)
+    if os.environ.get("MEDSSL_NO_MALLOC_TUNING") != "1":
+        for k, v in MALLOC_ENV.items():  # kernels are new processes: glibc reads these at start-up
+            os.environ.setdefault(k, v)
     try:
         _run_steps(pm, steps, result, notebooks_dir, kernel_name, progress)
     finally:

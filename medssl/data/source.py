@@ -137,7 +137,7 @@ def open_data(
     manifest: str | os.PathLike | pd.DataFrame | None = None,
     preprocess: "PreprocessConfig | None" = None,
     n_subjects: int = 48,
-    seed: int = 0,
+    cohort_seed: int = 0,
     split_seed: int = 0,
     on_error: Literal["raise", "skip"] = "raise",
     progress: bool = True,
@@ -154,7 +154,8 @@ def open_data(
         preprocess: preprocessing config. Default: for the demo, the cohort's own
             (:meth:`DemoCohort.default_preprocess_config`), else ``PreprocessConfig()``;
             either with ``target_spacing_mm`` if that is given.
-        n_subjects, seed: demo cohort size and seed.
+        n_subjects, cohort_seed: demo cohort size and seed (which synthetic subjects exist; it
+            is not a training seed: a seed sweep of training keeps the same data).
         split_seed: seed of the patient-grouped split of a folder.
         on_error: folder scan (done while caching): ``"raise"`` lists every bad
             file and stops; ``"skip"`` drops them (see ``DataSource.scan_report``).
@@ -177,7 +178,7 @@ def open_data(
             spacing = float(min(preprocess.target_spacing_mm))
         else:
             spacing = 3.0
-        cohort = build_demo_cohort(n_subjects=n_subjects, seed=seed, spacing_mm=spacing, progress=progress)
+        cohort = build_demo_cohort(n_subjects=n_subjects, seed=cohort_seed, spacing_mm=spacing, progress=progress)
         config = preprocess if preprocess is not None else cohort.default_preprocess_config()
         return DataSource(
             manifest=cohort.manifest,

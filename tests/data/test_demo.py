@@ -295,7 +295,7 @@ def test_open_data_demo_gives_cached_volumes_with_lesions_label_names_and_proven
     (tmp_path / "data" / "demo" / examples.name).symlink_to(examples.resolve(), target_is_directory=True)
     monkeypatch.setenv("MEDSSL_DATA", str(tmp_path / "data"))
     monkeypatch.delenv("MEDSSL_CACHE", raising=False)
-    data = open_data("demo", n_subjects=3, seed=0, target_spacing_mm=6.0, progress=False)
+    data = open_data("demo", n_subjects=3, cohort_seed=0, target_spacing_mm=6.0, progress=False)
     assert data.provenance == DEMO_PROVENANCE and data.cohort is not None
     train = data.volumes("train")
     assert [v.case_id for v in train] == ["demo-s000"]
