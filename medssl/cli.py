@@ -184,6 +184,41 @@ def _train_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- medssl sweep ...
+
+
+@register_command("sweep")
+def _add_sweep_parser(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="train one run per value of a setting and compare them on the validation split",
+        description="Choose a setting on the validation split only: one pretraining run per value (resumable), "
+        "each summarised on the validation subjects (distance fidelity, effective rank). The test split is not "
+        "loaded. Writes runs/<run>/sweeps/<method>-<param>.csv.",
+    )
+    p.add_argument("--method", required=True, help="a registered method, e.g. isimed")
+    p.add_argument("--param", required=True, help="a method config or TrainConfig field, e.g. scale_mm")
+    p.add_argument("--values", nargs="+", required=True, help="values (parsed as YAML)")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--run", default="sweep")
+    p.add_argument("--metric", default="spearman", help="validation column to choose by (higher is better)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_sweep_main)
+
+
+def _sweep_main(args: argparse.Namespace) -> int:
+    import yaml
+
+    from medssl.select import choose, sweep
+
+    values = [yaml.safe_load(v) for v in args.values]
+    table = sweep(args.method, args.param, values, preset=args.preset, run=args.run, seed=args.seed)
+    cols = [c for c in ("value", "split", "spearman", "abs_err_median_mm", "effective_rank", "steps") if c in table]
+    print(table[cols].to_string(index=False))
+    print(f"\nbest {args.param} on the validation split by {args.metric}: {choose(table, args.metric)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
