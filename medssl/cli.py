@@ -175,7 +175,7 @@ def _train_main(args: argparse.Namespace) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(data.provenance)
             summary = pretraining_summary(model, data.volumes("val"), seed=args.seed, run_dir=run_dir)
-            summary.to_csv(run_dir / "summary.csv", index=False)
+            summary.to_csv(rd.files(args.method).summary, index=False)
             print(f"\n{args.method}: {result.step} steps, last checkpoint {result.checkpoint_path}")
             print(summary.to_string(index=False))
     finally:

@@ -133,7 +133,8 @@ def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str])
     rd = RunDir(run)
     rows = []
     for m in methods:
-        cfg_path, metrics_path = rd.method_dir(m) / "config.json", rd.method_dir(m) / "metrics.jsonl"
+        files = rd.files(m)
+        cfg_path, metrics_path = files.config, files.metrics
         if not metrics_path.is_file():
             continue
         recs = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -155,7 +156,7 @@ def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str])
         for key in ("collapse_z", "collapse_p"):
             if val and key in val[-1]:
                 row[f"val_{key}"] = val[-1][key]
-        summary = rd.method_dir(m) / "summary.csv"
+        summary = files.summary
         if summary.is_file():
             s = pd.read_csv(summary).iloc[0]
             row["val_spearman"] = s.get("spearman")
@@ -164,7 +165,7 @@ def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str])
 
 
 def _training_figures(rd: RunDir, methods: Sequence[str]) -> list[tuple[str, Path]]:
-    return [(f"{m}: training curves", p) for m in methods if (p := rd.method_dir(m) / "loss_curves.png").is_file()]
+    return [(f"{m}: training curves", p) for m in methods if (p := rd.files(m).curves).is_file()]
 
 
 def key_figures(res: RunResults) -> list[tuple[str, Path]]:

@@ -14,6 +14,7 @@ from medssl.evaluate.embed import embed_patches
 from medssl.evaluate.fidelity import distance_fidelity, metric_latent
 from medssl.evaluate.latent import collapse_stats
 from medssl.evaluate.patchsets import draw_uniform_patch_set, get_or_draw
+from medssl.rundir import RunDir
 
 
 def pretraining_summary(
@@ -41,7 +42,8 @@ def pretraining_summary(
     kwargs = dict(volumes=list(volumes), n_per_volume=n_per_volume,
                   patch_size_vox=method.patch_size_vox, foreground_only=True)
     if run_dir is not None:
-        patches = get_or_draw(Path(run_dir).parent / "eval", "summary_uniform", seed, draw_uniform_patch_set, **kwargs)
+        patches = get_or_draw(RunDir(Path(run_dir).parent).eval_dir, "summary_uniform", seed, draw_uniform_patch_set,
+                              **kwargs)
     else:
         patches = draw_uniform_patch_set(seed=seed, **kwargs)
     emb = embed_patches(method, patches, progress=progress, volumes=volumes)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medssl._files import atomic_write_bytes
+from medssl.rundir import method_files
 
 if TYPE_CHECKING:
     from medssl.methods.base import Method
@@ -54,8 +55,8 @@ class CheckpointError(ValueError):
 
 def checkpoint_paths(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``(checkpoints dir, last.pt path)`` for a run directory."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    return ckpt_dir, ckpt_dir / "last.pt"
+    files = method_files(run_dir)
+    return files.checkpoints, files.last
 
 
 def save_checkpoint(state: dict[str, Any], *paths: str | os.PathLike) -> None:
