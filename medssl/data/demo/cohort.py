@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
@@ -18,7 +17,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl import paths
-from medssl._files import replace_dir
+from medssl._files import make_temp_dir, remove_stale_temps, replace_dir
+from medssl._processes import can_spawn_workers
 from medssl.data.demo.config import CohortConfig, _config_from_json
 from medssl.data.demo.deformation import SubjectDeformation
 from medssl.data.demo.fetch import (
@@ -91,8 +91,8 @@ def build_demo_cohort(
         return DemoCohort(root)
     start = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(root.parent, root.name)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    remove_stale_temps(root.parent, f".{root.name}.")  # builds that were killed (their writer is gone)
+    tmp = make_temp_dir(root.parent, f".{root.name}")
     try:
         subjects = _synthesize_all(cfg, examples, tmp, n_workers, progress)
         _write_cohort_files(cfg, examples, tmp, root, subjects, time.perf_counter() - start)
@@ -111,8 +111,8 @@ def _synthesize_all(cfg: CohortConfig, examples: Path, tmp: Path, n_workers: int
          "config": cfg.to_json(), "dir": str(tmp / "subjects" / f"demo-s{i:03d}")}
         for i, s in enumerate(seeds)
     ]  # fmt: skip
-    if n_workers is None:
-        n_workers = min(os.cpu_count() or 1, 4) if cfg.n_subjects >= 8 else 1
+    if n_workers is None:  # workers only where they cannot re-run the caller's script (medssl._processes)
+        n_workers = min(os.cpu_count() or 1, 4) if cfg.n_subjects >= 8 and can_spawn_workers() else 1
     bar = tqdm(total=len(jobs), desc="synthesising demo subjects", unit="subject", disable=not progress)
     try:
         if n_workers <= 1:
@@ -224,17 +224,6 @@ def _cohort_complete(root: Path, cfg: CohortConfig) -> bool:
     return _examples_complete(Path(info.get("source", {}).get("examples_dir", "")))
 
 
-def _remove_stale_builds(parent: Path, name: str, older_than_s: float = 24 * 3600) -> None:
-    """Delete temporary folders of cohort builds that were killed long ago."""
-    now = time.time()
-    for p in parent.glob(f".{name}.tmp-*"):
-        try:
-            if p.is_dir() and now - p.stat().st_mtime > older_than_s:
-                shutil.rmtree(p, ignore_errors=True)
-        except FileNotFoundError:
-            pass
-
-
 class DemoCohort:
     """A built demo cohort on disk: manifest, label names, deformations, provenance.
 
@@ -312,7 +301,8 @@ class DemoCohort:
 
         config = preprocess_config if preprocess_config is not None else self.default_preprocess_config()
         cache = VolumeCache(config=config)
-        cache.build(self.manifest, progress=progress, workers=2 if len(self.manifest) > 8 else 1)
+        parallel = len(self.manifest) > 8 and can_spawn_workers()
+        cache.build(self.manifest, progress=progress, workers=2 if parallel else 1)
         return cache.load_all(self.manifest, split=split)
 
     def default_preprocess_config(self) -> "PreprocessConfig":

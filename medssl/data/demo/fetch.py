@@ -17,8 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
-import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
@@ -28,7 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from medssl import paths
-from medssl._files import file_sha256
+from medssl._files import file_sha256, make_temp_dir, remove_stale_temps, temp_path
 from medssl.data.errors import MedsslDataError
 
 # --------------------------------------------------------------------------- the pinned source
@@ -112,8 +111,8 @@ def fetch_totalseg_examples(
     if not force and _examples_complete(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.tmp-") as tmp:
-        tmp = Path(tmp)
+    remove_stale_temps(dest.parent, f".{dest.name}.")  # fetches that were killed (their writer is gone)
+    with _temp_dir(dest.parent, f".{dest.name}") as tmp:
         archive = Path(sdist) if sdist is not None else _pip_download(tmp / "download", progress)
         digest = file_sha256(archive)
         if digest != expected_sha256:
@@ -157,6 +156,15 @@ def fetch_totalseg_examples(
     return dest
 
 
+@contextmanager
+def _temp_dir(parent: Path, prefix: str):
+    tmp = make_temp_dir(parent, prefix)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _examples_complete(dest: Path) -> bool:
     try:
         source = json.loads((dest / "SOURCE.json").read_text(encoding="utf-8"))
@@ -174,7 +182,7 @@ def _install_dir(stage: Path, dest: Path, replace: bool) -> None:
     if dest.exists() or dest.is_symlink():
         if not replace and _examples_complete(dest):
             return  # another process finished first
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
+        old = temp_path(dest.parent, f".{dest.name}.old")
         os.replace(dest, old)
     try:
         os.replace(stage, dest)
