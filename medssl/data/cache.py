@@ -446,8 +446,8 @@ class VolumeCache:
         try:
             for key, path in files.items():
                 if mode == "lazy":
-                    shape, dtype = _npy_header(path)
-                    out[key] = LazyNpy(path, shape, dtype, owner=str(entry))
+                    shape, dtype, offset = meta["_npy_headers"][path.name]
+                    out[key] = LazyNpy(path, shape, dtype, owner=str(entry), offset=offset)
                 else:
                     out[key] = np.load(path, mmap_mode="r" if mode == "mmap" else None, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -517,11 +517,12 @@ class VolumeCache:
                 entry, f"made with preprocessing digest {meta['preprocess_digest']}, not {self.digest}"
             )
         shape = tuple(meta["shape_vox"])
-        _check_npy(entry / _IMAGE, (int(meta["n_channels"]),) + shape)
+        headers = {_IMAGE: _check_npy(entry / _IMAGE, (int(meta["n_channels"]),) + shape)}
         if meta["has_label"]:
-            _check_npy(entry / _LABEL, shape)
+            headers[_LABEL] = _check_npy(entry / _LABEL, shape)
         for name in meta["aux"]:
-            _check_npy(entry / f"{AUX_PREFIX}{name}.npy", shape)
+            headers[f"{AUX_PREFIX}{name}.npy"] = _check_npy(entry / f"{AUX_PREFIX}{name}.npy", shape)
+        meta["_npy_headers"] = headers  # not stored: what was checked, for lazy opening
         return meta
 
 
@@ -648,7 +649,8 @@ def _write_entry(tmp: Path, vol: Volume, row: dict, config: Any, digest: str, so
     try:
         (tmp / _META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     except OSError as e:
-        raise CacheWriteError(tmp / _META, f"cannot write case {case_id!r}'s cache metadata ({e}): is the disk full?") from e
+        problem = f"cannot write case {case_id!r}'s cache metadata ({e}): is the disk full?"
+        raise CacheWriteError(tmp / _META, problem) from e
 
 
 def _source_record(row: Mapping[str, Any], missing_ok: bool = False) -> dict[str, dict]:
@@ -703,33 +705,36 @@ def _as_smallest_int(arr: Any, path: str) -> np.ndarray:
     return np.ascontiguousarray(a.astype(_smallest_int_dtype(int(a.min()), int(a.max()))))
 
 
-def _check_npy(path: Path, shape: tuple[int, ...]) -> None:
-    """Header and file size of an .npy agree with ``shape`` (catches missing and truncated files)."""
+def _check_npy(path: Path, shape: tuple[int, ...]) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Header and file size of an .npy agree with ``shape`` (catches missing and truncated files).
+
+    Returns the header's ``(shape, dtype, data offset)``.
+    """
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            fmt = np.lib.format
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            stored_shape, _, dtype = read_header(f)
-            expected_size = f.tell() + int(np.prod(stored_shape)) * dtype.itemsize
+        header = _npy_header(path)
     except FileNotFoundError as e:
         raise CacheEntryError(path, "missing cached array; rebuild with VolumeCache.build") from e
     except (OSError, ValueError) as e:
         raise CacheEntryError(path, f"corrupt cached array ({e}); rebuild with VolumeCache.build") from e
+    stored_shape, dtype, offset = header
     if tuple(stored_shape) != tuple(shape):
         raise CacheEntryError(path, f"cached array has shape {stored_shape}, meta.json says {shape}; rebuild")
+    expected_size = offset + int(np.prod(stored_shape)) * dtype.itemsize
     actual = os.path.getsize(path)
     if actual != expected_size:
         raise CacheEntryError(path, f"cached array is {actual} bytes, expected {expected_size} (truncated?); rebuild")
+    return header
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from an .npy header (the data is not read)."""
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset from an .npy header (the data is not read)."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
-    return tuple(shape), dtype
+        shape, fortran_order, dtype = read_header(f)
+        if fortran_order:
+            raise ValueError("stored in Fortran order; medssl writes C order")
+        return tuple(shape), dtype, f.tell()
 
 
 def _label_names_json(names: dict[int, str] | None) -> dict[str, str] | None:

@@ -415,7 +415,8 @@ def _guarded(fn, row, *args, **kwargs):
     except MedsslDataError as e:
         return None, e
     except MemoryError as e:  # this file was too large for the machine; the others may be fine
-        return None, TooLargeError(row["image"], f"ran out of memory while reading/preprocessing it ({e or 'MemoryError'})")
+        problem = f"ran out of memory while reading/preprocessing it ({e or 'MemoryError'})"
+        return None, TooLargeError(row["image"], problem)
     except Exception as e:  # noqa: BLE001 - see docstring
         err = MedsslDataError(row["image"], f"unexpected {type(e).__name__} while reading/preprocessing: {e}")
         err.__cause__ = e

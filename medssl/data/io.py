@@ -152,7 +152,7 @@ def _check_voxel_type(path: Path, dtype: np.dtype) -> None:
         raise UnreadableFileError(path, f"holds {what} voxels; medssl reads real-valued intensities")
 
 
-def _check_before_reading(path: Path, affine: np.ndarray, shape: tuple[int, ...], bytes_per_voxel: float | None) -> None:
+def _check_before_reading(path: Path, affine: np.ndarray, shape: tuple[int, ...], bytes_per_voxel: float | None):
     """Geometry bounds and (unless ``bytes_per_voxel`` is None) the memory bound, from the header alone."""
     from medssl.data.validate import check_geometry
 
@@ -180,9 +180,9 @@ def _read_nifti(path: Path) -> _Raw:
     expected = header.get_data_offset() + math.prod(img.shape) * dtype.itemsize
     if _suffix(path) == ".nii.gz":
         _check_gzip_complete(path, expected)
-    elif os.path.getsize(path) < expected:
+    elif (size := os.path.getsize(path)) < expected:
         raise UnreadableFileError(
-            path, f"truncated: the header needs {expected} bytes (header + voxels), the file holds {os.path.getsize(path)}"
+            path, f"truncated: the header needs {expected} bytes (header + voxels), the file holds {size}"
         )
     # raw voxels, nibabel's float64 when scaled, and read_volume's float32 copy
     _check_before_reading(path, img.affine, img.shape, dtype.itemsize + (8 if scaled else 0) + 4)
@@ -419,7 +419,8 @@ def _fit_dicom_slices(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.
     if duplicated:
         raise GeometryError(folder, f"duplicated slice(s): {'; '.join(duplicated)} lie at the same position; "
                                     "remove the duplicates (world coordinates cannot be trusted)")  # fmt: skip
-    missing = [f"{int(steps[i]) - 1} between {slice_name(i)} and {slice_name(i + 1)}" for i in np.flatnonzero(steps > 1)]
+    after = np.flatnonzero(steps > 1)
+    missing = [f"{int(steps[i]) - 1} between {slice_name(i)} and {slice_name(i + 1)}" for i in after]
     if missing:
         raise GeometryError(
             folder,

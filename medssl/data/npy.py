@@ -23,7 +23,7 @@ import numpy as np
 
 __all__ = ["LazyNpy", "MAX_OPEN_ARRAYS", "open_array_count"]
 
-MAX_OPEN_ARRAYS = int(os.environ.get("MEDSSL_MAX_OPEN_ARRAYS", "32"))
+MAX_OPEN_ARRAYS = int(os.environ.get("MEDSSL_MAX_OPEN_ARRAYS", "64"))
 
 _maps: OrderedDict[str, np.memmap] = OrderedDict()
 _lock = threading.Lock()
@@ -43,13 +43,16 @@ class LazyNpy:
         owner: a name for error messages (e.g. the cache entry).
     """
 
-    __slots__ = ("path", "shape", "dtype", "owner")
+    __slots__ = ("path", "shape", "dtype", "owner", "offset")
 
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: Any, owner: str = "") -> None:
+    def __init__(
+        self, path: str | os.PathLike, shape: tuple[int, ...], dtype: Any, owner: str = "", offset: int | None = None
+    ) -> None:
         self.path = os.fspath(path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.owner = owner or self.path
+        self.offset = offset  # where the data starts (from the header); None: parse the header when mapping
 
     @property
     def ndim(self) -> int:
@@ -82,7 +85,11 @@ class LazyNpy:
             if mm is not None:
                 _maps.move_to_end(self.path)
                 return mm
-        mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        if self.offset is not None and os.path.getsize(self.path) == self.offset + self.nbytes:
+            # header already read when the entry was opened: skip parsing it again on every map
+            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        else:
+            mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
         if mm.shape != self.shape or mm.dtype != self.dtype:
             from medssl.data.cache import CacheEntryError
 

@@ -36,7 +36,7 @@ def _folder(root: Path, shapes: dict[str, tuple[int, int, int]], seed: int = 0, 
     return root
 
 
-# --------------------------------------------------------------------------- item 1: one dataset never gets another's volumes
+# ------------------------------------------------------------ item 1: one dataset never gets another's volumes
 
 
 def test_two_folders_with_the_same_case_id_keep_their_own_volumes(tmp_path, cache_env):
@@ -173,7 +173,7 @@ def test_skipping_every_case_warns_instead_of_returning_silently_empty(tmp_path,
     assert len(data.manifest) == 0
 
 
-# --------------------------------------------------------------------------- item 6: the patch size is checked at scan time
+# ------------------------------------------------------------ item 6: the patch size is checked at scan time
 
 
 def test_a_case_smaller_than_the_patch_fails_the_scan_naming_the_file(tmp_path, cache_env):
