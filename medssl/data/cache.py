@@ -44,6 +44,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -327,17 +329,19 @@ class VolumeCache:
                     yield _unpack_stage_result(_stage_case(*a))
                     bar.update()
                 return
-            # spawn, not fork: the parent may hold torch/OpenMP threads.
+            # spawn, not fork: the parent may hold torch/OpenMP threads. Workers ignore Ctrl-C: the
+            # parent alone handles it, lets running cases finish and stops the pool (a pool whose
+            # workers die of SIGINT mid-start can hang in shutdown).
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = [pool.submit(_stage_case, *a) for a in args]
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
+                with _sigint_ignored_in_children():
+                    futures = [pool.submit(_stage_case, *a) for a in args]  # the first submit starts the workers
                 try:
                     for fut in futures:  # in manifest order, so reports are deterministic
                         yield _unpack_stage_result(fut.result())
                         bar.update()
                 except BaseException:
-                    for fut in futures:
-                        fut.cancel()
+                    pool.shutdown(wait=True, cancel_futures=True)
                     raise
         finally:
             bar.close()
@@ -572,6 +576,27 @@ def _stale_reason(meta: dict, row: Mapping[str, Any] | None) -> str | None:
 
 
 # ---------------------------------------------------------------------- staging (runs in workers too)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def _sigint_ignored_in_children() -> Iterator[None]:
+    """Ignore SIGINT while worker processes start, so they inherit it from their first instruction.
+
+    (A Python child keeps an inherited SIG_IGN for SIGINT; the pool initializer alone would
+    leave the import phase of a starting worker open to Ctrl-C.) Main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stage_case(

@@ -167,7 +167,7 @@ def test_loads_never_see_an_entry_half_replaced(tmp_path):
     expected = cache.load(row, mmap=False).data
     # another process replaces the entry (same content) again and again while this one loads it
     replacer = subprocess.Popen(
-        [sys.executable, "-c", _REPLACER, str(tmp_path / "cache"), row["image"], row["label"], "400"],
+        [sys.executable, "-c", _REPLACER, str(tmp_path / "cache"), row["image"], row["label"], "200"],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     errors, loads = [], 0
