@@ -13,9 +13,11 @@ code is 3. ``CACHE_BUILDER_NATIVE=1`` keeps the native spacing (bigger entries).
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,9 @@ import pandas as pd
 from medssl.data import cache as cache_module
 from medssl.data.preprocess import PreprocessConfig
 
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for a stack dump if this hangs
+# Ctrl-C raises KeyboardInterrupt as in a terminal, even if the test runner (an xdist worker) ignores SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 root, manifest, marker, mode = sys.argv[1:5]
 if mode == "hold":
     real_unpack = cache_module._unpack_stage_result

@@ -103,7 +103,13 @@ def test_an_interrupted_builder_leaves_a_concurrent_one_its_work_and_the_cache_e
     assert any(f".{a.pid}." in n for n in staged_before) and any(f".{b.pid}." in n for n in staged_before)
 
     os.killpg(a.pid, interrupt)  # Ctrl-C (or kill -9) reaches the builder and its worker processes
-    a.wait(timeout=120)
+    try:
+        a.wait(timeout=120)  # a hang guard, not a speed assertion
+    except subprocess.TimeoutExpired:
+        a.send_signal(signal.SIGUSR1)  # faulthandler: where is it stuck?
+        time.sleep(2)
+        os.killpg(a.pid, signal.SIGKILL)
+        raise AssertionError(f"interrupted builder did not exit:\n{a.communicate()[1][-6000:]}") from None
     assert a.returncode != 0
     b_own = [n for n in staged_before if f".{b.pid}." in n]
     assert b_own and all((cache.dir / n).is_dir() for n in b_own), "the interrupted builder deleted B's work"

@@ -32,8 +32,7 @@ def test_kill_9_while_writing_last_pt_then_resume_gives_the_weights_of_an_uninte
     leftovers = [p.name for p in ckpt_dir.iterdir() if p.name.startswith(".last.pt.")]
     assert len(leftovers) == 1  # the killed writer's half-written temp file
 
-    resumed = _run(tmp_path / "crashed", kill_at=0)
-    assert resumed.returncode == 0 and "done 6" in resumed.stdout, resumed.stderr[-3000:]
+    assert train(str(tmp_path / "crashed")).step == 6  # resumed, in this process
 
     want = load_checkpoint(tmp_path / "reference" / "checkpoints" / "last.pt")
     got = load_checkpoint(ckpt_dir / "last.pt")
