@@ -168,7 +168,7 @@ def _train_main(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         data = open_data(args.source, n_subjects=args.n_subjects, cohort_seed=args.cohort_seed,
-                         target_spacing_mm=args.target_spacing_mm, progress=False)
+                         target_spacing_mm=args.target_spacing_mm, progress=False, patch_size_vox=model.input_size_vox)
         train, val = data.volumes("train"), (data.volumes("val") if "val" in data.splits else [])
         if not train:
             raise ValueError(f"{args.source}: no training volumes (splits found: {data.splits})")
