@@ -29,7 +29,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from medssl.evaluate.dense import DenseEmbedding
-from medssl.viz.query import LatentPointQuery, NiiVueGrid, PointMatch, latent_neighbours, nifti_bytes, selection_mask
+from medssl.viz.query import (
+    LatentPointQuery,
+    NiiVueGrid,
+    PointMatch,
+    body_masked_rgba,
+    latent_neighbours,
+    nifti_bytes,
+    selection_mask,
+)
 
 __all__ = [
     "VIEWS",
@@ -158,12 +166,27 @@ def _set_overlay_opacity(views, opacity: float) -> None:
 # --------------------------------------------------------------------------- 3D view
 
 
+def _body_masked_map_volume(image_path, map_path, opacity: float):
+    """The map as an in-memory RGBA NIfTI, transparent outside the body (see ``body_masked_rgba``)."""
+    import nibabel as nib
+    from ipyniivue import Volume
+
+    from medssl.evaluate.maps import load_latent_map
+
+    image = nib.load(str(image_path))
+    latent = load_latent_map(map_path)
+    rgba = body_masked_rgba(latent.rgb, np.asanyarray(image.dataobj))
+    name = Path(map_path).name.split(".nii")[0] + "_body.nii"
+    return Volume(data=nifti_bytes(rgba, image.affine), name=name, opacity=float(opacity))
+
+
 def latent_map_3d_viewer(
     image_path: str | os.PathLike,
     overlays: Mapping[str, str | os.PathLike],
     opacity: float = 0.6,
     view: str = "slices + 3D",
     height: int = 480,
+    body_only: bool = True,
 ):
     """The image with its RGB latent map in NiiVue: slices, 3D render, or both side by side.
 
@@ -173,10 +196,13 @@ def latent_map_3d_viewer(
         opacity: initial map opacity in ``[0, 1]``.
         view: initial view, one of :data:`VIEWS`.
         height: canvas height in pixels.
+        body_only: show the map only inside the body (an intensity threshold,
+            :func:`medssl.viz.query.body_masked_rgba`), so the 3D render shows the body's
+            surface in the map's colours rather than a coloured box of air.
 
     Returns:
         ``ipywidgets.VBox([controls, niivue])``. In the 3D render, drag to rotate;
-        "cut away" clips the half of the volume facing the viewer to show the map inside.
+        "clip plane" cuts the render through its centre to show the map inside.
     """
     import ipywidgets as widgets
 
@@ -185,15 +211,24 @@ def latent_map_3d_viewer(
     paths = {str(k): _check_file(v) for k, v in overlays.items()}
     nv = _new_niivue(height, view)
     slider = _opacity_slider(opacity, lambda v: _set_overlay_opacity([nv], v))
-    nv.load_volumes(_volumes(image_path, next(iter(paths.values())), opacity))
+
+    def _load(map_path) -> None:
+        if body_only:
+            nv.load_volumes([*_volumes(image_path, None, opacity), _body_masked_map_volume(image_path, map_path, slider.value)])
+        else:
+            nv.load_volumes(_volumes(image_path, map_path, slider.value))
+
+    _load(next(iter(paths.values())))
     views = widgets.ToggleButtons(options=list(VIEWS), value=view, description="view")
     views.observe(lambda change: set_view(nv, change["new"]), names="value")
     method = widgets.Dropdown(options=list(paths), description="method", disabled=len(paths) < 2)
-    method.observe(lambda change: nv.load_volumes(_volumes(image_path, paths[change["new"]], slider.value)), names="value")
-    cut = widgets.Checkbox(value=False, description="cut away (3D)", indent=False)
-    # depth 0 through the centre, facing the default camera; depth 2 puts the plane outside the volume (off)
+    method.observe(lambda change: _load(paths[change["new"]]), names="value")
+    cut = widgets.Checkbox(value=False, description="clip plane (3D)", indent=False)
+    # depth 0: a plane through the centre clips the render to show the map inside; depth 2 puts it outside (off)
     cut.observe(lambda change: nv.set_clip_plane(0.0 if change["new"] else 2.0, 270.0, 0.0), names="value")
-    return widgets.VBox([widgets.HBox([views, cut]), widgets.HBox([method, slider]), nv])
+    box = widgets.VBox([widgets.HBox([views, cut]), widgets.HBox([method, slider]), nv])
+    box.add_class("medssl-3d-viewer")  # CSS hook for the browser test and for styling
+    return box
 
 
 # --------------------------------------------------------------------------- linked A/B views
@@ -249,11 +284,11 @@ class LinkedQueryViews:
         self.widget = widgets.VBox([
             widgets.HBox([self.method, self.slider]),
             widgets.HBox([widgets.VBox([title(f"A: {self.case_a} (click here)"), self.nv_a],
-                                       layout=widgets.Layout(width="50%")),
+                                       layout=widgets.Layout(width="50%")).add_class("medssl-view-a"),
                           widgets.VBox([title(f"B: {self.case_b} (matched point)"), self.nv_b],
-                                       layout=widgets.Layout(width="50%"))]),
+                                       layout=widgets.Layout(width="50%")).add_class("medssl-view-b")]),
             self.status,
-        ])  # fmt: skip
+        ]).add_class("medssl-linked-views")  # fmt: skip
 
     def _load(self, method: str) -> None:
         self.nv_a.load_volumes(_volumes(self.images[0], self.overlays[0][method], self.slider.value))
@@ -341,7 +376,7 @@ def latent_scatter_figure(
     ])  # fmt: skip
     fig.update_layout(
         title=title or f"{projection.upper()} of dense embeddings, colour = {colour_by.replace('_', ' ')}",
-        xaxis_title=axes[0], yaxis_title=axes[1], dragmode="lasso", height=420,
+        xaxis_title=axes[0], yaxis_title=axes[1], dragmode="lasso", height=420, width=540,
         margin={"l": 40, "r": 10, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.15},
     )  # fmt: skip
     return fig
@@ -403,10 +438,13 @@ class LatentScatterExplorer:
         self.nv.on_location_change(self.on_location)
         self.widget = widgets.VBox([
             self.colour,
-            widgets.HBox([widgets.Box([self.fig], layout=widgets.Layout(width="50%")),
-                          widgets.Box([self.nv], layout=widgets.Layout(width="50%"))]),
+            # the scatter keeps its own width (a FigureWidget in a shrinking flex box draws empty axes);
+            # NiiVue fills the rest
+            widgets.HBox([widgets.Box([self.fig], layout=widgets.Layout(flex="0 0 540px")).add_class("medssl-scatter"),
+                          widgets.VBox([self.nv], layout=widgets.Layout(flex="1 1 0", min_width="320px"))
+                          .add_class("medssl-scatter-image")]),
             self.status,
-        ])  # fmt: skip
+        ]).add_class("medssl-scatter-explorer")  # fmt: skip
 
     def _recolour(self, colour_by: str) -> None:
         marker = _marker(self.table, colour_by)
@@ -450,8 +488,8 @@ class LatentScatterExplorer:
             else:  # a background patch that the scatter does not show
                 self.fig.data[2].x, self.fig.data[2].y = [], []
         mm = self.dense.flat_centres_mm[index]
-        self.status.value = (f"clicked patch at ({mm[0]:.0f}, {mm[1]:.0f}, {mm[2]:.0f}) mm: its {len(rows)} nearest "
-                             "latent neighbours are ringed in the scatter")  # fmt: skip
+        self.status.value = (f"<span class='medssl-scatter-status'>clicked patch at ({mm[0]:.0f}, {mm[1]:.0f}, {mm[2]:.0f}) mm: its {len(rows)} nearest "
+                             "latent neighbours are ringed in the scatter</span>")  # fmt: skip
         return neighbours
 
     def _repr_mimebundle_(self, **kwargs):

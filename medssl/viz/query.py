@@ -34,6 +34,7 @@ __all__ = [
     "PointMatch",
     "grid_point_table",
     "latent_neighbours",
+    "body_masked_rgba",
     "nifti_bytes",
     "selection_mask",
 ]
@@ -280,6 +281,35 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     return img.to_bytes()
+
+
+def body_masked_rgba(rgb: np.ndarray, image: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """An RGBA32 copy of an RGB map that is transparent outside the body, for a 3D render.
+
+    A latent map colours every voxel of the field of view, air included, so a volume
+    render shows a coloured box. This display-only mask keeps voxels whose image
+    intensity is above ``threshold`` (default: halfway between the image's 1st
+    percentile, air, and its median, tissue when the body fills most of the crop).
+
+    Args:
+        rgb: ``(X, Y, Z, 3)`` floats in [0, 1] or uint8.
+        image: ``(X, Y, Z)`` on the same grid.
+
+    Returns:
+        ``(X, Y, Z)`` structured ``R, G, B, A`` uint8 (NIfTI RGBA32), alpha 255 inside, 0 outside.
+    """
+    rgb = np.asarray(rgb)
+    image = np.asarray(image, dtype=np.float32)
+    if rgb.shape != (*image.shape, 3):
+        raise ValueError(f"RGB map shape {rgb.shape} does not match the image grid {image.shape}")
+    if threshold is None:
+        lo, mid = np.percentile(image, [1.0, 50.0])
+        threshold = float(lo + mid) / 2.0
+    u8 = rgb if rgb.dtype == np.uint8 else np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+    out = np.zeros(image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
+    out["R"], out["G"], out["B"] = u8[..., 0], u8[..., 1], u8[..., 2]
+    out["A"] = np.where(image > threshold, 255, 0).astype(np.uint8)
+    return out
 
 
 def grid_point_table(

@@ -12,6 +12,7 @@ from medssl.geometry import vox_to_world, world_to_vox
 from medssl.viz.query import (
     LatentPointQuery,
     NiiVueGrid,
+    body_masked_rgba,
     grid_point_table,
     latent_neighbours,
     nifti_bytes,
@@ -194,3 +195,17 @@ def test_grid_point_table_names_the_organ_at_each_patch_centre():
     assert set(grid_point_table(dense)["organ"]) == {"unknown"}
     with pytest.raises(ValueError, match="differs from the image grid"):
         grid_point_table(dense, label[:-1])
+
+
+def test_body_masked_rgba_is_opaque_inside_the_body_and_transparent_in_air():
+    image = np.full((8, 7, 6), -1.0, np.float32)  # air
+    image[2:6, 2:5, 1:5] = 0.5  # body
+    rgb = np.random.default_rng(0).random((8, 7, 6, 3))
+    rgba = body_masked_rgba(rgb, image)
+    assert rgba.dtype.names == ("R", "G", "B", "A")
+    assert np.all(rgba["A"][image > 0] == 255) and np.all(rgba["A"][image < 0] == 0)
+    np.testing.assert_array_equal(rgba["G"], np.round(rgb[..., 1] * 255).astype(np.uint8))
+    assert nib.Nifti1Image.from_bytes(nifti_bytes(rgba, AFFINE_A)).header["datatype"] == 2304  # NIfTI RGBA32
+    assert np.all(body_masked_rgba(rgb, image, threshold=-2.0)["A"] == 255)
+    with pytest.raises(ValueError, match="does not match the image grid"):
+        body_masked_rgba(rgb[:-1], image)
