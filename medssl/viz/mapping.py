@@ -216,8 +216,8 @@ def map_scan(
 
         from medssl.viz.maps import plot_latent_map_slices
 
-        fig = plot_latent_map_slices(volume, latent, title=f"{volume.case_id}: latent map of {method.name} "
-                                     f"({checkpoint.parent.parent.name if checkpoint.parent.name == 'checkpoints' else checkpoint.name})")  # fmt: skip
+        source = f"run {checkpoint.parents[2].name}" if checkpoint.parent.name == "checkpoints" else checkpoint.name
+        fig = plot_latent_map_slices(volume, latent, title=f"{volume.case_id}: latent map of {method.name} ({source})")
         png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(png, dpi=100)
         plt.close(fig)

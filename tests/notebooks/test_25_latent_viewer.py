@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
+
+from tests.helpers import tiny_checkpoints
 
 PARAMS = ("run", "methods", "source", "stride_vox", "case_a", "case_b", "projection", "max_scatter_points", "seed")
 
@@ -23,25 +24,6 @@ def test_25_latent_viewer_notebook_follows_the_notebook_conventions(check_notebo
     assert "methods = []" in params  # default: every trained method of the run
 
 
-def _tiny_checkpoints(run_dir, methods):
-    """One optimiser step per method on tiny synthetic volumes: real checkpoints in the run layout."""
-    import torch
-
-    from medssl.data.volume import Volume
-    from medssl.methods import create_method
-    from medssl.train.config import TrainConfig
-    from medssl.train.loop import fit
-
-    rng = np.random.default_rng(0)
-    vols = [Volume(rng.normal(size=(1, 24, 24, 24)).astype(np.float32), np.diag([6.0, 6.0, 6.0, 1.0]), f"t{i}")
-            for i in range(2)]  # fmt: skip
-    for name in methods:
-        torch.manual_seed(0)
-        m = create_method(name, backbone="smallcnn", patch_size_vox=16, volumes_per_batch=2, patches_per_volume=4)
-        cfg = TrainConfig(epochs=1, steps_per_epoch=1, device="cpu", precision="fp32", log_every=1, eval_every_epochs=100)
-        fit(m, vols, cfg, run_dir / name, progress=False)
-
-
 @pytest.mark.network
 @pytest.mark.slow
 def test_25_latent_viewer_reads_the_runs_maps_and_cached_embeddings_of_every_trained_method(run_notebook, monkeypatch):
@@ -49,7 +31,7 @@ def test_25_latent_viewer_reads_the_runs_maps_and_cached_embeddings_of_every_tra
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see test_20: 2-thread convolutions spin-wait beside other tests
     run_dir = paths.runs_dir() / "nb25"
-    _tiny_checkpoints(run_dir, ["isimed", "simclr"])
+    tiny_checkpoints(run_dir, ["isimed", "simclr"])
     run_notebook("20_latent_space.ipynb", {"methods": ["isimed", "simclr"], **TINY_20}, run="nb25")
     dense_cache = sorted((run_dir / "eval" / "dense").glob("*.npy"))
     assert dense_cache

@@ -10,7 +10,7 @@ from medssl.cli import main
 from medssl.data.io import read_volume
 from medssl.geometry import vox_to_world
 from medssl.viz.mapping import load_frame, map_scan, resample_grid_to_scan, save_frame
-from tests.helpers import make_volume_file, oblique_affine, world_grid_mm
+from tests.helpers import make_volume_file, oblique_affine, tiny_checkpoints, world_grid_mm
 
 SCAN_AFFINE = oblique_affine((1.2, 2.0, 3.5), (20.0, -15.0, 30.0), (-40.0, 25.0, -30.0))
 
@@ -18,22 +18,7 @@ SCAN_AFFINE = oblique_affine((1.2, 2.0, 3.5), (20.0, -15.0, 30.0), (-40.0, 25.0,
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A real checkpoint: one optimiser step of a tiny ISImed on synthetic volumes."""
-    import torch
-
-    from medssl.data.volume import Volume
-    from medssl.methods import create_method
-    from medssl.train.config import TrainConfig
-    from medssl.train.loop import fit
-
-    run_dir = tmp_path_factory.mktemp("run") / "isimed"
-    rng = np.random.default_rng(0)
-    vols = [Volume(rng.normal(size=(1, 20, 20, 20)).astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]), f"t{i}")
-            for i in range(2)]  # fmt: skip
-    torch.manual_seed(0)
-    method = create_method("isimed", backbone="smallcnn", patch_size_vox=8, volumes_per_batch=2, patches_per_volume=4)
-    cfg = TrainConfig(epochs=1, steps_per_epoch=1, device="cpu", precision="fp32", log_every=1, eval_every_epochs=100)
-    fit(method, vols, cfg, run_dir, progress=False)
-    return run_dir / "checkpoints" / "last.pt"
+    return tiny_checkpoints(tmp_path_factory.mktemp("run"), ["isimed"], patch_size_vox=8)["isimed"]
 
 
 def test_resampling_a_linear_field_onto_an_oblique_scan_grid_puts_each_value_at_its_world_position():
