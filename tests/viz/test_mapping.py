@@ -10,7 +10,7 @@ from medssl.cli import main
 from medssl.data.io import read_volume
 from medssl.geometry import vox_to_world
 from medssl.viz.mapping import load_frame, map_scan, resample_grid_to_scan, save_frame
-from tests.helpers import make_volume_file, oblique_affine, tiny_checkpoints, world_grid_mm
+from tests.helpers import make_volume_file, oblique_affine, tiny_checkpoints, world_grid_mm, write_dicom_series
 
 SCAN_AFFINE = oblique_affine((1.2, 2.0, 3.5), (20.0, -15.0, 30.0), (-40.0, 25.0, -30.0))
 
@@ -83,6 +83,15 @@ def test_map_scan_reuses_a_saved_frame_for_identical_colours_and_reads_nrrd_in_r
     # NRRD stores LPS; the map is a NIfTI in RAS on the same voxel grid, so it overlays the scan
     np.testing.assert_allclose(nib.load(res.map_path).affine, read_volume(nrrd.image_path).affine, atol=1e-4)
     assert res.latent_map.rgb.shape == (30, 22, 12, 3) and (tmp_path / "p.png").is_file()
+
+    # a DICOM series folder (LPS slices on disk): the map is on the series' grid, in RAS
+    dicom_affine = oblique_affine((1.2, 2.0, 3.5), (20.0, -15.0, 30.0), (-40.0, 25.0, -30.0), flip_axes=(0, 1))
+    folder = write_dicom_series(tmp_path / "dicom", (nifti.data * 4).astype(np.int16), dicom_affine)
+    res = map_scan(checkpoint, folder, tmp_path / "dicom_map.nii.gz", png_path=None, stride_vox=3, frame=frame,
+                   progress=False)  # fmt: skip
+    series = read_volume(folder)
+    assert nib.load(res.map_path).shape == series.shape_vox
+    np.testing.assert_allclose(nib.load(res.map_path).affine, series.affine, atol=1e-4)
 
 
 def test_map_scan_names_the_file_and_the_problem_on_bad_input(tmp_path, checkpoint):
