@@ -143,7 +143,7 @@ def _screenshot_rendered(page, canvas, png: Path, what: str, colours: bool = Tru
     return stats
 
 
-def _click_until(page, canvas, done_js: str, fractions=((0.17, 0.5), (0.5, 0.5), (0.3, 0.4), (0.8, 0.5))) -> tuple:
+def _click_until(page, canvas, done_js: str, fractions=((0.34, 0.4), (0.5, 0.5), (0.17, 0.5), (0.8, 0.5))) -> tuple:
     """Click inside ``canvas`` at relative positions until ``done_js`` holds; returns the position that worked."""
     box = canvas.bounding_box()
     for fx, fy in fractions:
