@@ -366,8 +366,9 @@ def latent_scatter_figure(
     axes = ("PC1", "PC2") if projection == "pca" else ("UMAP1", "UMAP2")
     hover = [f"{o}<br>({x:.0f}, {y:.0f}, {z:.0f}) mm" for o, x, y, z in
              zip(table["organ"], table["x_mm"], table["y_mm"], table["z_mm"])]  # fmt: skip
+    # SVG (go.Scatter), not WebGL: the page already holds one WebGL context per NiiVue view
     fig = go.Figure([
-        go.Scattergl(x=coords[:, 0], y=coords[:, 1], mode="markers", marker=_marker(table, colour_by),
+        go.Scatter(x=coords[:, 0], y=coords[:, 1], mode="markers", marker=_marker(table, colour_by),
                      customdata=table["index"].to_numpy(), text=hover, hoverinfo="text", name="grid points"),
         go.Scatter(x=[], y=[], mode="markers", name="latent neighbours of the click",
                    marker={"size": 9, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "black"}}),
@@ -426,6 +427,8 @@ class LatentScatterExplorer:
         self.n_neighbours = int(n_neighbours)
         self._row_of = {int(g): r for r, g in enumerate(self.table["index"])}
         self.selected: np.ndarray = np.zeros(0, dtype=int)
+        # (plotly 7.1's FigureWidget sends its data right after opening its comm; in JupyterLab the
+        # view sometimes renders before that and stays empty: re-run the cell. See the browser test.)
         self.fig = go.FigureWidget(latent_scatter_figure(self.table, self.coords, colour_by, projection,
                                                          title=f"{dense.case_id}: {projection.upper()} of dense embeddings"))  # fmt: skip
         self.nv = _new_niivue(height, "slices")
