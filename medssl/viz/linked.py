@@ -75,17 +75,18 @@ def run_latent_maps(run: str | os.PathLike, methods: Sequence[str] = ()) -> pd.D
         FileNotFoundError: no maps folder, or no map of the asked methods (the message
             says which notebook writes them).
     """
-    from medssl.evaluate.runs import method_checkpoint, run_path
+    from medssl.rundir import RunDir
 
-    root = run_path(run)
-    maps_dir = root / "20_latent_space" / "maps"
+    rd = RunDir(run)
+    root = rd.path
+    maps_dir = rd.step_dir("20_latent_space", "maps", create=False)
     if not maps_dir.is_dir():
         raise FileNotFoundError(f"{maps_dir}: no latent maps in run {root.name!r}; run 20_latent_space.ipynb first")
     images = {p.name[: -len("_image" + _MAP_SUFFIX)]: p for p in sorted(maps_dir.glob("*_image" + _MAP_SUFFIX))}
     if methods:
         wanted = list(methods)
     else:
-        wanted = sorted(p.name for p in root.iterdir() if p.is_dir() and method_checkpoint(root, p.name).is_file())
+        wanted = rd.trained_methods()
     rows = [
         {"case_id": case, "method": m, "image": image, "map": maps_dir / f"{case}_{m}{_MAP_SUFFIX}"}
         for m in wanted
