@@ -71,6 +71,17 @@ PLANS: dict[str, dict[str, Any]] = {
 }
 # "full": the demo's steps for every registered method (not only those marked for the demo).
 PLANS["full"] = {**copy.deepcopy(PLANS["demo"]), "methods": "all"}
+# "folder": your own scans (`-p source /path/to/folder`): one probe whose target follows the data (lesion maps if
+# any, else the organ named by `-p 30_linear_probe.organ ...`); every notebook says what it had to skip.
+PLANS["folder"] = {
+    "methods": "demo",
+    "steps": [s for s in copy.deepcopy(PLANS["demo"]["steps"]) if s.get("name") != "30_linear_probe_organ"],
+}
+for _step in PLANS["folder"]["steps"]:
+    if _step["notebook"] == "00_data.ipynb":
+        _step["parameters"] = {}
+    if _step["notebook"] == "30_linear_probe.ipynb":
+        _step["parameters"] = {"task": "auto"}
 
 
 def plan_methods(spec: Any) -> list[str]:
@@ -107,7 +118,7 @@ class StepResult:
     method: str | None
     output: str
     parameters: dict[str, Any]
-    status: str = "pending"  # pending | running | ok | failed | skipped | interrupted
+    status: str = "pending"  # pending | running | ok | failed | skipped | not applicable | interrupted
     seconds: float = 0.0
     message: str = ""
 
@@ -120,7 +131,7 @@ class PipelineResult:
 
     @property
     def ok(self) -> bool:
-        return all(s.status in ("ok", "skipped") for s in self.steps)
+        return all(s.status in ("ok", "skipped", "not applicable") for s in self.steps)
 
 
 def load_plan(plan: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -305,6 +316,11 @@ def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, noteboo
             )
         except pm.PapermillExecutionError as e:
             step.seconds = time.perf_counter() - t0
+            if e.ename == "StepNotApplicable":  # the notebook says it cannot run on this data: go on
+                step.status, step.message = "not applicable", str(e.evalue)
+                print(f"{label}: not applicable: {step.message}", flush=True)
+                _write_status(result)
+                continue
             step.status = "failed"
             step.message = f"{e.ename}: {e.evalue}"
             _write_status(result)

@@ -60,6 +60,7 @@ def collect_results(run: "str | os.PathLike | RunDir", methods: Sequence[str] | 
     missing = [m for m in names if not rd.checkpoint(m).is_file()]
     if head.empty:
         missing.append("headline tables (run the evaluation notebooks)")
+    missing += _not_applicable_steps(rd)
     return RunResults(run_dir=rd.path, methods=names, headlines=head, pretrain=pretraining_table(rd, names),
                       figures=rd.key_figures() + _training_figures(rd, names), missing=missing)
 
@@ -162,6 +163,16 @@ def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str])
             row["val_spearman"] = s.get("spearman")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _not_applicable_steps(rd: RunDir) -> list[str]:
+    """Pipeline steps that said they cannot run on this data, with their reason."""
+    try:
+        status = json.loads(rd.pipeline_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [f"{s['notebook']}: not applicable ({s.get('message', '')})" for s in status.get("steps", [])
+            if s.get("status") == "not applicable"]
 
 
 def _training_figures(rd: RunDir, methods: Sequence[str]) -> list[tuple[str, Path]]:

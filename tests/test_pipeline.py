@@ -137,3 +137,15 @@ def test_a_killed_pipeline_leaves_its_step_marked_interrupted_on_the_next_run(tm
     status = json.loads((run_dir / "pipeline.json").read_text())
     assert [s["status"] for s in status["steps"]] == ["ok"]
     assert [s["status"] for s in status["interrupted_earlier"]] == ["interrupted"] and res.interrupted
+
+
+def test_a_notebook_that_is_not_applicable_to_the_data_is_recorded_and_the_pipeline_goes_on(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write_notebook(nbs / "00_a.ipynb", ["from medssl.evaluate.protocol import StepNotApplicable",
+                                         "raise StepNotApplicable('no held-out subject has a liver')"], params="run = 'x'")
+    _write_notebook(nbs / "10_b.ipynb", [f"open({str(tmp_path / 'ran')!r}, 'w')"], params="run = 'x'")
+    res = pipeline.run_pipeline({"steps": [{"notebook": "00_a.ipynb"}, {"notebook": "10_b.ipynb"}]}, "r",
+                                notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False)
+    assert [s.status for s in res.steps] == ["not applicable", "ok"] and res.ok
+    assert "no held-out subject has a liver" in res.steps[0].message and (tmp_path / "ran").exists()

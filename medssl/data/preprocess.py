@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medssl.data.body import BODY_KEY, MODALITIES, body_mask_from_intensity
+from medssl.data.body import BODY_KEY, MODALITIES, body_mask_from_intensity, detect_modality
 from medssl.data.errors import GeometryError
 from medssl.data.limits import check_memory
 from medssl.data.validate import check_min_shape
@@ -47,7 +47,7 @@ __all__ = [
 PREPROCESS_VERSION = "3"
 # Spacings closer than this (mm) count as equal: no resampling.
 _SPACING_TOL_MM = 1e-3
-_INTENSITY_MODES = ("percentile", "ct_window", "none")
+_INTENSITY_MODES = ("auto", "percentile", "ct_window", "none")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class PreprocessConfig:
             the native spacing. Image: linear interpolation; labels/aux: label-aware voting.
         orientation: axis codes of the output grid (nibabel convention), ``"RAS"``:
             array axes run towards Right, Anterior, Superior.
-        intensity: ``"percentile"`` (per channel, the ``percentiles`` map linearly to
+        intensity: ``"auto"`` (by modality: CT -> ``"ct_window"``, anything else ->
+            ``"percentile"``), ``"percentile"`` (per channel, the ``percentiles`` map linearly to
             ``out_range``, no clipping, as ISImed), ``"ct_window"`` (clip to
             ``ct_window_hu`` and map it to ``out_range``) or ``"none"``.
         percentiles: lower/upper percentile for ``"percentile"``.
@@ -81,7 +82,7 @@ class PreprocessConfig:
 
     target_spacing_mm: tuple[float, float, float] | None = (3.0, 3.0, 3.0)
     orientation: str = "RAS"
-    intensity: str = "percentile"
+    intensity: str = "auto"
     percentiles: tuple[float, float] = (5.0, 95.0)
     out_range: tuple[float, float] = (-1.0, 1.0)
     ct_window_hu: tuple[float, float] = (-200.0, 300.0)
@@ -315,13 +316,13 @@ def crop_to_box(volume: Volume, box_vox: Sequence[int]) -> Volume:
 # --------------------------------------------------------------------------- intensity
 
 
-def _scale_intensity(data: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, list[list[float]]]:
+def _scale_intensity(data: np.ndarray, config: PreprocessConfig, mode: str) -> tuple[np.ndarray, list[list[float]]]:
     """Map intensities to ``config.out_range``; returns the new data and the per-channel input (low, high)."""
     b_min, b_max = config.out_range
     out = np.empty(data.shape, dtype=np.float32)
     ranges = []
     for c, channel in enumerate(data):
-        if config.intensity == "percentile":
+        if mode == "percentile":
             lo, hi = (float(v) for v in np.percentile(channel, config.percentiles))
             values = channel
         else:  # ct_window
@@ -356,7 +357,8 @@ def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) ->
     the input), ``resampled_shape_vox`` (before cropping), ``crop_box_vox`` (half-open box
     in the resampled grid, or None), ``body_fraction`` (share of the resampled grid inside
     the body), ``intensity_range`` (per-channel input low/high), ``preprocess_digest`` and
-    ``preprocess_config``, all JSON-serialisable.
+    ``preprocess_config``, ``modality`` (given or detected) and ``intensity_mode`` (the scaling
+    used), all JSON-serialisable.
 
     Raises:
         EmptyForegroundError: no body voxel.
@@ -375,16 +377,18 @@ def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) ->
 
     resampled_shape_vox = list(out.shape_vox)
     body = None
+    modality = detect_modality(out.data) if config.modality == "auto" else config.modality
+    mode = ("ct_window" if modality == "ct" else "percentile") if config.intensity == "auto" else config.intensity
     if config.body_mask or config.crop_foreground:
-        body = body_mask_from_intensity(out.data, config.modality, config.foreground_threshold, source=path)
+        body = body_mask_from_intensity(out.data, modality, config.foreground_threshold, source=path)
     box = foreground_box(body, config.crop_margin_vox) if config.crop_foreground else None
     if config.body_mask:
         out = out.with_(aux={**out.aux, BODY_KEY: body.astype(np.uint8)})
     if box is not None:
         out = crop_to_box(out, box)
     ranges = None
-    if config.intensity != "none":
-        data, ranges = _scale_intensity(np.asarray(out.data), config)
+    if mode != "none":
+        data, ranges = _scale_intensity(np.asarray(out.data), config, mode)
         out = out.with_(data=data)
 
     check_min_shape(path, out.shape_vox, config.min_shape_vox)
@@ -393,6 +397,8 @@ def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) ->
         crop_box_vox=None if box is None else box.tolist(),
         body_fraction=None if body is None else float(body.mean()),
         intensity_range=ranges,
+        modality=modality,
+        intensity_mode=mode,
         preprocess_digest=config.digest(),
         preprocess_config=asdict(config),
     )

@@ -46,6 +46,11 @@ class DataSource:
         scan_report: problems found when scanning a folder (None for the demo).
         patch_size_vox: if set, the scan reports cases smaller than this patch
             (after preprocessing) as :class:`~medssl.data.errors.TooSmallError`.
+        registered: whether the subjects share one world frame (registered or warped copies
+            of one template, like the demo). Real scans do not: a chest CT may sit at z = +683 mm
+            and a lung CT at -658 mm. Every volume records its frame in ``meta["frame"]``
+            (``"shared:<source>"`` or ``"own:<case>"``); methods and evaluations that compare world
+            coordinates across subjects align the bodies first or refuse.
     """
 
     manifest: pd.DataFrame
@@ -57,6 +62,7 @@ class DataSource:
     progress: bool = True
     scan_report: object | None = None
     patch_size_vox: tuple[int, int, int] | None = None
+    registered: bool = False
     _cache: "VolumeCache | None" = field(default=None, repr=False)
     _built: bool = field(default=False, repr=False)
 
@@ -124,13 +130,20 @@ class DataSource:
         if split is not None and split not in ("train", "val", "test", "external"):
             raise ValueError(f"split must be train, val, test, external or None, got {split!r}")
         self.build_cache()
-        return self.cache.load_all(self.manifest, split=split, lazy=lazy)
+        volumes = self.cache.load_all(self.manifest, split=split, lazy=lazy)
+        for v in volumes:
+            v.meta["frame"] = f"shared:{self.source}" if self.registered else f"own:{v.case_id}"
+        return volumes
 
     def summary(self) -> pd.DataFrame:
         """The cohort table: one row per case with its preprocessed shape, spacing and label counts.
 
-        Columns: ``case_id, split, group, dataset, shape_vox, spacing_mm, n_labels,
-        lesion_voxels, n_lesions`` (lesion columns are 0 where a case has no lesion map).
+        Columns: ``case_id, split, group, dataset, modality, intensity, shape_vox, spacing_mm,
+        body_fraction, cropped_away, n_labels, lesion_voxels, n_lesions``. ``modality`` is the
+        one given or detected from the intensities and ``intensity`` the scaling it chose;
+        ``body_fraction`` is the share of the resampled grid inside the body mask and
+        ``cropped_away`` the share removed by the crop to the body; lesion columns are 0 where
+        a case has no lesion map.
         """
         rows = []
         splits = dict(zip(self.manifest["case_id"], self.manifest["split"]))
@@ -143,8 +156,12 @@ class DataSource:
                 "split": splits.get(vol.case_id, ""),
                 "group": vol.group,
                 "dataset": datasets.get(vol.case_id, ""),
+                "modality": vol.meta.get("modality", ""),
+                "intensity": vol.meta.get("intensity_mode", ""),
                 "shape_vox": "x".join(str(s) for s in vol.shape_vox),
                 "spacing_mm": "x".join(f"{s:g}" for s in np.round(vol.spacing_mm, 2)),
+                "body_fraction": vol.meta.get("body_fraction", np.nan),
+                "cropped_away": _cropped_away(vol.meta),
                 "n_labels": int(np.count_nonzero(np.unique(label))) if label is not None else 0,
                 "lesion_voxels": int(np.count_nonzero(lesion)) if lesion is not None else 0,
                 "n_lesions": int(np.count_nonzero(np.unique(lesion))) if lesion is not None else 0,
@@ -156,6 +173,15 @@ class DataSource:
         from medssl.data.datasets import write_manifest
 
         return write_manifest(self.manifest, path)
+
+
+def _cropped_away(meta: dict) -> float:
+    """Share of the resampled grid removed by the crop to the body (NaN when unknown)."""
+    box, shape = meta.get("crop_box_vox"), meta.get("resampled_shape_vox")
+    if not box or not shape:
+        return float("nan") if not shape else 0.0
+    kept = np.prod(np.asarray(box[3:]) - np.asarray(box[:3]))
+    return float(1.0 - kept / np.prod(shape))
 
 
 def _merge_reports(a: Any, b: Any) -> Any:
@@ -182,6 +208,7 @@ def open_data(
     progress: bool = True,
     target_spacing_mm: float | None = None,
     patch_size_vox: int | Sequence[int] | None = None,
+    registered: bool = False,
 ) -> DataSource:
     """Open the demo cohort or a folder of images as a :class:`DataSource`.
 
@@ -206,6 +233,9 @@ def open_data(
         patch_size_vox: the training patch (int or 3 ints); the scan then reports
             every case smaller than it after preprocessing (:class:`TooSmallError`)
             instead of training failing at its first step.
+        registered: a folder's subjects share one world frame (you registered them).
+            Default False: real scans do not. The demo cohort is always registered (every
+            subject is a warp of one template CT on its grid).
 
     Works from a plain script too: worker processes are used only where they
     cannot re-run the script's top-level code (see :mod:`medssl._processes`).
@@ -236,10 +266,11 @@ def open_data(
             source="demo",
             progress=progress,
             patch_size_vox=patch,
+            registered=True,
         )
     if preprocess is None:
         preprocess = PreprocessConfig() if iso is None else replace(PreprocessConfig(), target_spacing_mm=iso)
-    return _open_folder(source, layout, manifest, preprocess, split_seed, on_error, progress, patch)
+    return _open_folder(source, layout, manifest, preprocess, split_seed, on_error, progress, patch, registered)
 
 
 def _patch_tuple(patch_size_vox: int | Sequence[int] | None) -> tuple[int, int, int] | None:
@@ -251,7 +282,7 @@ def _patch_tuple(patch_size_vox: int | Sequence[int] | None) -> tuple[int, int, 
     return patch  # type: ignore[return-value]
 
 
-def _open_folder(source, layout, manifest, config, split_seed, on_error, progress, patch) -> DataSource:
+def _open_folder(source, layout, manifest, config, split_seed, on_error, progress, patch, registered) -> DataSource:
     from medssl.data.datasets import assign_splits, case_label_names, read_manifest, validate_manifest
 
     folder = Path(source).expanduser()
@@ -276,6 +307,7 @@ def _open_folder(source, layout, manifest, config, split_seed, on_error, progres
         source=str(folder),
         progress=progress,
         patch_size_vox=patch,
+        registered=bool(registered),
     )
     # The scan and the cache are one pass (scan_dataset would read and preprocess
     # every case a second time): bad files are all listed before anything is trained.

@@ -27,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 
 __all__ = [
+    "z_slab_groups",
     "pca_frame",
     "umap_frame",
     "decode_coordinates",
@@ -156,7 +157,7 @@ def decode_coordinates(
     if y.shape != (len(e), 3) or g.shape != (len(e),):
         raise ValueError(f"centres_mm must be (N, 3) and groups (N,), got {y.shape} and {g.shape} for N = {len(e)}")
     sp = None if splits is None else np.asarray(splits).astype(str)
-    if sp is not None and np.any(sp == fit_split) and np.any(sp == score_split):
+    if sp is not None and fit_split != score_split and np.any(sp == fit_split) and np.any(sp == score_split):
         per_fold = _decode_split(e, y, g, sp == fit_split, sp == score_split, alphas, inner_splits)
     else:
         per_fold = _decode_cv(e, y, g, n_splits, alphas, inner_splits)
@@ -184,15 +185,35 @@ def _decode_split(e, y, g, fit, score, alphas, inner_splits) -> pd.DataFrame:
 def _decode_cv(e, y, g, n_splits, alphas, inner_splits) -> pd.DataFrame:
     n_groups = len(np.unique(g))
     if n_groups < 3:
-        raise ValueError(
-            f"coordinate decoding needs >= 3 subjects for grouped CV (train, inner validation, test); got {n_groups}"
-        )
+        # Too few subjects for grouped CV: hold out slabs along z within each subject instead, so no
+        # patch is ever predicted by a model that saw its neighbourhood... but the subjects are shared.
+        warnings.warn(f"decode_coordinates: {n_groups} subject(s): held out by z-slabs within each subject "
+                      "(units are slabs, not subjects)")
+        g = z_slab_groups(y, g)
+        n_groups = len(np.unique(g))
     n_splits = _clamp_splits(n_splits, n_groups, "decode_coordinates")
     rows = []
     for fold, (tr, te) in enumerate(GroupKFold(n_splits=n_splits).split(e, y, g)):
         model = _ridge(e[tr], y[tr], g[tr], alphas, inner_splits)
         rows.append(_decoding_fold_row(fold, y[te], model.predict(e[te]), model[-1].alpha_))
     return pd.DataFrame(rows)
+
+
+def z_slab_groups(centres_mm: np.ndarray, groups: np.ndarray, n_slabs: int = 5) -> np.ndarray:
+    """``(N,)`` group ids ``"<subject>|slab<k>"``: each subject's patches cut into ``n_slabs`` bins along z (quantiles).
+
+    The fallback unit of the grouped evaluations when a collection has fewer subjects
+    than folds need: neighbouring patches (which overlap) stay on one side.
+    """
+    c = np.asarray(centres_mm, dtype=np.float64)
+    g = np.asarray(groups).astype(str)
+    out = np.empty(len(g), dtype=object)
+    for subject in np.unique(g):
+        sel = g == subject
+        z = c[sel, 2]
+        edges = np.quantile(z, np.linspace(0, 1, n_slabs + 1)[1:-1])
+        out[sel] = [f"{subject}|slab{int(k)}" for k in np.searchsorted(edges, z, side="right")]
+    return out.astype(str)
 
 
 def _decoding_fold_row(fold, truth: np.ndarray, pred: np.ndarray, alpha: np.ndarray) -> dict:

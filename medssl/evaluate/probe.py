@@ -43,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medssl.evaluate.embed import embed_patches
+from medssl.evaluate.latent import z_slab_groups
 from medssl.evaluate.patchsets import PatchSet
 
 __all__ = [
@@ -200,6 +201,7 @@ def linear_probe_cv(
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
     progress: bool = False,
+    centres_mm: np.ndarray | None = None,
 ) -> ProbeResult:
     """Logistic-regression probe with subject-grouped outer and inner cross-validation.
 
@@ -211,12 +213,18 @@ def linear_probe_cv(
         inner_splits: inner folds on the train side to choose ``C``.
         Cs: candidate inverse regularisation strengths (ascending).
         seed: fold shuffling and solver seed.
+        centres_mm: ``(N, 3)`` patch centres; with fewer than 3 subjects the folds become
+            slabs along z within each subject (:func:`medssl.evaluate.latent.z_slab_groups`).
 
     Returns:
         :class:`ProbeResult`.
     """
     x, y, g = _check_probe_inputs(features, y, groups)
     Cs = np.sort(np.asarray(Cs, dtype=np.float64))
+    if len(np.unique(g)) < 3:
+        warnings.warn(f"linear_probe_cv: {len(np.unique(g))} subject(s): folds are held out by z-slabs within each "
+                      "subject (units are slabs, not subjects)")
+        g = z_slab_groups(centres_mm if centres_mm is not None else np.zeros((len(g), 3)), g)
     folds = grouped_folds(y, g, n_splits, seed)
     rows, preds, inner_all = [], [], []
     for fold, (tr, te) in enumerate(tqdm(folds, desc="probe folds", disable=not progress, leave=False)):
@@ -244,6 +252,7 @@ def linear_probe(
     inner_splits: int = 3,
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
+    centres_mm: np.ndarray | None = None,
 ) -> ProbeResult:
     """The probe protocol: fit (and choose C) on ``fit_split``, score once on ``score_split``, per subject.
 
@@ -257,10 +266,11 @@ def linear_probe(
     """
     x, y, g = _check_probe_inputs(features, y, groups)
     sp = None if splits is None else np.asarray(splits).astype(str)
-    if sp is None or not (np.any(sp == fit_split) and np.any(sp == score_split)):
+    if sp is None or fit_split == score_split or not (np.any(sp == fit_split) and np.any(sp == score_split)):
         warnings.warn(f"no {fit_split!r} and {score_split!r} splits to fit and score on: "
                       "falling back to subject-grouped cross-validation over all patches")
-        return linear_probe_cv(x, y, g, n_splits=n_splits, inner_splits=inner_splits, Cs=Cs, seed=seed)
+        return linear_probe_cv(x, y, g, n_splits=n_splits, inner_splits=inner_splits, Cs=Cs, seed=seed,
+                               centres_mm=centres_mm)
     fit_idx, score_idx = np.flatnonzero(sp == fit_split), np.flatnonzero(sp == score_split)
     if set(g[fit_idx]) & set(g[score_idx]):
         raise ValueError(f"subjects {sorted(set(g[fit_idx]) & set(g[score_idx]))} are in both {fit_split} and {score_split}")
@@ -341,6 +351,7 @@ def probe_methods(
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
     progress: bool = True,
+    centres_mm: np.ndarray | None = None,
 ) -> ProbeComparison:
     """:func:`linear_probe` for every feature set, on identical units.
 
@@ -357,7 +368,7 @@ def probe_methods(
         warnings.simplefilter("ignore", UserWarning)  # the fallback warning: once, below
         for name, feats in tqdm(features_by_method.items(), desc="probing", disable=not progress):
             results[name] = linear_probe(feats, y, groups, splits, n_splits=n_splits, inner_splits=inner_splits,
-                                         Cs=Cs, seed=seed)
+                                         Cs=Cs, seed=seed, centres_mm=centres_mm)
     unit = next(iter(results.values())).unit
     if splits is not None and unit == "fold":
         warnings.warn("no validation and test splits to fit and score on: the probe fell back to grouped CV")

@@ -48,6 +48,11 @@ class Isimed(Method):
         self.sampler = uniform_sampler_from_config(config)
         self.loss_fn = isimed_loss_from_config(config)
 
+    def sample(self, volumes, rng):
+        if self.config.pairs == "all":
+            check_shared_frame(volumes)
+        return self.sampler(volumes, rng)
+
     def training_step(self, batch: PatchBatch) -> StepOutput:
         e = self.backbone(batch.patches)  # (N, D), fp32 even under autocast (the backbone's tail runs in fp32)
         latent_mm, physical_mm = self.loss_fn.pair_distances_mm(e, batch.centres_mm, batch.volume_index)
@@ -69,6 +74,25 @@ def isimed_distance_logs(latent_mm: torch.Tensor, physical_mm: torch.Tensor, pre
         f"{prefix}physical_dist_mm": float(phys.mean()),
         f"{prefix}n_pairs": float(lat.numel()),
     }
+
+
+def check_shared_frame(volumes: Any) -> None:
+    """Refuse cross-volume pairs unless every volume says it lives in one shared world frame.
+
+    ``pairs="all"`` regresses latent distances onto world-mm distances between patches of
+    *different* subjects, which only means something for a registered cohort
+    (``open_data(..., registered=True)``; the demo cohort is one). Volumes built by hand
+    without a ``meta["frame"]`` are taken as the caller says.
+    """
+    frames = {v.meta.get("frame") for v in volumes if isinstance(getattr(v, "meta", None), dict)}
+    frames.discard(None)
+    if len(frames) > 1 or any(str(f).startswith("own:") for f in frames) and len(volumes) > 1:
+        own = sorted(str(f)[4:] for f in frames if str(f).startswith("own:"))[:5]
+        raise ValueError(
+            "ISImed pairs='all' compares world-mm positions of patches from different subjects, which needs a "
+            f"registered cohort; these volumes do not share a world frame (e.g. {own or sorted(frames)[:3]}). "
+            "Use pairs='within_volume' (the default), or open_data(..., registered=True) if you registered them."
+        )
 
 
 def isimed_loss_from_config(config: Any) -> IsimedDistanceLoss:

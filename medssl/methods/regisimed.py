@@ -8,7 +8,13 @@ import torch
 
 from medssl.losses.barlow_twins import BarlowTwinsLoss
 from medssl.methods.base import StepOutput, register_method
-from medssl.methods.isimed import DEMO_SCALE_MM, IsimedConfig, isimed_distance_logs, isimed_loss_from_config
+from medssl.methods.isimed import (
+    DEMO_SCALE_MM,
+    IsimedConfig,
+    check_shared_frame,
+    isimed_distance_logs,
+    isimed_loss_from_config,
+)
 from medssl.methods.two_view import TwoViewConfig, TwoViewMethod, view_agreement_logs
 from medssl.models.heads import LinearHead
 from medssl.sampling.base import PatchBatch
@@ -59,6 +65,11 @@ class RegIsimed(TwoViewMethod):
         self.barlow_head = LinearHead(d, config.barlow_head_dim or 2 * d)
         self.isimed_loss = isimed_loss_from_config(config)
         self.barlow_loss = BarlowTwinsLoss(lambda_offdiag=config.lambda_offdiag)
+
+    def sample(self, volumes, rng):
+        if self.config.pairs == "all":
+            check_shared_frame(volumes)
+        return super().sample(volumes, rng)
 
     def training_step(self, batch: PatchBatch) -> StepOutput:
         h_a, h_b = self._embed_views(batch)  # (N, D) each

@@ -134,3 +134,23 @@ def test_isimed_loss_rejects_bad_inputs_with_clear_errors(kwargs, args, message)
 def test_isimed_loss_rejects_unknown_options(kwargs):
     with pytest.raises(ValueError):
         IsimedDistanceLoss(**kwargs)
+
+
+def test_cross_volume_pairs_are_refused_for_subjects_that_do_not_share_a_world_frame():
+    import numpy as np
+
+    from medssl.data.volume import Volume
+    from medssl.methods import create_method
+
+    def vol(k, frame):
+        data = np.random.default_rng(k).normal(size=(1, 20, 20, 20)).astype(np.float32)
+        body = np.ones((20, 20, 20), np.uint8)
+        return Volume(data, np.eye(4), f"c{k}", aux={"body": body}, meta={"frame": frame})
+
+    tiny = dict(backbone="smallcnn", patch_size_vox=8, volumes_per_batch=2, patches_per_volume=3)
+    for name in ("isimed", "regisimed"):
+        all_pairs = create_method(name, pairs="all", **tiny)
+        with pytest.raises(ValueError, match="registered cohort"):
+            all_pairs.sample([vol(0, "own:c0"), vol(1, "own:c1")], np.random.default_rng(0))
+        all_pairs.sample([vol(0, "shared:demo"), vol(1, "shared:demo")], np.random.default_rng(0))  # registered: fine
+        create_method(name, **tiny).sample([vol(0, "own:c0"), vol(1, "own:c1")], np.random.default_rng(0))

@@ -310,4 +310,5 @@ class DemoCohort:
 
         s = float(self.config.spacing_mm)
         # The body mask's modality rule crops the air: -500 HU for the CT subjects, Otsu for the MR case.
-        return PreprocessConfig(target_spacing_mm=(s, s, s))
+        # Intensities: ISImed's percentile scaling for every case (the paper's preprocessing).
+        return PreprocessConfig(target_spacing_mm=(s, s, s), intensity="percentile")

@@ -1,0 +1,72 @@
+"""The evaluation protocol adapts to small and unregistered collections, and says what it gave up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medssl.data.volume import Volume
+from medssl.evaluate.latent import decode_coordinates, z_slab_groups
+from medssl.evaluate.probe import linear_probe_cv
+from medssl.evaluate.protocol import body_centred_mm, evaluation_subjects
+from tests.helpers import oblique_affine
+
+
+class _Data:
+    def __init__(self, splits: dict[str, list[Volume]], registered: bool):
+        self._splits, self.registered = splits, registered
+
+    @property
+    def splits(self):
+        return [s for s, v in self._splits.items() if v]
+
+    def volumes(self, split=None):
+        return self._splits[split] if split else [v for vs in self._splits.values() for v in vs]
+
+
+def _vol(k: int, origin=(0.0, 0.0, 0.0)) -> Volume:
+    body = np.zeros((20, 18, 16), np.uint8)
+    body[4:16, 3:15, 2:14] = 1
+    affine = oblique_affine((1.5, 2.0, 2.5), (10.0, 5.0, -20.0), origin)
+    return Volume(np.zeros((1, 20, 18, 16), np.float32), affine, f"c{k}", aux={"body": body})
+
+
+def test_full_protocol_when_both_splits_exist_and_fallbacks_say_what_they_gave_up():
+    full = evaluation_subjects(_Data({"train": [_vol(0)], "val": [_vol(1)], "test": [_vol(2)]}, True))
+    assert (full.fit_split, full.score_split, len(full.fit), len(full.score)) == ("val", "test", 1, 1)
+    assert full.notes == []
+    only_val = evaluation_subjects(_Data({"train": [_vol(0)], "val": [_vol(1), _vol(2)]}, False))
+    assert only_val.fit == [] and only_val.score_split == "val" and len(only_val.score) == 2
+    assert any("no 'test' subjects" in n for n in only_val.notes) and any("body" in n for n in only_val.notes)
+    nothing = evaluation_subjects(_Data({"train": [_vol(0), _vol(1)]}, False))
+    assert nothing.score_split == "train" and "optimistic" in nothing.describe()
+
+
+def test_body_centred_positions_remove_the_scanner_offset_of_unregistered_subjects():
+    a, b = _vol(0), _vol(1, origin=(0.0, 0.0, 683.0))  # same anatomy, another scanner frame
+    c_vox = np.array([[10, 9, 8]])
+    pts = np.concatenate([a.affine[:3, :3] @ c_vox.T + a.affine[:3, 3:], b.affine[:3, :3] @ c_vox.T + b.affine[:3, 3:]], 1).T
+    centred = body_centred_mm(pts, ["c0", "c1"], [a, b])
+    assert abs(pts[1, 2] - pts[0, 2]) == pytest.approx(683.0)
+    np.testing.assert_allclose(centred[0], centred[1], atol=1e-9)
+
+
+def test_with_fewer_than_three_subjects_decoding_and_probes_hold_out_z_slabs():
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(-100, 100, size=(200, 3))
+    groups = np.where(np.arange(200) < 100, "s0", "s1")
+    slabs = z_slab_groups(centres, groups, n_slabs=5)
+    assert len(np.unique(slabs)) == 10
+    for g in np.unique(slabs):  # a slab is a contiguous z range of one subject
+        sel = slabs == g
+        other = (slabs != g) & (groups == groups[sel][0])
+        z = centres[:, 2]
+        assert (z[sel].max() <= z[other & (z > z[sel].max())].min()) if (other & (z > z[sel].max())).any() else True
+    emb = centres + rng.normal(0, 1.0, centres.shape)
+    with pytest.warns(UserWarning, match="z-slabs"):
+        dec = decode_coordinates(emb, centres, groups)
+    assert dec.set_index("axis").loc["xyz", "r2"] > 0.9
+    y = (centres[:, 0] > 0).astype(int)
+    with pytest.warns(UserWarning, match="z-slabs"):
+        res = linear_probe_cv(centres, y, groups, n_splits=5, Cs=[1.0], centres_mm=centres)
+    assert all("|slab" in t for t in res.per_unit.test_groups)
