@@ -277,7 +277,8 @@ def test_percentiles_are_taken_after_the_crop_as_isimed_does():
     rng = np.random.default_rng(7)
     data = np.full((1, 30, 28, 26), -1000.0, np.float32)
     data[0, 6:24, 5:22, 4:20] = rng.normal(40.0, 60.0, size=(18, 17, 16))  # the body, HU
-    out = preprocess(_volume(data[0], np.eye(4)), PreprocessConfig(target_spacing_mm=None, crop_margin_vox=0))
+    config = PreprocessConfig(target_spacing_mm=None, crop_margin_vox=0, intensity="percentile")
+    out = preprocess(_volume(data[0], np.eye(4)), config)
     x0, y0, z0, x1, y1, z1 = out.meta["crop_box_vox"]
     cropped = data[:, x0:x1, y0:y1, z0:z1]
     reference = ScaleIntensityRangePercentiles(lower=5, upper=95, b_min=-1.0, b_max=1.0, clip=False)(cropped)
