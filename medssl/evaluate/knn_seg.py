@@ -69,11 +69,14 @@ __all__ = [
     "atlas_draws",
     "atlas_neighbours",
     "check_disjoint",
+    "choose_atlas_pool",
     "evaluate_knn_segmentation",
     "identity_fractions",
     "knn_search",
     "labels_on_image",
+    "predict_labels",
     "row_kind",
+    "verdicts",
     "vote_fractions",
 ]
 
@@ -459,6 +462,13 @@ class KnnSegmentationResult:
         wide = q.pivot_table(index="query", columns="method", values=metric, sort=False)
         return {m: wide[m].to_numpy() for m in dict.fromkeys(q["method"])}
 
+    def best_k(self) -> dict[str, int]:
+        """``{method: k}`` with the highest mean Dice at the largest n (use on a *validation* result)."""
+        c = self.curve("dice")
+        c = c[(c["n_atlases"] == self.n_values[-1]) & (c["k"] > 0)]
+        return {m: int(g.sort_values(["mean", "k"], ascending=[False, False])["k"].iloc[0])
+                for m, g in c.groupby("method", sort=False)}
+
     def headline(self) -> pd.DataFrame:
         """Mean Dice (and surface Dice) at one atlas and at the largest n, per row, for :meth:`RunDir.write_headline`."""
         rows = []
@@ -574,6 +584,76 @@ def evaluate_knn_segmentation(
     order = ["method", "kind", "k", "n_atlases", "draw", "atlases", "query", "organ", "dice"]
     order += [c for c in ("nsd",) if c in scores] + ["true_voxels", "pred_voxels", "split"]
     return KnnSegmentationResult(scores=scores[order], organs=organs.names, split=split, seconds=seconds)
+
+
+def choose_atlas_pool(train: Sequence[Volume], size: int, seed: int = 0) -> list[Volume]:
+    """``size`` labelled training subjects (seeded) that every atlas draw comes from."""
+    labelled = [v for v in train if v.label is not None]
+    if not 1 <= size <= len(labelled):
+        raise ValueError(f"an atlas pool of {size} needs that many labelled training subjects; there are {len(labelled)}")
+    order = np.random.default_rng([int(seed), 5]).permutation(len(labelled))
+    return [labelled[i] for i in sorted(order[:size])]
+
+
+def predict_labels(model: Any, atlases: Sequence[Volume], query: Volume, organs: OrganSet, k: int = 21,
+                   stride_vox: int = 4, dense: dict[tuple[str, str], DenseEmbedding] | None = None, name: str = "",
+                   backend: str = "auto", **dense_kwargs: Any) -> np.ndarray:
+    """``(X, Y, Z)`` organ codes of ``query`` by kNN transfer from all ``atlases`` (for figures)."""
+    check_disjoint(atlases, [query])
+    store = {} if dense is None else dense
+
+    def _dense(vol: Volume) -> DenseEmbedding:
+        key = (name, str(vol.case_id))
+        if key not in store:
+            store[key] = dense_embeddings(model, vol, stride_vox=stride_vox, foreground_only=True, **dense_kwargs)
+        return store[key]
+
+    qd = _dense(query)
+    neigh = atlas_neighbours(qd, [_dense(v) for v in atlases], [_codes_of(v, organs) for v in atlases], k, backend)
+    frac = vote_fractions(neigh, range(len(atlases)), k, organs.n_classes)
+    return labels_on_image(qd, _to_grid(qd, frac, neigh.query_index))
+
+
+def verdicts(units: Mapping[str, np.ndarray], kinds: Mapping[str, str], metric: str = "Dice",
+             what: str = "") -> pd.DataFrame:
+    """For every method row against every baseline row: mean difference, Holm-adjusted paired p-values, and a sentence.
+
+    ``units``: ``{row: per-query-subject score}`` (e.g. :meth:`KnnSegmentationResult.units`);
+    ``kinds``: ``{row: "method" | "baseline"}``. A method "beats" a baseline when its mean is
+    higher and the Holm-adjusted paired t-test p is below 0.05.
+    """
+    from medssl.evaluate.stats import paired_tests
+
+    names = [m for m in units if np.isfinite(units[m]).sum() >= 2]
+    methods = [m for m in names if kinds.get(m) == "method"]
+    bases = [m for m in names if kinds.get(m) == "baseline"]
+    if not methods or not bases or len(next(iter(units.values()))) < 2:
+        return pd.DataFrame(columns=["method", "baseline", "mean_method", "mean_baseline", "mean_diff",
+                                     "t_pvalue_holm", "wilcoxon_pvalue_holm", "n", "verdict"])
+    tests = paired_tests({m: units[m] for m in methods + bases})
+    rows = []
+    for r in tests.itertuples(index=False):
+        a, b = r.method_a, r.method_b
+        if (a in methods) == (b in methods):
+            continue
+        sign = 1.0 if a in methods else -1.0
+        m, base = (a, b) if a in methods else (b, a)
+        diff = sign * r.mean_diff
+        mean_m, mean_b = (r.mean_a, r.mean_b) if a in methods else (r.mean_b, r.mean_a)
+        p = r.t_pvalue_holm
+        if diff > 0 and p < 0.05:
+            word = "beats"
+        elif diff < 0 and p < 0.05:
+            word = "is worse than"
+        else:
+            word = "does not beat" if diff <= 0 else "is not distinguishable from"
+        rows.append({"method": m, "baseline": base, "mean_method": mean_m, "mean_baseline": mean_b,
+                     "mean_diff": diff, "t_pvalue_holm": p, "wilcoxon_pvalue_holm": r.wilcoxon_pvalue_holm,
+                     "n": r.n_folds,
+                     "verdict": f"{m} {word} {base}{(' ' + what) if what else ''}: {metric} {mean_m:.3f} vs "
+                                f"{mean_b:.3f} ({diff:+.3f}, Holm-adjusted paired t-test p = {p:.3g}, "
+                                f"{r.n_folds} test subjects)"})
+    return pd.DataFrame(rows)
 
 
 def _identity_rows(atlases, queries, codes, draws, organs, stride_vox, kinds, score, seconds) -> list[pd.DataFrame]:
