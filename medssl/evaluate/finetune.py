@@ -156,6 +156,7 @@ class CnnUNet(SegmentationNet):
 
     def __init__(self, trunk: nn.Sequential, in_channels: int, n_classes: int, decoder_channels: int = 16,
                  probe_size_vox: int = 64, encoder_key_prefix: str = "features.") -> None:
+        # probe_size_vox: a power of two at least the trunk's total stride, so that sizes divide exactly
         super().__init__()
         self.encoder = trunk
         self.encoder_key_prefix = encoder_key_prefix
@@ -222,6 +223,8 @@ class SwinSegmenter(SegmentationNet):
         self.encoder = self.net.swinViT
         self.encoder_key_prefix = encoder_key_prefix
         self.total_stride = int(tuple(swin.patch_size)[0]) * 2 ** swin.num_layers
+        # SwinUNETR's bottleneck block instance-normalises the /32 map, which needs more than one voxel
+        self.min_crop_vox = 2 * self.total_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -270,7 +273,7 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
 register_segmentation_adapter(
     "cnn", _find_trunk,
     lambda enc, prefix, in_channels, n_classes, decoder_channels, crop_size_vox: CnnUNet(
-        enc, in_channels, n_classes, decoder_channels, probe_size_vox=crop_size_vox, encoder_key_prefix=prefix),
+        enc, in_channels, n_classes, decoder_channels, probe_size_vox=64, encoder_key_prefix=prefix),
 )
 register_segmentation_adapter(
     "swin", _find_swin,
@@ -296,6 +299,9 @@ def segmentation_net(method: nn.Module, n_classes: int, decoder_channels: int = 
             net = build(found[0], found[1], in_channels=in_channels, n_classes=n_classes,
                         decoder_channels=decoder_channels, crop_size_vox=crop_size_vox)
             net.adapter = name
+            if crop_size_vox < getattr(net, "min_crop_vox", 0):
+                raise ValueError(f"crop_size_vox={crop_size_vox} is too small for {type(net).__name__}: "
+                                 f"at least {net.min_crop_vox}")
             if crop_size_vox % net.total_stride:
                 raise ValueError(f"crop_size_vox={crop_size_vox} must be a multiple of the encoder's total stride "
                                  f"{net.total_stride} ({type(backbone).__name__})")

@@ -163,7 +163,11 @@ def _surface_dice(pred: torch.Tensor, true: torch.Tensor, spacing_mm: Sequence[f
         return float("nan")
     if pred_voxels == 0:
         return 0.0
+    import warnings
+
     p, t = _crop_to_organs(pred.long(), true.long())
     one_hot = [torch.stack([1 - m, m])[None] for m in (p, t)]  # (1, 2, *S): background, organ
     nsd = SurfaceDiceMetric(class_thresholds=[float(tolerance_mm)], include_background=False, reduction="none")
-    return float(nsd(one_hot[0], one_hot[1], spacing=[float(s) for s in spacing_mm])[0, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # a deprecated argument inside MONAI's own call chain
+        return float(nsd(one_hot[0], one_hot[1], spacing=[float(s) for s in spacing_mm])[0, 0])
