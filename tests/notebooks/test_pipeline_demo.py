@@ -16,6 +16,11 @@ TINY = {
     "20_latent_space.batch_size": 64,
     "30_linear_probe.eval_splits": ["val", "test"], "30_linear_probe.n_per_class": 16,
     "30_linear_probe.inner_splits": 2, "30_linear_probe.raw_size_vox": 4,
+    "50_segmentation.stride_vox": 8, "50_segmentation.atlas_pool": 2, "50_segmentation.n_atlases": [1, 2],
+    "50_segmentation.n_draws": 1, "50_segmentation.n_queries": 1, "50_segmentation.raw_patch_vox": 8,
+    "50_segmentation.raw_pooled_vox": 2, "50_segmentation.finetune_n": [1], "50_segmentation.finetune_steps": 2,
+    "50_segmentation.finetune_crop_vox": 32, "50_segmentation.finetune_test_subjects": 1,
+    "50_segmentation.batch_size": 64,
 }  # fmt: skip
 
 
@@ -29,10 +34,10 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
     runs = tmp_path / "runs"
     res = pipeline.run_pipeline("demo", "e2e", methods=["isimed", "simclr"], overrides=TINY, runs_root=runs,
                                 progress=False)
-    assert [s.status for s in res.steps] == ["ok"] * 7
+    assert [s.status for s in res.steps] == ["ok"] * 8
     run = runs / "e2e"
     for f in ["00_data/00_data.ipynb", "isimed/10_pretrain.ipynb", "simclr/checkpoints/last.pt",
-              "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "40_report/40_report.ipynb"]:
+              "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "50_segmentation/knn_curve.csv", "40_report/40_report.ipynb"]:
         assert (run / f).is_file(), f
     table = pd.read_csv(run / "40_report" / "comparison.csv")
     assert {"isimed", "simclr", "random-init"} <= set(table["method"])
