@@ -155,6 +155,9 @@ def bench_dense(size: int, rounds: int) -> None:
 
 
 def main() -> None:
+    import medssl
+
+    medssl.tune_malloc()  # as the CLI and the notebooks' kernels (Makefile) do
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=128, help="volume edge in voxels")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the dense benchmark")
