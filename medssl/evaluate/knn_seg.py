@@ -12,8 +12,9 @@ of its k = 21 nearest atlas descriptors; report Dice per organ against n = 1..9
   from intensity, never from labels) are described and searched; query points off the body
   are background. The same rule holds for every method and baseline.
 - **Exact kNN, per atlas.** For each query point the k nearest descriptors (squared
-  Euclidean) are found *in each atlas of the pool separately* (faiss ``IndexFlatL2`` when
-  faiss is installed, scikit-learn's brute force otherwise; both exact). The k nearest among
+  Euclidean) are found *in each atlas of the pool separately* with scikit-learn's exact
+  brute force (faiss ``IndexFlatL2`` is an option when installed: measured on this project's
+  2-core machine it was no faster, ``benchmarks/segmentation.py``, so it is not a dependency). The k nearest among
   any subset of atlases are then exactly the k nearest of the union of those per-atlas lists
   (each of them is among the k nearest of its own atlas), so every draw of n atlases costs
   one merge, not one search. Votes are counted over the k labels; ties go to the smaller
@@ -182,15 +183,15 @@ def check_disjoint(atlases: Sequence[Volume], queries: Sequence[Volume]) -> None
 # ---------------------------------------------------------------------------- exact kNN
 
 
-def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str = "sklearn") -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by squared Euclidean distance.
 
     Args:
         database: ``(M, D)``; queries: ``(N, D)``.
         k: neighbours per query (``min(k, M)`` are real; the rest are padded with
             distance ``inf`` and index ``-1``).
-        backend: ``"faiss"`` (``IndexFlatL2``: BLAS distances with a fused top-k), ``"sklearn"``
-            (``NearestNeighbors(algorithm="brute")``), or ``"auto"`` (faiss when installed).
+        backend: ``"sklearn"`` (``NearestNeighbors(algorithm="brute")``, the default), ``"faiss"``
+            (``IndexFlatL2``, needs ``pip install faiss-cpu``), or ``"auto"`` (faiss when installed).
 
     Returns:
         ``(sqdist (N, k) float32, index (N, k) int64)``, nearest first.
@@ -269,7 +270,7 @@ def atlas_neighbours(
     atlases: Sequence[DenseEmbedding],
     atlas_codes: Sequence[np.ndarray],
     k: int = 21,
-    backend: str = "auto",
+    backend: str = "sklearn",
 ) -> AtlasNeighbours:
     """Exact per-atlas k nearest neighbours of every body point of ``query`` (see the module docstring).
 
@@ -501,7 +502,7 @@ def evaluate_knn_segmentation(
     surface_tolerance_mm: float | None = 3.0,
     surface_n_atlases: Sequence[int] | None = None,
     split: str = "test",
-    backend: str = "auto",
+    backend: str = "sklearn",
     kinds: Mapping[str, str] | None = None,
     dense: dict[tuple[str, str], DenseEmbedding] | None = None,
     log: Callable[[str], None] | None = None,
@@ -597,7 +598,7 @@ def choose_atlas_pool(train: Sequence[Volume], size: int, seed: int = 0) -> list
 
 def predict_labels(model: Any, atlases: Sequence[Volume], query: Volume, organs: OrganSet, k: int = 21,
                    stride_vox: int = 4, dense: dict[tuple[str, str], DenseEmbedding] | None = None, name: str = "",
-                   backend: str = "auto", **dense_kwargs: Any) -> np.ndarray:
+                   backend: str = "sklearn", **dense_kwargs: Any) -> np.ndarray:
     """``(X, Y, Z)`` organ codes of ``query`` by kNN transfer from all ``atlases`` (for figures)."""
     check_disjoint(atlases, [query])
     store = {} if dense is None else dense
