@@ -78,7 +78,7 @@ def test_k1_with_a_query_equal_to_an_atlas_returns_the_atlas_labels():
     da = [dense_embeddings(m, v, stride_vox=3, foreground_only=True, progress=False) for v in (other, atlas)]
     dq = dense_embeddings(m, twin, stride_vox=3, foreground_only=True, progress=False)
     neigh = knn_seg.atlas_neighbours(dq, da, [ORGANS.encode(v.label) for v in (other, atlas)], k=1)
-    assert np.all(neigh.sqdist[1, :, 0] == 0.0)
+    assert np.all(neigh.sqdist[1, :, 0] < 1e-6)  # each query point finds its twin (up to rounding)
     frac = knn_seg.vote_fractions(neigh, [0, 1], 1, ORGANS.n_classes)
     grid = knn_seg._to_grid(dq, frac, neigh.query_index)
     np.testing.assert_array_equal(grid.argmax(-1), codes_at_anchors(dq, atlas))
