@@ -14,6 +14,7 @@ TINY = {
     "20_latent_space.n_patches_per_volume": 12, "20_latent_space.stride_vox": 8, "20_latent_space.n_corr_points": 30,
     "20_latent_space.n_corr_pairs": 2, "20_latent_space.n_map_train_subjects": 1, "20_latent_space.umap": False,
     "20_latent_space.batch_size": 64,
+    "25_latent_viewer.stride_vox": 8, "25_latent_viewer.max_scatter_points": 200, "25_latent_viewer.batch_size": 64,
     "30_linear_probe.n_per_class": 12, "30_linear_probe.patch_size_vox": 16,
     "30_linear_probe.inner_splits": 2, "30_linear_probe.raw_size_vox": 4,
     "50_segmentation.stride_vox": 8, "50_segmentation.atlas_pool": 2, "50_segmentation.n_atlases": [1, 2],
