@@ -35,7 +35,7 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
     runs = tmp_path / "runs"
     res = pipeline.run_pipeline("demo", "e2e", methods=["isimed", "simclr"], overrides=TINY, runs_root=runs,
                                 progress=False)
-    assert [s.status for s in res.steps] == ["ok"] * 8
+    assert [s.status for s in res.steps] == ["ok"] * 9  # 00, 10 x 2, 20, 25, 30 x 2, 50, 40
     run = runs / "e2e"
     for f in ["00_data/00_data.ipynb", "isimed/10_pretrain.ipynb", "simclr/checkpoints/last.pt",
               "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "50_segmentation/knn_curve.csv", "40_report/40_report.ipynb"]:
@@ -44,7 +44,8 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
     assert {"isimed", "simclr", "random-init", "identity", "aligned-identity", "position-cubic"} <= set(table["method"])
     assert {"20_latent_space: distance_spearman (test)", "20_latent_space: decoding_r2 (test)",
             "20_latent_space: correspondence_median_mm (test)", "30_linear_probe/lesion: auc (test)",
-            "30_linear_probe/liver: auc (test)"} <= set(table.columns)
+            "30_linear_probe/liver: auc (test)", "50_segmentation: knn_dice_n2 (test)",
+            "50_segmentation: finetune_dice_n1 (test)"} <= set(table.columns)
     html = (run / "40_report" / "report.html").read_text(encoding="utf-8")
     assert "SYNTHETIC" in html and "not manual masks" in html
     assert "Do the methods beat the shortcuts?" in html and "validation split" in html
