@@ -428,6 +428,11 @@ class KnnSegmentationResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
+    def kinds(self) -> dict[str, str]:
+        """``{row: "method" | "baseline"}`` of every row scored (methods, descriptor baselines, identity rows)."""
+        return dict(zip(self.scores["method"], self.scores["kind"]))
+
+    @property
     def n_values(self) -> list[int]:
         return sorted(int(n) for n in self.scores["n_atlases"].unique())
 
