@@ -48,6 +48,22 @@ from medssl._alloc import MALLOC_ENV
 from medssl._files import atomic_write_text
 from medssl.rundir import RunDir
 
+# 50_segmentation in the demo: kNN on a coarser grid (stride 6 at 3 mm), 5 atlases, 3 draws, 3 test
+# subjects; a short fine-tuning (40 steps, no validation curve, 2 test subjects) of random-init, ISImed
+# and the positive-pair-selection demo methods on 1 and 4 subjects: too short to separate methods,
+# it shows the protocol runs; the `full` plan fine-tunes for real.
+SEGMENTATION_DEMO: dict[str, Any] = {
+    "stride_vox": 6, "atlas_pool": 5, "n_atlases": [1, 3, 5], "n_draws": 3, "n_queries": 3,
+    "finetune_methods": "demo", "finetune_n": [1, 4], "finetune_steps": 40, "finetune_test_subjects": 2,
+    "finetune_val_subjects": 0,
+}
+# The `full` plan: the paper's protocol (stride 4, n = 1..9, 5 draws, every test subject) and
+# fine-tuning of every method on 1, 2, 4 and 8 subjects.
+SEGMENTATION_FULL: dict[str, Any] = {
+    "stride_vox": 4, "atlas_pool": 9, "n_atlases": list(range(1, 10)), "n_draws": 5, "n_queries": 0,
+    "finetune_methods": "all", "finetune_n": [1, 2, 4, 8], "finetune_steps": 300, "finetune_test_subjects": 0,
+}
+
 # The ordered notebooks and what each step runs. Notebooks that do not exist
 # yet (later roadmap items) are skipped with a message, so a plan can list them.
 PLANS: dict[str, dict[str, Any]] = {
@@ -61,6 +77,8 @@ PLANS: dict[str, dict[str, Any]] = {
             {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
             {"notebook": "30_linear_probe.ipynb", "name": "30_linear_probe_organ",
              "parameters": {"task": "organ", "organ": "liver"}},
+            # before the report, which collects every step's headline table
+            {"notebook": "50_segmentation.ipynb", "parameters": SEGMENTATION_DEMO},
             {"notebook": "40_report.ipynb", "parameters": {}},
         ],
     },
@@ -69,8 +87,12 @@ PLANS: dict[str, dict[str, Any]] = {
         "steps": [{"notebook": "00_data.ipynb", "parameters": {"source": "demo"}}],
     },
 }
-# "full": the demo's steps for every registered method (not only those marked for the demo).
+# "full": the demo's steps for every registered method (not only those marked for the demo),
+# with the full segmentation protocol.
 PLANS["full"] = {**copy.deepcopy(PLANS["demo"]), "methods": "all"}
+for _step in PLANS["full"]["steps"]:
+    if _step["notebook"] == "50_segmentation.ipynb":
+        _step["parameters"] = copy.deepcopy(SEGMENTATION_FULL)
 # "folder": your own scans (`-p source /path/to/folder`): one probe whose target follows the data (lesion maps if
 # any, else the organ named by `-p 30_linear_probe.organ ...`); every notebook says what it had to skip.
 PLANS["folder"] = {

@@ -167,3 +167,37 @@ def test_a_method_that_cuts_its_own_inputs_gets_them_cut_at_every_grid_centre_vo
     np.testing.assert_allclose(emb, vol.data[:, c[:, 0], c[:, 1], c[:, 2]].T, rtol=1e-6)
     with pytest.raises(ValueError, match="pass the volumes"):
         embed_patches(CentreVoxel(), ps, progress=False)
+
+
+def test_foreground_only_embeds_the_body_points_alone_with_the_same_values_as_the_full_grid():
+    vol = index_volume((14, 12, 10))
+    body = np.zeros(vol.shape_vox, np.uint8)
+    body[3:11, 2:9, 1:8] = 1
+    vol = vol.with_(aux={"body": body})
+    m = PatchMean((3, 3, 3))
+    full = dense_embeddings(m, vol, stride_vox=2, batch_size=5, progress=False)
+    part = dense_embeddings(m, vol, stride_vox=2, batch_size=5, foreground_only=True, progress=False)
+    np.testing.assert_array_equal(part.computed, part.foreground)
+    assert part.foreground.any() and not part.foreground.all()
+    np.testing.assert_array_equal(part.embeddings[part.foreground], full.embeddings[full.foreground])
+    assert np.isnan(part.embeddings[~part.foreground]).all()
+
+
+def test_dense_grids_run_the_network_under_the_precision_asked_for():
+    from medssl.methods import create_method
+
+    torch.manual_seed(0)
+    m = create_method("isimed", backbone="smallcnn", patch_size_vox=16)
+    vol = Volume(np.random.default_rng(2).normal(size=(1, 20, 18, 16)).astype(np.float32), AFFINE, "prec")
+    fp32 = dense_embeddings(m, vol, stride_vox=5, precision="fp32", progress=False)
+    bf16 = dense_embeddings(m, vol, stride_vox=5, precision="bf16", progress=False)
+    from medssl.evaluate.embed import embed_patches
+    from medssl.sampling.patches import extract_patches
+
+    anchors = np.stack(np.meshgrid(*fp32.anchors_vox, indexing="ij"), -1).reshape(-1, 3)
+    ref = embed_patches(m, extract_patches(vol.data, anchors, (16, 16, 16)), progress=False)  # fp32 reference
+    np.testing.assert_allclose(fp32.flat_embeddings, ref, rtol=1e-4, atol=1e-5)
+    assert not np.array_equal(bf16.embeddings, fp32.embeddings)  # bf16 really ran
+    np.testing.assert_allclose(bf16.flat_embeddings, ref, atol=0.05 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="precision"):
+        dense_embeddings(m, vol, precision="fp8", progress=False)

@@ -17,6 +17,11 @@ TINY = {
     "25_latent_viewer.stride_vox": 8, "25_latent_viewer.max_scatter_points": 200, "25_latent_viewer.batch_size": 64,
     "30_linear_probe.n_per_class": 12, "30_linear_probe.patch_size_vox": 16,
     "30_linear_probe.inner_splits": 2, "30_linear_probe.raw_size_vox": 4,
+    "50_segmentation.stride_vox": 8, "50_segmentation.atlas_pool": 2, "50_segmentation.n_atlases": [1, 2],
+    "50_segmentation.n_draws": 1, "50_segmentation.n_queries": 1, "50_segmentation.raw_patch_vox": 8,
+    "50_segmentation.raw_pooled_vox": 2, "50_segmentation.finetune_n": [1], "50_segmentation.finetune_steps": 2,
+    "50_segmentation.finetune_crop_vox": 32, "50_segmentation.finetune_test_subjects": 1,
+    "50_segmentation.batch_size": 64,
 }  # fmt: skip
 
 
@@ -30,16 +35,17 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
     runs = tmp_path / "runs"
     res = pipeline.run_pipeline("demo", "e2e", methods=["isimed", "simclr"], overrides=TINY, runs_root=runs,
                                 progress=False)
-    assert [s.status for s in res.steps] == ["ok"] * 8
+    assert [s.status for s in res.steps] == ["ok"] * 9  # 00, 10 x 2, 20, 25, 30 x 2, 50, 40
     run = runs / "e2e"
     for f in ["00_data/00_data.ipynb", "isimed/10_pretrain.ipynb", "simclr/checkpoints/last.pt",
-              "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "40_report/40_report.ipynb"]:
+              "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "50_segmentation/knn_curve.csv", "40_report/40_report.ipynb"]:
         assert (run / f).is_file(), f
     table = pd.read_csv(run / "40_report" / "comparison.csv")
     assert {"isimed", "simclr", "random-init", "identity", "aligned-identity", "position-cubic"} <= set(table["method"])
     assert {"20_latent_space: distance_spearman (test)", "20_latent_space: decoding_r2 (test)",
             "20_latent_space: correspondence_median_mm (test)", "30_linear_probe/lesion: auc (test)",
-            "30_linear_probe/liver: auc (test)"} <= set(table.columns)
+            "30_linear_probe/liver: auc (test)", "50_segmentation: knn_dice_n2 (test)",
+            "50_segmentation: finetune_dice_n1 (test)"} <= set(table.columns)
     html = (run / "40_report" / "report.html").read_text(encoding="utf-8")
     assert "SYNTHETIC" in html and "not manual masks" in html
     assert "Do the methods beat the shortcuts?" in html and "validation split" in html

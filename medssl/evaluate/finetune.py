@@ -1,0 +1,662 @@
+"""Segmentation fine-tuning from a pretrained encoder (the thesis, Konieczkowicz, AGH, Table 4.2).
+
+For each backbone, a segmentation network whose encoder *is* the backbone (the same module
+class, the checkpoint's weights loaded into it):
+
+- **SmallCNN** and **DenseNet121** (any backbone whose convolutional trunk is an
+  ``nn.Sequential``): :class:`CnnUNet`, a small U-Net-style decoder over the trunk's stages.
+  The last stage output at every resolution is a skip connection (SmallCNN: /2, /4, /8,
+  /16; DenseNet121: relu0 /2, denseblock1 /4, denseblock2 /8, denseblock3 /16, norm5 /32);
+  the decoder upsamples (trilinear), concatenates the skip, and applies a
+  conv3-GroupNorm-LeakyReLU block per level; a 1x1 convolution gives the organ logits at the
+  shallowest stage's resolution (/2), upsampled trilinearly to the input (a full-resolution
+  block made a CPU training step about 5x slower). The trunk's pooling and final linear
+  layer (the embedding head) are not used. Crops must be multiples of the trunk's total
+  stride (16 for SmallCNN, 32 for DenseNet121).
+- **Swin** (a backbone holding a MONAI ``SwinTransformer``, as the Swin backbone of the
+  SimSiam work does): MONAI ``SwinUNETR`` with the same depths, heads, feature size, window
+  and patch size, whose ``swinViT`` receives the backbone's transformer weights (strict load).
+
+:func:`finetune` trains it on ``n`` labelled training subjects with the same seed, data order
+and number of steps for every initialisation (the decoder's initial weights are drawn under
+the seed too, so two initialisations differ only in the encoder), logs a learning curve to
+``metrics.jsonl`` (the training loop's record format: :mod:`medssl.train.metrics`), and scores
+held-out subjects once with foreground-only, per-volume 3D Dice and surface Dice
+(:mod:`medssl.evaluate.segmetrics`), predicted by MONAI's sliding-window inference.
+
+Recipe (thesis Table 4.1, scaled to a CPU): AdamW, linear warm-up then cosine decay to
+``min_lr``, weight decay not applied to biases and norms, crops centred on an organ voxel with
+probability 0.5 (else on the body), MONAI ``DiceCELoss``. The thesis's augmentations (flips,
+rotations, blur, noise) are not applied: every initialisation sees identical crops.
+``freeze_encoder=True`` trains the decoder only (the encoder stays in eval mode and
+bit-identical).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from medssl.data.volume import Volume
+from medssl.evaluate.segmetrics import OrganSet, segmentation_scores
+from medssl.sampling.patches import extract_patches
+from medssl.sampling.regions import foreground_mask
+
+__all__ = [
+    "CnnUNet",
+    "FinetuneComparison",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "UnsupportedBackboneError",
+    "finetune",
+    "finetune_comparison",
+    "finetune_methods",
+    "finetune_subjects",
+    "predict_volume",
+    "register_segmentation_adapter",
+    "segmentation_net",
+]
+
+
+class UnsupportedBackboneError(TypeError):
+    """No segmentation network is known for this backbone (e.g. 2D planar descriptors)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning settings; the same for every initialisation of one comparison.
+
+    Defaults are a CPU-sized version of the thesis's Table 4.1 (AdamW, warm-up + cosine decay).
+    """
+
+    steps: int = 300
+    batch_size: int = 2
+    crop_size_vox: int = 64  # a multiple of the encoder's total stride (16 SmallCNN, 32 DenseNet121/Swin)
+    lr: float = 1e-3
+    min_lr: float = 5e-5  # cosine decay ends here (thesis: 1e-3 -> 5e-5)
+    warmup_steps: int = 10
+    weight_decay: float = 1e-5  # not on biases and norms (thesis)
+    organ_centred_fraction: float = 0.5  # crops centred on an organ voxel with this probability (thesis: 0.5)
+    freeze_encoder: bool = False
+    decoder_channels: int = 16
+    precision: str = "auto"  # bf16 autocast where supported (as training), "fp32", "bf16"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # validation Dice every this many steps (0: only after the last step)
+    sw_overlap: float = 0.25  # sliding-window overlap (thesis: 0.25)
+    sw_batch_size: int = 4
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.crop_size_vox < 8:
+            raise ValueError(f"need steps >= 1, batch_size >= 1, crop_size_vox >= 8; got {self}")
+        if not 0.0 <= self.organ_centred_fraction <= 1.0:
+            raise ValueError(f"organ_centred_fraction must lie in [0, 1], got {self.organ_centred_fraction}")
+
+
+# ---------------------------------------------------------------------------- networks
+
+
+class SegmentationNet(nn.Module):
+    """Base of the segmentation networks: ``forward (B, C, *S) -> (B, n_classes, *S)`` logits.
+
+    ``encoder`` is the backbone's own module (its weights loaded from the method);
+    ``encoder_key_prefix`` is where that module sits in the backbone's ``state_dict``
+    (so a checkpoint's ``backbone.<prefix>...`` tensors can be compared with it).
+    """
+
+    encoder: nn.Module
+    encoder_key_prefix: str = ""
+    encoder_frozen: bool = False
+
+    def freeze_encoder(self) -> None:
+        """No gradients for the encoder, which stays in eval mode (BatchNorm statistics untouched)."""
+        self.encoder_frozen = True
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "SegmentationNet":
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
+
+def _conv_block(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Module:
+    from monai.networks.blocks import Convolution
+
+    return Convolution(3, c_in, c_out, kernel_size=kernel_size, act=("leakyrelu", {"negative_slope": 0.01}),
+                       norm=("group", {"num_groups": min(8, c_out)}), bias=False)
+
+
+class CnnUNet(SegmentationNet):
+    """A U-Net-style decoder over the stages of a convolutional trunk (``nn.Sequential``).
+
+    Args:
+        trunk: the backbone's convolutional trunk (its modules run in order).
+        in_channels: image channels.
+        n_classes: organs + background.
+        decoder_channels: the decoder's width at a level is ``min(skip channels, 8 * decoder_channels)``.
+        probe_size_vox: size of the dummy input that measures each stage's scale.
+        encoder_key_prefix: the trunk's key prefix in the backbone's ``state_dict``.
+    """
+
+    def __init__(self, trunk: nn.Sequential, in_channels: int, n_classes: int, decoder_channels: int = 16,
+                 probe_size_vox: int = 64, encoder_key_prefix: str = "features.") -> None:
+        # probe_size_vox: a power of two at least the trunk's total stride, so that sizes divide exactly
+        super().__init__()
+        self.encoder = trunk
+        self.encoder_key_prefix = encoder_key_prefix
+        self.taps, channels, self.total_stride = _stage_taps(trunk, in_channels, probe_size_vox)
+        widths = [min(c, 8 * decoder_channels) for c in channels[:-1]]  # decoder width at each skip level
+        self.up_blocks = nn.ModuleList()
+        c_deep = channels[-1]
+        for c_skip, w in zip(reversed(channels[:-1]), reversed(widths)):
+            self.up_blocks.append(_conv_block(c_deep + c_skip, w))
+            c_deep = w
+        self.head = nn.Conv3d(c_deep, n_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        h = x
+        for i, module in enumerate(self.encoder):
+            h = module(h)
+            if i in self.taps:
+                feats.append(h)
+        h = feats[-1]
+        for block, skip in zip(self.up_blocks, reversed(feats[:-1])):
+            h = nn.functional.interpolate(h, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            h = block(torch.cat([h, skip.to(h.dtype)], dim=1))
+        # Logits at the shallowest stage's resolution (/2 for SmallCNN and DenseNet121), upsampled
+        # trilinearly: a full-resolution conv block cost ~5x the rest of a training step on the CPU.
+        return nn.functional.interpolate(self.head(h), size=x.shape[2:], mode="trilinear", align_corners=False)
+
+
+def _stage_taps(trunk: nn.Sequential, in_channels: int, size: int) -> tuple[list[int], list[int], int]:
+    """Indices of the last module at each resolution of ``trunk``, their channels, and the total stride."""
+    x = torch.zeros(1, in_channels, size, size, size)
+    shapes = []
+    was_training = [m.training for m in trunk.modules()]
+    trunk.eval()
+    with torch.no_grad():
+        for module in trunk:
+            x = module(x)
+            if x.ndim != 5:
+                raise UnsupportedBackboneError(f"a trunk stage returned shape {tuple(x.shape)}, not (B, C, X, Y, Z)")
+            shapes.append((int(x.shape[1]), tuple(int(s) for s in x.shape[2:])))
+    for m, t in zip(trunk.modules(), was_training):
+        m.training = t
+    taps = [i for i in range(len(shapes)) if i == len(shapes) - 1 or shapes[i + 1][1] != shapes[i][1]]
+    total_stride = int(round(size / shapes[-1][1][0])) if shapes[-1][1][0] else size
+    return taps, [shapes[i][0] for i in taps], total_stride
+
+
+class SwinSegmenter(SegmentationNet):
+    """MONAI ``SwinUNETR`` whose ``swinViT`` is the backbone's ``SwinTransformer`` (weights copied, strict)."""
+
+    def __init__(self, swin: nn.Module, n_classes: int, encoder_key_prefix: str) -> None:
+        super().__init__()
+        from monai.networks.nets import SwinUNETR
+
+        layers = [getattr(swin, f"layers{i}")[0] for i in range(1, swin.num_layers + 1)]
+        spatial_dims = len(tuple(swin.window_size))
+        self.net = SwinUNETR(
+            in_channels=int(swin.patch_embed.proj.in_channels), out_channels=n_classes,
+            patch_size=int(tuple(swin.patch_size)[0]), depths=[len(b.blocks) for b in layers],
+            num_heads=[int(b.blocks[0].attn.num_heads) for b in layers], window_size=tuple(swin.window_size),
+            feature_size=int(swin.embed_dim), spatial_dims=spatial_dims, use_v2=bool(getattr(swin, "use_v2", False)),
+        )  # fmt: skip
+        self.net.swinViT.load_state_dict(swin.state_dict(), strict=True)
+        self.encoder = self.net.swinViT
+        self.encoder_key_prefix = encoder_key_prefix
+        self.total_stride = int(tuple(swin.patch_size)[0]) * 2 ** swin.num_layers
+        # SwinUNETR's bottleneck block instance-normalises the /32 map, which needs more than one voxel
+        self.min_crop_vox = 2 * self.total_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# Adapters: (name, finds the encoder in a backbone -> (module, key prefix) or None, builds the net).
+_ADAPTERS: list[tuple[str, Callable[[nn.Module], Any], Callable[..., SegmentationNet]]] = []
+
+
+def register_segmentation_adapter(name: str, find: Callable[[nn.Module], Any],
+                                  build: Callable[..., SegmentationNet]) -> None:
+    """Teach :func:`segmentation_net` a new backbone family.
+
+    ``find(backbone) -> (encoder module, key prefix in the backbone's state_dict) | None``;
+    ``build(encoder, key_prefix, in_channels=, n_classes=, decoder_channels=, crop_size_vox=)
+    -> SegmentationNet``. Adapters are tried in registration order, newest first.
+    """
+    _ADAPTERS.insert(0, (name, find, build))
+
+
+def _find_swin(backbone: nn.Module) -> Any:
+    from monai.networks.nets.swin_unetr import SwinTransformer
+
+    for path, module in backbone.named_modules():
+        if isinstance(module, SwinTransformer):
+            return module, (path + "." if path else "")
+    return None
+
+
+def _find_trunk(backbone: nn.Module) -> Any:
+    for path in ("features", "net.features"):
+        module = backbone.get_submodule(path) if _has_submodule(backbone, path) else None
+        if isinstance(module, nn.Sequential) and len(module) > 0:
+            return module, path + "."
+    return None
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+register_segmentation_adapter(
+    "cnn", _find_trunk,
+    lambda enc, prefix, in_channels, n_classes, decoder_channels, crop_size_vox: CnnUNet(
+        enc, in_channels, n_classes, decoder_channels, probe_size_vox=64, encoder_key_prefix=prefix),
+)
+register_segmentation_adapter(
+    "swin", _find_swin,
+    lambda enc, prefix, in_channels, n_classes, decoder_channels, crop_size_vox: SwinSegmenter(enc, n_classes, prefix),
+)
+
+
+def segmentation_net(method: nn.Module, n_classes: int, decoder_channels: int = 16,
+                     crop_size_vox: int = 64) -> SegmentationNet:
+    """A segmentation network whose encoder is a deep copy of ``method.backbone`` (weights included).
+
+    Raises:
+        UnsupportedBackboneError: no adapter knows the backbone (e.g. 2.5D planar networks).
+    """
+    backbone = getattr(method, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise UnsupportedBackboneError(f"{type(method).__name__} has no `backbone` module to fine-tune")
+    backbone = copy.deepcopy(backbone).float()
+    in_channels = int(getattr(getattr(method, "config", None), "in_channels", 1))
+    for name, find, build in _ADAPTERS:
+        found = find(backbone)
+        if found is not None:
+            net = build(found[0], found[1], in_channels=in_channels, n_classes=n_classes,
+                        decoder_channels=decoder_channels, crop_size_vox=crop_size_vox)
+            net.adapter = name
+            if crop_size_vox < getattr(net, "min_crop_vox", 0):
+                raise ValueError(f"crop_size_vox={crop_size_vox} is too small for {type(net).__name__}: "
+                                 f"at least {net.min_crop_vox}")
+            if crop_size_vox % net.total_stride:
+                raise ValueError(f"crop_size_vox={crop_size_vox} must be a multiple of the encoder's total stride "
+                                 f"{net.total_stride} ({type(backbone).__name__})")
+            return net
+    raise UnsupportedBackboneError(
+        f"no segmentation network for backbone {type(backbone).__name__} of {getattr(method, 'name', method)}: "
+        "known are convolutional trunks (`features` nn.Sequential: SmallCNN, DenseNet121) and MONAI Swin transformers")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def finetune_subjects(pool: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """The first ``n`` of a seeded permutation of ``pool``: nested in ``n`` and identical for every method."""
+    ids = [str(c) for c in pool]
+    if not 1 <= n <= len(ids):
+        raise ValueError(f"fine-tuning on n={n} subjects needs a pool of at least {n} labelled training subjects; "
+                         f"it has {len(ids)}")
+    order = np.random.default_rng([int(seed), 7]).permutation(len(ids))
+    return [ids[i] for i in order[:n]]
+
+
+class _CropSampler:
+    """Seeded crops ``(B, C, *S)`` and organ codes ``(B, 1, *S)``: centred on an organ voxel with
+    probability ``organ_centred_fraction``, else on a body voxel; padded outside the image
+    (image: per-channel minimum, labels: background)."""
+
+    def __init__(self, volumes: Sequence[Volume], organs: OrganSet, config: FinetuneConfig) -> None:
+        self.images = [np.asarray(v.data, dtype=np.float32) for v in volumes]
+        self.codes = [organs.encode(np.asarray(v.label)).astype(np.float32)[None] for v in volumes]
+        self.organ_vox = [np.argwhere(c[0] > 0) for c in self.codes]
+        self.body_vox = [np.argwhere(foreground_mask(v)) for v in volumes]
+        self.size = (config.crop_size_vox,) * 3
+        self.config = config
+        self.rng = np.random.default_rng([config.seed, 11])
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(self.config.batch_size):
+            v = int(self.rng.integers(len(self.images)))
+            use_organ = self.rng.random() < self.config.organ_centred_fraction and len(self.organ_vox[v])
+            pool = self.organ_vox[v] if use_organ else self.body_vox[v]
+            centre = pool[int(self.rng.integers(len(pool)))][None]
+            xs.append(extract_patches(self.images[v], centre, self.size))
+            ys.append(_extract_codes(self.codes[v], centre, self.size))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)).long()
+
+
+def _extract_codes(codes: np.ndarray, centre: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """Label crops padded with background: pad with a 0 plane so that the minimum is 0 whatever the map."""
+    if codes.min() > 0:  # no background voxel at all: extract_patches would pad with the smallest organ code
+        raise ValueError("a label map without background voxels cannot be cropped with background padding")
+    return extract_patches(codes, centre, size)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@dataclass
+class FinetuneResult:
+    """One fine-tuning run: scores per held-out subject and organ, the network, timings."""
+
+    name: str
+    n_subjects: int
+    subjects: list[str]
+    scores: pd.DataFrame
+    net: SegmentationNet
+    seconds_train: float
+    seconds_eval: float
+    out_dir: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _param_groups(net: SegmentationNet, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weights only, none on biases and norm parameters (thesis)."""
+    decay, no_decay = [], []
+    for module in net.modules():
+        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm3d))
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (no_decay if is_norm or pname.endswith("bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(config: FinetuneConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        t = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+        floor = config.min_lr / config.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def predict_volume(net: nn.Module, volume: Volume, config: FinetuneConfig, device: torch.device | None = None,
+                   precision: str | None = None) -> np.ndarray:
+    """``(X, Y, Z)`` uint8 organ codes: MONAI sliding-window inference (eval mode, no-grad), argmax."""
+    from monai.inferers import sliding_window_inference
+
+    from medssl.evaluate.embed import frozen
+    from medssl.train.precision import autocast, resolve_device, resolve_precision
+
+    device = device or resolve_device(config.device)
+    precision = precision or resolve_precision(config.precision, device)
+    x = torch.from_numpy(np.array(volume.data, dtype=np.float32))[None].to(device)
+    with frozen(net), autocast(device, precision):
+        logits = sliding_window_inference(x, (config.crop_size_vox,) * 3, config.sw_batch_size, net,
+                                          overlap=config.sw_overlap, mode="gaussian")
+    return logits[0].float().argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def score_volumes(net: nn.Module, volumes: Sequence[Volume], organs: OrganSet, config: FinetuneConfig,
+                  surface_tolerance_mm: float | None = 3.0, split: str = "test") -> pd.DataFrame:
+    """Per-organ scores of ``net`` on every volume (foreground-only per-volume Dice, surface Dice)."""
+    import warnings
+
+    frames = []
+    for vol in volumes:
+        pred = predict_volume(net, vol, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            s = segmentation_scores(pred, organs.encode(np.asarray(vol.label)), organs.names, vol.spacing_mm,
+                                    surface_tolerance_mm)
+        frames.append(s.assign(query=str(vol.case_id), split=split))
+    return pd.concat(frames, ignore_index=True)
+
+
+def finetune(
+    method: nn.Module,
+    train_volumes: Sequence[Volume],
+    organs: OrganSet,
+    config: FinetuneConfig = FinetuneConfig(),
+    out_dir: str | os.PathLike | None = None,
+    val_volumes: Sequence[Volume] = (),
+    test_volumes: Sequence[Volume] = (),
+    name: str = "",
+    surface_tolerance_mm: float | None = 3.0,
+    step_callback: Callable[[int, SegmentationNet], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune a segmentation network initialised from ``method``'s backbone; score ``test_volumes`` once.
+
+    Args:
+        method: a loaded method (its backbone's weights initialise the encoder) or a
+            random-init one (:func:`medssl.evaluate.runs.random_init_like`).
+        train_volumes: the labelled training subjects (:func:`finetune_subjects` picks them).
+        organs: the organs (codes) to segment.
+        config: steps, crops, optimiser; identical across initialisations of one comparison.
+        out_dir: where ``metrics.jsonl``, ``config.json`` and ``scores.csv`` go (None: nowhere).
+        val_volumes: subjects for the validation-Dice learning curve (never used to choose anything
+            inside this function).
+        test_volumes: held-out subjects scored once after the last step.
+        step_callback: called as ``f(step, net)`` before step 0 and after every step (tests).
+
+    Returns:
+        A :class:`FinetuneResult`.
+    """
+    from medssl.train.metrics import MetricsLog, mean_logs, when
+    from medssl.train.precision import autocast, resolve_device, resolve_precision
+
+    if not train_volumes:
+        raise ValueError("fine-tuning needs at least one labelled training subject")
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the decoder's initial weights: identical for every initialisation
+        net = segmentation_net(method, organs.n_classes, config.decoder_channels, config.crop_size_vox)
+    if config.freeze_encoder:
+        net.freeze_encoder()
+    net.to(device).train()
+    from monai.losses import DiceCELoss
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(_param_groups(net, config.weight_decay), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    sampler = _CropSampler(train_volumes, organs, config)
+    out = Path(out_dir) if out_dir is not None else None
+    log = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        info = {"method": name, "subjects": [str(v.case_id) for v in train_volumes], "organs": list(organs.names),
+                "adapter": getattr(net, "adapter", ""), "precision": precision, **asdict(config)}
+        (out / "config.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        log = MetricsLog(out / "metrics.jsonl", enabled=True, callbacks=[])
+    history: list[dict[str, Any]] = []
+
+    def _record(rec: dict[str, Any]) -> None:
+        history.append(rec)
+        if log is not None:
+            log.write(rec)
+
+    if step_callback is not None:
+        step_callback(0, net)
+    t0 = time.perf_counter()
+    window: list[dict[str, float]] = []
+    for step in range(1, config.steps + 1):
+        x, y = sampler()
+        with autocast(device, precision):
+            logits = net(x.to(device))
+        loss = loss_fn(logits.float(), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        window.append({"loss": float(loss.detach())})
+        if step_callback is not None:
+            step_callback(step, net)
+        if step % config.log_every == 0 or step == config.steps:
+            _record({**mean_logs(window), "split": "train", "lr": optimizer.param_groups[0]["lr"],
+                     **when(step, config.steps, time.perf_counter() - t0)})
+            window = []
+        if val_volumes and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+            val = score_volumes(net, val_volumes, organs, config, None, split="val")
+            net.train()
+            _record({"split": "val", "dice_mean": float(val.groupby("query")["dice"].mean().mean()),
+                     **{f"dice_{o}": float(v) for o, v in val.groupby("organ", sort=False)["dice"].mean().items()},
+                     **when(step, config.steps, time.perf_counter() - t0)})
+    seconds_train = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scores = score_volumes(net, test_volumes, organs, config, surface_tolerance_mm) if test_volumes else pd.DataFrame()
+    seconds_eval = time.perf_counter() - t1
+    if not scores.empty:
+        scores = scores.assign(method=name, n_subjects=len(train_volumes))
+        if out is not None:
+            scores.to_csv(out / "scores.csv", index=False)
+    return FinetuneResult(name, len(train_volumes), [str(v.case_id) for v in train_volumes], scores, net.eval(),
+                          seconds_train, seconds_eval, out, history)
+
+
+# ---------------------------------------------------------------------------- the comparison
+
+
+@dataclass
+class FinetuneComparison:
+    """Every initialisation fine-tuned on every n: ``scores`` (one row per method, n, test subject, organ)."""
+
+    scores: pd.DataFrame
+    results: dict[tuple[str, int], FinetuneResult]
+    kinds: dict[str, str]
+    skipped: dict[str, str]
+    split: str = "test"
+
+    def per_query(self, metric: str = "dice") -> pd.DataFrame:
+        return self.scores.groupby(["method", "n_subjects", "query"], sort=False)[metric].mean().reset_index()
+
+    def table(self, metric: str = "dice") -> pd.DataFrame:
+        """``method x n`` mean score (organs, then test subjects)."""
+        q = self.per_query(metric)
+        return q.pivot_table(index="method", columns="n_subjects", values=metric, aggfunc="mean", sort=False)
+
+    def curve(self, metric: str = "dice") -> pd.DataFrame:
+        q = self.per_query(metric)
+        g = q.groupby(["method", "n_subjects"], sort=False)[metric]
+        out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n_queries": g.size()}).reset_index()
+        out["kind"] = out["method"].map(self.kinds)
+        return out
+
+    def per_organ(self, n_subjects: int | None = None, metric: str = "dice") -> pd.DataFrame:
+        n = int(self.scores["n_subjects"].max()) if n_subjects is None else int(n_subjects)
+        s = self.scores[self.scores["n_subjects"] == n]
+        t = s.pivot_table(index="method", columns="organ", values=metric, aggfunc="mean", sort=False)
+        organs = list(dict.fromkeys(s["organ"]))
+        t = t[organs]
+        t["mean"] = self.per_query(metric).query("n_subjects == @n").groupby("method", sort=False)[metric].mean()
+        return t
+
+    def units(self, n_subjects: int | None = None, metric: str = "dice") -> dict[str, np.ndarray]:
+        n = int(self.scores["n_subjects"].max()) if n_subjects is None else int(n_subjects)
+        q = self.per_query(metric).query("n_subjects == @n")
+        wide = q.pivot_table(index="query", columns="method", values=metric, sort=False)
+        return {m: wide[m].to_numpy() for m in dict.fromkeys(q["method"])}
+
+    def headline(self) -> pd.DataFrame:
+        rows = []
+        metrics = ["dice"] + (["nsd"] if "nsd" in self.scores and self.scores["nsd"].notna().any() else [])
+        for metric in metrics:
+            for r in self.curve(metric).itertuples(index=False):
+                rows.append({"method": r.method, "kind": r.kind, "metric": f"finetune_{metric}_n{r.n_subjects}",
+                             "value": r.mean, "std": r.std, "n": r.n_queries, "split": self.split,
+                             "higher_is_better": True, "note": "fine-tuned segmentation network, mean over organs"})
+        return pd.DataFrame(rows)
+
+
+def finetune_comparison(
+    inits: Mapping[str, nn.Module],
+    train_pool: Sequence[Volume],
+    organs: OrganSet,
+    n_values: Sequence[int] = (1, 2, 4, 8),
+    config: FinetuneConfig = FinetuneConfig(),
+    out_root: str | os.PathLike | None = None,
+    val_volumes: Sequence[Volume] = (),
+    test_volumes: Sequence[Volume] = (),
+    surface_tolerance_mm: float | None = 3.0,
+    log: Callable[[str], None] | None = None,
+) -> FinetuneComparison:
+    """:func:`finetune` for every initialisation and every n, on the same subjects, seed and steps.
+
+    ``inits``: ``{name: method}`` (include ``random-init``); methods whose backbone has no
+    segmentation network are skipped and listed in ``skipped``. The n training subjects are
+    :func:`finetune_subjects` of ``train_pool`` (nested in n). Each run writes
+    ``<out_root>/<name>/n<n>/metrics.jsonl``.
+    """
+    from medssl.evaluate.knn_seg import check_disjoint, row_kind
+
+    check_disjoint(train_pool, [*val_volumes, *test_volumes])
+    say = log or (lambda msg: None)
+    by_id = {str(v.case_id): v for v in train_pool if v.label is not None}
+    results: dict[tuple[str, int], FinetuneResult] = {}
+    skipped: dict[str, str] = {}
+    kinds = {}
+    for name, method in inits.items():
+        kinds[name] = row_kind(name, method)
+        for n in n_values:
+            subjects = [by_id[c] for c in finetune_subjects(list(by_id), int(n), config.seed)]
+            out = Path(out_root) / name / f"n{int(n)}" if out_root is not None else None
+            try:
+                r = finetune(method, subjects, organs, config, out, val_volumes, test_volumes, name,
+                             surface_tolerance_mm)
+            except UnsupportedBackboneError as e:
+                skipped[name] = str(e)
+                say(f"{name}: skipped ({e})")
+                break
+            results[(name, int(n))] = r
+            dice = r.scores.groupby("query")["dice"].mean().mean() if not r.scores.empty else float("nan")
+            say(f"{name} n={n}: train {r.seconds_train:.0f} s, test {r.seconds_eval:.0f} s, mean Dice {dice:.3f}")
+    frames = [r.scores for r in results.values() if not r.scores.empty]
+    scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return FinetuneComparison(scores, results, kinds, skipped)
+
+
+# ---------------------------------------------------------------------------- which methods
+
+
+def finetune_methods(spec: str | Sequence[str], trained: Sequence[str]) -> list[str]:
+    """The methods to fine-tune among the run's ``trained`` ones (random-init is always added by the caller).
+
+    ``"all"``: every trained method; ``"demo"``: ISImed plus the demo methods of the
+    positive-pair-selection family (SimSiam at [0.3, 0.6] and [0, 1] once they are registered);
+    a list: those names (untrained ones are skipped by the caller).
+    """
+    from medssl.methods import list_methods, method_info
+
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(trained)
+        if spec != "demo":
+            raise ValueError(f"finetune_methods must be 'demo', 'all' or a list of names, got {spec!r}")
+        demo = set(list_methods(demo=True))
+        keep = {"isimed"} | {m for m in demo if method_info(m)["family"] == "positive-pair selection"}
+        return [m for m in trained if m in keep]
+    return [str(m) for m in spec]
+
+
+def with_overrides(config: FinetuneConfig, **overrides: Any) -> FinetuneConfig:
+    """``config`` with fields replaced (unknown names raise)."""
+    return replace(config, **overrides)

@@ -1,0 +1,718 @@
+"""kNN few-shot label transfer: organ segmentation from frozen dense descriptors, no fine-tuning.
+
+Blendowski, Nickisch, Heinrich, MICCAI 2019 (Table 2, Fig. 2): describe every 4th voxel of
+n labelled atlas scans and of a query scan; label each query position by the majority vote
+of its k = 21 nearest atlas descriptors; report Dice per organ against n = 1..9
+(design/evaluation.md section 4). medssl's protocol:
+
+- **Grid.** Descriptors on the dense grid of :func:`medssl.evaluate.dense.dense_embeddings`
+  (stride ``stride_vox``, default 4). Grid point ``g`` describes the patch cut at its anchor
+  voxel; its label (atlases) and its prediction (queries) live at that voxel.
+- **Body only.** Only grid points on the body (:func:`medssl.sampling.regions.foreground_mask`,
+  from intensity, never from labels) are described and searched; query points off the body
+  are background. The same rule holds for every method and baseline.
+- **Exact kNN, per atlas.** For each query point the k nearest descriptors (squared
+  Euclidean) are found *in each atlas of the pool separately* with scikit-learn's exact
+  brute force (faiss ``IndexFlatL2`` is an option when installed: measured on this project's
+  2-core machine it was no faster, ``benchmarks/segmentation.py``, so it is not a dependency). The k nearest among
+  any subset of atlases are then exactly the k nearest of the union of those per-atlas lists
+  (each of them is among the k nearest of its own atlas), so every draw of n atlases costs
+  one merge, not one search. Votes are counted over the k labels; ties go to the smaller
+  organ code (background first).
+- **Back to the image grid.** The vote fractions of every organ are interpolated trilinearly
+  from the grid points to every voxel (constant beyond the outermost grid points), and each
+  voxel takes the organ with the largest fraction.
+- **Scores.** :func:`medssl.evaluate.segmetrics.segmentation_scores` (MONAI Dice, foreground
+  only, per volume; MONAI surface Dice at the largest n).
+- **Atlases and queries never overlap**: atlases come from the training split, queries are
+  held out (validation subjects for choices such as k, test subjects for the scores), and
+  :func:`check_disjoint` refuses any shared subject or patient group.
+
+Shortcut rows in the same table (:data:`BASELINE_ROWS`): ``identity`` (each query grid point
+takes the atlas label at the same world coordinate; n atlases vote), ``aligned-identity``
+(the same after :func:`medssl.geometry.moment_alignment` of the query's body onto each
+atlas's body), plus the descriptor baselines the caller adds as methods: ``random-init``
+(:func:`medssl.evaluate.runs.random_init_like`) and ``raw-intensity``
+(:class:`RawIntensityDescriptor`). The identity rows go through the same grid, body rule and
+upsampling as the kNN rows, so they differ from a method only in where the labels come from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from medssl.data.volume import Volume
+from medssl.evaluate.dense import DenseEmbedding, dense_embeddings
+from medssl.evaluate.segmetrics import OrganSet, segmentation_scores
+from medssl.geometry import apply_affine_mm, moment_alignment, vox_to_world, world_to_vox
+from medssl.sampling.regions import foreground_mask
+
+__all__ = [
+    "ALIGNED_IDENTITY",
+    "BASELINE_ROWS",
+    "IDENTITY",
+    "RAW_INTENSITY",
+    "AtlasDraw",
+    "AtlasNeighbours",
+    "KnnSegmentationResult",
+    "RawIntensityDescriptor",
+    "atlas_draws",
+    "atlas_neighbours",
+    "check_disjoint",
+    "choose_atlas_pool",
+    "evaluate_knn_segmentation",
+    "identity_fractions",
+    "knn_search",
+    "labels_on_image",
+    "predict_labels",
+    "row_kind",
+    "verdicts",
+    "vote_fractions",
+]
+
+IDENTITY = "identity"
+ALIGNED_IDENTITY = "aligned-identity"
+RAW_INTENSITY = "raw-intensity"
+BASELINE_ROWS = (IDENTITY, ALIGNED_IDENTITY)
+
+
+class RawIntensityDescriptor(nn.Module):
+    """Raw intensities as descriptors: the patch average-pooled to ``pooled_size_vox^3`` and flattened.
+
+    A method-like module (``embed``, ``patch_size_vox``) so that dense grids embed it like any
+    method. ``(B, C, *P) -> (B, C * pooled_size_vox^3)``.
+    """
+
+    trains = False
+    random_init = False
+
+    def __init__(self, patch_size_vox: int = 16, pooled_size_vox: int = 4) -> None:
+        super().__init__()
+        if patch_size_vox < pooled_size_vox or pooled_size_vox < 1:
+            raise ValueError(f"need patch_size_vox >= pooled_size_vox >= 1, got {patch_size_vox}, {pooled_size_vox}")
+        self.size = int(patch_size_vox)
+        self.pooled = int(pooled_size_vox)
+        self.name = RAW_INTENSITY
+
+    @property
+    def patch_size_vox(self) -> tuple[int, int, int]:
+        return (self.size,) * 3
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.adaptive_avg_pool3d(x.float(), self.pooled).flatten(1)
+
+
+def row_kind(name: str, model: Any = None) -> str:
+    """``"baseline"`` for shortcut rows and untrained descriptors (random-init, raw intensities,
+    registered methods that never train), else ``"method"``."""
+    if name in BASELINE_ROWS or name in ("random-init", RAW_INTENSITY):
+        return "baseline"
+    if model is not None and (getattr(model, "random_init", False) or getattr(model, "trains", True) is False):
+        return "baseline"
+    return "method"
+
+
+# ---------------------------------------------------------------------------- atlases and draws
+
+
+@dataclass(frozen=True)
+class AtlasDraw:
+    """One random choice of ``n`` atlases (case ids) from the pool; ``draw`` numbers the draws of one n."""
+
+    n: int
+    draw: int
+    atlases: tuple[str, ...]
+
+
+def atlas_draws(pool: Sequence[str], n_values: Sequence[int], n_draws: int, seed: int = 0) -> list[AtlasDraw]:
+    """Seeded, distinct atlas subsets: ``n_draws`` per ``n`` (fewer when fewer distinct subsets exist).
+
+    They depend only on the pool, ``n`` and the seed, so every method and baseline is scored on
+    the same draws. Each subset is sorted by pool order.
+    """
+    ids = [str(c) for c in pool]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the atlas pool has repeated case ids: {ids}")
+    out = []
+    for n in n_values:
+        n = int(n)
+        if not 1 <= n <= len(ids):
+            raise ValueError(f"n_atlases={n} needs a pool of at least {n} labelled training subjects; it has {len(ids)}")
+        total = math.comb(len(ids), n)
+        rng = np.random.default_rng([int(seed), n])
+        if total <= n_draws:
+            subsets = list(itertools.combinations(range(len(ids)), n))
+        else:
+            seen: list[tuple[int, ...]] = []
+            while len(seen) < n_draws:
+                s = tuple(sorted(rng.choice(len(ids), size=n, replace=False).tolist()))
+                if s not in seen:
+                    seen.append(s)
+            subsets = seen
+        out += [AtlasDraw(n, d, tuple(ids[i] for i in s)) for d, s in enumerate(subsets)]
+    return out
+
+
+def check_disjoint(atlases: Sequence[Volume], queries: Sequence[Volume]) -> None:
+    """Raise if an atlas and a query are the same subject (case id) or the same patient (group)."""
+    a_ids = {str(v.case_id) for v in atlases}
+    q_ids = {str(v.case_id) for v in queries}
+    a_groups = {str(v.group) for v in atlases}
+    q_groups = {str(v.group) for v in queries}
+    both = sorted(a_ids & q_ids)
+    if both:
+        raise ValueError(f"atlas and query subjects overlap: {both}; atlases must come from the training split, "
+                         "queries from held-out subjects")
+    shared = sorted(a_groups & q_groups)
+    if shared:
+        raise ValueError(f"atlas and query subjects share patient groups {shared}: the queries are not held out")
+
+
+# ---------------------------------------------------------------------------- exact kNN
+
+
+def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str = "sklearn") -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by squared Euclidean distance.
+
+    Args:
+        database: ``(M, D)``; queries: ``(N, D)``.
+        k: neighbours per query (``min(k, M)`` are real; the rest are padded with
+            distance ``inf`` and index ``-1``).
+        backend: ``"sklearn"`` (``NearestNeighbors(algorithm="brute")``, the default), ``"faiss"``
+            (``IndexFlatL2``, needs ``pip install faiss-cpu``), or ``"auto"`` (faiss when installed).
+
+    Returns:
+        ``(sqdist (N, k) float32, index (N, k) int64)``, nearest first.
+    """
+    db = np.ascontiguousarray(database, dtype=np.float32)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if db.ndim != 2 or q.ndim != 2 or db.shape[1] != q.shape[1]:
+        raise ValueError(f"database (M, D) and queries (N, D) must share D; got {db.shape} and {q.shape}")
+    if backend == "auto":
+        backend = "faiss" if _faiss() is not None else "sklearn"
+    kk = min(int(k), len(db))
+    dist = np.full((len(q), int(k)), np.inf, dtype=np.float32)
+    index = np.full((len(q), int(k)), -1, dtype=np.int64)
+    if kk == 0 or len(q) == 0:
+        return dist, index
+    if backend == "faiss":
+        faiss = _faiss()
+        if faiss is None:
+            raise ImportError("backend='faiss' needs the faiss-cpu package (pip install faiss-cpu)")
+        idx = faiss.IndexFlatL2(db.shape[1])
+        idx.add(db)
+        d, i = idx.search(q, kk)
+    elif backend == "sklearn":
+        from sklearn.neighbors import NearestNeighbors
+
+        d, i = NearestNeighbors(n_neighbors=kk, algorithm="brute").fit(db).kneighbors(q)
+        d = d.astype(np.float32) ** 2
+    else:
+        raise ValueError(f"backend must be 'auto', 'faiss' or 'sklearn', got {backend!r}")
+    dist[:, :kk], index[:, :kk] = d, i
+    return dist, index
+
+
+def _faiss() -> Any:
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError:
+        return None
+    return faiss
+
+
+# ---------------------------------------------------------------------------- label transfer
+
+
+def _grid_codes(dense: DenseEmbedding, codes: np.ndarray) -> np.ndarray:
+    """``(Gx, Gy, Gz)`` organ codes at the grid's anchor voxels."""
+    if tuple(codes.shape) != tuple(dense.image_shape_vox):
+        raise ValueError(f"{dense.case_id}: label map {codes.shape} is not on the image grid {dense.image_shape_vox}")
+    return np.asarray(codes)[np.ix_(*dense.anchors_vox)]
+
+
+def _searchable(dense: DenseEmbedding) -> np.ndarray:
+    """Flat indices of grid points on the body that hold an embedding."""
+    return np.flatnonzero(dense.flat_foreground & dense.computed.reshape(-1))
+
+
+@dataclass(frozen=True)
+class AtlasNeighbours:
+    """For each body point of a query grid, its k nearest descriptors in each atlas of the pool.
+
+    Attributes:
+        atlas_ids: case ids of the pool, in order.
+        sqdist: ``(A, Nq, k)`` float32 squared distances (``inf`` pads an atlas with fewer than k points).
+        labels: ``(A, Nq, k)`` uint8 organ codes of those neighbours.
+        query_index: ``(Nq,)`` flat grid indices of the query points.
+    """
+
+    atlas_ids: tuple[str, ...]
+    sqdist: np.ndarray
+    labels: np.ndarray
+    query_index: np.ndarray
+
+
+def atlas_neighbours(
+    query: DenseEmbedding,
+    atlases: Sequence[DenseEmbedding],
+    atlas_codes: Sequence[np.ndarray],
+    k: int = 21,
+    backend: str = "sklearn",
+) -> AtlasNeighbours:
+    """Exact per-atlas k nearest neighbours of every body point of ``query`` (see the module docstring).
+
+    ``atlas_codes``: each atlas's ``(X, Y, Z)`` organ codes on its image grid.
+    """
+    if len(atlases) != len(atlas_codes) or not atlases:
+        raise ValueError(f"need one label map per atlas and at least one atlas; got {len(atlases)} and {len(atlas_codes)}")
+    qi = _searchable(query)
+    q = query.flat_embeddings[qi]
+    sq, lab = [], []
+    for dense, codes in zip(atlases, atlas_codes):
+        if dense.embed_dim != query.embed_dim:
+            raise ValueError(f"descriptor sizes differ: query {query.embed_dim}, atlas {dense.case_id} {dense.embed_dim}")
+        ai = _searchable(dense)
+        d, i = knn_search(dense.flat_embeddings[ai], q, k, backend)
+        grid_labels = _grid_codes(dense, codes).reshape(-1)[ai]
+        sq.append(d)
+        lab.append(np.where(i >= 0, grid_labels[np.maximum(i, 0)], 0).astype(np.uint8))
+    return AtlasNeighbours(tuple(d.case_id for d in atlases), np.stack(sq), np.stack(lab), qi)
+
+
+def vote_fractions(neighbours: AtlasNeighbours, subset: Sequence[int], k: int, n_classes: int) -> np.ndarray:
+    """``(Nq, n_classes)`` float32 fraction of the k nearest descriptors (over the atlases ``subset``) per organ code."""
+    sub = list(subset)
+    if not sub:
+        raise ValueError("an atlas subset needs at least one atlas")
+    k_max = neighbours.sqdist.shape[2]
+    if not 1 <= k <= k_max:
+        raise ValueError(f"k={k} must lie in [1, {k_max}] (the neighbours were searched with k={k_max})")
+    d = np.concatenate([neighbours.sqdist[a, :, :k] for a in sub], axis=1)  # (Nq, n * k)
+    lab = np.concatenate([neighbours.labels[a, :, :k] for a in sub], axis=1)
+    if d.shape[1] > k:
+        keep = np.argpartition(d, k - 1, axis=1)[:, :k]
+        d, lab = np.take_along_axis(d, keep, axis=1), np.take_along_axis(lab, keep, axis=1)
+    valid = np.isfinite(d)
+    rows = np.repeat(np.arange(len(d)), k).reshape(len(d), k)
+    counts = np.zeros((len(d), n_classes), dtype=np.float32)
+    np.add.at(counts, (rows[valid], lab[valid].astype(np.int64)), 1.0)
+    return counts / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+
+
+def _to_grid(dense: DenseEmbedding, fractions: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``(Gx, Gy, Gz, C)`` fractions: the given points, background (code 0) everywhere else."""
+    grid = np.zeros((int(np.prod(dense.grid_shape)), fractions.shape[1]), dtype=np.float32)
+    grid[:, 0] = 1.0
+    grid[index] = fractions
+    return grid.reshape(*dense.grid_shape, -1)
+
+
+def labels_on_image(dense: DenseEmbedding, grid_fractions: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z)`` uint8 organ codes on the image grid from ``(Gx, Gy, Gz, C)`` grid fractions.
+
+    Trilinear interpolation between grid anchors, constant beyond the outermost anchors, then
+    the largest fraction per voxel. Trilinear interpolation on a regular grid is separable:
+    one small ``(n_vox, G)`` weight matrix per axis, applied as three matrix products.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(grid_fractions, dtype=np.float32))  # (Gx, Gy, Gz, C)
+    wx, wy, wz = (_linear_weights(a, n) for a, n in zip(dense.anchors_vox, dense.image_shape_vox))
+    with _one_thread():
+        t = torch.einsum("zk,ijkc->ijzc", wz, t)  # (Gx, Gy, Z, C)
+        t = torch.einsum("yj,ijzc->iyzc", wy, t)  # (Gx, Y, Z, C)
+        t = torch.einsum("xi,iyzc->xyzc", wx, t)  # (X, Y, Z, C)
+        return t.argmax(-1).to(torch.uint8).numpy()
+
+
+def _linear_weights(anchors_vox: np.ndarray, n_vox: int) -> torch.Tensor:
+    """``(n_vox, G)`` linear-interpolation weights from grid anchors to every voxel (clamped at the ends)."""
+    a = np.asarray(anchors_vox, dtype=np.float64)
+    g = len(a)
+    step = float(a[1] - a[0]) if g > 1 else 1.0
+    pos = np.clip((np.arange(n_vox) - a[0]) / step, 0.0, g - 1.0)
+    i0 = np.floor(pos).astype(np.int64)
+    frac = pos - i0
+    w = np.zeros((n_vox, g), dtype=np.float32)
+    w[np.arange(n_vox), i0] += 1.0 - frac
+    w[np.arange(n_vox), np.minimum(i0 + 1, g - 1)] += frac
+    return torch.from_numpy(w)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small, memory-bound torch ops on one thread: on a shared 2-core machine two OpenMP
+    threads spin against other processes and made them ~10x slower (measured: Dice 0.13 s
+    vs 1.5 s per volume under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _anchor_points_mm(dense: DenseEmbedding) -> np.ndarray:
+    """``(Gx * Gy * Gz, 3)`` world mm of the anchor voxels (where grid labels live)."""
+    mesh = np.stack(np.meshgrid(*dense.anchors_vox, indexing="ij"), axis=-1).reshape(-1, 3)
+    return vox_to_world(dense.image_affine, mesh.astype(np.float64))
+
+
+def body_points_mm(volume: Volume, stride_vox: int = 4) -> np.ndarray:
+    """World mm of every ``stride_vox``-th body voxel (the cloud :func:`moment_alignment` aligns)."""
+    body = foreground_mask(volume)[::stride_vox, ::stride_vox, ::stride_vox]
+    vox = np.argwhere(body).astype(np.float64) * stride_vox
+    if len(vox) < 2:
+        raise ValueError(f"{volume.source or volume.case_id}: the body mask is (almost) empty")
+    return vox_to_world(np.asarray(volume.affine, dtype=np.float64), vox)
+
+
+def identity_fractions(
+    query: DenseEmbedding,
+    atlases: Sequence[Volume],
+    atlas_codes: Sequence[np.ndarray],
+    aligned: bool = False,
+    query_body_mm: np.ndarray | None = None,
+    atlas_body_mm: Sequence[np.ndarray] | None = None,
+    n_classes: int | None = None,
+) -> np.ndarray:
+    """``(Gx, Gy, Gz, C)`` vote fractions of the identity baseline over ``atlases``.
+
+    Each query body grid point takes, from every atlas, the label at the *same world
+    coordinate* (nearest voxel; background outside the atlas), after mapping the query's body
+    onto the atlas's body by their moments when ``aligned``. No descriptors.
+    """
+    n_classes = n_classes or int(max(int(np.max(c)) for c in atlas_codes)) + 1
+    idx = np.flatnonzero(query.flat_foreground)
+    pts = _anchor_points_mm(query)[idx]
+    counts = np.zeros((len(idx), n_classes), dtype=np.float32)
+    for a, (vol, codes) in enumerate(zip(atlases, atlas_codes)):
+        p = pts
+        if aligned:
+            if query_body_mm is None or atlas_body_mm is None:
+                raise ValueError("aligned identity needs the body points of the query and of every atlas")
+            p = apply_affine_mm(moment_alignment(query_body_mm, atlas_body_mm[a]), pts)
+        ijk = np.rint(world_to_vox(np.asarray(vol.affine, dtype=np.float64), p)).astype(np.int64)
+        inside = np.all((ijk >= 0) & (ijk < np.asarray(codes.shape)), axis=1)
+        lab = np.zeros(len(p), dtype=np.int64)
+        lab[inside] = np.asarray(codes)[tuple(ijk[inside].T)]
+        counts[np.arange(len(p)), lab] += 1.0
+    return _to_grid(query, counts / len(atlases), idx)
+
+
+# ---------------------------------------------------------------------------- the evaluation
+
+
+@dataclass
+class KnnSegmentationResult:
+    """Per-organ scores of every (row, k, draw of n atlases, query), and how to summarise them.
+
+    ``scores`` columns: ``method, kind, k, n_atlases, draw, atlases, query, organ, dice``
+    [``, nsd``] ``, true_voxels, pred_voxels, split``. The shortcut rows have ``k = 0``.
+    """
+
+    scores: pd.DataFrame
+    organs: tuple[str, ...]
+    split: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """``{row: "method" | "baseline"}`` of every row scored (methods, descriptor baselines, identity rows)."""
+        return dict(zip(self.scores["method"], self.scores["kind"]))
+
+    @property
+    def n_values(self) -> list[int]:
+        return sorted(int(n) for n in self.scores["n_atlases"].unique())
+
+    def per_query(self, metric: str = "dice") -> pd.DataFrame:
+        """Mean over organs (present in the truth) and draws, per ``(method, kind, k, n_atlases, query)``."""
+        per_draw = (self.scores.groupby(["method", "kind", "k", "n_atlases", "draw", "query"], sort=False)[metric]
+                    .mean().reset_index())
+        return per_draw.groupby(["method", "kind", "k", "n_atlases", "query"], sort=False)[metric].mean().reset_index()
+
+    def curve(self, metric: str = "dice") -> pd.DataFrame:
+        """Dice against the number of atlases: mean, std over query subjects and their count, per row and n."""
+        q = self.per_query(metric)
+        g = q.groupby(["method", "kind", "k", "n_atlases"], sort=False)[metric]
+        out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n_queries": g.size()}).reset_index()
+        out["metric"] = metric
+        out["split"] = self.split
+        return out
+
+    def per_organ(self, n_atlases: int | None = None, metric: str = "dice") -> pd.DataFrame:
+        """``method x organ`` table of the mean score at ``n_atlases`` (default the largest), with a ``mean`` column."""
+        n = self.n_values[-1] if n_atlases is None else int(n_atlases)
+        s = self.scores[self.scores["n_atlases"] == n]
+        per_query = s.groupby(["method", "organ", "query"], sort=False)[metric].mean().reset_index()
+        table = per_query.pivot_table(index="method", columns="organ", values=metric, aggfunc="mean", sort=False)
+        table = table[[o for o in self.organs if o in table.columns]]
+        table["mean"] = self.per_query(metric).query("n_atlases == @n").groupby("method", sort=False)[metric].mean()
+        return table.loc[list(dict.fromkeys(s["method"]))]
+
+    def units(self, n_atlases: int | None = None, metric: str = "dice") -> dict[str, np.ndarray]:
+        """``{row: per-query mean score}`` at ``n_atlases`` (default the largest), queries in one order: paired-test units."""
+        n = self.n_values[-1] if n_atlases is None else int(n_atlases)
+        q = self.per_query(metric).query("n_atlases == @n")
+        wide = q.pivot_table(index="query", columns="method", values=metric, sort=False)
+        return {m: wide[m].to_numpy() for m in dict.fromkeys(q["method"])}
+
+    def best_k(self) -> dict[str, int]:
+        """``{method: k}`` with the highest mean Dice at the largest n (use on a *validation* result)."""
+        c = self.curve("dice")
+        c = c[(c["n_atlases"] == self.n_values[-1]) & (c["k"] > 0)]
+        return {m: int(g.sort_values(["mean", "k"], ascending=[False, False])["k"].iloc[0])
+                for m, g in c.groupby("method", sort=False)}
+
+    def headline(self) -> pd.DataFrame:
+        """Mean Dice (and surface Dice) at one atlas and at the largest n, per row, for :meth:`RunDir.write_headline`."""
+        rows = []
+        ns = sorted({self.n_values[0], self.n_values[-1]})
+        metrics = ["dice"] + (["nsd"] if "nsd" in self.scores and self.scores["nsd"].notna().any() else [])
+        for metric in metrics:
+            c = self.curve(metric)
+            for n in ns:
+                for r in c[c["n_atlases"] == n].itertuples(index=False):
+                    if not np.isfinite(r.mean):
+                        continue
+                    rows.append({"method": r.method, "kind": r.kind, "metric": f"knn_{metric}_n{n}", "value": r.mean,
+                                 "std": r.std, "n": r.n_queries, "split": self.split, "higher_is_better": True,
+                                 "note": f"mean over {len(self.organs)} organs; k={r.k}" if r.k else
+                                 f"mean over {len(self.organs)} organs; no descriptors"})
+        return pd.DataFrame(rows)
+
+
+def evaluate_knn_segmentation(
+    methods: Mapping[str, Any],
+    atlases: Sequence[Volume],
+    queries: Sequence[Volume],
+    organs: OrganSet,
+    n_atlases: Sequence[int] = tuple(range(1, 10)),
+    n_draws: int = 5,
+    k: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 21,
+    seed: int = 0,
+    stride_vox: int = 4,
+    baselines: bool = True,
+    surface_tolerance_mm: float | None = 3.0,
+    surface_n_atlases: Sequence[int] | None = None,
+    split: str = "test",
+    backend: str = "sklearn",
+    kinds: Mapping[str, str] | None = None,
+    dense: dict[tuple[str, str], DenseEmbedding] | None = None,
+    log: Callable[[str], None] | None = None,
+    **dense_kwargs: Any,
+) -> KnnSegmentationResult:
+    """kNN label transfer of every method (and the identity rows) from atlas draws to every query.
+
+    Args:
+        methods: ``{name: descriptor model}`` (registered methods, ``random-init``, a
+            :class:`RawIntensityDescriptor`); each is embedded on the dense grid.
+        atlases: the atlas pool: labelled **training** subjects; draws of ``n`` come from it.
+        queries: held-out subjects (validation when choosing k, test when scoring).
+        organs: the organs scored (:func:`medssl.evaluate.segmetrics.organ_set`).
+        n_atlases: the numbers of atlases (each at most the pool size).
+        n_draws: random atlas subsets per n (identical for every row: :func:`atlas_draws`).
+        k: neighbours; several values score each of them (choose on validation queries); a
+            mapping gives each method its own value(s).
+        stride_vox: dense grid step.
+        baselines: add the ``identity`` and ``aligned-identity`` rows.
+        surface_tolerance_mm: MONAI surface Dice tolerance (None: no surface metric).
+        surface_n_atlases: the n at which the surface Dice is computed (default the largest).
+        split: the queries' split, written into every row.
+        backend: :func:`knn_search` backend.
+        kinds: ``{name: "method" | "baseline"}`` overrides for :func:`row_kind`.
+        dense: optional ``{(method, case_id): DenseEmbedding}`` store, reused and filled.
+        log: called with a progress line per method and query (e.g. ``print``).
+        dense_kwargs: passed to :func:`medssl.evaluate.dense.dense_embeddings` (``cache_dir``,
+            ``batch_size``, ``precision``, ``progress``, ``checkpoint`` is not accepted here).
+
+    Returns:
+        A :class:`KnnSegmentationResult`.
+    """
+    import time
+
+    check_disjoint(atlases, queries)
+    pool = [str(v.case_id) for v in atlases]
+    draws = atlas_draws(pool, n_atlases, n_draws, seed)
+    surface_ns = set(surface_n_atlases) if surface_n_atlases is not None else {max(int(n) for n in n_atlases)}
+    codes = {str(v.case_id): _codes_of(v, organs) for v in [*atlases, *queries]}
+    store: dict[tuple[str, str], DenseEmbedding] = {} if dense is None else dense
+    seconds: dict[str, float] = {}
+    frames = []
+    say = log or (lambda msg: None)
+
+    def _dense(name: str, vol: Volume) -> DenseEmbedding:
+        key = (name, str(vol.case_id))
+        if key not in store:
+            store[key] = dense_embeddings(methods[name], vol, stride_vox=stride_vox, foreground_only=True,
+                                          **dense_kwargs)
+        return store[key]
+
+    def _score(name: str, kind: str, kk: int, draw: AtlasDraw, query: Volume, grid_fractions: np.ndarray,
+               qdense: DenseEmbedding) -> pd.DataFrame:
+        pred = labels_on_image(qdense, grid_fractions)
+        tol = surface_tolerance_mm if draw.n in surface_ns else None
+        with warnings.catch_warnings(), _one_thread():
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI's surface-distance internals
+            s = segmentation_scores(pred, codes[str(query.case_id)], organs.names, query.spacing_mm, tol)
+        return s.assign(method=name, kind=kind, k=kk, n_atlases=draw.n, draw=draw.draw,
+                        atlases=" ".join(draw.atlases), query=str(query.case_id), split=split)
+
+    for name, model in methods.items():
+        t0 = time.perf_counter()
+        kind = (kinds or {}).get(name) or row_kind(name, model)
+        ks = _k_values(k, name)
+        atlas_dense = [_dense(name, v) for v in atlases]
+        for query in queries:
+            qd = _dense(name, query)
+            neigh = atlas_neighbours(qd, atlas_dense, [codes[a] for a in pool], max(ks), backend)
+            for draw in draws:
+                subset = [pool.index(a) for a in draw.atlases]
+                for kk in ks:
+                    frac = vote_fractions(neigh, subset, kk, organs.n_classes)
+                    frames.append(_score(name, kind, kk, draw, query, _to_grid(qd, frac, neigh.query_index), qd))
+            say(f"{name}: {query.case_id} labelled from {len(draws)} atlas draws")
+        seconds[name] = time.perf_counter() - t0
+    if baselines:
+        frames += _identity_rows(atlases, queries, codes, draws, organs, stride_vox, kinds, _score, seconds)
+    scores = pd.concat(frames, ignore_index=True)
+    order = ["method", "kind", "k", "n_atlases", "draw", "atlases", "query", "organ", "dice"]
+    order += [c for c in ("nsd",) if c in scores] + ["true_voxels", "pred_voxels", "split"]
+    return KnnSegmentationResult(scores=scores[order], organs=organs.names, split=split, seconds=seconds)
+
+
+def choose_atlas_pool(train: Sequence[Volume], size: int, seed: int = 0) -> list[Volume]:
+    """``size`` labelled training subjects (seeded) that every atlas draw comes from."""
+    labelled = [v for v in train if v.label is not None]
+    if not 1 <= size <= len(labelled):
+        raise ValueError(f"an atlas pool of {size} needs that many labelled training subjects; there are {len(labelled)}")
+    order = np.random.default_rng([int(seed), 5]).permutation(len(labelled))
+    return [labelled[i] for i in sorted(order[:size])]
+
+
+def predict_labels(model: Any, atlases: Sequence[Volume], query: Volume, organs: OrganSet, k: int = 21,
+                   stride_vox: int = 4, dense: dict[tuple[str, str], DenseEmbedding] | None = None, name: str = "",
+                   backend: str = "sklearn", **dense_kwargs: Any) -> np.ndarray:
+    """``(X, Y, Z)`` organ codes of ``query`` by kNN transfer from all ``atlases`` (for figures)."""
+    check_disjoint(atlases, [query])
+    store = {} if dense is None else dense
+
+    def _dense(vol: Volume) -> DenseEmbedding:
+        key = (name, str(vol.case_id))
+        if key not in store:
+            store[key] = dense_embeddings(model, vol, stride_vox=stride_vox, foreground_only=True, **dense_kwargs)
+        return store[key]
+
+    qd = _dense(query)
+    neigh = atlas_neighbours(qd, [_dense(v) for v in atlases], [_codes_of(v, organs) for v in atlases], k, backend)
+    frac = vote_fractions(neigh, range(len(atlases)), k, organs.n_classes)
+    return labels_on_image(qd, _to_grid(qd, frac, neigh.query_index))
+
+
+def verdicts(units: Mapping[str, np.ndarray], kinds: Mapping[str, str], metric: str = "Dice",
+             what: str = "") -> pd.DataFrame:
+    """For every method row against every baseline row: mean difference, Holm-adjusted paired p-values, and a sentence.
+
+    ``units``: ``{row: per-query-subject score}`` (e.g. :meth:`KnnSegmentationResult.units`);
+    ``kinds``: ``{row: "method" | "baseline"}``. A method "beats" a baseline when its mean is
+    higher and the Holm-adjusted paired t-test p is below 0.05.
+    """
+    from medssl.evaluate.stats import paired_tests
+
+    names = [m for m in units if np.isfinite(units[m]).sum() >= 2]
+    methods = [m for m in names if kinds.get(m) == "method"]
+    bases = [m for m in names if kinds.get(m) == "baseline"]
+    if not methods or not bases or len(next(iter(units.values()))) < 2:
+        return pd.DataFrame(columns=["method", "baseline", "mean_method", "mean_baseline", "mean_diff",
+                                     "t_pvalue_holm", "wilcoxon_pvalue_holm", "n", "verdict"])
+    tests = paired_tests({m: units[m] for m in methods + bases})
+    rows = []
+    for r in tests.itertuples(index=False):
+        a, b = r.method_a, r.method_b
+        if (a in methods) == (b in methods):
+            continue
+        sign = 1.0 if a in methods else -1.0
+        m, base = (a, b) if a in methods else (b, a)
+        diff = sign * r.mean_diff
+        mean_m, mean_b = (r.mean_a, r.mean_b) if a in methods else (r.mean_b, r.mean_a)
+        p = r.t_pvalue_holm
+        if diff > 0 and p < 0.05:
+            word = "beats"
+        elif diff < 0 and p < 0.05:
+            word = "is worse than"
+        else:
+            word = "does not beat" if diff <= 0 else "is not distinguishable from"
+        rows.append({"method": m, "baseline": base, "mean_method": mean_m, "mean_baseline": mean_b,
+                     "mean_diff": diff, "t_pvalue_holm": p, "wilcoxon_pvalue_holm": r.wilcoxon_pvalue_holm,
+                     "n": r.n_folds,
+                     "verdict": f"{m} {word} {base}{(' ' + what) if what else ''}: {metric} {mean_m:.3f} vs "
+                                f"{mean_b:.3f} ({diff:+.3f}, Holm-adjusted paired t-test p = {p:.3g}, "
+                                f"{r.n_folds} test subjects)"})
+    return pd.DataFrame(rows)
+
+
+def _identity_rows(atlases, queries, codes, draws, organs, stride_vox, kinds, score, seconds) -> list[pd.DataFrame]:
+    import time
+
+    t0 = time.perf_counter()
+    pool = [str(v.case_id) for v in atlases]
+    by_id = {str(v.case_id): v for v in atlases}
+    atlas_body = {a: body_points_mm(by_id[a], stride_vox) for a in pool}
+    frames = []
+    for query in queries:
+        grid = _label_grid(query, stride_vox)
+        q_body = body_points_mm(query, stride_vox)
+        for name, aligned in ((IDENTITY, False), (ALIGNED_IDENTITY, True)):
+            kind = (kinds or {}).get(name) or row_kind(name)
+            for draw in draws:
+                vols = [by_id[a] for a in draw.atlases]
+                frac = identity_fractions(grid, vols, [codes[a] for a in draw.atlases], aligned=aligned,
+                                          query_body_mm=q_body, atlas_body_mm=[atlas_body[a] for a in draw.atlases],
+                                          n_classes=organs.n_classes)
+                frames.append(score(name, kind, 0, draw, query, frac, grid))
+    seconds[IDENTITY] = time.perf_counter() - t0
+    return frames
+
+
+def _label_grid(volume: Volume, stride_vox: int) -> DenseEmbedding:
+    """The dense grid geometry of ``volume`` with no descriptors (for the identity rows): a 1-voxel patch."""
+    from medssl.evaluate.dense import dense_grid
+
+    anchors, centres = dense_grid(volume.shape_vox, stride_vox, 1)
+    mesh = np.stack(np.meshgrid(*centres, indexing="ij"), axis=-1)
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    fg = foreground_mask(volume)[np.ix_(*anchors)]
+    grid_to_vox = np.eye(4)
+    grid_to_vox[:3, :3] = np.diag([stride_vox] * 3)
+    grid_to_vox[:3, 3] = [c[0] for c in centres]
+    return DenseEmbedding(embeddings=np.zeros((*mesh.shape[:3], 1), np.float32), centres_vox=mesh,
+                          centres_mm=vox_to_world(affine, mesh.reshape(-1, 3)).reshape(mesh.shape),
+                          grid_affine=affine @ grid_to_vox, image_affine=affine, image_shape_vox=volume.shape_vox,
+                          stride_vox=(stride_vox,) * 3, patch_size_vox=(1, 1, 1), foreground=fg,
+                          case_id=str(volume.case_id))
+
+
+def _codes_of(volume: Volume, organs: OrganSet) -> np.ndarray:
+    if volume.label is None:
+        raise ValueError(f"{volume.source or volume.case_id}: kNN segmentation needs a label map for every atlas "
+                         "and query subject")
+    return organs.encode(np.asarray(volume.label))
+
+
+def _k_values(k: int | Sequence[int] | Mapping[str, Any], name: str) -> list[int]:
+    v = k.get(name, 21) if isinstance(k, Mapping) else k
+    ks = [int(v)] if isinstance(v, (int, np.integer)) else [int(x) for x in v]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be positive integers, got {v!r} for {name}")
+    return ks

@@ -1,0 +1,199 @@
+"""kNN label transfer: exact neighbours per atlas, votes, the image grid, identity rows, no atlas/query overlap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medssl.data.volume import Volume
+from medssl.evaluate import knn_seg
+from medssl.evaluate.dense import dense_embeddings
+from medssl.evaluate.segmetrics import OrganSet
+from tests.helpers import oblique_affine
+
+ORGANS = OrganSet(names=("a", "b", "c"), label_ids=(1, 2, 3))
+AFFINE = oblique_affine(spacing_mm=(1.5, 2.0, 2.5), angles_deg=(10.0, -5.0, 20.0), origin_mm=(-30.0, 10.0, 5.0))
+SHAPE = (22, 19, 17)
+
+
+def labelled_volume(case_id: str, seed: int, affine=AFFINE, group: str | None = None) -> Volume:
+    """Random image, three box organs, the whole grid is body."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(SHAPE, np.int16)
+    for code, (x, y, z) in zip((1, 2, 3), [(3, 3, 3), (10, 8, 4), (5, 11, 9)]):
+        label[x : x + 7, y : y + 6, z : z + 6] = code
+    data = rng.normal(size=(1, *SHAPE)).astype(np.float32) + label[None] * 2.0
+    return Volume(data, np.asarray(affine, float), case_id, group=group, label=label,
+                  aux={"body": np.ones(SHAPE, np.uint8)})
+
+
+class LabelCode(nn.Module):
+    """Descriptor = one-hot organ code of the grid point's own voxel, read from a label channel via cut_inputs."""
+
+    patch_size_vox = (1, 1, 1)
+    input_size_vox = (1, 1, 1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def cut_inputs(self, data, centres_vox):
+        c = np.asarray(centres_vox)
+        return np.asarray(data)[1, c[:, 0], c[:, 1], c[:, 2]][:, None]  # (N, 1): the code channel
+
+    def embed(self, x):
+        return nn.functional.one_hot(x[:, 0].round().long(), 4).float() * self.w
+
+
+def with_code_channel(v: Volume) -> Volume:
+    return v.with_(data=np.concatenate([v.data, ORGANS.encode(v.label)[None].astype(np.float32)]))
+
+
+def codes_at_anchors(dense, vol) -> np.ndarray:
+    return ORGANS.encode(vol.label)[np.ix_(*dense.anchors_vox)]
+
+
+def test_one_hot_label_code_descriptors_transfer_the_labels_exactly():
+    atlases = [with_code_channel(labelled_volume(f"a{i}", i)) for i in range(3)]
+    query = with_code_channel(labelled_volume("q", 9))
+    m = LabelCode()
+    da = [dense_embeddings(m, v, stride_vox=2, foreground_only=True, progress=False) for v in atlases]
+    dq = dense_embeddings(m, query, stride_vox=2, foreground_only=True, progress=False)
+    neigh = knn_seg.atlas_neighbours(dq, da, [ORGANS.encode(v.label) for v in atlases], k=5)
+    frac = knn_seg.vote_fractions(neigh, [0, 1, 2], 5, ORGANS.n_classes)
+    assert np.all(frac.max(axis=1) == 1.0)  # unanimous votes
+    grid = knn_seg._to_grid(dq, frac, neigh.query_index)
+    np.testing.assert_array_equal(grid.argmax(-1), codes_at_anchors(dq, query))
+    labels = knn_seg.labels_on_image(dq, grid)
+    np.testing.assert_array_equal(labels[np.ix_(*dq.anchors_vox)], codes_at_anchors(dq, query))
+
+
+def test_k1_with_a_query_equal_to_an_atlas_returns_the_atlas_labels():
+    atlas = labelled_volume("atlas", 1)
+    twin = atlas.with_(case_id="twin", group="twin")
+    other = labelled_volume("other", 2)
+    m = knn_seg.RawIntensityDescriptor(patch_size_vox=3, pooled_size_vox=3)  # 27 raw voxels: unique per point
+    da = [dense_embeddings(m, v, stride_vox=3, foreground_only=True, progress=False) for v in (other, atlas)]
+    dq = dense_embeddings(m, twin, stride_vox=3, foreground_only=True, progress=False)
+    neigh = knn_seg.atlas_neighbours(dq, da, [ORGANS.encode(v.label) for v in (other, atlas)], k=1)
+    assert np.all(neigh.sqdist[1, :, 0] < 1e-6)  # each query point finds its twin (up to rounding)
+    frac = knn_seg.vote_fractions(neigh, [0, 1], 1, ORGANS.n_classes)
+    grid = knn_seg._to_grid(dq, frac, neigh.query_index)
+    np.testing.assert_array_equal(grid.argmax(-1), codes_at_anchors(dq, atlas))
+
+
+def test_merging_per_atlas_neighbour_lists_equals_brute_force_knn_over_the_union():
+    rng = np.random.default_rng(0)
+
+    class Emb:
+        pass
+
+    atlases = [rng.normal(size=(60 + 7 * i, 5)).astype(np.float32) for i in range(4)]
+    labels = [rng.integers(0, 4, size=len(a)) for a in atlases]
+    q = rng.normal(size=(30, 5)).astype(np.float32)
+    k = 7
+    sq, lab = [], []
+    for a, la in zip(atlases, labels):
+        d, i = knn_seg.knn_search(a, q, k)
+        sq.append(d)
+        lab.append(la[i].astype(np.uint8))
+    neigh = knn_seg.AtlasNeighbours(tuple("abcd"), np.stack(sq), np.stack(lab), np.arange(len(q)))
+    for subset in ([2], [0, 3], [0, 1, 2, 3]):
+        ours = knn_seg.vote_fractions(neigh, subset, k, 4)
+        db = np.concatenate([atlases[s] for s in subset])
+        la = np.concatenate([labels[s] for s in subset])
+        nearest = np.argsort(((q[:, None] - db[None]) ** 2).sum(-1), axis=1)[:, :k]
+        expected = np.stack([np.bincount(la[row], minlength=4) for row in nearest]) / k
+        np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+
+def test_exact_search_matches_brute_force_pads_small_atlases_and_faiss_agrees():
+    rng = np.random.default_rng(1)
+    db, q = rng.normal(size=(200, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+    d1, i1 = knn_seg.knn_search(db, q, 5, backend="sklearn")
+    brute = ((q[:, None] - db[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(i1, np.argsort(brute, axis=1)[:, :5])
+    np.testing.assert_allclose(d1, np.sort(brute, axis=1)[:, :5], rtol=1e-4, atol=1e-4)
+    d, i = knn_seg.knn_search(db[:3], q, 5)
+    assert np.all(i[:, 3:] == -1) and np.all(np.isinf(d[:, 3:]))
+    pytest.importorskip("faiss", reason="faiss-cpu is optional")
+    d2, i2 = knn_seg.knn_search(db, q, 5, backend="faiss")
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-4)
+
+
+def test_labels_on_image_interpolate_fractions_between_anchors_exactly_at_the_anchors():
+    vol = labelled_volume("g", 0)
+    grid = knn_seg._label_grid(vol, 4)
+    codes = codes_at_anchors(grid, vol)
+    onehot = np.eye(4, dtype=np.float32)[codes]
+    labels = knn_seg.labels_on_image(grid, onehot)
+    assert labels.shape == SHAPE
+    np.testing.assert_array_equal(labels[np.ix_(*grid.anchors_vox)], codes)
+    # against torch's trilinear interpolation between the first and last anchors
+    a = grid.anchors_vox
+    t = torch.from_numpy(np.moveaxis(onehot, -1, 0).copy())[None]
+    ref = nn.functional.interpolate(t, size=[int(x[-1] - x[0]) + 1 for x in a], mode="trilinear", align_corners=True)
+    inner = labels[a[0][0] : a[0][-1] + 1, a[1][0] : a[1][-1] + 1, a[2][0] : a[2][-1] + 1]
+    assert (ref[0].argmax(0).numpy() == inner).mean() > 0.999
+
+
+def test_identity_is_exact_for_the_same_grid_and_aligned_identity_undoes_a_body_shift():
+    query = labelled_volume("q", 0)
+    same = labelled_volume("same", 0)
+    moved_affine = AFFINE.copy()
+    moved_affine[:3, 3] += [14.0, -9.0, 6.0]  # the same anatomy, 14/-9/6 mm elsewhere in the world
+    moved = labelled_volume("moved", 0, affine=moved_affine)
+    grid = knn_seg._label_grid(query, 2)
+    truth = codes_at_anchors(grid, query)
+    codes = [ORGANS.encode(v.label) for v in (same, moved)]
+    ident = knn_seg.identity_fractions(grid, [same], codes[:1], n_classes=4)
+    np.testing.assert_array_equal(ident.argmax(-1), truth)
+    shifted = knn_seg.identity_fractions(grid, [moved], codes[1:], n_classes=4)
+    assert (shifted.argmax(-1) == truth).mean() < 0.95  # plain identity misses the shifted anatomy
+    body_q = knn_seg.body_points_mm(query, 1)
+    body_m = knn_seg.body_points_mm(moved, 1)
+    aligned = knn_seg.identity_fractions(grid, [moved], codes[1:], aligned=True, query_body_mm=body_q,
+                                         atlas_body_mm=[body_m], n_classes=4)
+    np.testing.assert_array_equal(aligned.argmax(-1), truth)
+
+
+def test_atlas_and_query_subjects_never_overlap():
+    a, b, c = (labelled_volume(n, i) for i, n in enumerate("abc"))
+    with pytest.raises(ValueError, match="overlap"):
+        knn_seg.check_disjoint([a, b], [b, c])
+    same_patient = labelled_volume("c2", 5, group="a")
+    with pytest.raises(ValueError, match="patient groups"):
+        knn_seg.check_disjoint([a, b], [same_patient])
+    with pytest.raises(ValueError, match="overlap"):
+        knn_seg.evaluate_knn_segmentation({}, [a, b], [b], ORGANS, n_atlases=[1])
+    draws = knn_seg.atlas_draws(["a", "b", "d", "e"], [1, 2, 4], n_draws=3, seed=0)
+    for d in draws:
+        assert set(d.atlases) <= {"a", "b", "d", "e"} and len(set(d.atlases)) == d.n
+    assert len({d.atlases for d in draws if d.n == 2}) == 3  # distinct subsets
+    assert [d.atlases for d in draws if d.n == 4] == [("a", "b", "d", "e")]  # only one exists
+    assert draws == knn_seg.atlas_draws(["a", "b", "d", "e"], [1, 2, 4], n_draws=3, seed=0)  # same for every row
+
+
+def test_the_evaluation_scores_methods_and_baselines_on_the_same_draws_and_marks_the_baselines():
+    atlases = [labelled_volume(f"a{i}", i) for i in range(3)]
+    queries = [labelled_volume(f"q{i}", 10 + i) for i in range(2)]
+    rows = {"raw": knn_seg.RawIntensityDescriptor(3, 1)}
+    res = knn_seg.evaluate_knn_segmentation(rows, atlases, queries, ORGANS, n_atlases=[1, 3], n_draws=2, k=3,
+                                            stride_vox=3, surface_tolerance_mm=2.0, kinds={"raw": "method"},
+                                            progress=False)
+    curve = res.curve()
+    assert set(curve["method"]) == {"raw", "identity", "aligned-identity"}
+    assert set(curve.loc[curve["method"] != "raw", "kind"]) == {"baseline"}
+    draws = res.scores.groupby("method")["atlases"].apply(lambda s: tuple(sorted(set(s))))
+    assert draws["raw"] == draws["identity"] == draws["aligned-identity"]
+    assert res.scores.loc[res.scores["n_atlases"] == 3, "nsd"].notna().all()
+    assert res.scores.loc[res.scores["n_atlases"] == 1, "nsd"].isna().all()
+    # identical labels in the same world frame: the identity rows are as good as the stride-3 grid allows
+    ident = curve.query("n_atlases == 3").set_index("method")["mean"]
+    assert ident["identity"] == pytest.approx(ident["aligned-identity"]) and ident["identity"] > 0.6
+    head = res.headline()
+    assert {"knn_dice_n1", "knn_dice_n3", "knn_nsd_n3"} <= set(head["metric"])
+    assert set(head["split"]) == {"test"}
