@@ -12,7 +12,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.i
 
 def test_the_ordered_notebooks_are_all_there():
     assert [p.name for p in NOTEBOOKS] == [
-        "00_data.ipynb", "10_pretrain.ipynb", "20_latent_space.ipynb", "30_linear_probe.ipynb", "40_report.ipynb"]
+        "00_data.ipynb", "10_pretrain.ipynb", "15_iou_intervals.ipynb", "20_latent_space.ipynb", "30_linear_probe.ipynb",
+        "40_report.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
