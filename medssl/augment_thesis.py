@@ -154,7 +154,10 @@ class ThesisViewAugment:
                 x[idx] = torch.rot90(x[idx], r, dims=(2, 3))
         x = x * _per_crop(1.0 + params.scale, x) + _per_crop(params.shift, x)
         x = self._blur(x, params.blur_sigma)
-        return x + _per_crop(params.noise, x) * self._noise(x.shape, params.noise_seed)
+        noisy = torch.from_numpy(np.flatnonzero(params.noise))
+        if len(noisy):
+            x[noisy] += self._noise((len(noisy), *x.shape[1:]), params.noise_seed)
+        return x
 
     def _zoom(self, x: torch.Tensor, zoom: np.ndarray) -> torch.Tensor:
         """Each zoomed crop resampled where MONAI ``Zoom(keep_size=True)`` samples it, in one ``grid_sample``."""
@@ -214,7 +217,8 @@ class ThesisViewAugment:
         x[sel] = sub
         return x
 
-    def _noise(self, shape: torch.Size, seed: int) -> torch.Tensor:
+    def _noise(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        """``noise_std`` x standard normal noise for the noisy crops only (row i: the i-th crop with noise)."""
         gen = torch.Generator().manual_seed(seed)
         return self.noise_std * torch.randn(shape, generator=gen)
 
@@ -225,7 +229,8 @@ class ThesisViewAugment:
         from monai.transforms import Flip, GaussianSmooth, Rotate90, ScaleIntensity, ShiftIntensity, Zoom
 
         self._check(crops)
-        noise = self._noise(crops.shape, params.noise_seed)
+        noise = self._noise((int(params.noise.sum()), *crops.shape[1:]), params.noise_seed)
+        noise_row = np.cumsum(params.noise) - 1  # crop k's row in `noise`
         out = []
         for k, c in enumerate(crops.float()):
             y = torch.as_tensor(c)
@@ -241,7 +246,7 @@ class ThesisViewAugment:
             if params.blur_sigma[k].max() > 0:
                 y = GaussianSmooth(sigma=[float(s) for s in params.blur_sigma[k]])(y)
             if params.noise[k]:
-                y = y + noise[k]
+                y = y + noise[noise_row[k]]
             out.append(torch.as_tensor(y).float())
         return torch.stack(out)
 

@@ -66,7 +66,7 @@ def test_probabilities_and_ranges_are_the_thesis_values():
     assert np.mean(blurred) == pytest.approx(0.25, abs=tol)
     assert p.blur_sigma[blurred].min() >= 0.25 and p.blur_sigma.max() <= 1.5
     assert np.mean(p.noise) == pytest.approx(0.25, abs=tol)
-    noise = aug._noise(torch.Size([200_000]), 0)
+    noise = aug._noise((200_000,), 0)
     assert float(noise.std()) == pytest.approx(0.01, rel=0.02)
 
 
