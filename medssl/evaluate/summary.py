@@ -43,12 +43,12 @@ def pretraining_summary(
         patches = get_or_draw(Path(run_dir).parent / "eval", "summary_uniform", seed, draw_uniform_patch_set, **kwargs)
     else:
         patches = draw_uniform_patch_set(seed=seed, **kwargs)
-    emb = embed_patches(method, patches, progress=progress)
+    emb = embed_patches(method, patches, progress=progress, volumes=volumes)  # methods that cut their own inputs
     latent, scale_mm = metric_latent(method, emb)
     fid = distance_fidelity(latent, patches.centres_mm, patches.case_ids, scale_mm=scale_mm, seed=seed).summary
     col = collapse_stats(emb)
     return pd.DataFrame([{
-        "method": getattr(method, "name", type(method).__name__),
+        "method": getattr(method, "registry_name", None) or getattr(method, "name", type(method).__name__),
         "n_volumes": len(volumes),
         "n_patches": len(emb),
         "spearman": fid["spearman"],

@@ -144,3 +144,10 @@ def test_a_short_fit_writes_collapse_iou_histogram_and_fallback_rate_to_metrics(
         assert col in metrics and train_rows[col].notna().all(), col
     assert (metrics[metrics["split"] == "val"]["effective_rank"] > 0).all()
     assert isinstance(metrics, pd.DataFrame)
+
+
+def test_pretraining_summary_embeds_the_2d_variant_through_its_own_cut():
+    from medssl.evaluate.summary import pretraining_summary
+
+    table = pretraining_summary(_tiny(spatial_dims=2), _volumes(), n_per_volume=8)
+    assert table.loc[0, "n_patches"] == 24 and table.loc[0, "effective_rank"] > 0
