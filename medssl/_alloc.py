@@ -5,8 +5,10 @@ re-fault it on every step; on this project's 2-core machine that costs about 2x
 on small 3D CNNs (see README, "Performance"). We switch off mmap-backed
 allocations and trimming, which is what the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11 MALLOC_TOP_PAD_=1e9`` do, but
-from inside the process so notebooks and the CLI get it too. The Makefile sets
-the variables as well so child processes (papermill kernels) inherit them.
+from inside the process. ``import medssl`` does not call it: the entry points do (the
+``medssl`` command, the pipeline, which also passes :data:`MALLOC_ENV` to its kernels,
+the Makefile, which exports the variables) and the training notebooks call
+``medssl.tune_malloc()`` explicitly.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 
 _applied: bool | None = None
+
+# The same settings as environment variables, for child processes (read by glibc at start-up).
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", "MALLOC_TOP_PAD_": "1000000000"}
 
 
 def tune_malloc() -> bool:

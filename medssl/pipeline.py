@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from medssl import paths
+from medssl._alloc import MALLOC_ENV
 from medssl._files import atomic_write_text
 from medssl.rundir import RunDir
 
@@ -94,11 +95,13 @@ def plan_methods(spec: Any) -> list[str]:
 
 
 class PipelineError(RuntimeError):
-    """A notebook failed. ``output`` is the kept, partially executed notebook."""
+    """A notebook failed. ``output`` is the kept, partially executed notebook; ``cell`` counts as the user sees it."""
 
-    def __init__(self, notebook: str, output: Path, cell: int | None, detail: str) -> None:
+    def __init__(self, notebook: str, output: Path, cell: int | None, detail: str, cell_source: str = "") -> None:
         self.notebook, self.output, self.cell = notebook, output, cell
-        where = f"cell {cell}" if cell is not None else "an unknown cell"
+        first_line = cell_source.strip().splitlines()[0][:80] if cell_source.strip() else ""
+        where = (f"code cell {cell} ({first_line!r})" if first_line else f"code cell {cell}") if cell is not None \
+            else "an unknown cell"
         super().__init__(
             f"pipeline stopped: {notebook} failed in {where}: {detail}\n"
             f"The partially executed notebook is kept at {output} (open it in JupyterLab to see the traceback)."
@@ -112,7 +115,7 @@ class StepResult:
     method: str | None
     output: str
     parameters: dict[str, Any]
-    status: str = "pending"  # pending | ok | failed | skipped
+    status: str = "pending"  # pending | running | ok | failed | skipped | interrupted
     seconds: float = 0.0
     message: str = ""
 
@@ -121,6 +124,7 @@ class StepResult:
 class PipelineResult:
     run_dir: Path
     steps: list[StepResult] = field(default_factory=list)
+    interrupted: list[dict[str, Any]] = field(default_factory=list)  # steps a killed earlier run left unfinished
 
     @property
     def ok(self) -> bool:
@@ -185,6 +189,8 @@ def expand_plan(
     overrides = dict(overrides or {})
     only = [str(o) for o in only] if only else None
     run_dir = RunDir(run, runs_root).path
+    if declared is not None:
+        _warn_unknown_overrides(overrides, plan, declared)
     out: list[StepResult] = []
     for s in plan["steps"]:
         nb = s["notebook"]
@@ -209,6 +215,28 @@ def expand_plan(
                 params["methods"] = methods
             out.append(StepResult(nb, name, None, str(run_dir / stem / f"{name}.ipynb"), params))
     return out
+
+
+def _warn_unknown_overrides(overrides: dict[str, Any], plan: dict[str, Any], declared: dict[str, set[str]]) -> None:
+    """A parameter no notebook of the plan declares would be silently dropped: say so, with close matches."""
+    import difflib
+    import warnings
+
+    stems = {Path(s["notebook"]).stem: s["notebook"] for s in plan["steps"]}
+    every = set().union(*declared.values()) if declared else set()
+    for key in overrides:
+        target, _, name = key.rpartition(".") if "." in key else ("", "", key)
+        if target and target not in stems:
+            close = difflib.get_close_matches(target, stems, n=3)
+            warnings.warn(f"-p {key}: no notebook {target!r} in this plan (did you mean {close or list(stems)}?); ignored",
+                          stacklevel=3)
+            continue
+        names = declared.get(stems[target], set()) if target else every
+        if names and name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(names))}"
+            warnings.warn(f"-p {key}: no notebook{' ' + target if target else ''} of this plan declares {name!r} "
+                          f"({hint}); ignored", stacklevel=3)
 
 
 def run_pipeline(
@@ -238,11 +266,15 @@ def run_pipeline(
                         declared=declared_parameters(plan, notebooks_dir))
     result = PipelineResult(run_dir=RunDir(run, runs_root).path, steps=steps)
     result.run_dir.mkdir(parents=True, exist_ok=True)
+    result.interrupted = _previous_interrupted(result.run_dir)
     # Kernels inherit the environment: viewers that need a browser refuse to start
     # headless, and the runs root is the one this pipeline writes to.
-    saved_env = {k: os.environ.get(k) for k in ("MEDSSL_HEADLESS", "MEDSSL_RUNS")}
+    saved_env = {k: os.environ.get(k) for k in ("MEDSSL_HEADLESS", "MEDSSL_RUNS", *MALLOC_ENV)}
     os.environ["MEDSSL_HEADLESS"] = "1"
     os.environ["MEDSSL_RUNS"] = str(runs_root)
+    if os.environ.get("MEDSSL_NO_MALLOC_TUNING") != "1":
+        for k, v in MALLOC_ENV.items():  # kernels are new processes: glibc reads these at start-up
+            os.environ.setdefault(k, v)
     try:
         _run_steps(pm, steps, result, notebooks_dir, kernel_name, progress)
     finally:
@@ -267,6 +299,8 @@ def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, noteboo
         out = Path(step.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"{label} -> {out}", flush=True)
+        step.status = "running"
+        _write_status(result)  # a killed pipeline leaves "running": the next run reports it as interrupted
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(
@@ -282,12 +316,36 @@ def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, noteboo
             step.status = "failed"
             step.message = f"{e.ename}: {e.evalue}"
             _write_status(result)
+            cell, source = _user_cell(out, e.cell_index)
             raise PipelineError(step.notebook + (f" ({step.method})" if step.method else ""), out,
-                                e.cell_index, step.message) from None
+                                cell, step.message, source) from None
         step.seconds = time.perf_counter() - t0
         step.status = "ok"
         print(f"{label}: ok in {step.seconds:.0f} s", flush=True)
         _write_status(result)
+
+
+def _user_cell(executed: Path, cell_index: int | None) -> tuple[int | None, str]:
+    """The failing cell as the user sees it: 1-based among the notebook's own code cells (papermill's
+    injected-parameters cell not counted), and its source."""
+    if cell_index is None:
+        return None, ""
+    try:
+        import nbformat
+
+        cells = nbformat.read(str(executed), as_version=4).cells
+    except Exception:  # noqa: BLE001 - an unreadable output notebook: fall back to papermill's index
+        return cell_index, ""
+    # papermill's index is into the executed notebook before it prepends its error banner cell
+    cells = [c for c in cells if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+    k = 0
+    for i, c in enumerate(cells):
+        if c.cell_type != "code" or "injected-parameters" in c.metadata.get("tags", []):
+            continue
+        k += 1
+        if i == cell_index:
+            return k, c.source
+    return cell_index, ""
 
 
 def declared_parameters(plan: dict[str, Any], notebooks_dir: Path | None = None) -> dict[str, set[str]]:
@@ -302,13 +360,117 @@ def declared_parameters(plan: dict[str, Any], notebooks_dir: Path | None = None)
 
 
 def _write_status(result: PipelineResult) -> None:
-    status = {"run_dir": str(result.run_dir), "steps": [asdict(s) for s in result.steps]}
-    atomic_write_text(result.run_dir / "pipeline.json", json.dumps(status, indent=2))
+    status = {"run_dir": str(result.run_dir), "pid": os.getpid(), "steps": [asdict(s) for s in result.steps]}
+    if result.interrupted:
+        status["interrupted_earlier"] = result.interrupted
+    atomic_write_text(RunDir(result.run_dir).pipeline_json, json.dumps(status, indent=2))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _previous_interrupted(run_dir: Path) -> list[dict[str, Any]]:
+    """Steps an earlier pipeline on this run left "running" when it died (e.g. SIGKILL): reported as interrupted.
+
+    Raises if that pipeline is still alive (two pipelines must not write one run).
+    """
+    path = RunDir(run_dir).pipeline_json
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    running = [s for s in old.get("steps", []) if s.get("status") == "running"]
+    if not running:
+        return []
+    if old.get("pid") not in (None, os.getpid()) and _pid_alive(old["pid"]):
+        raise RuntimeError(f"{path}: another pipeline (pid {old['pid']}) is running on this run; wait for it or "
+                           "choose another --run")
+    stale = [dict(s, status="interrupted") for s in running]
+    names = ", ".join(s["notebook"] + (f" ({s['method']})" if s.get("method") else "") for s in stale)
+    print(f"note: an earlier pipeline on this run was killed while running {names}; marked interrupted", flush=True)
+    return stale
+
+
+def _user_cell(executed: Path, cell_index: int | None) -> tuple[int | None, str]:
+    """The failing cell as the user sees it: 1-based among the notebook's own code cells (papermill's
+    injected-parameters cell not counted), and its source."""
+    if cell_index is None:
+        return None, ""
+    try:
+        import nbformat
+
+        cells = nbformat.read(str(executed), as_version=4).cells
+    except Exception:  # noqa: BLE001 - an unreadable output notebook: fall back to papermill's index
+        return cell_index, ""
+    # papermill's index is into the executed notebook before it prepends its error banner cell
+    cells = [c for c in cells if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+    k = 0
+    for i, c in enumerate(cells):
+        if c.cell_type != "code" or "injected-parameters" in c.metadata.get("tags", []):
+            continue
+        k += 1
+        if i == cell_index:
+            return k, c.source
+    return cell_index, ""
+
+
+def declared_parameters(plan: dict[str, Any], notebooks_dir: Path | None = None) -> dict[str, set[str]]:
+    """``{notebook: names in its parameters cell}`` for the plan's notebooks that exist."""
+    import papermill as pm
+
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.repo_root() / "notebooks"
+    return {
+        s["notebook"]: set(pm.inspect_notebook(str(notebooks_dir / s["notebook"])))
+        for s in plan["steps"] if (notebooks_dir / s["notebook"]).exists()
+    }
+
+
+def _write_status(result: PipelineResult) -> None:
+    status = {"run_dir": str(result.run_dir), "pid": os.getpid(), "steps": [asdict(s) for s in result.steps]}
+    if result.interrupted:
+        status["interrupted_earlier"] = result.interrupted
+    atomic_write_text(RunDir(result.run_dir).pipeline_json, json.dumps(status, indent=2))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _previous_interrupted(run_dir: Path) -> list[dict[str, Any]]:
+    """Steps an earlier pipeline on this run left pending/running when it was killed; reported as interrupted."""
+    path = RunDir(run_dir).pipeline_json
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if old.get("pid") is not None and old.get("pid") != os.getpid() and _pid_alive(old["pid"]):
+        raise RuntimeError(f"{path}: another pipeline (pid {old['pid']}) is running on this run; wait for it or "
+                           "choose another --run")
+    stale = [dict(s, status="interrupted") for s in old.get("steps", []) if s.get("status") in ("pending", "running")]
+    stale = [s for s in stale if s.get("seconds", 0) or s["status"] == "interrupted"]
+    unfinished = [s for s in stale if any(s2.get("status") in ("running",) for s2 in old.get("steps", []))]
+    if unfinished:
+        names = ", ".join(f"{s['notebook']}{' (' + s['method'] + ')' if s.get('method') else ''}" for s in unfinished)
+        print(f"note: an earlier pipeline on this run was interrupted (killed) before finishing: {names}", flush=True)
+    return unfinished
 
 
 def add_cli_parser(subparsers: Any) -> None:
     """Register ``medssl pipeline`` on an argparse subparsers object."""
-    p = subparsers.add_parser("pipeline", help="run the ordered notebooks headlessly with papermill")
+    p = subparsers.add_parser(
+        "pipeline", help="run the ordered notebooks headlessly with papermill",
+        description="Run a plan's notebooks in order with papermill. Plans: " + ", ".join(
+            f"{name} ({_plan_summary(name)})" for name in PLANS) + ".",
+    )
     p.add_argument("--plan", default="demo", help=f"a plan name ({', '.join(PLANS)}) or a YAML/JSON plan file")
     p.add_argument("--run", default="demo", help="run name: outputs go to runs/<run>/")
     p.add_argument("--methods", nargs="+", default=None, help="override the plan's methods")
@@ -319,6 +481,11 @@ def add_cli_parser(subparsers: Any) -> None:
     )
     p.add_argument("--dry-run", action="store_true", help="print the notebook executions and exit")
     p.set_defaults(func=_cli_main)
+
+
+def _plan_summary(name: str) -> str:
+    spec = PLANS[name]["methods"]
+    return "no methods" if not spec else f"methods: {spec}" if isinstance(spec, str) else "methods: " + ", ".join(spec)
 
 
 def _cli_main(args: Any) -> int:

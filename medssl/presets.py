@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Any
 
+from medssl._config import check_overrides
 from medssl.train.config import TrainConfig
 
 __all__ = ["PRESETS", "preset", "list_presets", "build_run"]
@@ -122,9 +123,7 @@ def build_run(
 
     overrides, train = preset(method, preset_name)
     overrides.update(method_overrides or {})
-    unknown = set(train_overrides or {}) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise TypeError(f"unknown TrainConfig keys {sorted(unknown)}; known: {sorted(f.name for f in fields(TrainConfig))}")
+    check_overrides(TrainConfig, dict(train_overrides or {}), "TrainConfig")
     train = replace(train, **{"seed": seed, **(train_overrides or {})})
     torch.manual_seed(seed)
     return create_method(method, **overrides), train

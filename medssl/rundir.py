@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +37,7 @@ import pandas as pd
 
 from medssl import paths
 
-__all__ = ["RunDir", "HEADLINE_COLUMNS", "ROW_KINDS", "InvalidRunNameError"]
+__all__ = ["RunDir", "MethodFiles", "method_files", "HEADLINE_COLUMNS", "ROW_KINDS", "InvalidRunNameError"]
 
 HEADLINE_COLUMNS = ["step", "method", "kind", "metric", "value", "std", "n", "split", "higher_is_better", "note"]
 ROW_KINDS = ("method", "baseline", "reference")  # baseline: a shortcut a method must beat; reference: chance/floor
@@ -44,6 +45,27 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _EVAL = "eval"
 _HEADLINE = "headline.csv"
 _FIGURES = "key_figures.json"
+
+
+@dataclass(frozen=True)
+class MethodFiles:
+    """The files of one method's folder (what ``fit`` writes and the evaluations read)."""
+
+    dir: Path
+    checkpoints: Path  # <method>/checkpoints/
+    last: Path  # <method>/checkpoints/last.pt: the newest state, the resume point
+    metrics: Path  # <method>/metrics.jsonl
+    config: Path  # <method>/config.json
+    summary: Path  # <method>/summary.csv (validation summary of 10_pretrain)
+    curves: Path  # <method>/loss_curves.png
+
+
+def method_files(method_dir: str | os.PathLike) -> MethodFiles:
+    """The layout inside a method folder (``runs/<run>/<method>/``), for any folder ``fit`` writes to."""
+    d = Path(method_dir)
+    return MethodFiles(dir=d, checkpoints=d / "checkpoints", last=d / "checkpoints" / "last.pt",
+                       metrics=d / "metrics.jsonl", config=d / "config.json", summary=d / "summary.csv",
+                       curves=d / "loss_curves.png")
 
 
 class InvalidRunNameError(ValueError):
@@ -90,8 +112,12 @@ class RunDir:
         """``<run>/<method>/``: where ``fit`` writes (not created)."""
         return self.path / _plain(method, "method")
 
+    def files(self, method: str) -> MethodFiles:
+        """The files of ``method``'s folder (:class:`MethodFiles`)."""
+        return method_files(self.method_dir(method))
+
     def checkpoint(self, method: str, which: str = "last.pt") -> Path:
-        return self.method_dir(method) / "checkpoints" / which
+        return self.files(method).checkpoints / which
 
     def step_dir(self, step: str, *sub: str, create: bool = True) -> Path:
         """``<run>/<step>/[<sub>/...]`` of an evaluation step (created unless ``create=False``)."""
@@ -117,7 +143,7 @@ class RunDir:
         """Methods (and variants) with a ``checkpoints/last.pt`` here, in the registry's report order."""
         if not self.path.is_dir():
             return []
-        found = {p.parent.parent.name for p in self.path.glob("*/checkpoints/last.pt")}
+        found = {d.name for d in self.path.iterdir() if d.is_dir() and method_files(d).last.is_file()}
         from medssl.methods import list_methods
 
         known = [m for m in list_methods() if m in found]
@@ -208,5 +234,5 @@ def _normalise_headline(table: pd.DataFrame, default_step: str) -> pd.DataFrame:
     bad = sorted(set(t["kind"]) - set(ROW_KINDS))
     if bad:
         raise ValueError(f"headline kind must be one of {ROW_KINDS}, got {bad}")
-    t["note"] = t["note"].fillna("")
+    t["note"] = t["note"].astype(object).where(t["note"].notna(), "")
     return t[HEADLINE_COLUMNS]

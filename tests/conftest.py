@@ -37,3 +37,15 @@ def volume_file(make_volume_file) -> SyntheticVolume:
     """One default synthetic phantom (oblique, anisotropic NIfTI with a label map)."""
     return make_volume_file()
 
+
+
+@pytest.fixture(scope="session")
+def notebook_data_dir(tmp_path_factory) -> Path:
+    """A session ``MEDSSL_DATA`` whose ``demo/totalseg-2.18.0`` links to the shared fetched examples."""
+    from medssl.data.demo import fetch_totalseg_examples
+
+    shared = fetch_totalseg_examples(progress=False)  # default data folder: once per CI run
+    data = tmp_path_factory.mktemp("medssl-data")
+    (data / "demo").mkdir()
+    (data / "demo" / shared.name).symlink_to(shared.resolve(), target_is_directory=True)
+    return data

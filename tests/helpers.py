@@ -100,7 +100,13 @@ def write_sitk_file(path: Path, array_xyz: np.ndarray, affine_ras: np.ndarray) -
 
 
 def write_dicom_series(
-    folder: Path, array_xyz: np.ndarray, affine_ras: np.ndarray, *, series_uid: str = "1.2.826.0.1.3680043.2.1125.1"
+    folder: Path,
+    array_xyz: np.ndarray,
+    affine_ras: np.ndarray,
+    *,
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+    slice_offsets_mm: Sequence[float] | None = None,
+    position_shift_lps_mm: Sequence[Sequence[float]] | None = None,
 ) -> Path:
     """Write an int16 ``(X, Y, Z)`` array as a DICOM CT series, one file per z slice.
 
@@ -109,6 +115,9 @@ def write_dicom_series(
     origin, Pixel Spacing the in-plane voxel size. DICOM orders slices along
     row x column, so the affine's third axis must point along that cross product
     (a right-handed grid); use ``flip_axes=(0, 1)`` rather than a single flip.
+
+    ``slice_offsets_mm[k]`` moves slice k's position along the slice axis (as scanner
+    rounding does); ``position_shift_lps_mm[k]`` adds any LPS vector to it (e.g. a drift).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +144,12 @@ def write_dicom_series(
         slice_k = image[:, :, k]
         for tag, value in common.items():
             slice_k.SetMetaData(tag, value)
-        slice_k.SetMetaData("0020|0032", fmt(image.TransformIndexToPhysicalPoint((0, 0, k))))
+        position = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        if slice_offsets_mm is not None:
+            position = position + slice_offsets_mm[k] * d[:, 2]
+        if position_shift_lps_mm is not None:
+            position = position + np.asarray(position_shift_lps_mm[k], dtype=np.float64)
+        slice_k.SetMetaData("0020|0032", fmt(position))
         slice_k.SetMetaData("0020|0013", str(k + 1))
         slice_k.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
         writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
@@ -254,3 +268,29 @@ def centre_channels():
             return x[:, :, 0, 0, 0] * self.w
 
     return _CentreChannels()
+
+
+def nifti_bytes(data: np.ndarray, affine: np.ndarray, **fields) -> bytes:
+    """An uncompressed NIfTI-1 file's bytes with header ``fields`` set raw (nibabel does not fix them).
+
+    ``fields`` are NIfTI-1 header fields, e.g. ``pixdim=[1, 1e6, 1, 1, 1, 0, 0, 0]``,
+    ``dim=[3, 2048, 2048, 2048, 1, 1, 1, 1]`` or ``datatype=128``; the voxel bytes stay
+    those of ``data``, so a header may promise more (or other) voxels than the file holds.
+    """
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    header = img.header
+    header.set_data_offset(352)
+    for name, value in fields.items():
+        header[name] = value
+    return header.binaryblock + b"\0" * 4 + np.asarray(data).tobytes(order="F")
+
+
+def write_raw_nifti(path: Path, data: np.ndarray, affine: np.ndarray, **fields) -> Path:
+    """Write :func:`nifti_bytes` to ``path`` (gzip-compressed if it ends in ``.gz``)."""
+    import gzip
+
+    raw = nifti_bytes(data, affine, **fields)
+    Path(path).write_bytes(gzip.compress(raw) if str(path).endswith(".gz") else raw)
+    return Path(path)

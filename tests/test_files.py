@@ -49,3 +49,59 @@ def test_replace_dir_swaps_folders_and_restores_the_old_one_when_the_swap_fails(
     with pytest.raises(OSError, match="disk gone"):
         replace_dir(stage, dest)
     assert (dest / "v").read_text() == "2"  # the old entry is back in place
+
+
+def _leave_a_temp_file_and_die(target) -> str:
+    """Start a writer that opens an atomic write of ``target``, writes half of it and is SIGKILLed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys\n"
+        "from medssl._files import atomic_path\n"
+        "cm = atomic_path(sys.argv[1]); tmp = cm.__enter__()\n"
+        "tmp.write_bytes(b'x' * 1000); print(tmp, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate()
+    assert proc.returncode == -9
+    assert f".{proc.pid}." in os.path.basename(out.strip())  # the writer's pid is in the name
+    return out.strip()
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write_and_live_ones_kept(tmp_path):
+    target = tmp_path / "last.pt"
+    dead = _leave_a_temp_file_and_die(target)
+    assert os.path.exists(dead)
+    from medssl._files import temp_path
+
+    mine = temp_path(tmp_path, ".last.pt")  # a write in progress in this (live) process
+    mine.write_bytes(b"y")
+    other_host = tmp_path / ".last.pt.otherhost.1.0123456789ab.tmp"
+    other_host.write_bytes(b"z")
+    old_other_host = tmp_path / ".last.pt.otherhost.2.0123456789ab.tmp"
+    old_other_host.write_bytes(b"z")
+    os.utime(old_other_host, (0, 0))  # 1970: long stale whoever wrote it
+
+    atomic_write_text(target, "new")
+
+    assert target.read_text() == "new"
+    assert not os.path.exists(dead) and not old_other_host.exists()
+    assert mine.exists() and other_host.exists()
+
+
+def test_files_and_temp_folders_get_the_umask_permissions_not_0600(tmp_path):
+    from medssl._files import make_temp_dir
+    from medssl.train.checkpoint import save_checkpoint
+
+    old = os.umask(0o027)
+    try:
+        text = atomic_write_text(tmp_path / "config.json", "{}")
+        save_checkpoint({"format": "x"}, tmp_path / "last.pt")
+        folder = make_temp_dir(tmp_path, ".stage")
+    finally:
+        os.umask(old)
+    assert oct(text.stat().st_mode & 0o777) == oct(0o640)
+    assert oct((tmp_path / "last.pt").stat().st_mode & 0o777) == oct(0o640)
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o750)

@@ -72,8 +72,9 @@ def test_pipeline_stops_on_first_failure_naming_notebook_and_cell_and_keeps_outp
         pipeline.run_pipeline(plan, "r", notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False)
     msg = str(err.value)
     assert "10_bad.ipynb" in msg and "boom in cell" in msg and "ValueError" in msg
-    # papermill injects a parameters cell after the tagged one, so the failing cell is index 3
-    assert err.value.cell == 3 and "cell 3" in msg
+    # papermill injects a parameters cell after the tagged one (its index 3); the user counts code cells
+    # without it: parameters (1), y = 2 (2), raise (3)
+    assert err.value.cell == 3 and "code cell 3" in msg and "raise ValueError" in msg
     assert err.value.output.exists()
     kept = nbformat.read(str(err.value.output), as_version=4)
     assert any(o.get("ename") == "ValueError" for c in kept.cells for o in c.get("outputs", []))
@@ -94,3 +95,45 @@ def test_pipeline_marks_kernels_headless_and_restores_the_environment(tmp_path, 
                           runs_root=tmp_path / "runs", progress=False)
     assert seen.read_text() == "1"  # itkwidgets & co. refuse to start in these kernels
     assert "MEDSSL_HEADLESS" not in os.environ
+
+
+def test_a_mistyped_parameter_warns_with_the_close_matches(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write_notebook(nbs / "00_a.ipynb", ["pass"], params="run = 'x'\nn_subjects = 4")
+    plan = {"steps": [{"notebook": "00_a.ipynb"}]}
+    declared = pipeline.declared_parameters(pipeline.load_plan(plan), nbs)
+    with pytest.warns(UserWarning, match="n_subjcts.*did you mean n_subjects"):
+        pipeline.expand_plan(pipeline.load_plan(plan), "r", overrides={"n_subjcts": 3}, declared=declared,
+                             runs_root=tmp_path)
+    with pytest.warns(UserWarning, match="no notebook '00_b'"):
+        pipeline.expand_plan(pipeline.load_plan(plan), "r", overrides={"00_b.n_subjects": 3}, declared=declared,
+                             runs_root=tmp_path)
+
+
+def test_a_failure_names_the_cell_as_the_user_counts_it_not_papermills_injected_one(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write_notebook(nbs / "00_a.ipynb", ["y = 2", "raise ValueError('boom here')"], params="run = 'x'")
+    with pytest.raises(pipeline.PipelineError) as err:
+        pipeline.run_pipeline({"steps": [{"notebook": "00_a.ipynb"}]}, "r", notebooks_dir=nbs,
+                              runs_root=tmp_path / "runs", progress=False)
+    msg = str(err.value)
+    assert "code cell 3" in msg and "raise ValueError" in msg and "boom here" in msg  # params=1, y=2, raise=3
+
+
+def test_a_killed_pipeline_leaves_its_step_marked_interrupted_on_the_next_run(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write_notebook(nbs / "00_a.ipynb", ["pass"], params="run = 'x'")
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    dead_pid = 2**22 + 12345  # beyond pid_max defaults: no such process
+    (run_dir / "pipeline.json").write_text(json.dumps({"pid": dead_pid, "steps": [
+        {"notebook": "00_a.ipynb", "step": "00_a", "method": None, "output": "", "parameters": {},
+         "status": "running", "seconds": 0.0, "message": ""}]}))
+    res = pipeline.run_pipeline({"steps": [{"notebook": "00_a.ipynb"}]}, "r", notebooks_dir=nbs,
+                                runs_root=tmp_path / "runs", progress=False)
+    status = json.loads((run_dir / "pipeline.json").read_text())
+    assert [s["status"] for s in status["steps"]] == ["ok"]
+    assert [s["status"] for s in status["interrupted_earlier"]] == ["interrupted"] and res.interrupted

@@ -1,4 +1,4 @@
-"""The run report reads the notebooks' tables and lines them up per method."""
+"""The run report concatenates every step's headline table, says whether methods beat the shortcuts, and states provenance."""
 
 import json
 
@@ -6,60 +6,77 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medssl.report import collect_results, comparison_table, write_report
+from medssl.report import PROTOCOL, collect_results, comparison_table, verdicts, write_report
+from medssl.rundir import RunDir
 
 
 def _fake_run(root, methods=("isimed", "simclr")):
-    run = root / "r"
-    (run / "20_latent_space").mkdir(parents=True)
-    (run / "30_linear_probe" / "lesion").mkdir(parents=True)
-    (run / "30_linear_probe" / "liver").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = [*methods, "random-init"]
-    spearman = dict(zip(names, rng.uniform(0, 1, len(names))))
-    pd.DataFrame({"method": names, "spearman": [spearman[n] for n in names],
-                  "abs_err_median_mm": rng.uniform(1, 50, len(names))}).to_csv(run / "20_latent_space" / "fidelity.csv", index=False)
-    dec = [{"method": n, "axis": ax, "r2": rng.uniform(), "error_mm": rng.uniform(1, 80)} for n in names for ax in "x y z xyz".split()]
-    pd.DataFrame(dec).to_csv(run / "20_latent_space" / "decoding.csv", index=False)
-    probe = [{"method": n, "metric": m, "mean": rng.uniform(), "std": rng.uniform(0, 0.1), "n_folds": 10}
-             for n in [*names, "raw-intensity"] for m in ("auc", "f1")]
-    pd.DataFrame(probe).to_csv(run / "30_linear_probe" / "lesion" / "probe_summary.csv", index=False)
-    organ_probe = pd.DataFrame(probe).assign(mean=lambda d: d["mean"] / 2)  # a different table for the organ task
-    organ_probe.to_csv(run / "30_linear_probe" / "liver" / "probe_summary.csv", index=False)
+    rd = RunDir(root / "r")
     for m in methods:
-        (run / m / "checkpoints").mkdir(parents=True)
-        (run / m / "checkpoints" / "last.pt").write_bytes(b"")
+        rd.checkpoint(m).parent.mkdir(parents=True)
+        rd.checkpoint(m).write_bytes(b"")
         recs = [{"step": s, "loss": 10.0 / s, "time_s": 6.0 * s} for s in range(1, 11)] + [
             {"step": 10, "split": "val", "loss": 1.2, "effective_rank": 7.5}]
-        (run / m / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
-    return run, dec, probe, spearman
+        (rd.method_dir(m) / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+        (rd.method_dir(m) / "config.json").write_text(json.dumps(
+            {"resolved": {"patches_per_step": 192, "views_per_patch": 2 if m == "simclr" else 1, "trains": True}}))
+    corr = pd.DataFrame({"method": [*methods, "random-init", "identity", "aligned-identity", "chance"],
+                         "kind": ["method", "method", "baseline", "baseline", "baseline", "reference"],
+                         "metric": "correspondence_median_mm", "value": [14.0, 30.0, 60.0, 26.0, 20.0, 170.0],
+                         "split": "test", "higher_is_better": False})
+    rd.write_headline(rd.step_dir("20_latent_space"), corr)
+    probe = pd.DataFrame({"method": [*methods, "position-cubic", "raw-intensity"],
+                          "kind": ["method", "method", "baseline", "baseline"], "metric": "auc",
+                          "value": [0.70, 0.66, 0.90, 0.60], "std": 0.05, "n": 8, "split": "test",
+                          "note": ["isimed vs position-cubic: Holm p = 0.01", "", "", ""]})
+    rd.write_headline(rd.step_dir("30_linear_probe", "lesion"), probe)
+    return rd
 
 
-def test_comparison_table_takes_the_xyz_decoding_row_and_the_auc_probe_row(tmp_path):
-    run, dec, probe, spearman = _fake_run(tmp_path)
-    res = collect_results(run)
+def test_comparison_table_lines_up_every_headline_by_method_with_methods_first(tmp_path):
+    rd = _fake_run(tmp_path)
+    res = collect_results(rd)
     assert res.methods == ["isimed", "simclr"]
-    assert "20_latent_space/correspondence.csv" in res.missing
     t = comparison_table(res).set_index("method")
-    assert list(t.index[:2]) == ["isimed", "simclr"]  # pretrained methods first
-    for d in dec:
-        if d["axis"] == "xyz":
-            assert t.loc[d["method"], "decoding_r2"] == pytest.approx(d["r2"])
-    for p in probe:
-        if p["metric"] == "auc":
-            assert t.loc[p["method"], "probe_auc_lesion"] == pytest.approx(p["mean"])
-            assert t.loc[p["method"], "probe_auc_liver"] == pytest.approx(p["mean"] / 2)
-    assert t.loc["simclr", "fidelity_spearman"] == pytest.approx(spearman["simclr"])
-    assert t.loc["isimed", "train_minutes"] == pytest.approx(1.0)  # 60 s of logged training time
-    assert np.isnan(t.loc["raw-intensity", "fidelity_spearman"])  # a probe-only baseline has no fidelity
+    assert list(t.index[:2]) == ["isimed", "simclr"] and t.index[-1] == "chance"
+    assert t.loc["isimed", "20_latent_space: correspondence_median_mm (test)"] == 14.0
+    assert t.loc["position-cubic", "30_linear_probe/lesion: auc (test)"] == 0.90
+    assert np.isnan(t.loc["identity", "30_linear_probe/lesion: auc (test)"])
+    assert t.loc["identity", "kind"] == "baseline"
+    pre = res.pretrain.set_index("method")
+    assert pre.loc["isimed", "train_minutes"] == pytest.approx(1.0)
+    assert pre.loc["simclr", "forward_passes_per_step"] == 2 * pre.loc["isimed", "forward_passes_per_step"] == 384
 
 
-def test_report_html_states_provenance_and_lists_what_is_missing(tmp_path):
-    run, *_ = _fake_run(tmp_path)
-    out = write_report(run, provenance="SYNTHETIC cohort statement")
+def test_verdicts_say_in_words_when_no_method_beats_a_shortcut(tmp_path):
+    res = collect_results(_fake_run(tmp_path))
+    said = " ".join(verdicts(res))
+    assert "correspondence_median_mm (test): the best method, isimed (14), beats every shortcut baseline" in said
+    assert "auc (test): NO method beats the shortcut baseline position-cubic (0.9)" in said
+    assert "Holm p = 0.01" in said
+
+
+def test_a_new_evaluation_step_appears_in_the_report_with_no_edit(tmp_path):
+    rd = _fake_run(tmp_path)
+    rd.write_headline(rd.step_dir("60_toy_eval"), pd.DataFrame(
+        {"method": ["isimed", "identity"], "kind": ["method", "baseline"], "metric": "toy_score",
+         "value": [0.8, 0.5], "split": "test"}))
+    (rd.step_dir("60_toy_eval") / "toy.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    rd.write_key_figures(rd.step_dir("60_toy_eval"), [("Toy figure", "toy.png")])
+    res = collect_results(rd)
+    assert "60_toy_eval: toy_score (test)" in comparison_table(res).columns
+    assert ("Toy figure", rd.path / "60_toy_eval" / "toy.png") in res.figures
+    text = write_report(rd, provenance="SYNTHETIC cohort statement").read_text(encoding="utf-8")
+    assert "toy_score" in text and "Toy figure" in text
+
+
+def test_report_html_states_provenance_protocol_and_what_is_missing(tmp_path):
+    rd = _fake_run(tmp_path)
+    out = write_report(rd, provenance="SYNTHETIC cohort statement", methods=["isimed", "simclr", "barlowtwins"])
     text = out.read_text(encoding="utf-8")
-    assert out == run / "40_report" / "report.html"
-    assert "SYNTHETIC cohort statement" in text and "correspondence.csv" in text and "isimed" in text
+    assert out == rd.path / "40_report" / "report.html"
+    assert "SYNTHETIC cohort statement" in text and PROTOCOL[:60] in text
+    assert "Not available in this run" in text and "barlowtwins" in text
 
 
 def test_collect_results_names_a_missing_run(tmp_path):

@@ -8,6 +8,7 @@ from medssl.data.errors import (
     LabelGridMismatchError,
     MedsslDataError,
     NonFiniteVoxelsError,
+    TooLargeError,
     TooSmallError,
     UnreadableFileError,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "NonFiniteVoxelsError",
     "LabelGridMismatchError",
     "TooSmallError",
+    "TooLargeError",
     "EmptyForegroundError",
     "DatasetScanError",
 ]

@@ -4,12 +4,18 @@ Layout (one folder per preprocessing configuration)::
 
     <root>/<config.digest()[:16]>/
         config.json                      # the PreprocessConfig and its full digest
-        <case_id>/
+        <case_id>-<source key>/          # source key: hash of the absolute source paths
             image.npy                    # float32 (C, X, Y, Z)
             label.npy                    # if any; smallest integer dtype that holds the ids
             aux_<name>.npy               # further label maps, same rule
-            meta.json                    # affine, spacing, shape, sources (size, mtime), config, ...
-        .tmp-<case_id>-<uuid>/           # an entry being written (never read)
+            meta.json                    # affine, spacing, shape, sources (path, size, mtime), config, ...
+        .tmp-<entry>.<host>.<pid>.<random>.tmp/   # an entry being written (never read)
+        .locks/<n>.lock                  # per-entry locks (striped), see below
+
+Entries are keyed by the case id *and* where its files are, so two datasets that both
+have a case ``brain1`` (or two demo cohorts of different seeds) never share an entry;
+every load checks that the entry's recorded sources still have the size and mtime they
+had when it was built, and that it was made for the manifest row asking for it.
 
 Why not MONAI's ``PersistentDataset``: it pickles whole transform outputs
 (``torch.save``), which cannot be memory-mapped, must be unpickled to be read,
@@ -19,40 +25,59 @@ size/mtime. Training reads crops straight from the memmaps here.
 Writes are atomic: an entry is written into a temporary folder next to its final
 place and moved there with ``os.replace``. A failure part-way leaves existing
 entries, and the raw data (never written), untouched and no partial entry.
+
+Several processes may build and read one cache at once. Each builder stages into
+folders named after itself and only ever deletes its own; it commits an entry under
+an exclusive lock and skips the commit if another process committed an up-to-date
+entry first. Loads hold a shared lock while they open an entry, so they never see one
+half-replaced. Locks are ``flock`` locks, which the OS releases when a process dies.
+Temporary folders of builders that died (killed, power loss) are removed by the next
+build.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import multiprocessing
 import os
 import shutil
-import time
-import uuid
+import signal
+import threading
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
+
+try:  # POSIX; elsewhere the cache works without cross-process locks
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl import paths
-from medssl._files import atomic_write_text, replace_dir
+from medssl._files import atomic_write_text, remove_stale_temps, replace_dir, temp_path
+from medssl._processes import can_spawn_workers
 from medssl.data.datasets import (
     AUX_PREFIX,
     ScanReport,
+    _check_fits_patch,
     _guarded,
     case_aux_paths,
     case_label_names,
     load_case,
     validate_manifest,
 )
-from medssl.data.errors import DatasetScanError, MedsslDataError
+from medssl.data.errors import DatasetScanError, MedsslDataError, TooSmallError
+from medssl.data.npy import LazyNpy
 from medssl.data.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,16 +89,29 @@ _META = "meta.json"
 _IMAGE = "image.npy"
 _LABEL = "label.npy"
 _TMP_PREFIX = ".tmp-"
-_OLD_PREFIX = ".old-"
-# Temporary folders older than this are leftovers of a killed build, safe to delete.
-_STALE_TMP_SECONDS = 24 * 3600
-_FORMAT_VERSION = 1
+_LOCK_DIR = ".locks"
+_LOCK_STRIPES = 64  # entries share 64 lock files: bounded files, rare and harmless contention
+_FORMAT_VERSION = 2  # 2: entries keyed by source identity
 
-__all__ = ["VolumeCache", "CacheBuildReport", "CacheEntryError"]
+__all__ = ["VolumeCache", "CacheBuildReport", "CacheEntryError", "CacheWriteError"]
+
+Case = str | Mapping[str, Any]  # a case id, or a manifest row (dict or pandas Series)
 
 
 class CacheEntryError(MedsslDataError):
-    """A cache entry is missing, corrupt or was made with other settings."""
+    """A cache entry is missing, corrupt, stale, or was made with other settings or from other files."""
+
+
+class CacheWriteError(OSError):
+    """Writing a cache entry failed (disk full, quota, write limit). ``path`` names the file."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # travels back from worker processes
+        return (type(self), (self.path, self.problem))
 
 
 @dataclass
@@ -96,12 +134,15 @@ class CacheBuildReport(ScanReport):
 
 
 class VolumeCache:
-    """Preprocessed volumes on disk, keyed by the preprocessing configuration's digest.
+    """Preprocessed volumes on disk, keyed by the preprocessing configuration's digest and each case's sources.
 
     Args:
         root: cache root (default :func:`medssl.paths.cache_dir`).
         config: the :class:`~medssl.data.preprocess.PreprocessConfig`; its
             ``digest()`` names the sub-folder, so a changed setting gets new entries.
+
+    Cases are named by manifest rows (a dict or a DataFrame row), which say where the
+    files are; a bare case id also works when exactly one entry holds that case.
 
     Example::
 
@@ -125,29 +166,59 @@ class VolumeCache:
 
     # ------------------------------------------------------------------ queries
 
-    def entry_dir(self, case_id: str) -> Path:
-        """Folder of ``case_id``'s entry (it may not exist)."""
-        if not case_id or "/" in case_id or "\\" in case_id or case_id.startswith("."):
-            raise ValueError(f"case id {case_id!r} cannot be used as a cache folder name")
-        return self.dir / case_id
+    def entry_dir(self, case: Case) -> Path:
+        """Folder of a case's entry (it may not exist).
 
-    def is_cached(self, case_id: str) -> bool:
-        """True if a complete, uncorrupted entry made with this config exists.
-
-        (Whether its source files changed since is checked by :meth:`build`.)
+        For a manifest row this is ``<case_id>-<key of its source paths>``; for a bare
+        case id, the one existing entry of that case (:class:`CacheEntryError` if there
+        are none or several).
         """
+        if isinstance(case, str):
+            return self._entry_of_case_id(case)
+        case_id = str(case["case_id"])
+        _check_case_id(case_id)
+        return self.dir / f"{case_id}-{_source_key(case)}"
+
+    def is_cached(self, case: Case) -> bool:
+        """True if a complete, uncorrupted, up-to-date entry made with this config exists."""
         try:
-            self._checked_meta(case_id)
+            self._open(case, mode="meta")
         except CacheEntryError:
             return False
         return True
 
     def case_ids(self) -> list[str]:
-        """Case ids with a complete entry, sorted."""
+        """Case ids with a complete entry, sorted (a case cached from two sources appears twice)."""
+        out = []
+        for entry in self._entries():
+            try:
+                out.append(self._checked_meta(entry)["case_id"])
+            except CacheEntryError:
+                continue
+        return sorted(out)
+
+    def _entries(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        names = sorted(p.name for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        return [n for n in names if self.is_cached(n)]
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _entry_of_case_id(self, case_id: str) -> Path:
+        _check_case_id(case_id)
+        found = [p for p in self._entries() if p.name.rsplit("-", 1)[0] == case_id]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise CacheEntryError(self.dir / case_id, "not cached")
+        sources = []
+        for p in found:
+            try:
+                sources.append(self._read_meta(p)["sources"]["image"]["path"])
+            except (CacheEntryError, KeyError, TypeError):
+                sources.append(p.name)
+        raise CacheEntryError(
+            self.dir / case_id,
+            f"{len(found)} cached cases share this id (from {sources}); pass the manifest row to say which",
+        )
 
     # ------------------------------------------------------------------ build
 
@@ -175,14 +246,15 @@ class VolumeCache:
             progress: show a progress bar.
             workers: processes for reading/preprocessing (1: in this process).
                 Workers are *spawned* (the parent may hold torch/OpenMP threads, which
-                ``fork`` would copy in a locked state), so a script calling this with
-                ``workers > 1`` needs the ``if __name__ == "__main__":`` guard;
-                notebooks need nothing.
-            patch_size_vox: if given, cases smaller than this after
-                preprocessing are bad (:class:`TooSmallError`).
+                ``fork`` would copy in a locked state). Spawned workers re-run the
+                calling script's top-level code, so when that code is not under
+                ``if __name__ == "__main__":`` the build runs in this process instead
+                (with a warning); notebooks need nothing.
+            patch_size_vox: if given, cases smaller than this after preprocessing are
+                bad (:class:`TooSmallError`), whether built now or cached before.
 
-        Errors that are not about the data (e.g. the disk is full) propagate after
-        removing this build's temporary folders.
+        Errors that are not about the data (e.g. the disk is full:
+        :class:`CacheWriteError`) propagate after removing this build's temporary folders.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -191,70 +263,113 @@ class VolumeCache:
         manifest = validate_manifest(manifest)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_config_file()
-        self._remove_leftovers()
+        remove_stale_temps(self.dir)  # folders of builders that died (a live builder's are kept)
         report = CacheBuildReport(cache_dir=self.dir)
+        rows = {row["case_id"]: row for row in manifest.to_dict(orient="records")}
         todo = []
-        for row in manifest.to_dict(orient="records"):
-            if self._is_fresh(row):
-                report.reused_case_ids.append(row["case_id"])
-            else:
+        for case_id, row in rows.items():
+            meta = self._fresh_meta(row)
+            if meta is None:
                 todo.append(row)
+            elif patch_size_vox is not None and not self._fits(meta, row, patch_size_vox, report):
+                continue
+            else:
+                report.reused_case_ids.append(case_id)
         staged: dict[str, Path] = {}
+        own_tmp = [temp_path(self.dir, f"{_TMP_PREFIX}{self.entry_dir(row).name}") for row in todo]
         try:
-            for case_id, tmp, err in self._stage_all(todo, workers, progress, patch_size_vox):
+            for case_id, tmp, err in self._stage_all(todo, own_tmp, workers, progress, patch_size_vox):
                 if err is not None:
                     report.add_problem(case_id, err)
                 else:
                     staged[case_id] = tmp
             if report.problems and on_error == "raise":
                 raise DatasetScanError(report.problems)
-            for case_id in list(staged):
-                self._commit(case_id, staged.pop(case_id))
-                report.built_case_ids.append(case_id)
+            for case_id, tmp in staged.items():
+                committed = self._commit(rows[case_id], tmp)
+                (report.built_case_ids if committed else report.reused_case_ids).append(case_id)
         finally:
-            for tmp in staged.values():
+            for tmp in own_tmp:  # only this build's own folders: never another process's
                 shutil.rmtree(tmp, ignore_errors=True)
         done = set(report.built_case_ids) | set(report.reused_case_ids)
         report.ok_case_ids = [c for c in manifest["case_id"] if c in done]
         for case_id in report.ok_case_ids:
-            meta = self._read_meta(case_id)
+            meta = self._read_meta(self.entry_dir(rows[case_id]))
             report.shapes_vox[case_id] = tuple(meta["shape_vox"])
             report.spacings_mm[case_id] = tuple(meta["spacing_mm"])
         return report
 
+    def _fits(self, meta: dict, row: dict, patch_size_vox: Any, report: CacheBuildReport) -> bool:
+        """Check a cached entry's shape against the patch; record a TooSmallError if it does not fit."""
+        shaped = Volume(data=np.empty((0, *meta["shape_vox"]), np.float32), affine=np.asarray(meta["affine"]),
+                        case_id=row["case_id"])  # fmt: skip
+        try:
+            _check_fits_patch(shaped, patch_size_vox, row["image"])
+        except TooSmallError as e:
+            report.add_problem(row["case_id"], e)
+            return False
+        return True
+
     def _stage_all(
-        self, rows: list[dict], workers: int, progress: bool, patch_size_vox: Any
+        self, rows: list[dict], tmps: list[Path], workers: int, progress: bool, patch_size_vox: Any
     ) -> Iterator[tuple[str, Path | None, MedsslDataError | None]]:
         bar = tqdm(total=len(rows), desc="caching volumes", disable=not progress, unit="case")
-        args = [(row, self.config, self.digest, str(self.dir), patch_size_vox) for row in rows]
+        sources = [_source_record(row, missing_ok=True) for row in rows]  # before reading: a later change rebuilds
+        args = [(row, self.config, self.digest, str(t), s, patch_size_vox) for row, t, s in zip(rows, tmps, sources)]
+        if workers > 1 and len(rows) > 1 and not can_spawn_workers():
+            warnings.warn(
+                "building the cache in this process: worker processes would re-run this script's top-level code "
+                "(put it under `if __name__ == \"__main__\":` to use them)",
+                stacklevel=4,
+            )
+            workers = 1
         try:
             if workers == 1 or len(rows) <= 1:
                 for a in args:
                     yield _unpack_stage_result(_stage_case(*a))
                     bar.update()
                 return
-            # spawn, not fork: the parent may hold torch/OpenMP threads.
+            # spawn, not fork: the parent may hold torch/OpenMP threads. Workers ignore Ctrl-C: the
+            # parent alone handles it, lets running cases finish and stops the pool (a pool whose
+            # workers die of SIGINT mid-start can hang in shutdown).
             ctx = multiprocessing.get_context("spawn")
-            try:
-                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                    futures = [pool.submit(_stage_case, *a) for a in args]
-                    try:
-                        for fut in futures:  # in manifest order, so reports are deterministic
-                            yield _unpack_stage_result(fut.result())
-                            bar.update()
-                    except BaseException:
-                        for fut in futures:
-                            fut.cancel()
-                        raise
-            except BaseException:
-                # after the pool has shut down, so no worker is still writing
-                _remove_case_tmp_dirs(self.dir, [r["case_id"] for r in rows], younger_than_s=3600)
-                raise
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
+                with _sigint_ignored_in_children():
+                    futures = [pool.submit(_stage_case, *a) for a in args]  # the first submit starts the workers
+                try:
+                    for fut in futures:  # in manifest order, so reports are deterministic
+                        yield _unpack_stage_result(fut.result())
+                        bar.update()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         finally:
             bar.close()
 
-    def _commit(self, case_id: str, tmp: Path) -> None:
-        replace_dir(tmp, self.entry_dir(case_id))  # a replaced entry is parked as ".old-<case>-*" until swapped
+    def _commit(self, row: dict, tmp: Path) -> bool:
+        """Move a staged entry into place; False if an up-to-date entry appeared meanwhile (``tmp`` is dropped)."""
+        entry = self.entry_dir(row)
+        with self._lock(entry, shared=False):
+            if self._fresh_meta(row) is not None:  # another process built the same entry first
+                return False
+            replace_dir(tmp, entry)  # a replaced entry is parked as ".old-<entry>...tmp" until swapped
+        return True
+
+    @contextmanager
+    def _lock(self, entry: Path, shared: bool) -> Iterator[None]:
+        """An flock on the entry's lock stripe: shared for loads, exclusive for commits."""
+        if fcntl is None:  # pragma: no cover
+            yield
+            return
+        lock_dir = self.dir / _LOCK_DIR
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        stripe = int(hashlib.sha256(entry.name.encode()).hexdigest()[:8], 16) % _LOCK_STRIPES
+        fd = os.open(lock_dir / f"{stripe}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # also releases the lock
 
     def _write_config_file(self) -> None:
         path = self.dir / "config.json"
@@ -272,53 +387,42 @@ class VolumeCache:
                 )
         atomic_write_text(path, json.dumps({"digest": self.digest, "config": _config_json(self.config)}, indent=1))
 
-    def _remove_leftovers(self) -> None:
-        """Delete temporary folders of builds that were killed long ago."""
-        now = time.time()
-        for p in self.dir.iterdir():
-            if p.name.startswith((_TMP_PREFIX, _OLD_PREFIX)) and p.is_dir():
-                try:
-                    if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
-                        shutil.rmtree(p, ignore_errors=True)
-                except FileNotFoundError:
-                    pass
-
-    def _is_fresh(self, row: dict) -> bool:
+    def _fresh_meta(self, row: dict) -> dict | None:
+        """meta.json of the row's entry if it is complete and up to date, else None (no lock taken)."""
         try:
-            meta = self._checked_meta(row["case_id"])
+            meta = self._checked_meta(self.entry_dir(row))
         except CacheEntryError:
-            return False
-        try:
-            sources = _source_record(row)
-        except OSError:
-            return False  # a missing source: let the rebuild report it
-        return (
-            meta.get("sources") == sources
-            and meta.get("group") == (row.get("group") or row["case_id"])
-            and meta.get("manifest_label_names") == _label_names_json(case_label_names(row))
-        )
+            return None
+        return meta if _stale_reason(meta, row) is None else None
 
     # ------------------------------------------------------------------ load
 
-    def load(self, case_id: str, mmap: bool = True) -> Volume:
-        """The cached Volume of ``case_id``.
+    def load(self, case: Case, mmap: bool = True, *, lazy: bool = False) -> Volume:
+        """The cached Volume of a case (a manifest row, or a case id cached from one source only).
 
         With ``mmap=True`` the arrays are read-only ``np.memmap``s (nothing is
-        read until used); with ``mmap=False`` they are read into RAM.
+        read until used); with ``mmap=False`` they are read into RAM. With
+        ``lazy=True`` they are :class:`~medssl.data.npy.LazyNpy` arrays that hold no
+        file handle until read (for pools of thousands of volumes).
 
         Raises:
-            CacheEntryError: no entry, or a corrupt/incomplete one (names the folder;
-                ``build`` rebuilds it).
+            CacheEntryError: no entry, a corrupt/incomplete one, one whose source files
+                changed since it was built, or one made for another manifest row (names
+                the folder; ``build`` rebuilds it).
         """
-        meta = self._checked_meta(case_id)
-        entry = self.entry_dir(case_id)
-        mode = "r" if mmap else None
-        try:
-            data = np.load(entry / _IMAGE, mmap_mode=mode, allow_pickle=False)
-            label = np.load(entry / _LABEL, mmap_mode=mode, allow_pickle=False) if meta["has_label"] else None
-            aux = {n: np.load(entry / f"{AUX_PREFIX}{n}.npy", mmap_mode=mode, allow_pickle=False) for n in meta["aux"]}
-        except (OSError, ValueError) as e:
-            raise CacheEntryError(entry, f"cannot read the cached arrays ({e}); rebuild with VolumeCache.build") from e
+        return self._open(case, mode="lazy" if lazy else ("mmap" if mmap else "ram"))
+
+    def _open(self, case: Case, mode: str) -> Volume | dict:
+        entry = self.entry_dir(case)
+        with self._lock(entry, shared=True):  # no commit can swap the entry while we open it
+            meta = self._checked_meta(entry)
+            arrays = None if mode == "meta" else self._open_arrays(entry, meta, mode)
+        reason = _stale_reason(meta, None if isinstance(case, str) else case)
+        if reason:
+            raise CacheEntryError(entry, f"{reason}; rebuild with VolumeCache.build (DataSource.build_cache)")
+        if arrays is None:
+            return meta
+        data, label, aux = arrays
         names = meta.get("label_names")
         return Volume(
             data=data,
@@ -337,13 +441,33 @@ class VolumeCache:
             },
         )
 
+    def _open_arrays(self, entry: Path, meta: dict, mode: str):
+        files = {"data": entry / _IMAGE}
+        if meta["has_label"]:
+            files["label"] = entry / _LABEL
+        files.update({f"aux:{n}": entry / f"{AUX_PREFIX}{n}.npy" for n in meta["aux"]})
+        out = {}
+        try:
+            for key, path in files.items():
+                if mode == "lazy":
+                    shape, dtype, offset = meta["_npy_headers"][path.name]
+                    out[key] = LazyNpy(path, shape, dtype, owner=str(entry), offset=offset)
+                else:
+                    out[key] = np.load(path, mmap_mode="r" if mode == "mmap" else None, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CacheEntryError(entry, f"cannot read the cached arrays ({e}); rebuild with VolumeCache.build") from e
+        aux = {k[4:]: v for k, v in out.items() if k.startswith("aux:")}
+        return out["data"], out.get("label"), aux
+
     def load_all(
         self,
         manifest_or_case_ids: pd.DataFrame | Sequence[str],
         split: str | None = None,
         mmap: bool = True,
+        *,
+        lazy: bool = False,
     ) -> list[Volume]:
-        """Load several cases, in manifest order; ``split`` filters a manifest.
+        """Load several cases, in manifest order; ``split`` filters a manifest (see :meth:`load`).
 
         Raises:
             CacheEntryError: listing every case that is not (validly) cached.
@@ -352,16 +476,17 @@ class VolumeCache:
             df = manifest_or_case_ids
             if split is not None:
                 df = df[df["split"] == split]
-            case_ids = [str(c) for c in df["case_id"]]
+            cases: list[Case] = df.to_dict(orient="records")
         else:
             if split is not None:
                 raise ValueError("split= needs a manifest DataFrame, not a list of case ids")
-            case_ids = [str(c) for c in manifest_or_case_ids]
+            cases = [str(c) for c in manifest_or_case_ids]
         volumes, bad = [], []
-        for case_id in case_ids:
+        for case in cases:
             try:
-                volumes.append(self.load(case_id, mmap=mmap))
+                volumes.append(self.load(case, mmap=mmap, lazy=lazy))
             except CacheEntryError as e:
+                case_id = case if isinstance(case, str) else case["case_id"]
                 bad.append(f"{case_id}: {e.problem}")
         if bad:
             raise CacheEntryError(
@@ -371,22 +496,21 @@ class VolumeCache:
 
     # ------------------------------------------------------------------ entry checks
 
-    def _read_meta(self, case_id: str) -> dict:
-        path = self.entry_dir(case_id) / _META
+    def _read_meta(self, entry: Path) -> dict:
+        path = entry / _META
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
-            raise CacheEntryError(self.entry_dir(case_id), "not cached (no meta.json)") from e
+            raise CacheEntryError(entry, "not cached (no meta.json)") from e
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CacheEntryError(path, f"corrupt cache metadata ({e}); rebuild with VolumeCache.build") from e
         if not isinstance(meta, dict):
             raise CacheEntryError(path, "corrupt cache metadata (not a JSON object); rebuild with VolumeCache.build")
         return meta
 
-    def _checked_meta(self, case_id: str) -> dict:
+    def _checked_meta(self, entry: Path) -> dict:
         """meta.json of a complete entry made with this config, else CacheEntryError."""
-        meta = self._read_meta(case_id)
-        entry = self.entry_dir(case_id)
+        meta = self._read_meta(entry)
         required = ("case_id", "group", "affine", "shape_vox", "spacing_mm", "sources", "has_label", "aux",
                     "preprocess_digest", "created", "n_channels")
         missing = [k for k in required if k not in meta]
@@ -397,66 +521,140 @@ class VolumeCache:
                 entry, f"made with preprocessing digest {meta['preprocess_digest']}, not {self.digest}"
             )
         shape = tuple(meta["shape_vox"])
-        _check_npy(entry / _IMAGE, (int(meta["n_channels"]),) + shape)
+        headers = {_IMAGE: _check_npy(entry / _IMAGE, (int(meta["n_channels"]),) + shape)}
         if meta["has_label"]:
-            _check_npy(entry / _LABEL, shape)
+            headers[_LABEL] = _check_npy(entry / _LABEL, shape)
         for name in meta["aux"]:
-            _check_npy(entry / f"{AUX_PREFIX}{name}.npy", shape)
+            headers[f"{AUX_PREFIX}{name}.npy"] = _check_npy(entry / f"{AUX_PREFIX}{name}.npy", shape)
+        meta["_npy_headers"] = headers  # not stored: what was checked, for lazy opening
         return meta
+
+
+def _check_case_id(case_id: str) -> None:
+    if not case_id or "/" in case_id or "\\" in case_id or case_id.startswith("."):
+        raise ValueError(f"case id {case_id!r} cannot be used as a cache folder name")
+
+
+def _source_paths(row: Mapping[str, Any]) -> dict[str, str]:
+    """``{role: absolute path}`` of the image, label and aux files of a row."""
+    files = {"image": row["image"]}
+    if row.get("label"):
+        files["label"] = row["label"]
+    files.update({f"{AUX_PREFIX}{k}": v for k, v in case_aux_paths(row).items()})
+    return {role: os.path.abspath(os.fspath(p)) for role, p in files.items()}
+
+
+def _source_key(row: Mapping[str, Any]) -> str:
+    """12 hex digits identifying where a case's files are (their absolute paths)."""
+    text = json.dumps(_source_paths(row), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _stale_reason(meta: dict, row: Mapping[str, Any] | None) -> str | None:
+    """Why an entry no longer matches its sources (or the manifest row asking for it); None if it does.
+
+    Without a row, the entry is checked against the files it records.
+    """
+    recorded = meta.get("sources")
+    if not isinstance(recorded, dict):
+        return "made by an older medssl (no source record)"
+    if row is not None:
+        if {role: rec.get("path") for role, rec in recorded.items()} != _source_paths(row):
+            return f"made from other files ({recorded.get('image', {}).get('path')}) than {row['image']}"
+        if meta.get("group") != (row.get("group") or row["case_id"]):
+            return f"made for group {meta.get('group')!r}, the manifest says {row.get('group')!r}"
+        if meta.get("manifest_label_names") != _label_names_json(case_label_names(row)):
+            return "made with other label names than the manifest's"
+    for role, rec in recorded.items():
+        try:
+            size, mtime_ns = _file_stat(rec["path"])
+        except OSError:
+            return f"its {role} source {rec['path']} is missing"
+        if (size, mtime_ns) != (rec.get("size"), rec.get("mtime_ns")):
+            return f"its {role} source {rec['path']} changed since it was cached (size or modification time)"
+    return None
 
 
 # ---------------------------------------------------------------------- staging (runs in workers too)
 
 
-def _stage_case(
-    row: dict, config: Any, digest: str, digest_dir: str, patch_size_vox: Any
-) -> tuple[str, str | None, tuple[type, str, str] | None]:
-    """Read + preprocess one case into ``<digest_dir>/.tmp-<case>-<uuid>/``.
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    Returns ``(case_id, tmp_dir, None)`` or ``(case_id, None, (error class, path,
-    problem))``; errors travel as parts because MedsslDataError does not pickle.
-    Non-data errors (e.g. a failed write) propagate after removing the folder.
+
+@contextmanager
+def _sigint_ignored_in_children() -> Iterator[None]:
+    """Ignore SIGINT while worker processes start, so they inherit it from their first instruction.
+
+    (A Python child keeps an inherited SIG_IGN for SIGINT; the pool initializer alone would
+    leave the import phase of a starting worker open to Ctrl-C.) Main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stage_case(
+    row: dict, config: Any, digest: str, tmp: str, sources: dict, patch_size_vox: Any
+) -> tuple[str, str | None, MedsslDataError | None]:
+    """Read + preprocess one case into the temporary folder ``tmp`` (named by the parent build).
+
+    Returns ``(case_id, tmp, None)`` or ``(case_id, None, error)``. Non-data errors
+    propagate after removing the folder; a failed write becomes :class:`CacheWriteError`.
     """
     case_id = row["case_id"]
-    sources = _source_record(row, missing_ok=True)  # before reading: a change during the read forces a rebuild
     vol, err = _guarded(load_case, row, config, patch_size_vox=patch_size_vox)
     if err is not None:
-        return case_id, None, (type(err), err.path, err.problem)
-    tmp = Path(digest_dir) / f"{_TMP_PREFIX}{case_id}-{uuid.uuid4().hex}"
-    tmp.mkdir()
+        return case_id, None, err
+    tmp_dir = Path(tmp)
+    tmp_dir.mkdir()
     try:
-        _write_entry(tmp, vol, row, config, digest, sources)
+        _write_entry(tmp_dir, vol, row, config, digest, sources)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return case_id, str(tmp), None
+    return case_id, tmp, None
 
 
 def _unpack_stage_result(res: tuple) -> tuple[str, Path | None, MedsslDataError | None]:
     case_id, tmp, err = res
-    if err is not None:
-        cls, path, problem = err
-        return case_id, None, cls(path, problem)
-    return case_id, Path(tmp), None
+    return case_id, None if tmp is None else Path(tmp), err
+
+
+def _save(path: Path, array: np.ndarray, case_id: str) -> None:
+    """``np.save`` that names the file when the write fails (numpy's message does not)."""
+    try:
+        np.save(path, array, allow_pickle=False)
+    except OSError as e:
+        raise CacheWriteError(
+            path, f"cannot write case {case_id!r}'s cache entry ({e or type(e).__name__}; {array.nbytes} bytes): "
+            "is the disk full? Free space, or point MEDSSL_CACHE at another disk; nothing was committed",
+        ) from e  # fmt: skip
 
 
 def _write_entry(tmp: Path, vol: Volume, row: dict, config: Any, digest: str, sources: dict) -> None:
     from medssl import __version__
 
+    case_id = row["case_id"]
     data = np.ascontiguousarray(np.asarray(vol.data), dtype=np.float32)
     if data.ndim != 4:
         raise MedsslDataError(row["image"], f"preprocessing returned data of shape {data.shape}, expected (C, X, Y, Z)")
     shape = tuple(int(s) for s in data.shape[1:])
-    np.save(tmp / _IMAGE, data, allow_pickle=False)
+    _save(tmp / _IMAGE, data, case_id)
     if vol.label is not None:
-        np.save(tmp / _LABEL, _as_smallest_int(vol.label, row["label"]), allow_pickle=False)
+        _save(tmp / _LABEL, _as_smallest_int(vol.label, row["label"]), case_id)
     for name, arr in (vol.aux or {}).items():
-        np.save(tmp / f"{AUX_PREFIX}{name}.npy", _as_smallest_int(arr, row["image"]), allow_pickle=False)
+        _save(tmp / f"{AUX_PREFIX}{name}.npy", _as_smallest_int(arr, row["image"]), case_id)
     affine = np.asarray(vol.affine, dtype=np.float64)
     meta = {
         "format_version": _FORMAT_VERSION,
-        "case_id": row["case_id"],
-        "group": vol.group or row.get("group") or row["case_id"],
+        "case_id": case_id,
+        "group": vol.group or row.get("group") or case_id,
         "affine": affine.tolist(),
         "spacing_mm": np.linalg.norm(affine[:3, :3], axis=0).tolist(),
         "shape_vox": list(shape),
@@ -473,18 +671,17 @@ def _write_entry(tmp: Path, vol: Volume, row: dict, config: Any, digest: str, so
         "medssl_version": __version__,
     }
     # meta.json last: an entry folder without it is never mistaken for a complete one.
-    (tmp / _META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    try:
+        (tmp / _META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    except OSError as e:
+        problem = f"cannot write case {case_id!r}'s cache metadata ({e}): is the disk full?"
+        raise CacheWriteError(tmp / _META, problem) from e
 
 
-def _source_record(row: dict, missing_ok: bool = False) -> dict[str, dict]:
+def _source_record(row: Mapping[str, Any], missing_ok: bool = False) -> dict[str, dict]:
     """``{role: {path, size, mtime_ns}}`` for the image, label and aux files of a row."""
-    files = {"image": row["image"]}
-    if row.get("label"):
-        files["label"] = row["label"]
-    files.update({f"{AUX_PREFIX}{k}": v for k, v in case_aux_paths(row).items()})
     out = {}
-    for role, p in files.items():
-        path = os.path.abspath(os.fspath(p))
+    for role, path in _source_paths(row).items():
         try:
             size, mtime_ns = _file_stat(path)
         except OSError:
@@ -507,14 +704,6 @@ def _file_stat(path: str) -> tuple[int, int]:
             size += int(s.st_size)
             mtime = max(mtime, int(s.st_mtime_ns))
     return size, mtime
-
-
-def _remove_case_tmp_dirs(digest_dir: Path, case_ids: list[str], younger_than_s: float) -> None:
-    now = time.time()
-    for case_id in case_ids:
-        for p in digest_dir.glob(f"{_TMP_PREFIX}{case_id}-*"):
-            if now - p.stat().st_mtime < younger_than_s:
-                shutil.rmtree(p, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -541,24 +730,36 @@ def _as_smallest_int(arr: Any, path: str) -> np.ndarray:
     return np.ascontiguousarray(a.astype(_smallest_int_dtype(int(a.min()), int(a.max()))))
 
 
-def _check_npy(path: Path, shape: tuple[int, ...]) -> None:
-    """Header and file size of an .npy agree with ``shape`` (catches missing and truncated files)."""
+def _check_npy(path: Path, shape: tuple[int, ...]) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Header and file size of an .npy agree with ``shape`` (catches missing and truncated files).
+
+    Returns the header's ``(shape, dtype, data offset)``.
+    """
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            fmt = np.lib.format
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            stored_shape, _, dtype = read_header(f)
-            expected_size = f.tell() + int(np.prod(stored_shape)) * dtype.itemsize
+        header = _npy_header(path)
     except FileNotFoundError as e:
         raise CacheEntryError(path, "missing cached array; rebuild with VolumeCache.build") from e
     except (OSError, ValueError) as e:
         raise CacheEntryError(path, f"corrupt cached array ({e}); rebuild with VolumeCache.build") from e
+    stored_shape, dtype, offset = header
     if tuple(stored_shape) != tuple(shape):
         raise CacheEntryError(path, f"cached array has shape {stored_shape}, meta.json says {shape}; rebuild")
+    expected_size = offset + int(np.prod(stored_shape)) * dtype.itemsize
     actual = os.path.getsize(path)
     if actual != expected_size:
         raise CacheEntryError(path, f"cached array is {actual} bytes, expected {expected_size} (truncated?); rebuild")
+    return header
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset from an .npy header (the data is not read)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        if fortran_order:
+            raise ValueError("stored in Fortran order; medssl writes C order")
+        return tuple(shape), dtype, f.tell()
 
 
 def _label_names_json(names: dict[int, str] | None) -> dict[str, str] | None:

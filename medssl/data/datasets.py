@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl._files import atomic_path
-from medssl.data.errors import DatasetScanError, MedsslDataError, TooSmallError
+from medssl.data.errors import DatasetScanError, MedsslDataError, TooLargeError, TooSmallError
 from medssl.data.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -414,8 +414,9 @@ def _guarded(fn, row, *args, **kwargs):
         return fn(row, *args, **kwargs), None
     except MedsslDataError as e:
         return None, e
-    except (MemoryError, KeyboardInterrupt):
-        raise
+    except MemoryError as e:  # this file was too large for the machine; the others may be fine
+        problem = f"ran out of memory while reading/preprocessing it ({e or 'MemoryError'})"
+        return None, TooLargeError(row["image"], problem)
     except Exception as e:  # noqa: BLE001 - see docstring
         err = MedsslDataError(row["image"], f"unexpected {type(e).__name__} while reading/preprocessing: {e}")
         err.__cause__ = e

@@ -11,6 +11,9 @@ class MedsslDataError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # picklable (worker processes send errors back), whatever the subclass
+        return (type(self), (self.path, self.problem))
+
 
 class UnreadableFileError(MedsslDataError):
     """The file is missing, corrupt or in an unsupported format."""
@@ -34,6 +37,10 @@ class LabelGridMismatchError(MedsslDataError):
 
 class TooSmallError(MedsslDataError):
     """The volume is smaller than the patch size after preprocessing."""
+
+
+class TooLargeError(MedsslDataError):
+    """Reading or resampling the volume would need more memory than the bound (see ``medssl.data.limits``)."""
 
 
 class EmptyForegroundError(MedsslDataError):

@@ -14,9 +14,10 @@ Bad files raise :mod:`medssl.data.errors` naming the file and the problem.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -29,8 +30,10 @@ from medssl.data.errors import (
     DimensionalityError,
     GeometryError,
     MedsslDataError,
+    TooLargeError,
     UnreadableFileError,
 )
+from medssl.data.limits import check_memory
 from medssl.data.validate import channels_first, check_finite, check_geometry, check_same_grid
 from medssl.data.volume import Volume
 
@@ -39,6 +42,9 @@ __all__ = ["read_volume", "write_nifti", "NIFTI_SUFFIXES", "ITK_SUFFIXES"]
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# DICOM slice positions may deviate from a uniform grid by this fraction of the slice spacing
+# (scanners round positions: 0.05 mm on a 7 mm grid is 0.7 %); beyond it the series is uneven.
+DICOM_SLICE_TOLERANCE = 0.05
 
 
 @dataclass
@@ -48,6 +54,7 @@ class _Raw:
     array: np.ndarray
     affine: np.ndarray
     fmt: str
+    notes: dict = field(default_factory=dict)  # goes into Volume.meta (e.g. the DICOM slice fit)
 
 
 # --------------------------------------------------------------------------- format dispatch
@@ -80,8 +87,8 @@ def _read_raw(path: Path) -> _Raw:
             ) from None
     except MedsslDataError:
         raise
-    except MemoryError:
-        raise
+    except MemoryError as exc:  # the bounds in medssl.data.limits were not enough on this machine
+        raise TooLargeError(path, f"ran out of memory while reading it ({exc or 'MemoryError'})") from None
     except Exception as exc:  # boundary: any reader failure means the file cannot be used
         raise UnreadableFileError(path, f"cannot read file: {type(exc).__name__}: {exc}") from exc
 
@@ -111,19 +118,50 @@ def _check_nifti_pixdim(path: Path, img: nib.Nifti1Image) -> None:
 
 
 def _check_gzip_complete(path: Path, expected_size: int) -> None:
-    """Detect a truncated .gz whose cut fell after the last voxel (the reader never notices).
+    """Check, before reading voxels, that a .gz holds as many bytes as its header promises.
 
     The gzip trailer's last 4 bytes hold the uncompressed size mod 2**32: a cheap
-    check. On a mismatch (truncation, or a legitimate multi-member gzip) we
-    decompress to the end, which raises the real error if the file is damaged.
+    check. On a mismatch (truncation, a header claiming more voxels than stored, or a
+    legitimate multi-member gzip) we decompress to the end in bounded chunks and
+    count, so a lying header costs no memory.
     """
     with open(path, "rb") as f:
         f.seek(-4, os.SEEK_END)
         if int.from_bytes(f.read(4), "little") == expected_size % 2**32:
             return
+    total = 0
     with gzip.open(path, "rb") as g:
-        while g.read(1 << 24):
-            pass
+        while chunk := g.read(1 << 20):
+            total += len(chunk)
+    if total < expected_size:
+        raise UnreadableFileError(
+            path, f"truncated: the header needs {expected_size} bytes (header + voxels), the file holds {total}"
+        )
+
+
+def _check_voxel_type(path: Path, dtype: np.dtype) -> None:
+    """Only real numbers are intensities: RGB (structured), complex and other voxel types are refused."""
+    if dtype.names:
+        raise UnreadableFileError(
+            path,
+            f"holds RGB colour voxels ({', '.join(dtype.names)} fields); medssl reads scalar intensities: "
+            "convert it to grayscale, or store multi-channel data as a 4D image",
+        )
+    if dtype.kind not in "biuf":
+        what = "complex" if dtype.kind == "c" else f"'{dtype}'"
+        raise UnreadableFileError(path, f"holds {what} voxels; medssl reads real-valued intensities")
+
+
+def _check_before_reading(path: Path, affine: np.ndarray, shape: tuple[int, ...], bytes_per_voxel: float | None):
+    """Geometry bounds and (unless ``bytes_per_voxel`` is None) the memory bound, from the header alone."""
+    from medssl.data.validate import check_geometry
+
+    if len(shape) >= 3:
+        check_geometry(path, affine, shape[:3])
+    if bytes_per_voxel is None:
+        return
+    n_voxels = math.prod(int(s) for s in shape)
+    check_memory(path, n_voxels * bytes_per_voxel, f"reading this image ({' x '.join(map(str, shape))} voxels)")
 
 
 def _read_nifti(path: Path) -> _Raw:
@@ -131,10 +169,25 @@ def _read_nifti(path: Path) -> _Raw:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UnreadableFileError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     _check_nifti_pixdim(path, img)
+    header = img.header
+    dtype = header.get_data_dtype()
+    _check_voxel_type(path, dtype)
+    slope, inter = header.get_slope_inter()
+    scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+    # Order: the header's geometry, then whether the file holds the voxels its header promises
+    # (a 4 KB file claiming 2048^3 voxels is truncated, not large), then the memory they need.
+    _check_before_reading(path, img.affine, img.shape, None)
+    expected = header.get_data_offset() + math.prod(img.shape) * dtype.itemsize
+    if _suffix(path) == ".nii.gz":
+        _check_gzip_complete(path, expected)
+    elif (size := os.path.getsize(path)) < expected:
+        raise UnreadableFileError(
+            path, f"truncated: the header needs {expected} bytes (header + voxels), the file holds {size}"
+        )
+    # raw voxels, nibabel's float64 when scaled, and read_volume's float32 copy
+    _check_before_reading(path, img.affine, img.shape, dtype.itemsize + (8 if scaled else 0) + 4)
     # asanyarray keeps integer label maps integer (scaling, if any, makes it float).
     array = np.asanyarray(img.dataobj)
-    if _suffix(path) == ".nii.gz":
-        _check_gzip_complete(path, img.header.get_data_offset() + array.size * img.header.get_data_dtype().itemsize)
     return _Raw(array=array, affine=np.asarray(img.affine, dtype=np.float64), fmt="nifti")
 
 
@@ -197,6 +250,36 @@ def _itk_error_message(exc: Exception) -> str:
     return re.sub(r"(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", msg).strip()
 
 
+def _itk_ras_affine(size, spacing, origin, direction) -> np.ndarray:
+    """RAS voxel -> world affine of the first three axes of an ITK (LPS) geometry."""
+    dim = len(size)
+    direction = np.asarray(direction, dtype=np.float64).reshape(dim, dim)[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(np.asarray(spacing, dtype=np.float64)[:3])
+    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin, dtype=np.float64)[:3]
+    return affine
+
+
+def _itk_pixel_bytes(pixel_id: int) -> int:
+    """Bytes per pixel component of a SimpleITK pixel type (8 if unknown)."""
+    try:
+        return int(sitk.GetArrayViewFromImage(sitk.Image([1, 1], pixel_id)).dtype.itemsize)
+    except Exception:  # noqa: BLE001 - label or exotic pixel types: assume the widest
+        return 8
+
+
+def _check_itk_info(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Bounds from an ITK header (``ReadImageInformation``), before the voxels are read."""
+    size = reader.GetSize()
+    if len(size) < 3:
+        return  # 2D: DimensionalityError once read
+    affine = _itk_ras_affine(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+    components = max(1, int(reader.GetNumberOfComponents()))
+    # ITK's buffer, our transposed copy, and read_volume's float32 copy
+    per_voxel = components * (2 * _itk_pixel_bytes(reader.GetPixelID()) + 4)
+    _check_before_reading(path, affine, tuple(size), per_voxel)
+
+
 def _sitk_to_raw(path: Path, image: sitk.Image, fmt: str) -> _Raw:
     """SimpleITK image (LPS, (z, y, x) arrays) -> (X, Y, Z[, C]) array + RAS affine."""
     dim = image.GetDimension()
@@ -209,12 +292,7 @@ def _sitk_to_raw(path: Path, image: sitk.Image, fmt: str) -> _Raw:
         arr = arr.transpose(3, 2, 1, 0, *range(4, arr.ndim))  # -> (x, y, z, t[, comp])
     else:
         arr = arr.transpose(2, 1, 0, *range(3, arr.ndim))  # -> (x, y, z[, comp])
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
-    affine[:3, 3] = _LPS_TO_RAS @ origin
+    affine = _itk_ras_affine(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     return _Raw(array=np.array(arr), affine=affine, fmt=fmt)  # copy: the view dies with `image`
 
 
@@ -233,7 +311,11 @@ def _read_itk_file(path: Path) -> _Raw:
         problem = _header_spacing_problem(path)
         if problem:
             raise GeometryError(path, f"broken geometry: {problem}")
-    image = _execute_itk(path, lambda: sitk.ReadImage(str(path)))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    _execute_itk(path, reader.ReadImageInformation)
+    _check_itk_info(path, reader)
+    image = _execute_itk(path, reader.Execute)
     fmt = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage"}.get(_suffix(path), "itk")
     return _sitk_to_raw(path, image, fmt)
 
@@ -253,36 +335,131 @@ def _read_dicom_series(folder: Path) -> _Raw:
             "folder: move each series into its own folder",
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    _execute_itk(folder, first.ReadImageInformation)
+    rows_cols = math.prod(first.GetSize()[:2])
+    components = max(1, int(first.GetNumberOfComponents()))
+    per_voxel = components * (2 * _itk_pixel_bytes(first.GetPixelID()) + 4)
+    check_memory(folder, rows_cols * len(files) * per_voxel, f"reading this series ({len(files)} slices)")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the slice-gap check
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the slice-position fit
     image = _execute_itk(folder, reader.Execute)
+    order = _position_order(reader, image)
+    if order is not None:  # GDCM fell back to another order (e.g. on duplicate positions): stack by position
+        reader.SetFileNames([files[i] for i in order])
+        image = _execute_itk(folder, reader.Execute)
+    notes = {}
     if image.GetDimension() == 3 and len(files) > 2:
-        _check_dicom_slice_gaps(folder, reader, image)
-    return _sitk_to_raw(folder, image, "dicom")
+        notes = _fit_dicom_slices(folder, reader, image)
+    raw = _sitk_to_raw(folder, image, "dicom")
+    raw.notes.update(notes)
+    return raw
 
 
-def _check_dicom_slice_gaps(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
-    """Reject series whose slices are unevenly spaced (missing or duplicate slices).
+def _slice_positions(reader: sitk.ImageSeriesReader) -> np.ndarray | None:
+    """``(n, 3)`` Image Position (Patient) of every file read, LPS mm (None if any lacks it)."""
+    key = "0020|0032"
+    n = len(reader.GetFileNames())
+    if not all(reader.HasMetaDataKey(i, key) for i in range(n)):
+        return None
+    return np.array([[float(v) for v in reader.GetMetaData(i, key).split("\\")] for i in range(n)])
 
-    ITK only warns and then uses the *average* gap as the slice spacing, which
-    puts every slice after a missing one at the wrong world position.
+
+def _position_order(reader: sitk.ImageSeriesReader, image: sitk.Image) -> list[int] | None:
+    """File order sorted along the slice normal, or None if the files already are."""
+    positions = _slice_positions(reader)
+    if positions is None or image.GetDimension() != 3:
+        return None
+    along_mm = positions @ np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    if np.all(np.diff(along_mm) >= 0):
+        return None
+    return [int(i) for i in np.argsort(along_mm, kind="stable")]
+
+
+def _fit_dicom_slices(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> dict:
+    """Fit the slice positions to a uniform grid; set the image's slice spacing and origin from the fit.
+
+    ITK only warns about uneven slices and then uses the *average* gap, which puts every
+    slice after a missing one at the wrong world position. Scanners round positions, so
+    the fit allows :data:`DICOM_SLICE_TOLERANCE` of the spacing; a missing or duplicated
+    slice is named as such (with its files and instance numbers), and slices drifting
+    in-plane (gantry tilt) are refused. Returns notes for ``Volume.meta``.
     """
-    key = "0020|0032"  # Image Position (Patient), LPS mm
-    n_files = len(reader.GetFileNames())
-    if not all(reader.HasMetaDataKey(i, key) for i in range(n_files)):
-        return  # cannot check without positions; ITK has already sorted what it could
-    positions = np.array([[float(v) for v in reader.GetMetaData(i, key).split("\\")] for i in range(n_files)])
+    files = list(reader.GetFileNames())
+    positions = _slice_positions(reader)
+    if positions is None:
+        return {}  # cannot check without positions; ITK has already sorted what it could
+    instances = [reader.GetMetaData(i, "0020|0013").strip() if reader.HasMetaDataKey(i, "0020|0013") else "?"
+                 for i in range(len(files))]  # fmt: skip
     normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-    gaps_mm = np.diff(positions @ normal)
-    typical = float(np.median(gaps_mm))
-    if typical <= 0 or np.max(np.abs(gaps_mm - typical)) > 0.01 + 0.01 * abs(typical):
+    along_mm = positions @ normal
+    fit = _uniform_grid_fit(along_mm)
+    spacing, intercept, residual, index = fit
+    tol = max(DICOM_SLICE_TOLERANCE * spacing, 0.01)  # 0.01 mm: below any DICOM position's precision
+
+    def slice_name(i: int) -> str:
+        return f"{Path(files[i]).name} (instance {instances[i]}, {along_mm[i]:.3f} mm)"
+
+    if not spacing > 0:
+        raise GeometryError(folder, f"duplicated slices: all {len(files)} slices share one position along the "
+                                    "slice normal; world coordinates cannot be trusted")  # fmt: skip
+    if residual > tol:
+        gaps = np.diff(along_mm)
         raise GeometryError(
             folder,
-            f"DICOM slices are unevenly spaced along the slice normal (gaps {np.min(gaps_mm):.3g} to "
-            f"{np.max(gaps_mm):.3g} mm over {n_files} slices): missing or duplicate slices; "
+            f"DICOM slices are unevenly spaced: positions along the slice normal deviate up to {residual:.3g} mm "
+            f"from a uniform {spacing:.4g} mm grid (tolerance {tol:.3g} mm, {DICOM_SLICE_TOLERANCE:.0%} of the "
+            f"spacing; gaps {gaps.min():.4g} to {gaps.max():.4g} mm over {len(files)} slices); "
             "world coordinates cannot be trusted",
         )
+    steps = np.diff(index)
+    duplicated = [f"{slice_name(i)} and {slice_name(i + 1)}" for i in np.flatnonzero(steps == 0)]
+    if duplicated:
+        raise GeometryError(folder, f"duplicated slice(s): {'; '.join(duplicated)} lie at the same position; "
+                                    "remove the duplicates (world coordinates cannot be trusted)")  # fmt: skip
+    after = np.flatnonzero(steps > 1)
+    missing = [f"{int(steps[i]) - 1} between {slice_name(i)} and {slice_name(i + 1)}" for i in after]
+    if missing:
+        raise GeometryError(
+            folder,
+            f"missing slice(s) in a series with {spacing:.4g} mm slice spacing: {'; '.join(missing)}; "
+            "world coordinates after the gap cannot be trusted",
+        )
+    in_plane = positions - np.outer(along_mm, normal)
+    drift = float(np.max(np.linalg.norm(in_plane - in_plane[0], axis=1)))
+    if drift > tol:
+        raise GeometryError(
+            folder,
+            f"slice positions drift {drift:.3g} mm in-plane along the series (gantry tilt or a sheared grid); "
+            "medssl needs slices stacked along their normal",
+        )
+    sx, sy = image.GetSpacing()[:2]
+    image.SetSpacing((sx, sy, spacing))
+    image.SetOrigin(tuple(positions[0] + (intercept - along_mm[0]) * normal))
+    return {"dicom_slice_spacing_mm": spacing, "dicom_slice_fit_residual_mm": residual}
+
+
+def _uniform_grid_fit(along_mm: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+    """Least-squares fit ``along_mm[k] = intercept + spacing * index[k]``.
+
+    ``index`` counts grid steps from the first slice (a missing slice skips one, a
+    duplicate repeats one), found with the median gap. Returns ``(spacing, intercept,
+    max |residual| mm, index)``; spacing is 0 when all positions coincide.
+    """
+    gaps = np.diff(along_mm)
+    typical = float(np.median(gaps))
+    if not typical > 0:
+        positive = gaps[gaps > 0]
+        typical = float(np.median(positive)) if positive.size else 0.0
+    if typical <= 0:
+        return 0.0, float(along_mm[0]), 0.0, np.zeros(len(along_mm), dtype=np.int64)
+    index = np.rint((along_mm - along_mm[0]) / typical).astype(np.int64)
+    design = np.stack([np.ones(len(index)), index.astype(np.float64)], axis=1)
+    (intercept, spacing), *_ = np.linalg.lstsq(design, along_mm, rcond=None)
+    residual = float(np.max(np.abs(along_mm - (intercept + spacing * index))))
+    return float(spacing), float(intercept), residual, index
 
 
 # --------------------------------------------------------------------------- labels
@@ -291,6 +468,7 @@ def _check_dicom_slice_gaps(folder: Path, reader: sitk.ImageSeriesReader, image:
 def _as_label_map(path: Path, raw: _Raw) -> np.ndarray:
     """(X, Y, Z) integer label map: int16 when the ids fit, else int32."""
     arr = raw.array
+    _check_voxel_type(path, arr.dtype)
     if arr.ndim > 3:
         arr = arr.reshape(arr.shape[:3] + tuple(s for s in arr.shape[3:] if s != 1))
     if arr.ndim != 3 or min(arr.shape) <= 1:
@@ -312,7 +490,7 @@ def _as_label_map(path: Path, raw: _Raw) -> np.ndarray:
 def _read_map_on_grid(path: Path, image_path: Path, image_shape, image_affine, what: str) -> np.ndarray:
     raw = _read_raw(path)
     label = _as_label_map(path, raw)
-    affine = check_geometry(path, raw.affine)
+    affine = check_geometry(path, raw.affine, label.shape)
     check_same_grid(path, label.shape, affine, image_path, image_shape, image_affine, what=what)
     return label
 
@@ -362,8 +540,9 @@ def read_volume(
     """
     image_path = Path(image_path)
     raw = _read_raw(image_path)
+    _check_voxel_type(image_path, raw.array.dtype)
     data = channels_first(image_path, raw.array)
-    affine = check_geometry(image_path, raw.affine)
+    affine = check_geometry(image_path, raw.affine, data.shape[1:])
     data = np.ascontiguousarray(data, dtype=np.float32)
     check_finite(image_path, data)
     shape_vox = data.shape[1:]
@@ -376,6 +555,7 @@ def read_volume(
         for name, p in (aux_paths or {}).items()
     }
     meta = {
+        **raw.notes,
         "format": raw.fmt,
         "label_source": str(label_path) if label_path is not None else None,
         "aux_sources": {name: str(p) for name, p in (aux_paths or {}).items()},

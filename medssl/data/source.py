@@ -11,13 +11,15 @@ Notebooks, the CLI and the trainer all start here::
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 
+from medssl._processes import can_spawn_workers
 from medssl.provenance import provenance_statement
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +44,8 @@ class DataSource:
         provenance: where the data came from; every report must show it.
         source: ``"demo"`` or the folder path.
         scan_report: problems found when scanning a folder (None for the demo).
+        patch_size_vox: if set, the scan reports cases smaller than this patch
+            (after preprocessing) as :class:`~medssl.data.errors.TooSmallError`.
     """
 
     manifest: pd.DataFrame
@@ -52,6 +56,7 @@ class DataSource:
     source: str
     progress: bool = True
     scan_report: object | None = None
+    patch_size_vox: tuple[int, int, int] | None = None
     _cache: "VolumeCache | None" = field(default=None, repr=False)
     _built: bool = field(default=False, repr=False)
 
@@ -84,19 +89,32 @@ class DataSource:
         """
         if self._built:
             return
-        workers = 2 if len(self.manifest) > 8 and (os.cpu_count() or 1) > 1 else 1
-        report = self.cache.build(self.manifest, on_error=on_error, progress=self.progress, workers=workers)
+        # Worker processes only where they cannot re-run the caller's script (see medssl._processes).
+        parallel = len(self.manifest) > 8 and (os.cpu_count() or 1) > 1 and can_spawn_workers()
+        report = self.cache.build(self.manifest, on_error=on_error, progress=self.progress,
+                                  workers=2 if parallel else 1, patch_size_vox=self.patch_size_vox)  # fmt: skip
         if report.problems:
             self.manifest = report.keep_ok(self.manifest)
         self.scan_report = report
         self._built = True
+        if report.problems and not report.ok_case_ids:
+            warnings.warn(
+                f"{self.source}: no usable case: all {len(report.problems)} case(s) were skipped as bad files "
+                f"(see scan_report):\n{report.summary()}",
+                stacklevel=3,
+            )
 
-    def volumes(self, split: str | None = None) -> list["Volume"]:
-        """Cached, preprocessed Volumes of ``split`` (``train``/``val``/``test``/``external``; None: all)."""
+    def volumes(self, split: str | None = None, *, lazy: bool = True) -> list["Volume"]:
+        """Cached, preprocessed Volumes of ``split`` (``train``/``val``/``test``/``external``; None: all).
+
+        With ``lazy=True`` (the default) the arrays are :class:`~medssl.data.npy.LazyNpy`:
+        nothing is open until a patch is read, so handles and mapped memory stay bounded
+        for any cohort size; ``lazy=False`` gives read-only ``np.memmap``s.
+        """
         if split is not None and split not in ("train", "val", "test", "external"):
             raise ValueError(f"split must be train, val, test, external or None, got {split!r}")
         self.build_cache()
-        return self.cache.load_all(self.manifest, split=split)
+        return self.cache.load_all(self.manifest, split=split, lazy=lazy)
 
     def summary(self) -> pd.DataFrame:
         """The cohort table: one row per case with its preprocessed shape, spacing and label counts.
@@ -137,11 +155,12 @@ def open_data(
     manifest: str | os.PathLike | pd.DataFrame | None = None,
     preprocess: "PreprocessConfig | None" = None,
     n_subjects: int = 48,
-    seed: int = 0,
+    cohort_seed: int = 0,
     split_seed: int = 0,
     on_error: Literal["raise", "skip"] = "raise",
     progress: bool = True,
     target_spacing_mm: float | None = None,
+    patch_size_vox: int | Sequence[int] | None = None,
 ) -> DataSource:
     """Open the demo cohort or a folder of images as a :class:`DataSource`.
 
@@ -154,7 +173,8 @@ def open_data(
         preprocess: preprocessing config. Default: for the demo, the cohort's own
             (:meth:`DemoCohort.default_preprocess_config`), else ``PreprocessConfig()``;
             either with ``target_spacing_mm`` if that is given.
-        n_subjects, seed: demo cohort size and seed.
+        n_subjects, cohort_seed: demo cohort size and seed (which synthetic subjects exist; it
+            is not a training seed: a seed sweep of training keeps the same data).
         split_seed: seed of the patient-grouped split of a folder.
         on_error: folder scan (done while caching): ``"raise"`` lists every bad
             file and stops; ``"skip"`` drops them (see ``DataSource.scan_report``).
@@ -162,12 +182,19 @@ def open_data(
         target_spacing_mm: isotropic voxel size (mm) when ``preprocess`` is None.
             The demo subjects are synthesised at this spacing (default 3 mm, the
             template CT's own; finer values only interpolate it).
+        patch_size_vox: the training patch (int or 3 ints); the scan then reports
+            every case smaller than it after preprocessing (:class:`TooSmallError`)
+            instead of training failing at its first step.
+
+    Works from a plain script too: worker processes are used only where they
+    cannot re-run the script's top-level code (see :mod:`medssl._processes`).
     """
     from dataclasses import replace
 
     from medssl.data.preprocess import PreprocessConfig
 
     iso = None if target_spacing_mm is None else (float(target_spacing_mm),) * 3
+    patch = _patch_tuple(patch_size_vox)
     if str(source) == "demo":
         from medssl.data.demo import build_demo_cohort
 
@@ -177,7 +204,7 @@ def open_data(
             spacing = float(min(preprocess.target_spacing_mm))
         else:
             spacing = 3.0
-        cohort = build_demo_cohort(n_subjects=n_subjects, seed=seed, spacing_mm=spacing, progress=progress)
+        cohort = build_demo_cohort(n_subjects=n_subjects, seed=cohort_seed, spacing_mm=spacing, progress=progress)
         config = preprocess if preprocess is not None else cohort.default_preprocess_config()
         return DataSource(
             manifest=cohort.manifest,
@@ -187,13 +214,23 @@ def open_data(
             provenance=cohort.provenance,
             source="demo",
             progress=progress,
+            patch_size_vox=patch,
         )
     if preprocess is None:
         preprocess = PreprocessConfig() if iso is None else replace(PreprocessConfig(), target_spacing_mm=iso)
-    return _open_folder(source, layout, manifest, preprocess, split_seed, on_error, progress)
+    return _open_folder(source, layout, manifest, preprocess, split_seed, on_error, progress, patch)
 
 
-def _open_folder(source, layout, manifest, config, split_seed, on_error, progress) -> DataSource:
+def _patch_tuple(patch_size_vox: int | Sequence[int] | None) -> tuple[int, int, int] | None:
+    if patch_size_vox is None:
+        return None
+    patch = (int(patch_size_vox),) * 3 if np.isscalar(patch_size_vox) else tuple(int(p) for p in patch_size_vox)
+    if len(patch) != 3 or min(patch) < 1:
+        raise ValueError(f"patch_size_vox must be a positive int or 3 positive ints, got {patch_size_vox!r}")
+    return patch  # type: ignore[return-value]
+
+
+def _open_folder(source, layout, manifest, config, split_seed, on_error, progress, patch) -> DataSource:
     from medssl.data.datasets import assign_splits, case_label_names, read_manifest, validate_manifest
 
     folder = Path(source).expanduser()
@@ -217,6 +254,7 @@ def _open_folder(source, layout, manifest, config, split_seed, on_error, progres
         provenance=provenance_statement(folder),
         source=str(folder),
         progress=progress,
+        patch_size_vox=patch,
     )
     # The scan and the cache are one pass (scan_dataset would read and preprocess
     # every case a second time): bad files are all listed before anything is trained.

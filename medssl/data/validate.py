@@ -20,6 +20,7 @@ from medssl.data.errors import (
     NonFiniteVoxelsError,
     TooSmallError,
 )
+from medssl.data.limits import check_world_bounds
 from medssl.data.volume import Volume
 from medssl.geometry import check_affine, vox_to_world
 
@@ -71,15 +72,18 @@ def channels_first(path: object, array: np.ndarray) -> np.ndarray:
     )
 
 
-def check_geometry(path: object, affine: np.ndarray) -> np.ndarray:
+def check_geometry(path: object, affine: np.ndarray, shape_vox: Sequence[int] | None = None) -> np.ndarray:
     """Return ``affine`` as float64 ``(4, 4)``; raise :class:`GeometryError` if it is not usable.
 
-    Zero or NaN spacing, non-finite entries and singular matrices are rejected.
+    Zero or NaN spacing, non-finite entries and singular matrices are rejected; with
+    ``shape_vox``, so are voxels and grid corners beyond :mod:`medssl.data.limits`.
     """
     try:
         check_affine(affine)
     except ValueError as exc:
         raise GeometryError(path, f"broken geometry: {exc}") from None
+    if shape_vox is not None:
+        check_world_bounds(path, affine, shape_vox)
     return np.asarray(affine, dtype=np.float64)
 
 
@@ -195,7 +199,7 @@ def validate_volume(volume: Volume, *, min_shape_vox: Sequence[int] | None = Non
             path,
             f"volume data must be (C, X, Y, Z) with 1 <= C <= {MAX_CHANNELS} and 3D spatial axes, got {data.shape}",
         )
-    check_geometry(path, volume.affine)
+    check_geometry(path, volume.affine, volume.shape_vox)
     check_finite(path, data)
     maps = ([("label", volume.label)] if volume.label is not None else []) + [
         (f"aux map '{name}'", arr) for name, arr in volume.aux.items()

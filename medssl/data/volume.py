@@ -13,7 +13,9 @@ class Volume:
     """A 3D image with its geometry.
 
     Attributes:
-        data: image, shape ``(C, X, Y, Z)``, float32 (may be a read-only memmap).
+        data: image, shape ``(C, X, Y, Z)``, float32 (may be a read-only memmap, or a
+            :class:`~medssl.data.npy.LazyNpy` from ``DataSource.volumes()``: slice it or
+            ``np.asarray`` it; slicing returns an in-memory copy).
         affine: ``(4, 4)`` voxel index -> world millimetres, RAS+ convention
             (nibabel's convention; DICOM/ITK LPS readers are converted).
         case_id: unique id of this case within a manifest.

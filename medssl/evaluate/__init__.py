@@ -32,6 +32,7 @@ from medssl.evaluate.latent import (
 )
 from medssl.evaluate.patchsets import (
     PatchSet,
+    draw_by_split,
     draw_labelled_patch_set,
     draw_pair_set,
     draw_uniform_patch_set,
@@ -44,23 +45,25 @@ from medssl.evaluate.probe import (
     ProbeResult,
     binary_metrics,
     grouped_folds,
+    linear_probe,
     linear_probe_cv,
     probe_frozen_backbone,
     probe_methods,
+    position_features,
     raw_intensity_features,
 )
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 from medssl.evaluate.runs import RANDOM_INIT, load_run_methods, random_init_like
-from medssl.evaluate.stats import holm, paired_tests, pvalue_matrix
+from medssl.evaluate.stats import holm, min_wilcoxon_p, paired_tests, pvalue_matrix
 
 __all__ = [
     "EmbeddingCache", "embed_methods", "embed_patches", "frozen", "model_fingerprint",
     "FidelityResult", "distance_fidelity", "fidelity_table", "method_fidelity", "metric_latent", "within_volume_pairs",
     "collapse_coefficient", "collapse_stats", "decode_coordinates", "pc_axis_correlation", "pca_frame", "umap_frame",
-    "PatchSet", "draw_labelled_patch_set", "draw_pair_set", "draw_uniform_patch_set", "get_or_draw", "target_mask",
-    "METRICS", "ProbeComparison", "ProbeResult", "binary_metrics", "grouped_folds", "linear_probe_cv",
-    "probe_frozen_backbone", "probe_methods", "raw_intensity_features",
+    "PatchSet", "draw_by_split", "draw_labelled_patch_set", "draw_pair_set", "draw_uniform_patch_set", "get_or_draw", "target_mask",
+    "METRICS", "ProbeComparison", "ProbeResult", "binary_metrics", "grouped_folds", "linear_probe", "linear_probe_cv",
+    "position_features", "probe_frozen_backbone", "probe_methods", "raw_intensity_features",
     "dim_variance_fraction", "effective_rank",
     "RANDOM_INIT", "load_run_methods", "random_init_like",
-    "holm", "paired_tests", "pvalue_matrix",
+    "holm", "min_wilcoxon_p", "paired_tests", "pvalue_matrix",
 ]

@@ -228,6 +228,21 @@ class PatchSet:
         )
 
 
+    def split(self, name: str) -> "PatchSet":
+        """The patches of split ``name`` (pairs kept where both ends are in it, re-indexed)."""
+        if self.splits is None:
+            raise ValueError("this patch set records no splits")
+        keep = np.flatnonzero(self.splits == name)
+        if keep.size == 0:
+            raise ValueError(f"no patches of split {name!r}; the set has {sorted(set(self.splits.tolist()))}")
+        out = self.subset(keep)
+        if self.pairs is not None:
+            new_index = np.full(len(self), -1, np.int64)
+            new_index[keep] = np.arange(keep.size)
+            p = new_index[self.pairs]
+            out.pairs = p[np.all(p >= 0, axis=1)]
+        return out
+
     @property
     def patch_size_vox(self) -> tuple[int, int, int]:
         return tuple(int(v) for v in self.patches.shape[2:5])  # type: ignore[return-value]
@@ -367,7 +382,7 @@ def draw_labelled_patch_set(
 
 
 def draw_by_split(
-    volumes_by_split: dict[str, Sequence[Volume]], draw: Callable[..., PatchSet], seed: int, **draw_kwargs: Any
+    volumes_by_split: dict[str, Sequence[Volume]], draw_fn: Callable[..., PatchSet], seed: int, **draw_kwargs: Any
 ) -> PatchSet:
     """One set drawn separately within each split (``{"val": [...], "test": [...]}``), concatenated with ``splits``.
 
@@ -377,7 +392,7 @@ def draw_by_split(
     parts = {}
     for k, (split, vols) in enumerate(volumes_by_split.items()):
         if len(vols):
-            parts[split] = draw(volumes=list(vols), seed=seed + 1000 * k, **draw_kwargs)
+            parts[split] = draw_fn(volumes=list(vols), seed=seed + 1000 * k, **draw_kwargs)
     if not parts:
         raise ValueError("draw_by_split got no volumes in any split")
     return concat_patch_sets(parts, seed)

@@ -14,6 +14,7 @@ from medssl.evaluate.embed import embed_patches
 from medssl.evaluate.fidelity import distance_fidelity, metric_latent
 from medssl.evaluate.latent import collapse_stats
 from medssl.evaluate.patchsets import draw_uniform_patch_set, get_or_draw
+from medssl.rundir import RunDir
 
 
 def pretraining_summary(
@@ -27,7 +28,8 @@ def pretraining_summary(
 ) -> pd.DataFrame:
     """One-row table: distance fidelity and collapse statistics of ``method`` on ``volumes``.
 
-    ``volumes`` should be held-out subjects (the test split). The patch set is seeded and,
+    ``volumes`` should be the **validation** subjects: this summary is what one looks at to
+    choose settings (scale, steps), so it must not touch the test split. The patch set is seeded and,
     when ``run_dir`` (``runs/<run>/<method>``) is given, saved once in ``runs/<run>/eval/``
     so every method of the run is summarised on identical patches.
 
@@ -40,10 +42,11 @@ def pretraining_summary(
     kwargs = dict(volumes=list(volumes), n_per_volume=n_per_volume,
                   patch_size_vox=method.patch_size_vox, foreground_only=True)
     if run_dir is not None:
-        patches = get_or_draw(Path(run_dir).parent / "eval", "summary_uniform", seed, draw_uniform_patch_set, **kwargs)
+        patches = get_or_draw(RunDir(Path(run_dir).parent).eval_dir, "summary_uniform", seed, draw_uniform_patch_set,
+                              **kwargs)
     else:
         patches = draw_uniform_patch_set(seed=seed, **kwargs)
-    emb = embed_patches(method, patches, progress=progress, volumes=volumes)  # methods that cut their own inputs
+    emb = embed_patches(method, patches, progress=progress, volumes=volumes)
     latent, scale_mm = metric_latent(method, emb)
     fid = distance_fidelity(latent, patches.centres_mm, patches.case_ids, scale_mm=scale_mm, seed=seed).summary
     col = collapse_stats(emb)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medssl._config import check_overrides
 from medssl.data.volume import Volume
 from medssl.models.backbones import build_backbone
 from medssl.sampling.base import PatchBatch
@@ -292,12 +293,8 @@ def method_info(name: str) -> dict[str, Any]:
 def make_config(name: str, **overrides: Any) -> Any:
     """The method's default Config with the variant's and then ``overrides`` applied (unknown keys raise)."""
     e = _entry(name)
-    cfg = e.cls.Config()
-    known = {f.name for f in fields(cfg)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"{name}: unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-    return replace(cfg, **{**e.overrides, **overrides})
+    check_overrides(e.cls.Config, overrides, f"{name} config")
+    return replace(e.cls.Config(), **{**e.overrides, **overrides})
 
 
 def create_method(name: str, config: Any = None, **overrides: Any) -> Method:

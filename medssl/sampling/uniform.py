@@ -15,6 +15,7 @@ of that.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -28,8 +29,9 @@ from medssl.sampling.regions import BODY, foreground_mask, valid_centres
 
 __all__ = ["UniformPatchSampler"]
 
-# Bound on cached foreground tables (one per volume); far above any cohort we train on.
-_MAX_CACHED_VOLUMES = 100_000
+# Bound on the memory of the cached centre tables (least recently used volumes are dropped first):
+# 4 bytes per allowed centre voxel, so ~2,000 real CTs would otherwise hold hundreds of MB.
+_CENTRE_CACHE_BYTES = 256 * 2**20
 
 
 class UniformPatchSampler(PatchSampler):
@@ -52,7 +54,8 @@ class UniformPatchSampler(PatchSampler):
     gives the same batch.
 
     The allowed centres of each volume are computed once and cached on the sampler (keyed by
-    case id, array identity and shape), so later steps only draw indices.
+    case id, array identity and shape), so later steps only draw indices; the cache is bounded
+    (256 MB, least recently used volumes dropped first), so huge cohorts do not grow it without end.
     """
 
     def __init__(
@@ -72,8 +75,8 @@ class UniformPatchSampler(PatchSampler):
         self.patches_per_volume = int(patches_per_volume)
         self.foreground_only = bool(foreground_only)
         self.region = region
-        # (case_id, id(data), shape, region) -> flat indices (int32/int64) of allowed centre voxels
-        self._centre_cache: dict[tuple, np.ndarray] = {}
+        # (case_id, id(data), shape, region) -> flat indices (int32/int64) of allowed centre voxels, LRU order
+        self._centre_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
         n_channels = volumes[0].n_channels
@@ -117,12 +120,13 @@ class UniformPatchSampler(PatchSampler):
         key = (vol.case_id, id(vol.data), vol.shape_vox, self.foreground_only, self.region)
         cached = self._centre_cache.get(key)
         if cached is not None:
+            self._centre_cache.move_to_end(key)
             return cached
         mask = foreground_mask(vol, self.region) if self.foreground_only else None
         flat = np.flatnonzero(valid_centres(vol, self.patch_size_vox, mask))
         flat = flat.astype(np.int32 if flat[-1] < np.iinfo(np.int32).max else np.int64)
-        if len(self._centre_cache) >= _MAX_CACHED_VOLUMES:  # volumes reloaded many times: start over
-            self._centre_cache.clear()
         self._centre_cache[key] = flat
+        while len(self._centre_cache) > 1 and sum(a.nbytes for a in self._centre_cache.values()) > _CENTRE_CACHE_BYTES:
+            self._centre_cache.popitem(last=False)  # least recently used volume first
         return flat
 

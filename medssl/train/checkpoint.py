@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medssl._files import atomic_write_bytes
+from medssl.rundir import method_files
 
 if TYPE_CHECKING:
     from medssl.methods.base import Method
@@ -40,6 +41,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "medssl-checkpoint-v1"
 _REQUIRED_KEYS = ("format", "method", "method_config", "model", "step", "epoch")
+_JSON_KEYS = ("method_config", "train_config", "numpy_rng")
 _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.pt$")
 
 
@@ -54,8 +56,8 @@ class CheckpointError(ValueError):
 
 def checkpoint_paths(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``(checkpoints dir, last.pt path)`` for a run directory."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    return ckpt_dir, ckpt_dir / "last.pt"
+    files = method_files(run_dir)
+    return files.checkpoints, files.last
 
 
 def save_checkpoint(state: dict[str, Any], *paths: str | os.PathLike) -> None:
@@ -76,12 +78,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "is empty (0 bytes): not a checkpoint (a copy or download that did not finish?)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for corrupt zips
+    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for corrupt zips, EOFError ...
+        reason = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(
             path,
-            f"cannot be loaded safely with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"cannot be loaded safely with weights_only=True ({type(e).__name__}{': ' + reason if reason else ''}); "
             "medssl checkpoints hold only tensors, numbers and strings, and arbitrary pickled objects are refused",
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -90,7 +95,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [k for k in _REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(path, f"checkpoint lacks {missing}")
+    _check_json_fields(path, state)
     return state
+
+
+def _check_json_fields(path: Path, state: dict[str, Any]) -> None:
+    """The JSON-string entries (configs, rng state) must parse to JSON objects."""
+    for key in _JSON_KEYS:
+        if key not in state:
+            continue
+        text = state[key]
+        try:
+            value = json.loads(text) if isinstance(text, str) else None
+        except ValueError as e:
+            raise CheckpointError(path, f"its {key!r} is not valid JSON ({e}); the checkpoint is damaged") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(path, f"its {key!r} must be a JSON object string, got {str(text)[:60]!r}")
 
 
 def load_method(checkpoint_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Method":
@@ -107,7 +127,7 @@ def load_method(checkpoint_path: str | os.PathLike, map_location: str | torch.de
         config = config_from_json(cls.Config, state["method_config"])
         method = create_method(state["method"], config=config)
         method.load_state_dict(state["model"], strict=True)
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # unknown method, bad config values, shapes
         raise CheckpointError(checkpoint_path, f"cannot rebuild method {state['method']!r}: {e}") from None
     method.registry_name = str(state.get("registry_name", state["method"]))
     return method.to(map_location).eval()

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from medssl._files import atomic_write_bytes
 from medssl.distributed import is_distributed, rank, world_size
+from medssl.rundir import method_files
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 from medssl.train.checkpoint import (
     check_resumable,
@@ -199,9 +200,9 @@ class _Trainer:
         """Write config.json, drop log records of lost steps, draw the fixed val set, log the first val record."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            keep_metrics_up_to(self.run_dir / "metrics.jsonl", self.step)
+            keep_metrics_up_to(method_files(self.run_dir).metrics, self.step)
             self._write_config_json()
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main, callbacks=self.callbacks)
+        self.log = MetricsLog(method_files(self.run_dir).metrics, enabled=self.is_main, callbacks=self.callbacks)
         self.val_set = self._draw_val_set() if self.val_volumes else None
         self.t_start = time.perf_counter()
         self.batches = _BatchSource(self.method, self.train_volumes, self.rng,
@@ -343,7 +344,7 @@ class _Trainer:
             "world_size": world_size(),
             "torch_version": str(torch.__version__),
         }
-        atomic_write_bytes(self.run_dir / "config.json", json.dumps(content, indent=2).encode())
+        atomic_write_bytes(method_files(self.run_dir).config, json.dumps(content, indent=2).encode())
 
     def _non_finite_message(self, what: str, value: float, logs: dict, step: int | None = None) -> str:
         step = self.step if step is None else step

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from medssl._files import atomic_write_bytes
+from medssl.rundir import method_files
 
 __all__ = ["MetricsLog", "StepWindow", "read_metrics", "keep_metrics_up_to", "when", "mean_logs"]
 
@@ -105,7 +106,7 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(run_dir)
     if path.is_dir():
-        path = path / "metrics.jsonl"
+        path = method_files(path).metrics
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics yet (has fit run in this directory?)")
     records = [r for line in path.read_text(encoding="utf-8").splitlines() if (r := _parse(line))]

@@ -18,6 +18,7 @@ __all__ = [
     "fidelity_histograms",
     "latent_scatter",
     "decoding_bars",
+    "probe_positions",
     "probe_boxplot",
     "pvalue_heatmap",
     "save_figure",
@@ -203,6 +204,29 @@ def probe_boxplot(per_fold: pd.DataFrame, metric: str = "auc", backend: str = "m
     ax.set_ylabel(f"{metric} per unit")
     ax.set_title(f"Linear probe on frozen features ({len(data[0]) if data else 0} {unit})")
     ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def probe_positions(centres_mm: np.ndarray, labels: np.ndarray, title: str = ""):
+    """Where the positives (1) and negatives (0) of a labelled patch set lie: three orthogonal projections in mm.
+
+    With position-matched negatives the two clouds overlap; if they separate, position alone can solve the task.
+    """
+    import matplotlib.pyplot as plt
+
+    c = np.asarray(centres_mm, dtype=float)
+    y = np.asarray(labels).astype(int)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (i, j) in zip(axes, [(0, 1), (0, 2), (1, 2)]):
+        for lab, colour, name in ((0, "C0", "negative (0)"), (1, "C3", "positive (1)")):
+            sel = y == lab
+            ax.scatter(c[sel, i], c[sel, j], s=6, alpha=0.5, color=colour, label=name)
+        ax.set_xlabel(f"{'xyz'[i]} (mm)")
+        ax.set_ylabel(f"{'xyz'[j]} (mm)")
+        ax.set_aspect("equal", adjustable="datalim")
+    axes[0].legend(fontsize=8, markerscale=2)
+    fig.suptitle(title or "patch centres of the labelled set (world mm)")
     fig.tight_layout()
     return fig
 

@@ -41,7 +41,12 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
 
 
 def _leftovers(cache: VolumeCache) -> list[str]:
-    return [p.name for p in cache.dir.iterdir() if p.name.startswith(".")] if cache.dir.exists() else []
+    """Temporary folders (``.tmp-*``, ``.old-*``) in the cache."""
+    return [p.name for p in cache.dir.iterdir() if ".tmp" in p.name] if cache.dir.exists() else []
+
+
+def _row(df: pd.DataFrame, case_id: str) -> dict:
+    return df[df["case_id"] == case_id].iloc[0].to_dict()
 
 
 def test_building_the_same_cases_twice_rewrites_nothing(tmp_path):
@@ -107,7 +112,7 @@ def test_a_failed_write_leaves_no_partial_entry_and_old_entries_and_raw_files_un
     assert len(calls) == 2
     assert _snapshot(cache.dir) == entries_before, "existing entries (fresh and stale) are untouched"
     assert _leftovers(cache) == [], "no temporary folder left behind"
-    assert not cache.entry_dir("case2").exists()
+    assert not cache.entry_dir(_row(df, "case2")).exists()
     assert _snapshot(raw) == raw_before, "raw files byte-identical"
     assert cache.build(df, progress=False).built_case_ids == ["case1", "case2"]  # and the cache recovers
 
@@ -209,7 +214,7 @@ def test_build_reports_all_bad_files_and_caches_nothing_in_raise_mode(tmp_path):
         cache.build(df, progress=False)
     assert {type(p) for p in exc.value.problems} == expected and len(exc.value.problems) == 3
     assert cache.case_ids() == [] and _leftovers(cache) == []
-    assert not any(cache.entry_dir(c).exists() for c in df["case_id"])
+    assert not any(cache.entry_dir(row).exists() for row in df.to_dict(orient="records"))
 
 
 def test_build_in_skip_mode_caches_the_good_cases_and_reports_the_bad_ones(tmp_path):
@@ -247,8 +252,12 @@ def test_labels_are_stored_in_the_smallest_integer_dtype_that_holds_them(lo, hi,
 
 def test_entry_dir_rejects_case_ids_that_would_escape_the_cache(tmp_path):
     cache = VolumeCache(tmp_path, CONFIG)
-    assert cache.entry_dir("abc") == tmp_path / CONFIG.digest()[:16] / "abc"
+    row = {"case_id": "abc", "image": "/data/abc.nii.gz", "label": ""}
+    entry = cache.entry_dir(row)
+    assert entry.parent == tmp_path / CONFIG.digest()[:16] and entry.name.startswith("abc-")
     for bad in ("../x", ".hidden", "a/b", ""):
+        with pytest.raises(ValueError):
+            cache.entry_dir({**row, "case_id": bad})
         with pytest.raises(ValueError):
             cache.entry_dir(bad)
 

@@ -190,6 +190,22 @@ def test_same_seed_gives_identical_cohorts_whatever_the_workers_and_other_seeds_
 
 
 @pytest.mark.network
+def test_cohorts_of_two_seeds_share_a_cache_without_receiving_each_others_subjects(cohort, examples, tmp_path,
+                                                                                     monkeypatch):  # fmt: skip
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    other = build_demo_cohort(n_subjects=3, seed=1, spacing_mm=6.0, out_dir=tmp_path / "seed1", progress=False,
+                              examples_dir=examples, n_workers=1)  # fmt: skip
+    first = {v.case_id: np.asarray(v.data) for v in cohort.volumes("train", progress=False)}
+    second = {v.case_id: v for v in other.volumes("train", progress=False)}  # same ids, same settings, same cache
+    again = {v.case_id: v for v in cohort.volumes("train", progress=False)}
+    assert set(first) == set(second) == {"demo-s000"}
+    assert second["demo-s000"].source.startswith(str(other.root))
+    assert again["demo-s000"].source.startswith(str(cohort.root))
+    np.testing.assert_array_equal(np.asarray(again["demo-s000"].data), first["demo-s000"])
+    assert not np.array_equal(np.asarray(second["demo-s000"].data[:, :5, :5, :5]), first["demo-s000"][:, :5, :5, :5])
+
+
+@pytest.mark.network
 def test_second_build_with_the_same_parameters_is_a_noop_and_other_parameters_rebuild(cohort, examples, tmp_path):
     stamp = (cohort.root / "cohort.json").stat().st_mtime_ns
     same = build_demo_cohort(n_subjects=3, seed=0, spacing_mm=6.0, out_dir=cohort.root, progress=False,
@@ -295,7 +311,7 @@ def test_open_data_demo_gives_cached_volumes_with_lesions_label_names_and_proven
     (tmp_path / "data" / "demo" / examples.name).symlink_to(examples.resolve(), target_is_directory=True)
     monkeypatch.setenv("MEDSSL_DATA", str(tmp_path / "data"))
     monkeypatch.delenv("MEDSSL_CACHE", raising=False)
-    data = open_data("demo", n_subjects=3, seed=0, target_spacing_mm=6.0, progress=False)
+    data = open_data("demo", n_subjects=3, cohort_seed=0, target_spacing_mm=6.0, progress=False)
     assert data.provenance == DEMO_PROVENANCE and data.cohort is not None
     train = data.volumes("train")
     assert [v.case_id for v in train] == ["demo-s000"]

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 from monai.transforms import ScaleIntensityRangePercentiles
+from scipy import ndimage
 
 from medssl.data import preprocess as preprocess_module
 from medssl.data.io import read_volume
@@ -150,7 +151,7 @@ def test_resampling_keeps_direction_and_physical_extent(name):
     np.testing.assert_allclose(grid_centre_mm(out.shape_vox, out.affine), centre_before)
 
 
-def test_resampling_labels_uses_nearest_neighbour_and_keeps_dtype():
+def test_resampling_labels_keeps_ids_and_dtype():
     label = np.random.default_rng(1).choice(np.array([0, 3, 7], dtype=np.int16), size=(30, 16, 8))
     lesion = (label == 7).astype(np.int16)
     volume = _volume(np.zeros((30, 16, 8)), AFFINES["oblique"], label=label, aux={"lesion": lesion})
@@ -158,6 +159,60 @@ def test_resampling_labels_uses_nearest_neighbour_and_keeps_dtype():
     assert out.label.dtype == np.int16 and out.label.shape == out.shape_vox
     assert set(np.unique(out.label)) <= {0, 3, 7}
     assert set(np.unique(out.aux["lesion"])) <= {0, 1}
+
+
+def _ellipsoid_labels(shape, affine, n: int, seed: int) -> np.ndarray:
+    """Label map with ``n`` non-overlapping-ish ellipsoids (ids 1..n) of 6-12 mm radii, in world mm."""
+    rng = np.random.default_rng(seed)
+    world = world_grid_mm(shape, affine)
+    label = np.zeros(shape, dtype=np.int16)
+    lo, hi = world.reshape(-1, 3).min(0) + 14.0, world.reshape(-1, 3).max(0) - 14.0
+    for k in range(1, n + 1):
+        centre, radii = rng.uniform(lo, hi), rng.uniform(6.0, 12.0, 3)
+        label[np.sum(((world - centre) / radii) ** 2, axis=-1) <= 1.0] = k
+    return label
+
+
+def _centroids_mm(label: np.ndarray, affine: np.ndarray, ids) -> np.ndarray:
+    return np.stack([vox_to_world(affine, np.argwhere(label == k).mean(axis=0))[0] for k in ids])
+
+
+def test_label_resampling_does_not_shift_structures_where_nearest_neighbour_ties_would():
+    # 1.0 x 0.8 x 1.5 mm, oblique; to 3 mm the new voxel centres fall exactly halfway between old
+    # ones along x (61 = 3 * 20 + 1 voxels) and z (an even count at a factor of 2): every nearest-
+    # neighbour pick is a tie there, and rounding all ties one way shifts every structure.
+    shape, affine = (61, 50, 40), oblique_affine((1.0, 0.8, 1.5), (20.0, 10.0, 5.0), (-30.0, -20.0, -30.0))
+    label = _ellipsoid_labels(shape, affine, n=12, seed=4)
+    ids = [k for k in range(1, 13) if (label == k).sum() > 200]
+    out = resample_to_spacing(_volume(np.zeros(shape), affine, label=label), (3.0, 3.0, 3.0))
+
+    truth = _centroids_mm(label, affine, ids)
+    shift_mm = _centroids_mm(out.label, out.affine, ids) - truth  # (n, 3)
+    # the same grid with plain nearest neighbour (scipy order 0): the bias this test is about
+    scale = np.array([3.0, 3.75, 2.0])
+    offset = (np.array(shape) - 1) / 2 - scale * (np.array(out.shape_vox) - 1) / 2
+    assert np.allclose(offset % 1, [0.5, 0.0, 0.5])  # ties along x and z
+    nearest = ndimage.affine_transform(label, scale, offset=offset, output_shape=out.shape_vox, order=0, mode="nearest")
+    nearest_shift_mm = _centroids_mm(nearest, out.affine, ids) - truth
+    assert np.linalg.norm(nearest_shift_mm.mean(axis=0)) > 0.6  # half an old voxel along x and z
+
+    assert np.linalg.norm(shift_mm.mean(axis=0)) < 0.25  # no systematic shift
+    assert np.abs(shift_mm).max() < 1.5  # each structure within half a new voxel
+    volume_ratio = np.array([(out.label == k).sum() * 27.0 / ((label == k).sum() * 1.2) for k in ids])
+    assert abs(volume_ratio.mean() - 1.0) < 0.05 and np.allclose(volume_ratio, 1.0, atol=0.2)  # no growth/shrinkage
+
+
+def test_label_resampling_upsamples_to_the_linear_interpolation_argmax():
+    # 3 mm -> 1 mm: each new voxel takes the label with the largest trilinear weight among its 8 old neighbours
+    label = np.zeros((4, 4, 4), np.int16)
+    label[2:, :, :] = 5
+    affine = oblique_affine((3.0, 3.0, 3.0), (15.0, 0.0, 30.0))
+    out = resample_to_spacing(_volume(np.zeros((4, 4, 4)), affine, label=label), (1.0, 1.0, 1.0))
+    x_old = vox_to_world(np.linalg.inv(affine) @ out.affine, np.argwhere(np.ones(out.shape_vox)))[:, 0]
+    expected = np.where(x_old > 1.5 + 1e-9, 5, np.where(x_old < 1.5 - 1e-9, 0, -1)).reshape(out.shape_vox)
+    decided = expected >= 0
+    np.testing.assert_array_equal(out.label[decided], expected[decided])
+    assert set(np.unique(out.label[~decided])) <= {0, 5}
 
 
 def test_no_resampling_when_spacing_already_matches():

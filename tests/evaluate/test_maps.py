@@ -137,3 +137,27 @@ def test_point_query_on_rgb_maps_lands_where_the_colour_matches():
     assert np.linalg.norm(got - q) < 4.0
     with pytest.raises(TypeError):
         point_query(da, mb, q)
+
+
+def test_latent_maps_of_even_sized_patches_put_a_known_point_in_the_right_voxel():
+    """An even patch's centre is half a voxel off its anchor; the map must still land on the right voxel."""
+    import torch
+    from torch import nn
+
+    class MeanCoordinates(nn.Module):  # embedding = world mm of the patch's geometric centre
+        patch_size_vox = (4, 4, 4)
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def embed(self, x):
+            return x.mean(dim=(2, 3, 4)) * self.w
+
+    affine = oblique_affine((1.2, 2.0, 2.7), (15.0, -10.0, 25.0), (4.0, -7.0, 3.0))
+    vol = world_volume("even", (22, 18, 16), affine)
+    d = dense_embeddings(MeanCoordinates(), vol, stride_vox=2, progress=False)
+    up = upsample_to_image(d.embeddings, d)  # (X, Y, Z, 3) world mm the map claims for every voxel
+    inner = (slice(4, -4),) * 3  # away from the padded border
+    truth = np.moveaxis(vol.data, 0, -1)
+    np.testing.assert_allclose(up[inner], truth[inner], atol=1e-3)  # off by 1/2 voxel would be ~0.6-1.4 mm

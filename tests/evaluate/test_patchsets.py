@@ -253,3 +253,20 @@ def test_for_size_keeps_the_centre_voxels_and_pads_outside_the_image(volumes):
         if np.any(box[:3] < 0):  # padded with the per-channel minimum
             assert patch.min() == pytest.approx(float(data.min()))
     assert ps.for_size(6, volumes) is ps
+
+
+def test_sets_drawn_by_split_keep_their_splits_apart_and_split_reindexes_pairs(volumes):
+    from medssl.evaluate.patchsets import draw_by_split
+
+    ps = draw_by_split({"val": volumes[:2], "test": volumes[2:]}, draw_pair_set, seed=0, n_per_volume=4,
+                       patch_size_vox=6)
+    assert set(ps.splits) == {"val", "test"}
+    assert set(ps.case_ids[ps.splits == "val"]) == {"case0", "case1"}
+    test = ps.split("test")
+    assert set(test.case_ids) == {"case2", "case3"} and len(test) == 8
+    assert len(test.pairs) == 2 * 6 and np.all(test.case_ids[test.pairs[:, 0]] == test.case_ids[test.pairs[:, 1]])
+    np.testing.assert_array_equal(test.patches, ps.patches[ps.splits == "test"])
+    lab = draw_by_split({"val": volumes[:2], "test": volumes[2:]}, draw_labelled_patch_set, seed=0, target="lesion",
+                        n_per_class=4, patch_size_vox=6)
+    for split in ("val", "test"):  # each split is balanced on its own
+        assert lab.labels[lab.splits == split].sum() == 4 and (lab.splits == split).sum() == 8

@@ -9,7 +9,7 @@ import pytest
 def test_00_data_notebook_follows_the_notebook_conventions(check_notebook_conventions):
     nb = check_notebook_conventions("00_data.ipynb")
     params = next(c for c in nb.cells if c.cell_type == "code").source
-    for name in ("run", "source", "layout", "target_spacing_mm", "n_subjects", "seed", "show_subjects"):
+    for name in ("run", "source", "layout", "target_spacing_mm", "n_subjects", "cohort_seed", "show_subjects"):
         assert f"{name} = " in params
 
 

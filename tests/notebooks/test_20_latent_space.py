@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-PARAMS = ("run", "methods", "source", "n_patches_per_volume", "stride_vox", "n_corr_points", "seed", "umap", "viewer")
+PARAMS = ("run", "methods", "source", "n_patches_per_volume", "stride_vox", "n_corr_points", "seed", "cohort_seed",
+          "fit_split", "score_split", "umap", "viewer")
 
 
 def test_20_latent_space_notebook_follows_the_notebook_conventions(check_notebook_conventions):
@@ -15,7 +16,7 @@ def test_20_latent_space_notebook_follows_the_notebook_conventions(check_noteboo
     params = next(c for c in nb.cells if c.cell_type == "code").source
     for name in PARAMS:
         assert f"{name} = " in params
-    assert 'viewer = "niivue"' in params and "umap = True" in params
+    assert 'viewer = "niivue"' in params and "umap = True" in params and "methods = []" in params
 
 
 def _tiny_checkpoints(run_dir, methods):
@@ -28,8 +29,10 @@ def _tiny_checkpoints(run_dir, methods):
     from medssl.train.loop import fit
 
     rng = np.random.default_rng(0)
+    body = np.ones((24, 24, 24), np.uint8)
     vols = [
-        Volume(rng.normal(size=(1, 24, 24, 24)).astype(np.float32), np.diag([6.0, 6.0, 6.0, 1.0]), f"t{i}")
+        Volume(rng.normal(size=(1, 24, 24, 24)).astype(np.float32), np.diag([6.0, 6.0, 6.0, 1.0]), f"t{i}",
+               aux={"body": body})
         for i in range(2)
     ]
     for name in methods:
@@ -50,7 +53,7 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     # 2-thread convolutions spin-wait and run ~10x slower (measured 600 vs 5800 patches/s).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
-    run_dir = paths.runs_dir() / "nb20"
+    run_dir = paths.runs_dir() / "nb20"  # (the fixture points MEDSSL_RUNS at the test's tmp folder)
     _tiny_checkpoints(run_dir, ["isimed", "simclr"])
     params = {
         "methods": ["isimed", "simclr", "barlowtwins"],  # barlowtwins has no checkpoint: reported, skipped
@@ -62,17 +65,19 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     expected = ["isimed", "simclr", "random-init"]
 
     fid = pd.read_csv(out / "fidelity.csv")
-    assert list(fid["method"]) == expected
+    assert list(fid["method"]) == expected and (fid["split"] == "test").all()
     assert fid.loc[fid.method == "isimed", "abs_err_median_mm"].notna().all()  # ISImed has a metric latent
+    assert fid.loc[fid.method == "random-init", "abs_err_median_mm"].isna().all()  # untrained: no metric latent
     assert fid["spearman"].between(-1, 1).all()
     dec = pd.read_csv(out / "decoding.csv")
     assert set(dec["method"]) == set(expected) and set(dec["axis"]) == {"x", "y", "z", "xyz"}
+    assert (dec["n_folds"] == 2).all()  # alpha chosen on val; scored once on each of the 2 test subjects
     col = pd.read_csv(out / "collapse.csv")
     assert list(col["method"]) == expected and (col["effective_rank"] >= 1).all()
     assert set(pd.read_csv(out / "pc_axis_correlation.csv")["method"]) == set(expected)
 
     corr = pd.read_csv(out / "correspondence.csv")
-    assert list(corr["method"]) == [*expected, "chance", "grid_floor"]
+    assert list(corr["method"]) == [*expected, "identity", "aligned-identity", "chance", "grid_floor"]
     assert (corr["n_pairs"] == 2).all() and (corr["median_error_mm"] > 0).all()
     floor = corr.set_index("method").loc["grid_floor", "median_error_mm"]
     assert floor < corr.set_index("method").loc["chance", "median_error_mm"]
@@ -87,6 +92,12 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
             lm = nib.load(maps / f"{case}_{m}.nii.gz")
             assert lm.shape == img.shape and lm.header["datatype"] == 128  # RGB24 on the image grid
             np.testing.assert_array_equal(lm.affine, img.affine)
+
+    head = pd.read_csv(out / "headline.csv")
+    assert {"distance_spearman", "decoding_r2", "correspondence_median_mm", "effective_rank"} <= set(head.metric)
+    assert (head["split"] == "test").all()
+    assert set(head[head.kind == "baseline"].method) >= {"random-init", "identity", "aligned-identity"}
+    assert (out / "key_figures.json").is_file()
 
     pngs = {p.name for p in out.glob("*.png")}
     assert {"fidelity_histograms.png", "decoding.png", "dim_variance.png", "correspondence_errors.png"} <= pngs

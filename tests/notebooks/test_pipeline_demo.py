@@ -8,13 +8,13 @@ import pytest
 from medssl import pipeline
 
 TINY = {
-    "n_subjects": 12, "target_spacing_mm": 6.0, "seed": 0,
+    "n_subjects": 12, "target_spacing_mm": 6.0, "seed": 0, "cohort_seed": 0,
     "00_data.show_subjects": 1,
     "10_pretrain.preset": "tiny",
     "20_latent_space.n_patches_per_volume": 12, "20_latent_space.stride_vox": 8, "20_latent_space.n_corr_points": 30,
     "20_latent_space.n_corr_pairs": 2, "20_latent_space.n_map_train_subjects": 1, "20_latent_space.umap": False,
     "20_latent_space.batch_size": 64,
-    "30_linear_probe.eval_splits": ["val", "test"], "30_linear_probe.n_per_class": 16,
+    "30_linear_probe.n_per_class": 12, "30_linear_probe.patch_size_vox": 16,
     "30_linear_probe.inner_splits": 2, "30_linear_probe.raw_size_vox": 4,
 }  # fmt: skip
 
@@ -35,8 +35,11 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
               "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "40_report/40_report.ipynb"]:
         assert (run / f).is_file(), f
     table = pd.read_csv(run / "40_report" / "comparison.csv")
-    assert {"isimed", "simclr", "random-init"} <= set(table["method"])
-    assert {"fidelity_spearman", "decoding_r2", "correspondence_median_mm", "probe_auc_lesion", "probe_auc_liver"} <= set(table.columns)
+    assert {"isimed", "simclr", "random-init", "identity", "aligned-identity", "position-cubic"} <= set(table["method"])
+    assert {"20_latent_space: distance_spearman (test)", "20_latent_space: decoding_r2 (test)",
+            "20_latent_space: correspondence_median_mm (test)", "30_linear_probe/lesion: auc (test)",
+            "30_linear_probe/liver: auc (test)"} <= set(table.columns)
     html = (run / "40_report" / "report.html").read_text(encoding="utf-8")
     assert "SYNTHETIC" in html and "not manual masks" in html
+    assert "Do the methods beat the shortcuts?" in html and "validation split" in html
     assert "<img src=\"data:image/png;base64," in html

@@ -176,3 +176,18 @@ def test_rejects_a_volume_smaller_than_the_patch():
     vol = Volume(data=np.zeros((1, 10, 4, 10), np.float32), affine=np.eye(4), case_id="small", source="small.nii")
     with pytest.raises(ValueError, match="small.nii"):
         UniformPatchSampler(5, 1, 1)([vol], np.random.default_rng(0))
+
+
+def test_the_centre_cache_is_bounded_and_drops_the_least_recently_used_volume(monkeypatch):
+    import medssl.sampling.uniform as uniform
+
+    vols = [_label_volume(f"v{k}") for k in range(4)]
+    one = UniformPatchSampler(8, 1, 2, foreground_only=True)
+    one([vols[0]], np.random.default_rng(0))
+    per_volume = next(iter(one._centre_cache.values())).nbytes
+    monkeypatch.setattr(uniform, "_CENTRE_CACHE_BYTES", int(2.5 * per_volume))  # room for two tables
+    sampler = UniformPatchSampler(8, 1, 2, foreground_only=True)
+    rng = np.random.default_rng(0)
+    for v in (vols[0], vols[1], vols[0], vols[2]):  # v0 used again before v2 arrives: v1 is the oldest
+        sampler([v], rng)
+    assert [k[0] for k in sampler._centre_cache] == ["v0", "v2"]

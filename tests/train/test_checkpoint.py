@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -46,6 +47,38 @@ def test_loading_refuses_files_that_are_not_medssl_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_zero_byte_checkpoint_is_named_as_empty_by_every_loader(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    empty = tmp_path / "checkpoints" / "last.pt"
+    empty.write_bytes(b"")
+    for load in (load_checkpoint, load_method):
+        with pytest.raises(CheckpointError, match="empty") as info:
+            load(empty)
+        assert info.value.path == str(empty)
+    with pytest.raises(CheckpointError, match="last.pt: is empty"):  # resuming a run from it
+        fit(_tiny_isimed(), _volumes(2), TrainConfig(epochs=1, steps_per_epoch=1, device="cpu"), tmp_path,
+            progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("key, text", [("method_config", '{"patch_size_vox": 8,'), ("train_config", "[1, 2]")])
+def test_a_malformed_config_inside_a_checkpoint_is_named_with_the_file_and_the_field(tmp_path, key, text):
+    method = _tiny_isimed()
+    state = _minimal_state(method_config=ckpt.config_to_json(method.config), model=method.state_dict())
+    save_checkpoint({**state, key: text}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=f"bad.pt: its '{key}'") as info:
+        load_method(tmp_path / "bad.pt")
+    assert info.value.path == str(tmp_path / "bad.pt")
+
+
+def test_config_values_a_method_rejects_are_a_checkpoint_error(tmp_path):
+    method = _tiny_isimed()
+    config = json.loads(ckpt.config_to_json(method.config))
+    config["patch_size_vox"] = -3
+    save_checkpoint(_minimal_state(method_config=json.dumps(config), model=method.state_dict()), tmp_path / "neg.pt")
+    with pytest.raises(CheckpointError, match="cannot rebuild method 'isimed'"):
+        load_method(tmp_path / "neg.pt")
 
 
 def test_a_failure_mid_save_leaves_the_previous_file_intact_and_no_temp_files(tmp_path, monkeypatch):

@@ -17,7 +17,11 @@ def test_build_run_applies_overrides_and_seeds_the_initialisation():
 
 
 def test_build_run_rejects_unknown_override_keys():
-    with pytest.raises(TypeError, match="unknown TrainConfig keys"):
+    with pytest.raises(TypeError, match="TrainConfig has no setting 'epoch' .did you mean epochs"):
         build_run("isimed", "tiny", train_overrides={"epoch": 3})
-    with pytest.raises(TypeError, match="unknown config keys"):
+    with pytest.raises(TypeError, match="isimed config has no setting 'patchsize'"):
         build_run("isimed", "tiny", method_overrides={"patchsize": 3})
+    with pytest.raises(TypeError, match="TrainConfig.lr expects float, got 'fast'"):
+        build_run("isimed", "tiny", train_overrides={"lr": "fast"})
+    with pytest.raises(TypeError, match="scale_mm expects float"):
+        build_run("isimed", "tiny", method_overrides={"scale_mm": True})

@@ -16,7 +16,9 @@ Pairing rules (documented here once; :func:`folder_manifest` follows them):
    case id. So ``liver3_img.nii.gz`` pairs with ``liver3_seg.nii.gz`` (case
    ``liver3``), and ``images/a.nii.gz`` with ``labels/a.nii.gz``.
 4. **DICOM series.** A sub-folder holding DICOM files (``*.dcm`` or files with the
-   ``DICM`` magic) is one image; its folder name is the stem.
+   ``DICM`` magic) is one image; its folder name is the stem. So a folder of DICOM
+   series folders is a plain folder of images, and a folder that is itself one DICOM
+   series is a dataset of one case.
 5. **Problems.** Two images (or labels) with the same case key are an error. A
    label with no image is reported (``unpaired_labels="raise"``, the default, raises
    :class:`LayoutError` listing all of them; ``"warn"`` warns and drops them).
@@ -159,6 +161,8 @@ def folder_manifest(
         label_dir = next((root / d for d in LABEL_DIRS if (root / d).is_dir()), None)
         labels_raw = image_entries(label_dir) if label_dir else []
         label_key = lambda stem: strip_suffix(stem, label_suffixes) or stem  # noqa: E731
+    elif is_dicom_dir(root) and not image_entries(root):
+        return finalise([{"case_id": root.name, "image": str(root), "label": "", "group": ""}], root, dataset)
     else:
         entries = image_entries(root)
         labels_raw = [(s, p) for s, p in entries if strip_suffix(s, label_suffixes) and p.is_file()]
@@ -192,7 +196,7 @@ def _by_key(root: Path, keyed: list[tuple[str, Path]], what: str) -> dict[str, P
 
 
 def looks_like_folder(root: Path) -> bool:
-    """``images/`` sub-folder, or at least one image file directly in ``root``."""
+    """``images/`` sub-folder, an image file or DICOM series folder directly in ``root``, or ``root`` is a series."""
     if (root / "images").is_dir():
         return True
-    return any(p.is_file() and split_name(p.name) for p in root.iterdir() if not p.name.startswith("."))
+    return bool(image_entries(root)) or is_dicom_dir(root)

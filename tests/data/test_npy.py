@@ -1,0 +1,61 @@
+"""LazyNpy: cached arrays that hold no file handle until read, with a bounded number of open maps."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from medssl.data import npy
+from medssl.data.cache import CacheEntryError
+from medssl.data.npy import LazyNpy
+from medssl.data.volume import Volume
+from medssl.sampling.uniform import UniformPatchSampler
+
+
+def _arrays(folder, n: int) -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        arr = rng.normal(size=(1, 12, 11, 10)).astype(np.float32)
+        np.save(folder / f"a{i}.npy", arr)
+        out.append((str(folder / f"a{i}.npy"), arr))
+    return out
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_reading_many_lazy_arrays_keeps_at_most_the_bounded_number_open(tmp_path):
+    arrays = _arrays(tmp_path, 3 * npy.MAX_OPEN_ARRAYS)
+    lazy = [LazyNpy(p, a.shape, a.dtype) for p, a in arrays]
+    before = _open_fds()
+    for (_, arr), lz in zip(arrays, lazy):
+        np.testing.assert_array_equal(lz[:, 2:5, 3:7, 1:9], arr[:, 2:5, 3:7, 1:9])
+    assert npy.open_array_count() <= npy.MAX_OPEN_ARRAYS
+    assert _open_fds() - before <= npy.MAX_OPEN_ARRAYS  # not one per array read
+    np.testing.assert_array_equal(np.asarray(lazy[0]), arrays[0][1])
+    assert np.asarray(lazy[1], dtype=np.float64).dtype == np.float64
+
+
+def test_the_sampler_draws_the_same_batch_from_lazy_and_memory_mapped_volumes(tmp_path):
+    arrays = _arrays(tmp_path, 5)
+    affine = np.diag([1.5, 2.0, 3.0, 1.0])
+    mapped = [Volume(np.load(p, mmap_mode="r"), affine, f"c{i}") for i, (p, _) in enumerate(arrays)]
+    lazy = [Volume(LazyNpy(p, a.shape, a.dtype), affine, f"c{i}") for i, (p, a) in enumerate(arrays)]
+    for fg in (False, True):
+        sampler = UniformPatchSampler(6, volumes_per_batch=3, patches_per_volume=4, foreground_only=fg)
+        a = sampler(mapped, np.random.default_rng(1))
+        b = sampler(lazy, np.random.default_rng(1))
+        assert np.array_equal(a.patches.numpy(), b.patches.numpy()) and np.array_equal(a.centres_mm, b.centres_mm)
+
+
+def test_an_array_rebuilt_with_another_shape_is_an_error_not_wrong_data(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    lz = LazyNpy(tmp_path / "x.npy", (2, 3), np.float32, owner="entry-x")
+    npy._maps.pop(str(tmp_path / "x.npy"), None)
+    np.save(tmp_path / "x.npy", np.zeros((4, 3), np.float32))
+    with pytest.raises(CacheEntryError, match="entry-x.*rebuilt while in use"):
+        lz[0]
