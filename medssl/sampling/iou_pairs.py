@@ -47,7 +47,8 @@ from medssl.data.volume import Volume
 from medssl.geometry import box_centres_mm, box_iou_3d, boxes_for_centres, centre_window
 from medssl.sampling.base import PatchBatch, PatchSampler
 from medssl.sampling.patches import copy_patches
-from medssl.sampling.regions import BODY, check_fits, foreground_mask, valid_centres
+from medssl.sampling.regions import BODY, check_fits
+from medssl.sampling.uniform import UniformPatchSampler
 
 __all__ = ["IoUPairSampler", "CROP2_DRAWS", "IOU_HIST_EDGES", "interval_offsets", "iou_histogram_logs",
            "max_pair_iou", "pair_rows"]
@@ -190,7 +191,9 @@ class IoUPairSampler(PatchSampler):
         offsets = (interval_offsets(self.crop1_box_vox, self.crop2_box_vox, self.iou_min, self.iou_max)
                    if crop2_draw == "analytic" and self.iou_min > 0 else None)
         self._offsets = offsets if offsets is not None and len(offsets) else None
-        self._centre_cache: dict[tuple, np.ndarray] = {}
+        # crop 1 is a uniform patch: the same allowed-centre rule, and its bounded per-volume cache
+        self._crop1 = UniformPatchSampler(self.crop1_box_vox, volumes_per_batch=1, patches_per_volume=1,
+                                          foreground_only=self.crop1_on_body, region=region)
 
     @property
     def draws_analytically(self) -> bool:
@@ -277,7 +280,7 @@ class IoUPairSampler(PatchSampler):
         return _Pairs(box1, box2, iou, fallback)
 
     def _draw_crop1(self, vol: Volume, n: int, rng: np.random.Generator) -> np.ndarray:
-        allowed = self._allowed_crop1_centres(vol)
+        allowed = self._crop1._allowed_centres(vol)  # flat indices of allowed centre voxels
         picks = allowed[rng.integers(0, allowed.size, size=n)]
         centres = np.stack(np.unravel_index(picks, vol.shape_vox), axis=1).astype(np.int64)
         return boxes_for_centres(centres, self.crop1_box_vox)
@@ -299,18 +302,6 @@ class IoUPairSampler(PatchSampler):
         if self.spatial_dims == 2:
             centres[..., 2] = box1[:, None, 2]  # same axial slice as crop 1 (boxes are 1 voxel thick in z)
         return boxes_for_centres(centres.reshape(-1, 3), self.crop2_box_vox).reshape(len(box1), k, 6)
-
-    def _allowed_crop1_centres(self, vol: Volume) -> np.ndarray:
-        """Flat indices of allowed crop 1 centre voxels (inside; on the foreground if asked), cached per volume."""
-        key = (vol.case_id, id(vol.data), vol.shape_vox, self.crop1_on_body, self.region, self.crop1_box_vox)
-        cached = self._centre_cache.get(key)
-        if cached is None:
-            mask = foreground_mask(vol, self.region) if self.crop1_on_body else None
-            cached = np.flatnonzero(valid_centres(vol, self.crop1_box_vox, mask))
-            if len(self._centre_cache) >= _MAX_CACHED_VOLUMES:
-                self._centre_cache.clear()
-            self._centre_cache[key] = cached
-        return cached
 
 
 def _fits(boxes: np.ndarray, shape_vox: Sequence[int]) -> np.ndarray:
