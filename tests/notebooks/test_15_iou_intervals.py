@@ -22,7 +22,7 @@ def test_15_iou_intervals_notebook_measures_the_intervals_and_reads_the_trained_
     from medssl.presets import build_run
     from medssl.train import fit
 
-    data = open_data("demo", n_subjects=4, seed=0, target_spacing_mm=6.0, progress=False)
+    data = open_data("demo", n_subjects=4, cohort_seed=0, target_spacing_mm=6.0, progress=False)
     model, train = build_run("simsiam-iou-0-1", "tiny", train_overrides={"epochs": 1, "steps_per_epoch": 2})
     fit(model, data.volumes("train"), train, tmp_path / "runs" / "nb15" / "simsiam-iou-0-1",
         val_volumes=data.volumes("val"), progress=False)
