@@ -101,11 +101,12 @@ class SimSiam(Method):
         "paper": {"method": {"backbone": "swin", "patch_size_vox": 96, "volumes_per_batch": 64,
                              "patches_per_volume": 4},
                   "train": {"epochs": 100, "lr": 0.025, "weight_decay": 1e-5, "grad_clip_norm": None}},
-        # 2-core CPU: shared demo budget (12 volumes x 16 crops = 96 pairs = 192 patches per step), narrow heads;
-        # steps chosen for about 2 minutes per variant (README: per-step timings).
+        # 2-core CPU: shared demo budget (12 volumes x 16 crops = 96 pairs = 192 patches per step), narrow heads,
+        # the thesis's optimiser (lr 0.025 at 128 pairs); 24 x 20 = 480 steps, about 2 minutes per variant on an
+        # idle machine (a step costs about what a SimCLR demo step does; README).
         "demo": {"method": {"projector_dim": 256, "predictor_hidden_dim": 64},
-                 "train": {"epochs": 20, "steps_per_epoch": 20, "lr": 0.05, "weight_decay": 1e-5,
-                           "grad_clip_norm": None, "eval_every_epochs": 5}},
+                 "train": {"epochs": 24, "steps_per_epoch": 20, "lr": 0.025, "weight_decay": 1e-5,
+                           "grad_clip_norm": None, "eval_every_epochs": 4}},
         "tiny": {"method": {"projector_dim": 32, "predictor_hidden_dim": 8},
                  "train": {"lr": 0.025, "weight_decay": 1e-5}},
     }
