@@ -24,7 +24,7 @@ help:
 	@echo "make demo   - create the venv if needed, then run the demo pipeline into runs/$(RUN)/"
 	@echo "make test   - create the venv if needed, then run the whole test suite"
 	@echo "make lab    - start JupyterLab in the venv"
-	@echo "make browser-test - render the ipyniivue viewer in headless Chromium + JupyterLab, screenshot to runs/browser/"
+	@echo "make browser-test - the latent viewers in JupyterLab + headless Chromium (CI runs it too), screenshots to runs/browser/"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,16 +44,22 @@ demo: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
 
-# Opt-in: needs Debian's chromium (installed here with apt-get) and PyPI's playwright, which goes
-# into a separate venv so the project environment stays as CI builds it.
+# Browser tests (CI runs them after `make test`, see .ci/run): Debian's chromium (apt-get, when it
+# can be installed) and PyPI's playwright in a separate venv, so the project environment stays as
+# CI builds it. Where either cannot be installed, the tests are collected and skipped with the reason.
+# A real run at tiny parameters is made inside the test (or set MEDSSL_BROWSER_RUN=runs/<run>).
 BROWSER_VENV ?= .venv-browser
+BROWSER_SHOTS ?= runs/browser
 browser-test: $(STAMP)
-	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
-	test -x $(BROWSER_VENV)/bin/python || $(PYTHON) -m venv $(BROWSER_VENV)
-	$(BROWSER_VENV)/bin/python -m pip install --quiet playwright pytest
-	mkdir -p runs/browser
-	MEDSSL_BROWSER_TESTS=1 MEDSSL_BROWSER_SCREENSHOT=runs/browser/niivue.png \
-	  $(BROWSER_VENV)/bin/python -m pytest -p no:cacheprovider --confcutdir tests/browser tests/browser -v
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "browser-test: chromium could not be installed; the browser tests will be skipped"
+	@test -x $(BROWSER_VENV)/bin/python || $(PYTHON) -m venv $(BROWSER_VENV) || true
+	@$(BROWSER_VENV)/bin/python -m pip install --quiet playwright pytest \
+	  || echo "browser-test: playwright could not be installed; the browser tests will be skipped"
+	@mkdir -p $(BROWSER_SHOTS)
+	@PY=$(BROWSER_VENV)/bin/python; $$PY -c "import pytest" 2>/dev/null || PY=$(BIN)/python; \
+	  MEDSSL_BROWSER_TESTS=1 MEDSSL_BROWSER_SCREENSHOTS=$(abspath $(BROWSER_SHOTS)) MEDSSL_PROJECT_PYTHON=$(abspath $(BIN))/python \
+	  $$PY -m pytest -p no:cacheprovider --confcutdir tests/browser tests/browser -v -rs --durations=5
 
 clean-runs:
 	rm -rf runs/

@@ -57,6 +57,7 @@ PLANS: dict[str, dict[str, Any]] = {
             {"notebook": "00_data.ipynb", "parameters": {"source": "demo"}},
             {"notebook": "10_pretrain.ipynb", "per_method": True, "parameters": {"preset": "demo"}},
             {"notebook": "20_latent_space.ipynb", "parameters": {}},
+            {"notebook": "25_latent_viewer.ipynb", "parameters": {}},
             {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
             {"notebook": "30_linear_probe.ipynb", "name": "30_linear_probe_organ",
              "parameters": {"task": "organ", "organ": "liver"}},

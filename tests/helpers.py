@@ -294,3 +294,30 @@ def write_raw_nifti(path: Path, data: np.ndarray, affine: np.ndarray, **fields) 
     raw = nifti_bytes(data, affine, **fields)
     Path(path).write_bytes(gzip.compress(raw) if str(path).endswith(".gz") else raw)
     return Path(path)
+
+
+def tiny_checkpoints(run_dir: Path, methods: Sequence[str], patch_size_vox: int = 16) -> dict[str, Path]:
+    """Real checkpoints in the run layout (``<run_dir>/<method>/checkpoints/last.pt``), in seconds.
+
+    One optimiser step per method (SmallCNN) on two random 24^3 volumes at 6 mm. Returns
+    ``{method: checkpoint path}``.
+    """
+    import torch
+
+    from medssl.data.volume import Volume
+    from medssl.methods import create_method
+    from medssl.train.config import TrainConfig
+    from medssl.train.loop import fit
+
+    rng = np.random.default_rng(0)
+    body = np.ones((24, 24, 24), np.uint8)  # random values are no intensities: the whole grid is the body
+    vols = [Volume(rng.normal(size=(1, 24, 24, 24)).astype(np.float32), np.diag([6.0, 6.0, 6.0, 1.0]), f"t{i}",
+                   aux={"body": body})
+            for i in range(2)]  # fmt: skip
+    config = TrainConfig(epochs=1, steps_per_epoch=1, device="cpu", precision="fp32", log_every=1, eval_every_epochs=100)
+    for name in methods:
+        torch.manual_seed(0)
+        method = create_method(name, backbone="smallcnn", patch_size_vox=patch_size_vox, volumes_per_batch=2,
+                               patches_per_volume=4)  # fmt: skip
+        fit(method, vols, config, Path(run_dir) / name, progress=False)
+    return {name: Path(run_dir) / name / "checkpoints" / "last.pt" for name in methods}

@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -91,8 +91,18 @@ class DataSource:
             return
         # Worker processes only where they cannot re-run the caller's script (see medssl._processes).
         parallel = len(self.manifest) > 8 and (os.cpu_count() or 1) > 1 and can_spawn_workers()
-        report = self.cache.build(self.manifest, on_error=on_error, progress=self.progress,
-                                  workers=2 if parallel else 1, patch_size_vox=self.patch_size_vox)  # fmt: skip
+        # External cases are never trained or evaluated on: they are checked as files but not against the patch size.
+        external = self.manifest["split"] == "external"
+        parts = [(self.manifest[~external], self.patch_size_vox), (self.manifest[external], None)]
+        report = None
+        for rows, patch in parts:
+            if rows.empty:
+                continue
+            part = self.cache.build(rows, on_error=on_error, progress=self.progress,
+                                    workers=2 if parallel and patch is not None else 1, patch_size_vox=patch)
+            report = part if report is None else _merge_reports(report, part)
+        if report is None:  # an empty manifest: the cache says what it thinks of that
+            report = self.cache.build(self.manifest, on_error=on_error, progress=self.progress)
         if report.problems:
             self.manifest = report.keep_ok(self.manifest)
         self.scan_report = report
@@ -146,6 +156,17 @@ class DataSource:
         from medssl.data.datasets import write_manifest
 
         return write_manifest(self.manifest, path)
+
+
+def _merge_reports(a: Any, b: Any) -> Any:
+    a.problems += b.problems
+    a.problem_case_ids += b.problem_case_ids
+    a.ok_case_ids += b.ok_case_ids
+    a.built_case_ids += b.built_case_ids
+    a.reused_case_ids += b.reused_case_ids
+    a.shapes_vox.update(b.shapes_vox)
+    a.spacings_mm.update(b.spacings_mm)
+    return a
 
 
 def open_data(

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import tiny_checkpoints
+
 PARAMS = ("run", "methods", "source", "n_patches_per_volume", "stride_vox", "n_corr_points", "seed", "cohort_seed",
           "fit_split", "score_split", "umap", "viewer")
 
@@ -19,31 +21,6 @@ def test_20_latent_space_notebook_follows_the_notebook_conventions(check_noteboo
     assert 'viewer = "niivue"' in params and "umap = True" in params and "methods = []" in params
 
 
-def _tiny_checkpoints(run_dir, methods):
-    """One optimiser step per method on tiny synthetic volumes: real checkpoints in the run layout."""
-    import torch
-
-    from medssl.data.volume import Volume
-    from medssl.methods import create_method
-    from medssl.train.config import TrainConfig
-    from medssl.train.loop import fit
-
-    rng = np.random.default_rng(0)
-    body = np.ones((24, 24, 24), np.uint8)
-    vols = [
-        Volume(rng.normal(size=(1, 24, 24, 24)).astype(np.float32), np.diag([6.0, 6.0, 6.0, 1.0]), f"t{i}",
-               aux={"body": body})
-        for i in range(2)
-    ]
-    for name in methods:
-        torch.manual_seed(0)
-        m = create_method(name, backbone="smallcnn", patch_size_vox=16, volumes_per_batch=2, patches_per_volume=4)
-        cfg = TrainConfig(
-            epochs=1, steps_per_epoch=1, device="cpu", precision="fp32", log_every=1, eval_every_epochs=100
-        )
-        fit(m, vols, cfg, run_dir / name, progress=False)
-
-
 @pytest.mark.network
 @pytest.mark.slow
 def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_affine(run_notebook, monkeypatch):
@@ -54,7 +31,7 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     run_dir = paths.runs_dir() / "nb20"  # (the fixture points MEDSSL_RUNS at the test's tmp folder)
-    _tiny_checkpoints(run_dir, ["isimed", "simclr"])
+    tiny_checkpoints(run_dir, ["isimed", "simclr"])
     params = {
         "methods": ["isimed", "simclr", "barlowtwins"],  # barlowtwins has no checkpoint: reported, skipped
         "n_subjects": 12, "target_spacing_mm": 6.0, "n_patches_per_volume": 12, "stride_vox": 8,

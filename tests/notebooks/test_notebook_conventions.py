@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.i
 def test_the_ordered_notebooks_are_all_there_and_numbered():
     names = [p.name for p in NOTEBOOKS]
     assert {"00_data.ipynb", "10_pretrain.ipynb", "20_latent_space.ipynb", "30_linear_probe.ipynb",
-            "40_report.ipynb"} <= set(names)
+            "25_latent_viewer.ipynb", "40_report.ipynb"} <= set(names)
     assert all(n[:2].isdigit() and n[2] == "_" for n in names)  # ordered by their two-digit prefix
 
 

@@ -14,6 +14,7 @@ TINY = {
     "20_latent_space.n_patches_per_volume": 12, "20_latent_space.stride_vox": 8, "20_latent_space.n_corr_points": 30,
     "20_latent_space.n_corr_pairs": 2, "20_latent_space.n_map_train_subjects": 1, "20_latent_space.umap": False,
     "20_latent_space.batch_size": 64,
+    "25_latent_viewer.stride_vox": 8, "25_latent_viewer.max_scatter_points": 200, "25_latent_viewer.batch_size": 64,
     "30_linear_probe.n_per_class": 12, "30_linear_probe.patch_size_vox": 16,
     "30_linear_probe.inner_splits": 2, "30_linear_probe.raw_size_vox": 4,
 }  # fmt: skip
@@ -29,7 +30,7 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
     runs = tmp_path / "runs"
     res = pipeline.run_pipeline("demo", "e2e", methods=["isimed", "simclr"], overrides=TINY, runs_root=runs,
                                 progress=False)
-    assert [s.status for s in res.steps] == ["ok"] * 7
+    assert [s.status for s in res.steps] == ["ok"] * 8
     run = runs / "e2e"
     for f in ["00_data/00_data.ipynb", "isimed/10_pretrain.ipynb", "simclr/checkpoints/last.pt",
               "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "40_report/40_report.ipynb"]:
