@@ -86,10 +86,10 @@ def bench_sampler(volumes: list[Volume], nifti_items: list[dict]) -> tuple[float
     return ours, baseline
 
 
-def bench_demo_step(volumes: list[Volume]) -> dict[str, float]:
-    overrides, train_cfg = preset("isimed", "demo")
+def bench_demo_step(volumes: list[Volume], name: str = "isimed", **method_overrides) -> dict[str, float]:
+    overrides, train_cfg = preset(name, "demo")
     torch.manual_seed(0)
-    method = create_method("isimed", **overrides)
+    method = create_method(name, **{**overrides, **method_overrides})
     device = resolve_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
     method.to(device).train()
@@ -153,33 +153,6 @@ def bench_thesis_views() -> dict[str, float]:
     return {"batched": batched, "monai": per_crop}
 
 
-def bench_simsiam_step(volumes: list[Volume]) -> dict[str, float]:
-    overrides, train_cfg = preset("simsiam", "demo")
-    torch.manual_seed(0)
-    method = create_method("simsiam", **{**overrides, "foreground_only": False})  # random volumes: no body
-    device = resolve_device(train_cfg.device)
-    precision = resolve_precision(train_cfg.precision, device)
-    method.to(device).train()
-    optimizer, _ = method.configure_optimizers(train_cfg)
-    rng = np.random.default_rng(0)
-    sample_s = total_s = 0.0
-    for i in range(2 + REPEATS):
-        t0 = time.perf_counter()
-        batch = method.sample(volumes, rng).to(device)
-        t1 = time.perf_counter()
-        with autocast(device, precision):
-            loss = method.training_step(batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        t2 = time.perf_counter()
-        if i >= 2:
-            sample_s += t1 - t0
-            total_s += t2 - t0
-    return {"precision": precision, "patches_per_step": len(batch), "step_s": total_s / REPEATS,
-            "sample_s": sample_s / REPEATS, "sample_share": sample_s / total_s}
-
-
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         volumes, nifti_items = _write_volumes(Path(tmp))
@@ -204,7 +177,7 @@ def main() -> None:
         views = bench_thesis_views()
         print(f"(d) thesis augmentations, {PATCH_VOX}^3 crops: batched {views['batched']:.0f} crops/s, MONAI per crop "
               f"{views['monai']:.0f} crops/s ({views['batched'] / views['monai']:.0f}x)")
-        ss = bench_simsiam_step(volumes)
+        ss = bench_demo_step(volumes, "simsiam")
         print(f"    demo SimSiam step ({ss['patches_per_step']} patches, {ss['precision']}): {ss['step_s'] * 1e3:.0f} "
               f"ms/step, sampling + augmenting {ss['sample_s'] * 1e3:.0f} ms = {100 * ss['sample_share']:.1f} %")
 
