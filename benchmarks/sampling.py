@@ -6,8 +6,14 @@
     ISImed authors' data path; uncompressed so that gzip does not inflate the ratio).
 (b) One ``demo``-preset ISImed training step (sample + forward + backward + AdamW, the
     precision ``fit`` would pick): the fraction of its wall time spent in ``method.sample``.
+(c) ``IoUPairSampler`` (SimSiam's crop pairs, 32^3, 8 pairs from each of 12 volumes = the demo's 192
+    patches) for the thesis's intervals, against ``UniformPatchSampler`` drawing the same number of
+    patches in the same run, and against [0, 1] (random cropping: the thesis's baseline for its 4 %
+    overhead at [0.3, 0.6]); with the fallback rate of each setting.
+(d) The thesis's per-crop augmentations: medssl's batched version against MONAI's random transforms
+    crop by crop, and one ``demo``-preset SimSiam step with its share spent sampling + augmenting.
 
-Run: ``python benchmarks/sampling.py`` (about a minute on 2 cores).
+Run: ``python benchmarks/sampling.py`` (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -80,10 +86,10 @@ def bench_sampler(volumes: list[Volume], nifti_items: list[dict]) -> tuple[float
     return ours, baseline
 
 
-def bench_demo_step(volumes: list[Volume]) -> dict[str, float]:
-    overrides, train_cfg = preset("isimed", "demo")
+def bench_demo_step(volumes: list[Volume], name: str = "isimed", **method_overrides) -> dict[str, float]:
+    overrides, train_cfg = preset(name, "demo")
     torch.manual_seed(0)
-    method = create_method("isimed", **overrides)
+    method = create_method(name, **{**overrides, **method_overrides})
     device = resolve_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
     method.to(device).train()
@@ -112,6 +118,41 @@ def bench_demo_step(volumes: list[Volume]) -> dict[str, float]:
     }
 
 
+def bench_iou_sampler(volumes: list[Volume]) -> list[dict]:
+    from medssl.sampling.iou_pairs import IoUPairSampler
+
+    vols = volumes[:12]
+    pairs = 8
+    n_patches = len(vols) * 2 * pairs
+    uniform = UniformPatchSampler(PATCH_VOX, volumes_per_batch=len(vols), patches_per_volume=2 * pairs)
+    rng = np.random.default_rng(0)
+    rows = [{"sampler": "UniformPatchSampler", "patches_per_s": _patches_per_s(lambda: uniform(vols, rng), n_patches),
+             "fallback_rate": float("nan")}]
+    for interval, draw in [((0.0, 1.0), "rejection"), ((0.3, 0.6), "rejection"), ((0.3, 0.6), "analytic"),
+                           ((0.6, 1.0), "rejection"), ((0.6, 1.0), "analytic"), ((0.0, 0.0), "rejection")]:
+        s = IoUPairSampler(PATCH_VOX, *interval, volumes_per_batch=len(vols), pairs_per_volume=pairs, crop2_draw=draw)
+        rates = []
+        speed = _patches_per_s(lambda: rates.append(float(s(vols, rng).extras["pair_fallback"].float().mean())),
+                               n_patches)
+        rows.append({"sampler": f"IoUPairSampler [{interval[0]:g}, {interval[1]:g}] {draw}", "patches_per_s": speed,
+                     "fallback_rate": float(np.mean(rates))})
+    return rows
+
+
+def bench_thesis_views() -> dict[str, float]:
+    from medssl.augment_thesis import ThesisViewAugment
+
+    aug = ThesisViewAugment()
+    crops = torch.randn(192, 1, PATCH_VOX, PATCH_VOX, PATCH_VOX)
+    rng = np.random.default_rng(0)
+    batched = _patches_per_s(lambda: aug(crops, rng), len(crops))
+    monai = aug.monai_transform()
+    monai.set_random_state(0)
+    few = crops[:48]
+    per_crop = _patches_per_s(lambda: [monai(c) for c in few], len(few))
+    return {"batched": batched, "monai": per_crop}
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         volumes, nifti_items = _write_volumes(Path(tmp))
@@ -126,6 +167,19 @@ def main() -> None:
             f"{step['step_s'] * 1e3:.0f} ms/step, sampling {step['sample_s'] * 1e3:.1f} ms "
             f"= {100 * step['sample_share']:.1f} % of the step"
         )
+        rows = bench_iou_sampler(volumes)
+        uniform = rows[0]["patches_per_s"]
+        random_crop = rows[1]["patches_per_s"]
+        print(f"(c) SimSiam crop pairs, {PATCH_VOX}^3, 12 volumes x 8 pairs (192 patches), same run:")
+        for r in rows:
+            print(f"    {r['sampler']:42s} {r['patches_per_s']:9.0f} patches/s  {uniform / r['patches_per_s']:5.2f}x "
+                  f"uniform's time  {random_crop / r['patches_per_s']:5.2f}x [0, 1]'s  fallback {r['fallback_rate']:.3f}")
+        views = bench_thesis_views()
+        print(f"(d) thesis augmentations, {PATCH_VOX}^3 crops: batched {views['batched']:.0f} crops/s, MONAI per crop "
+              f"{views['monai']:.0f} crops/s ({views['batched'] / views['monai']:.0f}x)")
+        ss = bench_demo_step(volumes, "simsiam")
+        print(f"    demo SimSiam step ({ss['patches_per_step']} patches, {ss['precision']}): {ss['step_s'] * 1e3:.0f} "
+              f"ms/step, sampling + augmenting {ss['sample_s'] * 1e3:.0f} ms = {100 * ss['sample_share']:.1f} %")
 
 
 if __name__ == "__main__":

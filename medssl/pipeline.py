@@ -104,6 +104,15 @@ for _step in PLANS["folder"]["steps"]:
         _step["parameters"] = {}
     if _step["notebook"] == "30_linear_probe.ipynb":
         _step["parameters"] = {"task": "auto"}
+# The thesis's IoU-interval study (medssl/methods/simsiam.py, IOU_STUDY): SimSiam pretrained with the same seed
+# for each interval, the pairs' shared-organ fraction and collapse per interval (15), then the evaluations,
+# all on identical patch sets.
+PLANS["iou_study"] = {
+    "methods": ["simsiam-iou-0-0", "simsiam-iou-0.0001-0.3", "simsiam", "simsiam-iou-0.6-1", "simsiam-iou-0-1"],
+    "steps": copy.deepcopy([PLANS["demo"]["steps"][0], PLANS["demo"]["steps"][1],
+                            {"notebook": "15_iou_intervals.ipynb", "parameters": {}},
+                            *PLANS["demo"]["steps"][2:]]),
+}
 
 
 def plan_methods(spec: Any) -> list[str]:

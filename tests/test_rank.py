@@ -54,3 +54,19 @@ def test_dim_variance_fraction_counts_only_dimensions_above_the_relative_thresho
     assert dim_variance_fraction(z, rel_threshold=1e-8) == pytest.approx(0.9)
     assert dim_variance_fraction(z * 1e6) == dim_variance_fraction(z)  # scale-free
     assert dim_variance_fraction(np.ones((5, 4))) == 0.0
+
+
+def test_collapse_coefficient_is_one_for_identical_outputs_and_near_zero_for_isotropic_gaussians():
+    from medssl.evaluate.rank import collapse_coefficient
+
+    rng = np.random.default_rng(4)
+    identical = np.tile(rng.normal(size=(1, 64)), (500, 1))
+    assert collapse_coefficient(identical) == pytest.approx(1.0)
+    assert collapse_coefficient(torch.tensor(identical, dtype=torch.float32)) == pytest.approx(1.0, abs=1e-6)
+    gaussian = rng.normal(size=(4000, 64))  # directions uniform on the sphere: per-channel std 1/sqrt(d)
+    assert collapse_coefficient(gaussian) < 0.02
+    assert collapse_coefficient(torch.tensor(gaussian)) == pytest.approx(collapse_coefficient(gaussian))
+    # the formula: 1 - sqrt(d) * mean per-channel std of the l2-normalised rows, floored at 0
+    z = rng.normal(size=(50, 8)) + np.array([3.0] + [0.0] * 7)
+    u = z / np.linalg.norm(z, axis=1, keepdims=True)
+    assert collapse_coefficient(z) == pytest.approx(max(0.0, 1 - np.sqrt(8) * u.std(axis=0).mean()))

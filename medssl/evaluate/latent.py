@@ -24,7 +24,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medssl.evaluate.rank import dim_variance_fraction, effective_rank
+from medssl.evaluate.rank import collapse_coefficient, dim_variance_fraction, effective_rank
 
 __all__ = [
     "z_slab_groups",
@@ -276,20 +276,6 @@ def pc_axis_correlation(emb: np.ndarray, centres_mm: np.ndarray, n_components: i
             table.loc[pc, ax] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
     table["explained_variance_ratio"] = frame.attrs["explained_variance_ratio"]
     return table
-
-
-def collapse_coefficient(z: np.ndarray) -> float:
-    """SimSiam-style collapse coefficient ``max(0, 1 - sqrt(d) * s)`` of ``z (N, d)``.
-
-    ``s`` is the mean over channels of the per-channel std of the l2-normalised outputs
-    (Chen & He, SimSiam, sec. 4.1: ``s -> 1/sqrt(d)`` for well-spread outputs, ``0`` when
-    collapsed). 0 = no collapse, 1 = complete collapse. The thesis measures it on the
-    predictor output p, the SimSiam paper on z; call it on each.
-    """
-    e = _check_emb(z)
-    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    s = float(unit.std(axis=0).mean())
-    return max(0.0, 1.0 - np.sqrt(e.shape[1]) * s)
 
 
 def collapse_stats(emb: np.ndarray, rel_threshold: float = 1e-3) -> dict:

@@ -1,7 +1,10 @@
-"""Capacity of an embedding: effective rank (RankMe) and the share of used dimensions.
+"""Capacity of an embedding: effective rank (RankMe), the share of used dimensions, and collapse.
 
 The ISImed paper notes that plain ISImed may collapse into a few informative dimensions
-and that regISImed counters it; these two numbers show whether that happens.
+and that regISImed counters it; these numbers show whether that happens. The SimSiam
+collapse coefficient (:func:`collapse_coefficient`) is logged by methods every training
+step and reported by the evaluations, so it lives here, next to the rank, where both can
+import it (numpy or torch input).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["effective_rank", "dim_variance_fraction"]
+__all__ = ["effective_rank", "dim_variance_fraction", "collapse_coefficient"]
 
 # RankMe adds a small epsilon to the normalised singular values before the log
 # (Garrido et al., 2023, eq. 1) so that zero singular values contribute 0, not NaN.
@@ -80,3 +83,20 @@ def dim_variance_fraction(z: np.ndarray | torch.Tensor, rel_threshold: float = 1
     if top <= 0:
         return 0.0
     return float(np.mean(var > rel_threshold * top))
+
+
+def collapse_coefficient(z: np.ndarray | torch.Tensor) -> float:
+    """SimSiam-style collapse coefficient ``max(0, 1 - sqrt(d) * s)`` of ``z (N, d)``.
+
+    ``s`` is the mean over channels of the per-channel std of the l2-normalised outputs
+    (Chen & He, SimSiam, sec. 4.1: ``s -> 1/sqrt(d)`` for outputs spread over the sphere, ``0``
+    when collapsed; the thesis's eq. 4.3). 0 = no collapse, 1 = complete collapse (a constant
+    output). The thesis measures it on the predictor output p, the SimSiam paper on the
+    projection z; SimSiam logs both. Population std (``ddof=0``), in float64.
+    """
+    e = _as_matrix(z)
+    if e.shape[0] < 2:
+        raise ValueError(f"collapse_coefficient needs N >= 2 rows, got shape {e.shape}")
+    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    s = float(unit.std(axis=0).mean())
+    return max(0.0, 1.0 - float(np.sqrt(e.shape[1])) * s)

@@ -51,7 +51,7 @@ def pretraining_summary(
     fid = distance_fidelity(latent, patches.centres_mm, patches.case_ids, scale_mm=scale_mm, seed=seed).summary
     col = collapse_stats(emb)
     return pd.DataFrame([{
-        "method": getattr(method, "name", type(method).__name__),
+        "method": getattr(method, "registry_name", None) or getattr(method, "name", type(method).__name__),
         "n_volumes": len(volumes),
         "n_patches": len(emb),
         "spearman": fid["spearman"],

@@ -132,8 +132,24 @@ def register_backbone(name: str, factory: Callable[..., nn.Module]) -> None:
     _BACKBONES[name] = factory
 
 
+def _swin(**kw) -> nn.Module:
+    """The SwinUNETR encoder with the thesis's sizes (:mod:`medssl.models.swin`; imported when built)."""
+    from medssl.models.swin import SWIN_THESIS, SwinEncoder
+
+    return SwinEncoder(**{**SWIN_THESIS, **kw})
+
+
+def _swin_tiny(**kw) -> nn.Module:
+    """A CPU-sized SwinUNETR encoder (feature size 12, one block per stage) for smoke tests and demos."""
+    from medssl.models.swin import SWIN_TINY, SwinEncoder
+
+    return SwinEncoder(**{**SWIN_TINY, **kw})
+
+
 register_backbone("smallcnn", SmallCNN)
 register_backbone("densenet121", DenseNet121Backbone)
+register_backbone("swin", _swin)
+register_backbone("swin-tiny", _swin_tiny)
 
 
 def list_backbones() -> list[str]:

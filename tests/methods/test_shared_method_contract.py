@@ -89,6 +89,19 @@ def test_one_cpu_training_step_gives_a_finite_loss_and_gradients_reach_the_backb
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_one_training_step_and_embed_work_with_the_swin_backbone(name):
+    # the SwinUNETR encoder (a CPU-sized one) behind the same interface, for every method
+    torch.manual_seed(0)
+    method = create_method(name, **{**TINY, "backbone": "swin-tiny"}).train()
+    out = method.training_step(method.sample(_volumes(), np.random.default_rng(0)))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.backbone.parameters())
+    x = torch.from_numpy(method.cut_inputs(_volumes()[0].data, np.array([[10, 10, 9]])))
+    assert method.eval().embed(x).shape == (1, method.embed_dim)
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_embed_returns_batch_by_embed_dim(name):
     method = _tiny(name).eval()
     x = torch.randn(5, 1, 16, 16, 16)
