@@ -46,12 +46,23 @@ def heatmap_target(offsets: torch.Tensor, size: int = HEATMAP_SIZE, amplitude: f
     return amplitude * torch.exp(-sharpness * (d1 + d2))
 
 
-def heatmap_offsets(heatmaps: torch.Tensor) -> torch.Tensor:
-    """``(B, 2)`` offsets read from ``(B, S, S)`` heatmaps: the peak, refined by the centroid of its 3x3 window.
+def _peak_shift(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Sub-pixel shift of a maximum from its neighbours: the vertex of the parabola through the three values'
+    logarithms (exact for a Gaussian bump such as the target), or through the values where one is <= 0."""
+    positive = (left > 0) & (centre > 0) & (right > 0)
+    tiny = torch.finfo(centre.dtype).tiny
+    l, c, r = (torch.where(positive, v.clamp_min(tiny).log(), v) for v in (left, centre, right))
+    curvature = l - 2 * c + r
+    shift = torch.where(curvature < 0, (l - r) / (2 * curvature.clamp_max(-1e-12)), torch.zeros_like(c))
+    return shift.clamp(-0.5, 0.5)
 
-    The centroid weighs the window's values above zero (the target is a Gaussian bump, so a good
-    prediction's window is positive); it recovers offsets between grid points that the argmax alone
-    would round to 1/9 half-width.
+
+def heatmap_offsets(heatmaps: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)`` offsets read from ``(B, S, S)`` heatmaps: the peak pixel, refined to sub-pixel precision.
+
+    Along each axis the peak moves to the vertex of the parabola through the logarithms of the peak and
+    its two neighbours, which is exact for the Gaussian target; the argmax alone would round offsets to
+    1/9 half-width. At the border of the map the peak pixel is kept.
     """
     if heatmaps.ndim != 3 or heatmaps.shape[1] != heatmaps.shape[2]:
         raise ValueError(f"heatmaps must have shape (B, S, S), got {tuple(heatmaps.shape)}")
@@ -60,16 +71,13 @@ def heatmap_offsets(heatmaps: torch.Tensor) -> torch.Tensor:
     r = (S - 1) / 2
     peak = h.flatten(1).argmax(1)
     rows, cols = peak // S, peak % S
-    d = torch.arange(-1, 2, device=h.device)
-    wr = (rows[:, None] + d).clamp(0, S - 1)  # (B, 3) window rows
-    wc = (cols[:, None] + d).clamp(0, S - 1)
-    window = h[torch.arange(B, device=h.device)[:, None, None], wr[:, :, None], wc[:, None, :]].clamp_min(0)  # (B, 3, 3)
-    mass = window.sum((1, 2)).clamp_min(1e-12)
-    row = (window.sum(2) * wr).sum(1) / mass
-    col = (window.sum(1) * wc).sum(1) / mass
-    empty = window.sum((1, 2)) <= 0  # no positive value: the plain argmax
-    row = torch.where(empty, rows.float(), row)
-    col = torch.where(empty, cols.float(), col)
+    b = torch.arange(B, device=h.device)
+    centre = h[b, rows, cols]
+    inner_r, inner_c = (rows > 0) & (rows < S - 1), (cols > 0) & (cols < S - 1)
+    up, down = h[b, (rows - 1).clamp_min(0), cols], h[b, (rows + 1).clamp_max(S - 1), cols]
+    left, right = h[b, rows, (cols - 1).clamp_min(0)], h[b, rows, (cols + 1).clamp_max(S - 1)]
+    row = rows.float() + torch.where(inner_r, _peak_shift(up, centre, down), torch.zeros_like(centre))
+    col = cols.float() + torch.where(inner_c, _peak_shift(left, centre, right), torch.zeros_like(centre))
     return torch.stack([(row - r) / r, (col - r) / r], dim=1)
 
 

@@ -120,7 +120,7 @@ class PlanarContextMethod(Method):
         super().__init__(config)
         nets = [build_backbone(config.backbone, in_channels=config.in_channels * config.n_slices, spatial_dims=2,
                                embed_dim=config.embed_dim) for _ in ORIENTATIONS]
-        self.backbone = TriplanarDescriptor(nets)
+        self.backbone = xavier_init_(TriplanarDescriptor(nets))  # first, so Xavier and Reg2D/Heatmap start alike
         self.sampler = ContextPairSampler(config.patch_size_vox, config.n_slices, config.volumes_per_batch,
                                           config.patches_per_volume, config.normal_gap_mm, config.offset_start,
                                           config.offset_end, config.foreground_only)
@@ -165,8 +165,7 @@ class _OffsetPrediction(PlanarContextMethod):
 
     def __init__(self, config: PlanarContextConfig) -> None:
         super().__init__(config)
-        self.heads = nn.ModuleList([self._head(2 * self.backbone.orientation_dim) for _ in ORIENTATIONS])
-        xavier_init_(self)
+        self.heads = xavier_init_(nn.ModuleList([self._head(2 * self.backbone.orientation_dim) for _ in ORIENTATIONS]))
 
     def _head(self, in_features: int) -> nn.Module:
         raise NotImplementedError
@@ -220,12 +219,13 @@ PLANAR_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 800, "steps_per_epoch": 1000, "lr": 5e-5},
     },
     # 2-core CPU: the paper's D2D-CNN and patches (126 x 126 x 9 mm on the demo's 3 mm grid), 16 anchors per
-    # step (one from each of 16 volumes; each anchor is 3 pairs of planar patches, 96 D2D passes per step),
-    # 600 steps with the whole curriculum, Adam at 5e-4 (10x the paper's rate for 1/1300 of its steps).
+    # step (one from each of 16 volumes; each anchor is 3 pairs of planar patches, 96 D2D passes per step, about
+    # the cost of an ISImed demo step), 600 steps with the whole curriculum, Adam at 1e-3 (20x the paper's rate
+    # for 1/1300 of its steps).
     "demo": {
         "method": {"backbone": "d2d", "patch_size_vox": 42, "volumes_per_batch": 16, "patches_per_volume": 1,
                    "foreground_only": True, "curriculum_steps": _PLANAR_DEMO_STEPS},
-        "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 5e-4},
+        "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3},
     },
 }
 
@@ -306,11 +306,11 @@ class Doersch(Method):
         # 2-core CPU: the D3D-CNN costs ~360 MFLOP per cube, which makes dense evaluation grids (tens of
         # thousands of points per volume) take minutes per volume here. The demo uses the SmallCNN at 25^3
         # with a 192-d output instead (0.45 M parameters, like the paper's ~0.4 M per descriptor network;
-        # the ISImed demo swaps DenseNet121 for it the same way). 32 pairs per step, 600 steps, Adam 5e-4.
+        # the ISImed demo swaps DenseNet121 for it the same way). 64 pairs per step, 600 steps, Adam 1e-3.
         "demo": {
             "method": {"backbone": "smallcnn", "embed_dim": 192, "patch_size_vox": 25, "volumes_per_batch": 16,
-                       "patches_per_volume": 2, "foreground_only": True},
-            "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 5e-4},
+                       "patches_per_volume": 4, "foreground_only": True},
+            "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3},
         },
     }
 

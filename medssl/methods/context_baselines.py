@@ -20,7 +20,7 @@ import torch
 
 from medssl.methods.base import Method, MethodConfig, StepOutput, register_method
 from medssl.methods.context import PAPER, PLANAR_PRESETS, PlanarContextMethod
-from medssl.models.context_nets import GreyValueDifferences, gvdiff_pattern, xavier_init_
+from medssl.models.context_nets import GreyValueDifferences, gvdiff_pattern
 from medssl.sampling.base import PatchBatch
 from medssl.sampling.context import PointInputSampler, point_values
 
@@ -42,8 +42,7 @@ class Xavier(PlanarContextMethod):
     presets = {name: {"method": dict(spec["method"])} for name, spec in PLANAR_PRESETS.items()}
 
     def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        xavier_init_(self)
+        super().__init__(config)  # the D2D-CNNs, Xavier-initialised (PlanarContextMethod)
         # validation batches only need the anchors' inputs (no partners)
         self.sampler = PointInputSampler(self.cut_inputs, self.input_size_vox, config.volumes_per_batch,
                                          config.patches_per_volume, config.foreground_only)
