@@ -65,21 +65,22 @@ _MAX_CACHED_VOLUMES = 100_000  # bound on cached centre tables (one per volume)
 def _gather(data: np.ndarray, coords: Sequence[np.ndarray], fill: np.ndarray | None) -> np.ndarray:
     """``(C, *shape)`` float32 values of ``data (C, X, Y, Z)`` at integer voxel coordinates.
 
-    ``coords``: three int arrays broadcastable to ``shape`` (one per array axis). Outside the image the
-    value is ``fill`` (default: the per-channel minimum). One flat ``take`` per channel, no Python loop.
+    ``coords``: three small int arrays broadcastable to ``shape`` (one per array axis; each varies along
+    its own output axes only). Outside the image the value is ``fill`` (default: the per-channel
+    minimum). One flat ``take`` per channel over a broadcast index, no Python loop over points; the
+    inside test runs on the small per-axis arrays, and the full-size mask only when a point is outside.
     """
     arr = np.asarray(data)
     spatial = arr.shape[1:]
     strides = (spatial[1] * spatial[2], spatial[2], 1)
-    flat: np.ndarray | int = 0
-    inside: np.ndarray | bool = True
-    for axis, c in enumerate(coords):
-        c = np.asarray(c, dtype=np.int64)
-        flat = flat + np.clip(c, 0, spatial[axis] - 1) * strides[axis]
-        inside = inside & (c >= 0) & (c < spatial[axis])
-    flat = np.broadcast_to(flat, np.broadcast_shapes(*(np.shape(c) for c in coords)))
+    index_type = np.int32 if arr[0].size < np.iinfo(np.int32).max else np.int64
+    coords = [np.asarray(c, dtype=np.int64) for c in coords]
+    inside_axis = [(c >= 0) & (c < n) for c, n in zip(coords, spatial)]
+    outside = not all(m.all() for m in inside_axis)
+    flat = sum((np.clip(c, 0, n - 1) * st).astype(index_type) for c, n, st in zip(coords, spatial, strides))
     out = arr.reshape(arr.shape[0], -1)[:, flat].astype(np.float32, copy=False)  # (C, *shape)
-    if not np.all(inside):
+    if outside:
+        inside = inside_axis[0] & inside_axis[1] & inside_axis[2]
         values = padding_values(arr) if fill is None else np.asarray(fill, dtype=np.float32)
         out = np.where(inside, out, values.reshape(-1, *([1] * flat.ndim)))
     return out
