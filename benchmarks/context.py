@@ -102,7 +102,7 @@ def bench_dense() -> None:
     t0 = time.perf_counter()
     dense = dense_embeddings(method, vol, stride_vox=STRIDE, batch_size=BATCH, progress=False)
     dense_s = n_points / (time.perf_counter() - t0)
-    assert dense.embeddings.shape[:3] == (32, 32, 32) and dense.embed_dim == 192
+    assert dense.flat_embeddings.shape == (n_points, 192)
 
     anchors, _ = dense_grid(DENSE_SHAPE, STRIDE, method.input_size_vox)  # the grid dense_embeddings cuts at
     grid = np.stack(np.meshgrid(*anchors, indexing="ij"), -1).reshape(-1, 3)[:LOOP_POINTS]

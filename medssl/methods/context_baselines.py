@@ -78,8 +78,11 @@ class GVDiff(Method):
     family = "untrained baseline"
     paper = PAPER
     trains = False
-    presets = {name: {"method": {"backbone": "gvdiff", "patch_size_vox": 42, "volumes_per_batch": 8,
-                                 "patches_per_volume": 1, "foreground_only": True}} for name in ("paper", "demo")}
+    presets = {
+        **{name: {"method": {"backbone": "gvdiff", "patch_size_vox": 42, "volumes_per_batch": 8, "patches_per_volume": 1,
+                             "foreground_only": True}} for name in ("paper", "demo")},
+        "tiny": {"method": {"backbone": "gvdiff"}},  # the shared tiny preset's SmallCNN means nothing here
+    }
 
     def __init__(self, config: GVDiffConfig) -> None:
         super().__init__(config)

