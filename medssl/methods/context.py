@@ -225,7 +225,7 @@ PLANAR_PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "method": {"backbone": "d2d", "patch_size_vox": 42, "volumes_per_batch": 16, "patches_per_volume": 1,
                    "foreground_only": True, "curriculum_steps": _PLANAR_DEMO_STEPS},
-        "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3},
+        "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3, "val_batches": 4},  # val: 64 anchors = 192 pairs
     },
 }
 
@@ -310,7 +310,7 @@ class Doersch(Method):
         "demo": {
             "method": {"backbone": "smallcnn", "embed_dim": 192, "patch_size_vox": 25, "volumes_per_batch": 16,
                        "patches_per_volume": 4, "foreground_only": True},
-            "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3},
+            "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3, "val_batches": 2},  # val: 128 pairs
         },
     }
 
