@@ -108,8 +108,9 @@ class PlanarContextMethod(Method):
     alternatives were worse: a counter in the sampler is lost on resume, and the number of epochs is
     not known to the method. In **eval mode** the sampler draws from the final (widest) range: the
     trainer draws its fixed validation set in eval mode, so every val record, before and after a
-    resume, measures the same full-range task. (With ``TrainConfig.prefetch`` a batch is drawn one
-    step early, i.e. one step behind in the curriculum.)
+    resume, measures the same full-range task. (With ``TrainConfig.prefetch`` a batch is drawn while the
+    previous step trains, i.e. one step behind in the curriculum, so such runs are not bit-identical to
+    runs without prefetch; prefetch is off in every preset.)
     """
 
     Config = PlanarContextConfig
@@ -236,12 +237,12 @@ class Reg2D(_OffsetPrediction):
 
     presets = PLANAR_PRESETS
 
-    def _head(self, in_features: int) -> nn.Module:
-        return TwoParamHead(in_features)
-
     def __init__(self, config: PlanarContextConfig) -> None:
         super().__init__(config)
         self.loss_fn = OffsetL1Loss()
+
+    def _head(self, in_features: int) -> nn.Module:
+        return TwoParamHead(in_features)
 
     def _loss(self, raw: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(raw, offsets)
