@@ -46,7 +46,7 @@ def pretraining_summary(
                               **kwargs)
     else:
         patches = draw_uniform_patch_set(seed=seed, **kwargs)
-    emb = embed_patches(method, patches, progress=progress, volumes=volumes)
+    emb = embed_patches(method, patches, progress=progress, volumes=volumes)  # a method may cut its own input
     latent, scale_mm = metric_latent(method, emb)
     fid = distance_fidelity(latent, patches.centres_mm, patches.case_ids, scale_mm=scale_mm, seed=seed).summary
     col = collapse_stats(emb)

@@ -308,8 +308,15 @@ class _Trainer:
         return when(self.step, self.steps_per_epoch, self._elapsed_s())
 
     def _draw_val_set(self) -> list["PatchBatch"]:
+        # Drawn in eval mode, as it is evaluated: a method whose training draws follow its progress (the
+        # context-prediction curriculum) then draws the same fixed val set at every start and resume.
         val_rng = np.random.default_rng(self.config.val_seed)
-        return [self.method.sample(self.val_volumes, val_rng).to(self.device) for _ in range(self.config.val_batches)]
+        was_training = self.method.training
+        self.method.eval()
+        try:
+            return [self.method.sample(self.val_volumes, val_rng).to(self.device) for _ in range(self.config.val_batches)]
+        finally:
+            self.method.train(was_training)
 
     def _evaluate(self) -> dict[str, Any]:
         """Val loss and embedding rank in eval mode without gradients; back to train mode after."""

@@ -27,7 +27,18 @@ COMMON_FIELDS = {
     "foreground_only": False,
     "embed_dim": None,
 }
+# Methods whose paper fixes other defaults for some common fields (Blendowski et al.: Table 1's networks,
+# 42 x 42 planar / 25^3 patches, batch 8 as one anchor from each of 8 volumes, anchors on the body).
+_CONTEXT = {"volumes_per_batch": 8, "patches_per_volume": 1, "foreground_only": True}
+PAPER_DEFAULTS = {
+    "reg2d": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
+    "heatmap": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
+    "xavier": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
+    "doersch": {**_CONTEXT, "backbone": "d3d", "patch_size_vox": 25},
+    "gvdiff": {**_CONTEXT, "backbone": "gvdiff", "patch_size_vox": 42},
+}
 TINY = {"backbone": "smallcnn", "patch_size_vox": 16, "volumes_per_batch": 2, "patches_per_volume": 4}
+TINY_OVERRIDES = {"gvdiff": {"backbone": "gvdiff"}}  # a handcrafted descriptor has no network to swap
 
 METHODS = list_methods()
 
@@ -45,9 +56,13 @@ def _volumes(n: int = 3) -> list[Volume]:
     return vols
 
 
+def _tiny_config(name: str) -> dict:
+    return {**TINY, **TINY_OVERRIDES.get(name, {})}
+
+
 def _tiny(name: str):
     torch.manual_seed(0)
-    return create_method(name, **TINY)
+    return create_method(name, **_tiny_config(name))
 
 
 def _first_conv(module: torch.nn.Module) -> torch.nn.Module:
@@ -62,7 +77,7 @@ def test_the_four_isimed_paper_methods_are_registered():
 def test_config_is_frozen_with_the_common_fields_and_paper_defaults(name):
     cfg = get_method_class(name).Config()
     values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    for key, default in COMMON_FIELDS.items():
+    for key, default in {**COMMON_FIELDS, **PAPER_DEFAULTS.get(name, {})}.items():
         assert values[key] == default, f"{name}.Config.{key}"
     with pytest.raises(Exception):
         cfg.patch_size_vox = 8  # type: ignore[misc]
@@ -70,12 +85,12 @@ def test_config_is_frozen_with_the_common_fields_and_paper_defaults(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_config_round_trips_through_asdict_and_json(name):
-    cfg = make_config(name, **TINY)
+    cfg = make_config(name, **_tiny_config(name))
     restored = make_config(name, **json.loads(json.dumps(asdict(cfg))))
     assert restored == cfg
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", list_methods(trains=True))
 def test_one_cpu_training_step_gives_a_finite_loss_and_gradients_reach_the_backbone(name):
     method = _tiny(name).train()
     batch = method.sample(_volumes(), np.random.default_rng(0))
@@ -86,6 +101,16 @@ def test_one_cpu_training_step_gives_a_finite_loss_and_gradients_reach_the_backb
     out.loss.backward()
     grad = _first_conv(method.backbone).weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list_methods(trains=False))
+def test_an_untrained_baseline_step_logs_finite_values_and_a_zero_loss(name):
+    method = _tiny(name).train()
+    batch = method.sample(_volumes(), np.random.default_rng(0))
+    assert isinstance(batch, PatchBatch) and len(batch) == 2 * 4
+    out = method.training_step(batch)  # fit runs it on the validation batch only
+    assert out.loss.ndim == 0 and float(out.loss) == 0.0
+    assert out.logs and all(isinstance(v, float) and np.isfinite(v) for v in out.logs.values())
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -101,13 +126,17 @@ def test_one_training_step_and_embed_work_with_the_swin_backbone(name):
     assert method.eval().embed(x).shape == (1, method.embed_dim)
 
 
+
 @pytest.mark.parametrize("name", METHODS)
-def test_embed_returns_batch_by_embed_dim(name):
+def test_embed_takes_what_cut_inputs_cuts_and_returns_batch_by_embed_dim(name):
     method = _tiny(name).eval()
-    x = torch.randn(5, 1, 16, 16, 16)
+    vol = _volumes(1)[0]
+    centres = np.array([[0, 0, 0], [5, 6, 7], [10, 10, 9], [21, 19, 17], [3, 15, 2]])  # corners reach outside
+    x = torch.from_numpy(np.asarray(method.cut_inputs(vol.data, centres), dtype=np.float32))
     e = method.embed(x)
-    assert e.shape == (5, method.embed_dim)
+    assert e.shape == (5, method.embed_dim) and torch.isfinite(e).all()
     assert method.embed_dim == method.backbone.embed_dim
+    assert len(method.input_size_vox) == 3
 
 
 @pytest.mark.parametrize("name", METHODS)

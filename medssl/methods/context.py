@@ -1,0 +1,337 @@
+"""Context prediction (Blendowski, Nickisch, Heinrich, MICCAI 2019): 2.5D Reg2D and Heatmap, 3D Doersch.
+
+- ``reg2d``: per orientation, a D2D-CNN embeds an anchor planar patch and a partner moved by ``Delta0``
+  along the normal and ``(Delta1, Delta2)`` in-plane; the 2-Param CNN regresses ``(Delta1, Delta2)``
+  from both descriptors (L1).
+- ``heatmap``: the same pairs; the Heatmap CNN predicts a 19 x 19 heatmap of the offset (MSE).
+- ``doersch``: a D3D-CNN on 25^3 cubes; the 6-Neighbour CNN tells which face neighbour the partner is
+  (cross-entropy).
+
+The 2.5D descriptor at a point is the concatenation of the three orientations' D2D outputs (3 x 64 =
+192, the length of Doersch's). Geometry, units and the curriculum are in :mod:`medssl.sampling.context`;
+the networks in :mod:`medssl.models.context_nets`. The untrained baselines (``xavier``, ``gvdiff``)
+are in :mod:`medssl.methods.context_baselines`.
+
+Validation measures (``split="val"`` records of ``metrics.jsonl``, drawn from the full offset range):
+Reg2D/Heatmap ``offset_err_hw`` (mean Euclidean error of ``(Delta1, Delta2)`` in half-widths),
+``offset_err_mm`` (the same in mm) and ``offset_err_zero_hw`` (the error of always answering 0, the
+reference to beat); Doersch ``accuracy`` (chance 1/6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medssl.data.volume import Volume
+from medssl.losses.context import HeatmapMSELoss, NeighbourCrossEntropy, OffsetL1Loss, heatmap_offsets
+from medssl.methods.base import Method, MethodConfig, StepOutput, backbone_from_config, register_method
+from medssl.models.backbones import build_backbone
+from medssl.models.context_nets import HeatmapHead, SixNeighbourHead, TriplanarDescriptor, TwoParamHead, xavier_init_
+from medssl.sampling.base import PatchBatch
+from medssl.sampling.context import ORIENTATIONS, ContextPairSampler, NeighbourPairSampler, curriculum_range, \
+    triplanar_patches
+from medssl.train.config import TrainConfig
+
+__all__ = ["PAPER", "DoerschConfig", "PlanarContextConfig", "PlanarContextMethod", "paper_adam"]
+
+PAPER = ("Blendowski, Nickisch, Heinrich: How to learn from unlabeled volume data: self-supervised 3D "
+         "context feature learning, MICCAI 2019")
+# The paper trains every method on 800,000 batches of 8 (sec. 3); its curriculum spans the whole run.
+PAPER_STEPS = 800_000
+
+
+def _tuples(config: Any) -> None:
+    """Lists (e.g. from JSON) back to tuples in a frozen config, so equality and hashing hold."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, list):
+            object.__setattr__(config, f.name, tuple(value))
+
+
+def paper_adam(method: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam at ``config.lr`` (paper: 5e-5), without weight decay, at a constant rate (the paper states no
+    schedule); ``TrainConfig.weight_decay`` and ``lr_decay_per_epoch`` are not used."""
+    optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=config.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+# ---------------------------------------------------------------------------- 2.5D (Reg2D, Heatmap, Xavier)
+
+
+@dataclass(frozen=True)
+class PlanarContextConfig(MethodConfig):
+    """Blendowski et al.'s 2.5D setting in medssl's units (:mod:`medssl.sampling.context`).
+
+    ``patch_size_vox``: in-plane side S of each planar patch, in voxels of the cached grid (paper: 42).
+    ``embed_dim``: width of each orientation's network (None: the D2D-CNN's 64); the descriptor is 3x it.
+    ``normal_gap_mm``: range of ``Delta0``, the partner's move along the normal (paper: 0.125 to 0.25 of
+    the normalised image, i.e. 6-12 % of an axis: about 22-44 mm on its 1.5 mm, 243 x 176 x 293 crops).
+    ``offset_start``/``offset_end``: in-plane offset magnitudes at the start and end of the curriculum,
+    in patch half-widths. ``curriculum_steps``: training steps over which the range widens (the run's
+    length; the presets set it).
+    """
+
+    backbone: str = "d2d"
+    patch_size_vox: int = 42
+    volumes_per_batch: int = 8  # batch 8 (paper), one anchor from each of 8 volumes
+    patches_per_volume: int = 1
+    foreground_only: bool = True  # anchor centres on the body
+    n_slices: int = 3
+    normal_gap_mm: tuple[float, float] = (22.0, 44.0)
+    offset_start: tuple[float, float] = (0.25, 0.3)
+    offset_end: tuple[float, float] = (0.0, 0.7)
+    curriculum_steps: int = PAPER_STEPS
+
+    def __post_init__(self) -> None:
+        _tuples(self)
+        if self.curriculum_steps < 1:
+            raise ValueError(f"curriculum_steps must be >= 1, got {self.curriculum_steps}")
+        for name in ("offset_start", "offset_end"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"{name} must be (lo, hi) with 0 <= lo <= hi <= 1 half-width, got {(lo, hi)}")
+
+
+class PlanarContextMethod(Method):
+    """Shared 2.5D machinery: three D2D-CNNs, planar inputs, the curriculum counter, Adam.
+
+    **Training progress for the curriculum.** ``steps_done`` is a buffer counting training steps: it is
+    incremented by ``training_step`` in train mode with gradients (the trainer calls it exactly once
+    per optimiser step, also when a non-finite gradient skips the update, like the trainer's own step
+    counter), and it is in the state dict, so the checkpoint carries it and a resumed run draws exactly
+    the batches an uninterrupted one would. Progress is ``steps_done / curriculum_steps``. The
+    alternatives were worse: a counter in the sampler is lost on resume, and the number of epochs is
+    not known to the method. In **eval mode** the sampler draws from the final (widest) range: the
+    trainer draws its fixed validation set in eval mode, so every val record, before and after a
+    resume, measures the same full-range task. (With ``TrainConfig.prefetch`` a batch is drawn while the
+    previous step trains, i.e. one step behind in the curriculum, so such runs are not bit-identical to
+    runs without prefetch; prefetch is off in every preset.)
+    """
+
+    Config = PlanarContextConfig
+    family = "context prediction"
+    paper = PAPER
+
+    def __init__(self, config: PlanarContextConfig) -> None:
+        super().__init__(config)
+        nets = [build_backbone(config.backbone, in_channels=config.in_channels * config.n_slices, spatial_dims=2,
+                               embed_dim=config.embed_dim) for _ in ORIENTATIONS]
+        self.backbone = xavier_init_(TriplanarDescriptor(nets))  # first, so Xavier and Reg2D/Heatmap start alike
+        self.sampler = ContextPairSampler(config.patch_size_vox, config.n_slices, config.volumes_per_batch,
+                                          config.patches_per_volume, config.normal_gap_mm, config.offset_start,
+                                          config.offset_end, config.foreground_only)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def input_size_vox(self) -> tuple[int, int, int]:
+        """The bounding cube of the three planar patches (S in-plane on every axis)."""
+        s = int(self.config.patch_size_vox)
+        return (s, s, s)
+
+    def cut_inputs(self, data: np.ndarray, centres_vox: np.ndarray) -> np.ndarray:
+        """``(N, 3, C * n_slices, S, S)``: the three orthogonal planar patches at each centre voxel (batched)."""
+        return triplanar_patches(data, centres_vox, self.config.patch_size_vox, self.config.n_slices)
+
+    # ------------------------------------------------------------------ training
+
+    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+        return paper_adam(self, config)
+
+    def curriculum_progress(self) -> float:
+        """Training progress in ``[0, 1]`` that sets the in-plane offset range (class docstring)."""
+        return min(1.0, int(self.steps_done) / self.config.curriculum_steps)
+
+    def offset_range(self) -> tuple[float, float]:
+        """``(lo, hi)`` offset magnitudes (half-widths) the next training batch is drawn from."""
+        return curriculum_range(self.curriculum_progress() if self.training else 1.0, self.config.offset_start,
+                                self.config.offset_end)
+
+    def sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
+        return self.sampler(volumes, rng, progress=self.curriculum_progress() if self.training else 1.0)
+
+    def _count_step(self) -> None:
+        if self.training and torch.is_grad_enabled():
+            self.steps_done += 1
+
+
+class _OffsetPrediction(PlanarContextMethod):
+    """Reg2D and Heatmap: a head per orientation on (anchor, partner) descriptors predicts ``(Delta1, Delta2)``."""
+
+    def __init__(self, config: PlanarContextConfig) -> None:
+        super().__init__(config)
+        self.heads = xavier_init_(nn.ModuleList([self._head(2 * self.backbone.orientation_dim) for _ in ORIENTATIONS]))
+
+    def _head(self, in_features: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _loss(self, raw: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """``(B, 2)`` offsets from the head's output."""
+        raise NotImplementedError
+
+    def training_step(self, batch: PatchBatch) -> StepOutput:
+        anchors, partners = batch.patches, batch.extras["partners"]  # (N, 3, C', S, S) each
+        target = batch.extras["offsets"].float()  # (N, 3, 2) half-widths
+        n = anchors.shape[0]
+        losses, predicted = [], []
+        for o, (net, head) in enumerate(zip(self.backbone.nets, self.heads)):
+            f = net(torch.cat([anchors[:, o], partners[:, o]]))  # (2N, D): one pass for both patches
+            raw = head(torch.cat([f[:n], f[n:]], dim=1))  # anchor first, partner second: Delta = partner - anchor
+            losses.append(self._loss(raw, target[:, o]))
+            predicted.append(self._decode(raw))
+        loss = torch.stack(losses).mean()
+        lo, hi = self.offset_range()
+        self._count_step()
+        logs = {"loss": float(loss.detach()), "offset_lo": lo, "offset_hi": hi,
+                **offset_error_logs(torch.stack(predicted, 1), target, batch.extras["half_width_mm"].float())}
+        return StepOutput(loss=loss, logs=logs)
+
+
+def offset_error_logs(predicted: torch.Tensor, target: torch.Tensor, half_width_mm: torch.Tensor) -> dict[str, float]:
+    """Pretext-task errors of ``(N, 3, 2)`` predicted vs true offsets (half-widths), overall and per orientation.
+
+    ``offset_err_hw``: mean Euclidean error in half-widths; ``offset_err_mm``: the same in mm;
+    ``offset_err_zero_hw``: the error of always predicting 0 (what a network that learned nothing scores
+    at best, give or take the offset distribution's mean).
+    """
+    err = (predicted.detach().float() - target).norm(dim=-1)  # (N, 3)
+    err_mm = ((predicted.detach().float() - target) * half_width_mm).norm(dim=-1)
+    logs = {"offset_err_hw": float(err.mean()), "offset_err_mm": float(err_mm.mean()),
+            "offset_err_zero_hw": float(target.norm(dim=-1).mean())}
+    logs.update({f"offset_err_hw_{name}": float(err[:, o].mean()) for o, name in enumerate(ORIENTATIONS)})
+    return logs
+
+
+_PLANAR_DEMO_STEPS = 600  # see the demo preset below
+PLANAR_PRESETS: dict[str, dict[str, Any]] = {
+    # Blendowski et al. sec. 3: D2D-CNN, 42 x 42 x 3, batch 8, Adam 5e-5, 800,000 batches.
+    "paper": {
+        "method": {"backbone": "d2d", "patch_size_vox": 42, "volumes_per_batch": 8, "patches_per_volume": 1,
+                   "foreground_only": True, "curriculum_steps": PAPER_STEPS},
+        "train": {"epochs": 800, "steps_per_epoch": 1000, "lr": 5e-5},
+    },
+    # 2-core CPU: the paper's D2D-CNN and patches (126 x 126 x 9 mm on the demo's 3 mm grid), 16 anchors per
+    # step (one from each of 16 volumes; each anchor is 3 pairs of planar patches, 96 D2D passes per step, about
+    # the cost of an ISImed demo step), 600 steps with the whole curriculum, Adam at 1e-3 (20x the paper's rate
+    # for 1/1300 of its steps).
+    "demo": {
+        "method": {"backbone": "d2d", "patch_size_vox": 42, "volumes_per_batch": 16, "patches_per_volume": 1,
+                   "foreground_only": True, "curriculum_steps": _PLANAR_DEMO_STEPS},
+        "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3, "val_batches": 4},  # val: 64 anchors = 192 pairs
+    },
+}
+
+
+@register_method("reg2d")
+class Reg2D(_OffsetPrediction):
+    """Reg2D: 2.5D planar context pairs, the 2-Param CNN regresses the in-plane offset (L1)."""
+
+    presets = PLANAR_PRESETS
+
+    def __init__(self, config: PlanarContextConfig) -> None:
+        super().__init__(config)
+        self.loss_fn = OffsetL1Loss()
+
+    def _head(self, in_features: int) -> nn.Module:
+        return TwoParamHead(in_features)
+
+    def _loss(self, raw: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(raw, offsets)
+
+    def _decode(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw.detach().float()
+
+
+@register_method("heatmap")
+class Heatmap(_OffsetPrediction):
+    """Heatmap: 2.5D planar context pairs, the Heatmap CNN regresses a 19 x 19 offset heatmap (MSE)."""
+
+    presets = PLANAR_PRESETS
+
+    def __init__(self, config: PlanarContextConfig) -> None:
+        super().__init__(config)
+        self.loss_fn = HeatmapMSELoss()
+
+    def _head(self, in_features: int) -> nn.Module:
+        return HeatmapHead(in_features)
+
+    def _loss(self, raw: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(raw, offsets)
+
+    def _decode(self, raw: torch.Tensor) -> torch.Tensor:
+        return heatmap_offsets(raw)
+
+
+# ---------------------------------------------------------------------------- 3D Doersch
+
+
+@dataclass(frozen=True)
+class DoerschConfig(MethodConfig):
+    """Blendowski et al.'s 3D Doersch baseline: 25^3 cubes, batch 8; gap and jitter in mm (not given in the paper).
+
+    ``gap_mm``: extra distance between the anchor and its neighbour cube (>= the jitter, so they never
+    overlap); ``jitter_mm``: uniform jitter of the partner's centre on every axis.
+    """
+
+    backbone: str = "d3d"
+    patch_size_vox: int = 25
+    volumes_per_batch: int = 8
+    patches_per_volume: int = 1
+    foreground_only: bool = True
+    gap_mm: float = 6.0
+    jitter_mm: float = 6.0
+
+
+@register_method("doersch")
+class Doersch(Method):
+    """3D Doersch: which of the 6 face neighbours is the partner cube? (D3D-CNN + 6-Neighbour CNN, cross-entropy)."""
+
+    Config = DoerschConfig
+    family = "context prediction"
+    paper = PAPER
+    presets = {
+        "paper": {
+            "method": {"backbone": "d3d", "patch_size_vox": 25, "volumes_per_batch": 8, "patches_per_volume": 1,
+                       "foreground_only": True},
+            "train": {"epochs": 800, "steps_per_epoch": 1000, "lr": 5e-5},
+        },
+        # 2-core CPU: the D3D-CNN costs ~360 MFLOP per cube, which makes dense evaluation grids (tens of
+        # thousands of points per volume) take minutes per volume here. The demo uses the SmallCNN at 25^3
+        # with a 192-d output instead (0.45 M parameters, like the paper's ~0.4 M per descriptor network;
+        # the ISImed demo swaps DenseNet121 for it the same way). 64 pairs per step, 600 steps, Adam 1e-3.
+        "demo": {
+            "method": {"backbone": "smallcnn", "embed_dim": 192, "patch_size_vox": 25, "volumes_per_batch": 16,
+                       "patches_per_volume": 4, "foreground_only": True},
+            "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3, "val_batches": 2},  # val: 128 pairs
+        },
+    }
+
+    def __init__(self, config: DoerschConfig) -> None:
+        super().__init__(config)
+        self.backbone = backbone_from_config(config)
+        self.head = SixNeighbourHead(2 * self.backbone.embed_dim)
+        self.loss_fn = NeighbourCrossEntropy()
+        self.sampler = NeighbourPairSampler(config.patch_size_vox, config.volumes_per_batch, config.patches_per_volume,
+                                            config.gap_mm, config.jitter_mm, config.foreground_only)
+        xavier_init_(self)
+
+    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+        return paper_adam(self, config)
+
+    def training_step(self, batch: PatchBatch) -> StepOutput:
+        n = len(batch)
+        f = self.backbone(torch.cat([batch.patches, batch.extras["partners"]]))  # (2N, D)
+        logits = self.head(torch.cat([f[:n], f[n:]], dim=1))  # anchor first
+        labels = batch.extras["labels"]
+        loss = self.loss_fn(logits, labels)
+        accuracy = float((logits.detach().argmax(1) == labels).float().mean())
+        return StepOutput(loss=loss, logs={"loss": float(loss.detach()), "accuracy": accuracy})

@@ -1,0 +1,438 @@
+"""Context-prediction samplers (Blendowski, Nickisch, Heinrich, MICCAI 2019) and 2.5D patch cutting.
+
+**Planar (2.5D) patches.** For orientation ``o`` the patch's normal is array axis ``o`` and its two
+in-plane axes are ``geometry.plane_axes(o)`` (``(1, 2)``, ``(0, 2)``, ``(0, 1)``); on the RAS-oriented
+grids medssl caches, ``o = 0, 1, 2`` are the sagittal, coronal and axial planes. That one helper fixes
+the tensor layout of every planar patch, the partner's shift and the regression target alike:
+
+- patch ``(C * n_slices, S, S)``: channel ``c * n_slices + k`` is image channel ``c`` at slice ``k``
+  along the normal (increasing index); tensor axis -2 runs along the first in-plane axis, axis -1
+  along the second;
+- offset target ``(Delta1, Delta2)``: the partner's shift along the first and second in-plane axis.
+
+The authors' code mixed these up for two of the three axes (their "through-plane" offset moved the
+patch in-plane), so Reg2D and Heatmap were trained on different targets (design/methods.md);
+``tests/sampling/test_context.py`` proves, on an oblique anisotropic grid, that a shift in world mm
+appears as the intended ``(Delta1, Delta2)`` and moves the patch content along the intended tensor axes.
+
+**Units.** Patches are ``S x S`` in-plane voxels by ``n_slices`` adjacent slices **of the cached grid**
+(isotropic in medssl: the demo's 3 mm grid makes the paper's 42 x 42 x 3 patch 126 x 126 x 9 mm, close
+to the paper's "approx. 117 x 97 x 9 mm"; the authors sized patches in normalised image coordinates,
+so their physical patch differed per axis). The normal gap ``Delta0`` is given in **mm** and converted
+with the spacing of the normal axis. In-plane offsets are in units of the **patch half-width**
+(``S / 2`` voxels: 21 voxels = 63 mm on the demo grid); the target is the offset actually applied
+after rounding the shift to whole voxels, so targets are exact.
+
+Anchor centres lie on the body (:func:`medssl.sampling.regions.foreground_mask`), drawn from **every**
+volume of the pool (the authors' sampling reached only the first 8 of 63 volumes). Patch content
+outside the image is the per-channel minimum, as in every evaluation cut (:mod:`medssl.sampling.patches`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from medssl.data.errors import EmptyForegroundError, TooSmallError
+from medssl.data.volume import Volume
+from medssl.geometry import box_centres_mm, boxes_for_centres, plane_axes
+from medssl.sampling.base import PatchBatch, PatchSampler
+from medssl.sampling.patches import extract_patches, padding_values
+from medssl.sampling.regions import BODY, foreground_mask, valid_centres
+
+__all__ = [
+    "ORIENTATIONS",
+    "ContextPairSampler",
+    "NeighbourPairSampler",
+    "PointInputSampler",
+    "curriculum_range",
+    "neighbour_direction",
+    "planar_patches",
+    "point_values",
+    "triplanar_patches",
+]
+
+# Orientation o has its normal along array axis o (RAS grids: x, y, z).
+ORIENTATIONS = ("sagittal", "coronal", "axial")
+_MAX_CACHED_VOLUMES = 100_000  # bound on cached centre tables (one per volume)
+
+
+# ---------------------------------------------------------------------------- cutting
+
+
+def _gather(data: np.ndarray, coords: Sequence[np.ndarray], fill: np.ndarray | None) -> np.ndarray:
+    """``(C, *shape)`` float32 values of ``data (C, X, Y, Z)`` at integer voxel coordinates.
+
+    ``coords``: three small int arrays broadcastable to ``shape`` (one per array axis; each varies along
+    its own output axes only). Outside the image the value is ``fill`` (default: the per-channel
+    minimum). One flat ``take`` per channel over a broadcast index, no Python loop over points; the
+    inside test runs on the small per-axis arrays, and the full-size mask only when a point is outside.
+    """
+    arr = np.asarray(data)
+    spatial = arr.shape[1:]
+    strides = (spatial[1] * spatial[2], spatial[2], 1)
+    index_type = np.int32 if arr[0].size < np.iinfo(np.int32).max else np.int64
+    coords = [np.asarray(c, dtype=np.int64) for c in coords]
+    inside_axis = [(c >= 0) & (c < n) for c, n in zip(coords, spatial)]
+    outside = not all(m.all() for m in inside_axis)
+    flat = sum((np.clip(c, 0, n - 1) * st).astype(index_type) for c, n, st in zip(coords, spatial, strides))
+    out = arr.reshape(arr.shape[0], -1)[:, flat].astype(np.float32, copy=False)  # (C, *shape)
+    if outside:
+        inside = inside_axis[0] & inside_axis[1] & inside_axis[2]
+        values = padding_values(arr) if fill is None else np.asarray(fill, dtype=np.float32)
+        out = np.where(inside, out, values.reshape(-1, *([1] * flat.ndim)))
+    return out
+
+
+def planar_patches(data: np.ndarray, centres_vox: np.ndarray, normal_axis: int, size_vox: int,
+                   n_slices: int = 3, fill: np.ndarray | None = None) -> np.ndarray:
+    """``(N, C * n_slices, S, S)`` float32 planar patches of ``data (C, X, Y, Z)`` around centre voxels ``(N, 3)``.
+
+    The patch at centre voxel ``c`` holds slices ``c_n + k - n_slices // 2`` (``k = 0 .. n_slices - 1``)
+    along the normal and voxels ``c_a + i - S // 2`` along each in-plane axis (the centre-voxel rule of
+    :mod:`medssl.geometry`); layout in the module docstring. Padded with ``fill`` (default: the
+    per-channel minimum) outside the image.
+    """
+    (a, b), n = plane_axes(normal_axis)
+    centres = np.asarray(centres_vox, dtype=np.int64).reshape(-1, 3)
+    size = int(size_vox)
+    along = {n: np.arange(n_slices) - n_slices // 2, a: np.arange(size) - size // 2, b: np.arange(size) - size // 2}
+    out_dim = {n: 1, a: 2, b: 3}  # output (N, slice, first in-plane axis, second in-plane axis)
+    coords = []
+    for axis in range(3):
+        shape = [len(centres), 1, 1, 1]
+        shape[out_dim[axis]] = len(along[axis])
+        coords.append((centres[:, axis, None] + along[axis][None, :]).reshape(shape))
+    values = _gather(data, coords, fill)  # (C, N, n_slices, S, S)
+    return np.ascontiguousarray(np.moveaxis(values, 0, 1)).reshape(len(centres), -1, size, size)
+
+
+def triplanar_patches(data: np.ndarray, centres_vox: np.ndarray, size_vox: int, n_slices: int = 3,
+                      fill: np.ndarray | None = None) -> np.ndarray:
+    """``(N, 3, C * n_slices, S, S)``: the three orthogonal planar patches around each centre voxel.
+
+    ``out[:, o]`` is :func:`planar_patches` with normal axis ``o``: the input of the 2.5D descriptor.
+    """
+    arr = np.asarray(data)
+    fill = padding_values(arr) if fill is None else fill
+    return np.stack([planar_patches(arr, centres_vox, o, size_vox, n_slices, fill) for o in range(3)], axis=1)
+
+
+def point_values(data: np.ndarray, centres_vox: np.ndarray, offsets_vox: np.ndarray) -> np.ndarray:
+    """``(N, C, K)`` float32 intensities at ``centre + offset`` for ``K`` voxel offsets ``(K, 3)`` (padded outside)."""
+    centres = np.asarray(centres_vox, dtype=np.int64).reshape(-1, 3)
+    offsets = np.asarray(offsets_vox, dtype=np.int64).reshape(-1, 3)
+    values = _gather(data, [centres[:, k, None] + offsets[None, :, k] for k in range(3)], None)  # (C, N, K)
+    return np.ascontiguousarray(np.moveaxis(values, 0, 1))
+
+
+# ---------------------------------------------------------------------------- the curriculum
+
+
+def curriculum_range(progress: float, start: Sequence[float] = (0.25, 0.3),
+                     end: Sequence[float] = (0.0, 0.7)) -> tuple[float, float]:
+    """``(lo, hi)``: in-plane offset magnitudes at training ``progress`` in ``[0, 1]`` (clipped).
+
+    Blendowski et al. draw each offset uniformly from ``+-[0.25, 0.3]`` at the start, widening to
+    ``+-[0, 0.7]`` at the end; medssl interpolates both bounds linearly in progress. Units: patch
+    half-widths.
+    """
+    p = float(np.clip(progress, 0.0, 1.0))
+    return start[0] + p * (end[0] - start[0]), start[1] + p * (end[1] - start[1])
+
+
+# ---------------------------------------------------------------------------- anchor centres
+
+
+class _CentreTable:
+    """Allowed anchor centre voxels of each volume (flat indices), computed once per volume.
+
+    ``foreground_only``: on the body (or ``region``). ``window_vox(volume)`` (optional): prefer centres
+    whose box of that size fits inside the volume; volumes where no such centre exists fall back to the
+    whole region (their partners are then padded where they leave the image).
+    """
+
+    def __init__(self, foreground_only: bool, region: str,
+                 window_vox: Callable[[Volume], Sequence[int]] | None = None) -> None:
+        self.foreground_only, self.region, self.window_vox = foreground_only, region, window_vox
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def draw(self, vol: Volume, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``(n, 3)`` int64 centre voxels, uniform over the allowed ones."""
+        flat = self._allowed(vol)
+        picks = flat[rng.integers(0, flat.size, size=n)]
+        return np.stack(np.unravel_index(picks, vol.shape_vox), axis=1).astype(np.int64)
+
+    def _allowed(self, vol: Volume) -> np.ndarray:
+        window = tuple(int(w) for w in self.window_vox(vol)) if self.window_vox is not None else None
+        key = (vol.case_id, id(vol.data), vol.shape_vox, window)
+        if key not in self._cache:
+            mask = foreground_mask(vol, self.region) if self.foreground_only else None
+            allowed = None
+            if window is not None:
+                try:
+                    allowed = valid_centres(vol, window, mask)
+                except (TooSmallError, EmptyForegroundError):
+                    allowed = None
+            if allowed is None:
+                allowed = valid_centres(vol, (1, 1, 1), mask)  # raises EmptyForegroundError on an empty mask
+            if len(self._cache) >= _MAX_CACHED_VOLUMES:
+                self._cache.clear()
+            self._cache[key] = np.flatnonzero(allowed)
+        return self._cache[key]
+
+
+def _check_channels(volumes: Sequence[Volume]) -> None:
+    for v in volumes:
+        if v.n_channels != volumes[0].n_channels:
+            raise ValueError(f"{v.source or v.case_id}: has {v.n_channels} channels but {volumes[0].case_id} has "
+                             f"{volumes[0].n_channels}; all volumes in a pool need the same channels")
+
+
+def _choose_volumes(volumes: Sequence[Volume], volumes_per_batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the batch's volumes: a uniform draw without replacement from the WHOLE pool."""
+    return rng.choice(len(volumes), size=min(volumes_per_batch, len(volumes)), replace=False)
+
+
+# ---------------------------------------------------------------------------- 2.5D pairs
+
+
+class ContextPairSampler(PatchSampler):
+    """Anchor and partner planar patches for all three orientations (Reg2D and Heatmap).
+
+    For each anchor centre voxel (on the body, ``patches_per_volume`` from each of up to
+    ``volumes_per_batch`` volumes) and each orientation ``o``: the partner is the planar patch moved
+    along the normal by ``Delta0`` (uniform in ``normal_gap_mm``, at least ``n_slices`` voxels so the
+    slabs never overlap; the sign is random, but the partner slab stays inside the image: where only
+    one side has room it goes there, and where neither has room for the drawn gap the gap shrinks to
+    the larger room) and in-plane by ``(Delta1, Delta2)``, each drawn uniformly from ``+-[lo, hi]`` =
+    :func:`curriculum_range` at ``progress``, in patch half-widths.
+
+    ``sampler(volumes, rng, progress=1.0) -> PatchBatch`` with
+
+    - ``patches``: ``(N, 3, C * n_slices, S, S)`` anchors (:func:`triplanar_patches`, the 2.5D
+      descriptor's input at the anchor centre);
+    - ``centres_mm``/``boxes_vox``: world mm and voxel box of the anchor's bounding cube ``S^3``;
+    - ``extras["partners"]``: ``(N, 3, C * n_slices, S, S)``, orientation ``o``'s partner in ``[:, o]``;
+    - ``extras["offsets"]``: ``(N, 3, 2)`` float32 realised ``(Delta1, Delta2)`` in half-widths;
+    - ``extras["half_width_mm"]``: ``(N, 3, 2)`` the half-width along each in-plane axis in mm;
+    - ``extras["normal_shift_mm"]``: ``(N, 3)`` signed ``Delta0`` in mm;
+    - ``extras["partner_centres_mm"]``: ``(N, 3, 3)`` world mm of each partner's bounding-cube centre
+      (same convention as ``centres_mm``, so differences are the exact shift).
+    """
+
+    def __init__(
+        self,
+        size_vox: int = 42,
+        n_slices: int = 3,
+        volumes_per_batch: int = 8,
+        patches_per_volume: int = 1,
+        normal_gap_mm: Sequence[float] = (22.0, 44.0),
+        offset_start: Sequence[float] = (0.25, 0.3),
+        offset_end: Sequence[float] = (0.0, 0.7),
+        foreground_only: bool = True,
+        region: str = BODY,
+    ) -> None:
+        # A volume only needs room for two disjoint slabs along each axis (patches are padded in-plane).
+        super().__init__(3 * int(n_slices))
+        if int(size_vox) < 2 or int(n_slices) < 1 or min(volumes_per_batch, patches_per_volume) < 1:
+            raise ValueError(f"need size_vox >= 2, n_slices >= 1 and positive batch sizes; got size_vox={size_vox}, "
+                             f"n_slices={n_slices}, volumes_per_batch={volumes_per_batch}, "
+                             f"patches_per_volume={patches_per_volume}")
+        if not 0 < normal_gap_mm[0] <= normal_gap_mm[1]:
+            raise ValueError(f"normal_gap_mm must be (lo, hi) with 0 < lo <= hi, got {tuple(normal_gap_mm)}")
+        self.size_vox, self.n_slices = int(size_vox), int(n_slices)
+        self.volumes_per_batch, self.patches_per_volume = int(volumes_per_batch), int(patches_per_volume)
+        self.normal_gap_mm = (float(normal_gap_mm[0]), float(normal_gap_mm[1]))
+        self.offset_start, self.offset_end = tuple(offset_start), tuple(offset_end)
+        self._centres = _CentreTable(foreground_only, region)
+        self._progress = 1.0
+
+    @property
+    def half_width_vox(self) -> float:
+        """The unit of the in-plane offsets: half the patch side, ``S / 2`` voxels."""
+        return self.size_vox / 2.0
+
+    def __call__(self, volumes: Sequence[Volume], rng: np.random.Generator, progress: float = 1.0) -> PatchBatch:
+        """Validate (the base class), then draw with the curriculum at ``progress`` in ``[0, 1]``."""
+        self._progress = float(progress)
+        return super().__call__(volumes, rng)
+
+    def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
+        _check_channels(volumes)
+        chosen = _choose_volumes(volumes, self.volumes_per_batch, rng)
+        lo, hi = curriculum_range(self._progress, self.offset_start, self.offset_end)
+        parts = [self._pairs(volumes[int(vi)], rng, lo, hi) for vi in chosen]
+        P = self.patches_per_volume
+        cat = lambda key: torch.from_numpy(np.concatenate([p[key] for p in parts]))  # noqa: E731
+        return PatchBatch(
+            patches=cat("anchors"),
+            centres_mm=cat("centres_mm"),
+            boxes_vox=cat("boxes_vox"),
+            volume_index=torch.from_numpy(np.repeat(np.arange(len(chosen), dtype=np.int64), P)),
+            case_ids=[volumes[int(i)].case_id for i in chosen],
+            extras={k: cat(k) for k in ("partners", "offsets", "half_width_mm", "normal_shift_mm", "partner_centres_mm")},
+        )
+
+    def _pairs(self, vol: Volume, rng: np.random.Generator, lo: float, hi: float) -> dict[str, np.ndarray]:
+        P, S, ns = self.patches_per_volume, self.size_vox, self.n_slices
+        spacing = vol.spacing_mm
+        centres = self._centres.draw(vol, P, rng)  # (P, 3)
+        cube = (S, S, S)
+        partner_c = np.empty((P, 3, 3), dtype=np.int64)
+        offsets = np.empty((P, 3, 2), dtype=np.float32)
+        half_width_mm = np.empty((P, 3, 2), dtype=np.float32)
+        normal_shift_mm = np.empty((P, 3), dtype=np.float32)
+        for o in range(3):
+            (a, b), n = plane_axes(o)
+            shift = np.zeros((P, 3), dtype=np.int64)
+            shift[:, n] = self._normal_shift(centres[:, n], vol.shape_vox[n], spacing[n], rng)
+            magnitude = rng.uniform(lo, hi, size=(P, 2))
+            sign = np.where(rng.random((P, 2)) < 0.5, -1.0, 1.0)
+            in_plane = np.rint(sign * magnitude * self.half_width_vox).astype(np.int64)  # (P, 2) voxels
+            shift[:, a], shift[:, b] = in_plane[:, 0], in_plane[:, 1]
+            partner_c[:, o] = centres + shift
+            offsets[:, o] = in_plane / self.half_width_vox  # the realised target, exact
+            half_width_mm[:, o] = self.half_width_vox * spacing[[a, b]]
+            normal_shift_mm[:, o] = shift[:, n] * spacing[n]
+        fill = padding_values(vol.data)
+        boxes = boxes_for_centres(centres, cube)
+        partner_boxes = boxes_for_centres(partner_c.reshape(-1, 3), cube)
+        return {
+            "anchors": triplanar_patches(vol.data, centres, S, ns, fill),
+            "partners": np.stack([planar_patches(vol.data, partner_c[:, o], o, S, ns, fill) for o in range(3)], axis=1),
+            "centres_mm": box_centres_mm(vol.affine, boxes).astype(np.float32),
+            "boxes_vox": boxes,
+            "offsets": offsets,
+            "half_width_mm": half_width_mm,
+            "normal_shift_mm": normal_shift_mm,
+            "partner_centres_mm": box_centres_mm(vol.affine, partner_boxes).reshape(P, 3, 3).astype(np.float32),
+        }
+
+    def _normal_shift(self, c: np.ndarray, n_vox: int, spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+        """``(P,)`` signed ``Delta0`` in voxels along an axis of ``n_vox`` voxels, the partner slab inside the image."""
+        ns = self.n_slices
+        gap = np.maximum(np.rint(rng.uniform(*self.normal_gap_mm, size=len(c)) / spacing_mm).astype(np.int64), ns)
+        room_plus, room_minus = (n_vox - 1 - ns // 2) - c, c - ns // 2
+        fits_plus, fits_minus = gap <= room_plus, gap <= room_minus
+        coin = rng.random(len(c)) < 0.5
+        plus = np.where(fits_plus & fits_minus, coin, np.where(fits_plus | fits_minus, fits_plus, room_plus >= room_minus))
+        # Where neither side has room for the drawn gap, it shrinks to the larger room, which is >= n_slices
+        # (the volume has >= 3 * n_slices voxels along every axis: checked in __call__).
+        gap = np.minimum(gap, np.where(plus, room_plus, room_minus))
+        return np.where(plus, gap, -gap)
+
+
+# ---------------------------------------------------------------------------- 3D Doersch pairs
+
+
+def neighbour_direction(label: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(array axis, sign)`` of a 6-neighbour class: class ``2 * axis`` is ``-axis``, ``2 * axis + 1`` is ``+axis``."""
+    label = np.asarray(label)
+    return label // 2, np.where(label % 2 == 1, 1, -1)
+
+
+class NeighbourPairSampler(PatchSampler):
+    """An anchor cube and one of its 6 face neighbours, with jitter (3D extension of Doersch et al.).
+
+    The partner's centre moves along array axis ``k`` by ``+-(S + gap + j)`` voxels and along the two
+    other axes by ``j'``, with ``j, j'`` uniform integers in ``+-jitter`` (Blendowski et al.: jitter
+    "to avoid e.g. line continuation hints"). ``gap >= jitter``, so the cubes never overlap. Gap and
+    jitter are given in mm and converted with each axis's spacing. The class label is
+    ``2 * k + (1 if the move is towards +k else 0)`` (:func:`neighbour_direction`), uniform over the 6.
+
+    Anchor centres lie on the body where all 6 neighbours (at full jitter) fit inside the volume, so the
+    direction cannot be guessed from the image border; a volume with no such centre uses its whole body,
+    and partners are padded where they leave the image.
+
+    ``sampler(volumes, rng) -> PatchBatch`` with ``patches (N, C, S, S, S)`` anchors,
+    ``extras["partners"]`` of the same shape, ``extras["labels"] (N,)`` int64 and
+    ``extras["partner_centres_mm"] (N, 3)``.
+    """
+
+    def __init__(self, size_vox: int = 25, volumes_per_batch: int = 8, patches_per_volume: int = 1,
+                 gap_mm: float = 6.0, jitter_mm: float = 6.0, foreground_only: bool = True, region: str = BODY) -> None:
+        super().__init__(size_vox)
+        if gap_mm < 0 or jitter_mm < 0 or min(volumes_per_batch, patches_per_volume) < 1:
+            raise ValueError(f"need gap_mm >= 0, jitter_mm >= 0 and positive batch sizes; got {gap_mm}, {jitter_mm}, "
+                             f"{volumes_per_batch}, {patches_per_volume}")
+        self.size_vox = int(size_vox)
+        self.volumes_per_batch, self.patches_per_volume = int(volumes_per_batch), int(patches_per_volume)
+        self.gap_mm, self.jitter_mm = float(gap_mm), float(jitter_mm)
+        self._centres = _CentreTable(foreground_only, region, window_vox=self._window_vox)
+
+    def _gap_jitter_vox(self, vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+        jitter = np.rint(self.jitter_mm / vol.spacing_mm).astype(np.int64)
+        return np.maximum(np.rint(self.gap_mm / vol.spacing_mm).astype(np.int64), jitter), jitter
+
+    def _window_vox(self, vol: Volume) -> np.ndarray:
+        gap, jitter = self._gap_jitter_vox(vol)
+        return 2 * (self.size_vox + gap + jitter) + self.size_vox  # covers both extreme neighbour cubes
+
+    def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
+        _check_channels(volumes)
+        chosen = _choose_volumes(volumes, self.volumes_per_batch, rng)
+        parts = [self._pairs(volumes[int(vi)], rng) for vi in chosen]
+        cat = lambda key: torch.from_numpy(np.concatenate([p[key] for p in parts]))  # noqa: E731
+        return PatchBatch(
+            patches=cat("anchors"),
+            centres_mm=cat("centres_mm"),
+            boxes_vox=cat("boxes_vox"),
+            volume_index=torch.from_numpy(np.repeat(np.arange(len(chosen), dtype=np.int64), self.patches_per_volume)),
+            case_ids=[volumes[int(i)].case_id for i in chosen],
+            extras={k: cat(k) for k in ("partners", "labels", "partner_centres_mm")},
+        )
+
+    def _pairs(self, vol: Volume, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        P, S = self.patches_per_volume, self.size_vox
+        gap, jitter = self._gap_jitter_vox(vol)
+        centres = self._centres.draw(vol, P, rng)
+        labels = rng.integers(0, 6, size=P)
+        axis, sign = neighbour_direction(labels)
+        move = rng.integers(-jitter, jitter + 1, size=(P, 3))  # jitter on every axis
+        rows = np.arange(P)
+        move[rows, axis] += sign * (S + gap[axis])
+        partner_c = centres + move
+        boxes = boxes_for_centres(centres, (S, S, S))
+        return {
+            "anchors": extract_patches(vol.data, centres, (S, S, S)),
+            "partners": extract_patches(vol.data, partner_c, (S, S, S)),
+            "labels": labels.astype(np.int64),
+            "centres_mm": box_centres_mm(vol.affine, boxes).astype(np.float32),
+            "boxes_vox": boxes,
+            "partner_centres_mm": box_centres_mm(vol.affine, boxes_for_centres(partner_c, (S, S, S))).astype(np.float32),
+        }
+
+
+# ---------------------------------------------------------------------------- plain inputs
+
+
+class PointInputSampler(PatchSampler):
+    """Centre voxels on the body with a method's own input cut there (the untrained baselines' val batches).
+
+    ``cut(data, centres_vox) -> (P, ...)`` is the method's ``cut_inputs``; ``patches`` holds what it
+    returns, ``centres_mm``/``boxes_vox`` refer to the bounding cube ``input_size_vox``.
+    """
+
+    def __init__(self, cut: Callable[[np.ndarray, np.ndarray], np.ndarray], input_size_vox: Sequence[int],
+                 volumes_per_batch: int, patches_per_volume: int, foreground_only: bool = True, region: str = BODY) -> None:
+        super().__init__(1)  # inputs are padded outside the image: any volume will do
+        self.cut, self.input_size_vox = cut, tuple(int(s) for s in input_size_vox)
+        self.volumes_per_batch, self.patches_per_volume = int(volumes_per_batch), int(patches_per_volume)
+        self._centres = _CentreTable(foreground_only, region)
+
+    def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
+        _check_channels(volumes)
+        chosen = _choose_volumes(volumes, self.volumes_per_batch, rng)
+        centres = [self._centres.draw(volumes[int(vi)], self.patches_per_volume, rng) for vi in chosen]
+        boxes = [boxes_for_centres(c, self.input_size_vox) for c in centres]
+        return PatchBatch(
+            patches=torch.from_numpy(np.concatenate([self.cut(volumes[int(vi)].data, c) for vi, c in zip(chosen, centres)])),
+            centres_mm=torch.from_numpy(np.concatenate(
+                [box_centres_mm(volumes[int(vi)].affine, bx) for vi, bx in zip(chosen, boxes)]).astype(np.float32)),
+            boxes_vox=torch.from_numpy(np.concatenate(boxes)),
+            volume_index=torch.from_numpy(np.repeat(np.arange(len(chosen), dtype=np.int64), self.patches_per_volume)),
+            case_ids=[volumes[int(i)].case_id for i in chosen],
+        )
