@@ -166,7 +166,7 @@ def test_xavier_is_the_untrained_start_of_the_2_5d_methods():
 def test_dense_descriptors_through_cut_inputs_equal_embedding_each_point_alone():
     method = _planar("heatmap").eval()
     vol = _volumes(1, shape=(18, 15, 12))[0]
-    dense = dense_embeddings(method, vol, stride_vox=5, progress=False, batch_size=7)
+    dense = dense_embeddings(method, vol, stride_vox=5, progress=False, batch_size=7, precision="fp32")
     (gx, gy, gz) = dense.grid_shape
     anchors = np.stack(np.meshgrid(*[np.arange(g) for g in (gx, gy, gz)], indexing="ij"), -1).reshape(-1, 3)
     centres = np.round(dense.centres_vox.reshape(-1, 3) + 0.5).astype(int)  # box centre + 0.5 = centre voxel (even S)

@@ -31,7 +31,8 @@ def test_10_pretrain_notebook_trains_each_method_at_tiny_parameters(run_notebook
     config = json.loads((out / "config.json").read_text())
     assert config["method"]["method"] == method if isinstance(config.get("method"), dict) else method in json.dumps(config)
     metrics = pd.read_json(out / "metrics.jsonl", lines=True)
-    assert metrics["step"].max() == 4 and metrics["loss"].notna().all()
+    trains = method in list_methods(trains=True)  # untrained baselines log their validation step only
+    assert metrics["step"].max() == (4 if trains else 0) and metrics["loss"].notna().all()
     assert (out / "loss_curves.png").stat().st_size > 5_000
     summary = pd.read_csv(out / "summary.csv")
     assert summary.loc[0, "n_volumes"] >= 1 and summary.loc[0, "split"] == "val"  # chosen on, and shown for, val
