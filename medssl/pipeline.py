@@ -72,8 +72,10 @@ PLANS: dict[str, dict[str, Any]] = {
         "steps": [
             {"notebook": "00_data.ipynb", "parameters": {"source": "demo"}},
             {"notebook": "10_pretrain.ipynb", "per_method": True, "parameters": {"preset": "demo"}},
-            {"notebook": "20_latent_space.ipynb", "parameters": {}},
-            {"notebook": "25_latent_viewer.ipynb", "parameters": {}},
+            # 2D UMAP only, and the dense grid of 50_segmentation's demo (every 6th voxel, 18 mm), whose cached
+            # descriptors 25 and 50 then reuse: at stride 4 the correspondence grids of 12 methods take 10 minutes
+            {"notebook": "20_latent_space.ipynb", "parameters": {"umap_3d": False, "stride_vox": 6}},
+            {"notebook": "25_latent_viewer.ipynb", "parameters": {"stride_vox": 6}},
             {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
             {"notebook": "30_linear_probe.ipynb", "name": "30_linear_probe_organ",
              "parameters": {"task": "organ", "organ": "liver"}},

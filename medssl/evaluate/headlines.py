@@ -25,10 +25,18 @@ SHORTCUT_BASELINES = (RANDOM_INIT, "raw-intensity", "position-linear", "position
 
 
 def kind_of(name: str) -> str:
-    """``"baseline"``, ``"reference"`` or ``"method"`` for a row name."""
+    """``"baseline"``, ``"reference"`` or ``"method"`` for a row name.
+
+    Registered methods that never train (Xavier, GVDiff: descriptors a method must beat) are baselines in
+    every table, as in the segmentation tables.
+    """
     if name in SHORTCUT_BASELINES:
         return "baseline"
-    return "reference" if name in CORR_REFERENCES else "method"
+    if name in CORR_REFERENCES:
+        return "reference"
+    from medssl.methods import list_methods
+
+    return "baseline" if name in list_methods(trains=False) else "method"
 
 
 def _row(method: str, metric: str, value: float, split: str, higher: bool, std: float = np.nan, n: float = np.nan,
@@ -67,10 +75,10 @@ def latent_space_headline(
     if correspondence is not None and not correspondence.empty:
         for _, r in correspondence.iterrows():
             rows.append(_row(r["method"], "correspondence_median_mm", r["median_error_mm"], split, False,
-                             n=r["n_points"], kind=r.get("kind") or None))
+                             n=r["n_points"]))
     for _, r in collapse.iterrows():
         # rank is a property, not a score to beat: the random-init row is a reference here
-        kind = "reference" if r["method"] == RANDOM_INIT else "method"
+        kind = "reference" if kind_of(r["method"]) == "baseline" else "method"
         rows.append(_row(r["method"], "effective_rank", r["effective_rank"], split, True, kind=kind))
     return pd.DataFrame(rows)
 

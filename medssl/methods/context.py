@@ -211,7 +211,7 @@ def offset_error_logs(predicted: torch.Tensor, target: torch.Tensor, half_width_
     return logs
 
 
-_PLANAR_DEMO_STEPS = 600  # see the demo preset below
+_PLANAR_DEMO_STEPS = 30 * 7  # the whole run; see the demo preset below
 PLANAR_PRESETS: dict[str, dict[str, Any]] = {
     # Blendowski et al. sec. 3: D2D-CNN, 42 x 42 x 3, batch 8, Adam 5e-5, 800,000 batches.
     "paper": {
@@ -221,12 +221,12 @@ PLANAR_PRESETS: dict[str, dict[str, Any]] = {
     },
     # 2-core CPU: the paper's D2D-CNN and patches (126 x 126 x 9 mm on the demo's 3 mm grid), 16 anchors per
     # step (one from each of 16 volumes; each anchor is 3 pairs of planar patches, 96 D2D passes per step, about
-    # the cost of an ISImed demo step), 600 steps with the whole curriculum, Adam at 1e-3 (20x the paper's rate
+    # the cost of an ISImed demo step), 210 steps (30 x 7, as the cube methods) with the whole curriculum, Adam at 1e-3 (20x the paper's rate
     # for 1/1300 of its steps).
     "demo": {
         "method": {"backbone": "d2d", "patch_size_vox": 42, "volumes_per_batch": 16, "patches_per_volume": 1,
                    "foreground_only": True, "curriculum_steps": _PLANAR_DEMO_STEPS},
-        "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3, "val_batches": 4},  # val: 64 anchors = 192 pairs
+        "train": {"epochs": 30, "steps_per_epoch": 7, "lr": 1e-3, "val_batches": 4},  # val: 64 anchors = 192 pairs
     },
 }
 
@@ -311,7 +311,7 @@ class Doersch(Method):
         "demo": {
             "method": {"backbone": "smallcnn", "embed_dim": 192, "patch_size_vox": 25, "volumes_per_batch": 16,
                        "patches_per_volume": 4, "foreground_only": True},
-            "train": {"epochs": 30, "steps_per_epoch": 20, "lr": 1e-3, "val_batches": 2},  # val: 128 pairs
+            "train": {"epochs": 30, "steps_per_epoch": 7, "lr": 1e-3, "val_batches": 2},  # val: 128 pairs
         },
     }
 

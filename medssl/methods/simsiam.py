@@ -102,10 +102,10 @@ class SimSiam(Method):
                              "patches_per_volume": 4},
                   "train": {"epochs": 100, "lr": 0.025, "weight_decay": 1e-5, "grad_clip_norm": None}},
         # 2-core CPU: shared demo budget (12 volumes x 16 crops = 96 pairs = 192 patches per step), narrow heads,
-        # the thesis's optimiser (lr 0.025 at 128 pairs); 24 x 20 = 480 steps, about 2 minutes per variant on an
-        # idle machine (a step costs about what a SimCLR demo step does; README).
+        # the thesis's optimiser (lr 0.025 at 128 pairs); 24 x 7 = 168 steps, about the wall time of the other
+        # two-view methods' 210 (a step costs about what a SimCLR demo step does; README).
         "demo": {"method": {"projector_dim": 256, "predictor_hidden_dim": 64},
-                 "train": {"epochs": 24, "steps_per_epoch": 20, "lr": 0.025, "weight_decay": 1e-5,
+                 "train": {"epochs": 24, "steps_per_epoch": 7, "lr": 0.025, "weight_decay": 1e-5,
                            "grad_clip_norm": None, "eval_every_epochs": 4}},
         "tiny": {"method": {"projector_dim": 32, "predictor_hidden_dim": 8},
                  "train": {"lr": 0.025, "weight_decay": 1e-5}},

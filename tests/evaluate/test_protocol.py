@@ -70,3 +70,13 @@ def test_with_fewer_than_three_subjects_decoding_and_probes_hold_out_z_slabs():
     with pytest.warns(UserWarning, match="z-slabs"):
         res = linear_probe_cv(centres, y, groups, n_splits=5, Cs=[1.0], centres_mm=centres)
     assert all("|slab" in t for t in res.per_unit.test_groups)
+
+
+def test_untrained_registered_methods_are_baselines_in_every_headline_table():
+    from medssl.evaluate.headlines import kind_of
+    from medssl.methods import list_methods
+
+    untrained = list_methods(trains=False)
+    assert untrained and all(kind_of(m) == "baseline" for m in untrained)
+    assert all(kind_of(m) == "method" for m in list_methods(trains=True))
+    assert kind_of("identity") == kind_of("position-cubic") == "baseline" and kind_of("chance") == "reference"
