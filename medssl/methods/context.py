@@ -33,8 +33,13 @@ from medssl.methods.base import Method, MethodConfig, StepOutput, backbone_from_
 from medssl.models.backbones import build_backbone
 from medssl.models.context_nets import HeatmapHead, SixNeighbourHead, TriplanarDescriptor, TwoParamHead, xavier_init_
 from medssl.sampling.base import PatchBatch
-from medssl.sampling.context import ORIENTATIONS, ContextPairSampler, NeighbourPairSampler, curriculum_range, \
-    triplanar_patches
+from medssl.sampling.context import (
+    ORIENTATIONS,
+    ContextPairSampler,
+    NeighbourPairSampler,
+    curriculum_range,
+    triplanar_patches,
+)
 from medssl.train.config import TrainConfig
 
 __all__ = ["PAPER", "DoerschConfig", "PlanarContextConfig", "PlanarContextMethod", "paper_adam"]
