@@ -36,6 +36,7 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check medssl tests benchmarks
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=15 tests
 
 demo: $(STAMP)

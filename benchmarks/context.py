@@ -85,7 +85,8 @@ def bench_sampler() -> None:
     assert np.array_equal(triplanar_patches(data, centres, S, NS), triplanar_loop(data, centres))
     batched = _rate(lambda: triplanar_patches(data, centres, S, NS), 3 * n_anchors)
     loop = _rate(lambda: triplanar_loop(data, centres), 3 * n_anchors)
-    print(f"(a) 2.5D context pairs, {S} x {S} x {NS} planar patches, {N_VOLUMES} volumes {SHAPE_VOX} x {ANCHORS_PER_VOLUME} anchors:")
+    print(f"(a) 2.5D context pairs, {S} x {S} x {NS} planar patches, "
+          f"{N_VOLUMES} volumes {SHAPE_VOX} x {ANCHORS_PER_VOLUME} anchors:")
     print(f"    ContextPairSampler end to end: {anchors_s:8.0f} anchors/s = {6 * anchors_s:8.0f} planar patches/s "
           "(anchor + partner for 3 orientations)")
     print(f"    cutting planar patches, triplanar_patches (batched indexing): {batched:8.0f} patches/s")

@@ -132,8 +132,8 @@ def bench_iou_sampler(volumes: list[Volume]) -> list[dict]:
                            ((0.6, 1.0), "rejection"), ((0.6, 1.0), "analytic"), ((0.0, 0.0), "rejection")]:
         s = IoUPairSampler(PATCH_VOX, *interval, volumes_per_batch=len(vols), pairs_per_volume=pairs, crop2_draw=draw)
         rates = []
-        speed = _patches_per_s(lambda: rates.append(float(s(vols, rng).extras["pair_fallback"].float().mean())),
-                               n_patches)
+        speed = _patches_per_s(
+            lambda s=s, rates=rates: rates.append(float(s(vols, rng).extras["pair_fallback"].float().mean())), n_patches)
         rows.append({"sampler": f"IoUPairSampler [{interval[0]:g}, {interval[1]:g}] {draw}", "patches_per_s": speed,
                      "fallback_rate": float(np.mean(rates))})
     return rows

@@ -118,7 +118,7 @@ def bench_knn(size: int) -> None:
     t0 = time.perf_counter()
     brute = _numpy_brute(query, atlases, codes)
     t_brute = time.perf_counter() - t0
-    for backend, (total, draw, labels) in results.items():
+    for backend, (total, _draw, labels) in results.items():
         agree = float((labels == brute).mean())
         print(f"    medssl per-atlas exact kNN ({backend:7s}): {total:6.1f} s per scan  "
               f"({t_brute / total:4.1f}x faster than NumPy brute force; labels agree on {100 * agree:.2f} % of voxels)")

@@ -252,8 +252,16 @@ class ThesisViewAugment:
 
     def monai_transform(self):
         """The random MONAI pipeline for ONE crop ``(C, *S)`` that this class reproduces on batches."""
-        from monai.transforms import (Compose, RandFlip, RandGaussianNoise, RandGaussianSmooth, RandRotate90,
-                                      RandScaleIntensity, RandShiftIntensity, RandZoom)
+        from monai.transforms import (
+            Compose,
+            RandFlip,
+            RandGaussianNoise,
+            RandGaussianSmooth,
+            RandRotate90,
+            RandScaleIntensity,
+            RandShiftIntensity,
+            RandZoom,
+        )
 
         mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
         return Compose([

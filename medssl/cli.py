@@ -15,8 +15,8 @@ before :func:`main` builds the parser (see ``_COMMAND_MODULES``).
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence

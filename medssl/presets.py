@@ -72,8 +72,9 @@ def list_presets() -> list[str]:
 def preset(method: str, name: str) -> tuple[dict[str, Any], TrainConfig]:
     """``(method_overrides, TrainConfig)`` of preset ``name`` for ``method`` (the argument order of :func:`build_run`).
 
-    The shared preset, then the method class's own ``presets[name]``. Shared method settings are kept only where the method's Config has that field (a
-    method without, say, ``patches_per_volume`` just ignores it); per-method settings
+    The shared preset, then the method class's own ``presets[name]``. Shared method settings
+    are kept only where the method's Config has that field (a method without, say,
+    ``patches_per_volume`` just ignores it); per-method settings
     are applied as given, so a typo there fails in ``create_method``.
     """
     if name not in PRESETS:

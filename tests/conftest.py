@@ -13,7 +13,8 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from tests.helpers import SyntheticVolume, make_volume_file as _make_volume_file  # noqa: E402
+from tests.helpers import SyntheticVolume  # noqa: E402
+from tests.helpers import make_volume_file as _make_volume_file  # noqa: E402
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medssl.losses import BarlowTwinsLoss, IsimedDistanceLoss, NTXentLoss
 from medssl.distributed import gather_with_grad, is_distributed, rank, world_size
+from medssl.losses import BarlowTwinsLoss, IsimedDistanceLoss, NTXentLoss
 
 WORLD = 2
 ROWS = (3, 2)  # unequal shards on purpose

@@ -47,9 +47,9 @@ from medssl.evaluate.probe import (
     grouped_folds,
     linear_probe,
     linear_probe_cv,
+    position_features,
     probe_frozen_backbone,
     probe_methods,
-    position_features,
     raw_intensity_features,
 )
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
@@ -60,7 +60,8 @@ __all__ = [
     "EmbeddingCache", "embed_methods", "embed_patches", "frozen", "model_fingerprint",
     "FidelityResult", "distance_fidelity", "fidelity_table", "method_fidelity", "metric_latent", "within_volume_pairs",
     "collapse_coefficient", "collapse_stats", "decode_coordinates", "pc_axis_correlation", "pca_frame", "umap_frame",
-    "PatchSet", "draw_by_split", "draw_labelled_patch_set", "draw_pair_set", "draw_uniform_patch_set", "get_or_draw", "target_mask",
+    "PatchSet", "draw_by_split", "draw_labelled_patch_set", "draw_pair_set", "draw_uniform_patch_set", "get_or_draw",
+    "target_mask",
     "METRICS", "ProbeComparison", "ProbeResult", "binary_metrics", "grouped_folds", "linear_probe", "linear_probe_cv",
     "position_features", "probe_frozen_backbone", "probe_methods", "raw_intensity_features",
     "dim_variance_fraction", "effective_rank",

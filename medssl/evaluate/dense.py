@@ -50,10 +50,10 @@ import torch
 from medssl._files import atomic_save_npy
 from medssl.data.volume import Volume
 from medssl.evaluate.embed import frozen, model_fingerprint
+from medssl.geometry import box_start_for_centre, vox_to_world
 from medssl.methods.base import cuts_cubes
 from medssl.sampling.patches import padding_values
 from medssl.sampling.regions import foreground_mask
-from medssl.geometry import box_start_for_centre, vox_to_world
 from medssl.train.precision import autocast, resolve_precision
 
 __all__ = ["DenseEmbedding", "dense_embeddings", "dense_grid"]

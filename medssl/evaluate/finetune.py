@@ -571,7 +571,7 @@ class FinetuneComparison:
         return t
 
     def units(self, n_subjects: int | None = None, metric: str = "dice") -> dict[str, np.ndarray]:
-        n = int(self.scores["n_subjects"].max()) if n_subjects is None else int(n_subjects)
+        n = int(self.scores["n_subjects"].max()) if n_subjects is None else int(n_subjects)  # noqa: F841 (in query)
         q = self.per_query(metric).query("n_subjects == @n")
         wide = q.pivot_table(index="query", columns="method", values=metric, sort=False)
         return {m: wide[m].to_numpy() for m in dict.fromkeys(q["method"])}

@@ -463,7 +463,7 @@ class KnnSegmentationResult:
 
     def units(self, n_atlases: int | None = None, metric: str = "dice") -> dict[str, np.ndarray]:
         """``{row: per-query mean score}`` at ``n_atlases`` (default the largest), queries in one order: paired-test units."""
-        n = self.n_values[-1] if n_atlases is None else int(n_atlases)
+        n = self.n_values[-1] if n_atlases is None else int(n_atlases)  # noqa: F841 (read by the query)
         q = self.per_query(metric).query("n_atlases == @n")
         wide = q.pivot_table(index="query", columns="method", values=metric, sort=False)
         return {m: wide[m].to_numpy() for m in dict.fromkeys(q["method"])}

@@ -167,7 +167,8 @@ def decode_coordinates(
 
 def _ridge(e: np.ndarray, y: np.ndarray, g: np.ndarray, alphas, inner_splits: int):
     inner = _clamp_splits(inner_splits, len(np.unique(g)), "decode_coordinates (inner)", warn=False)
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.asarray(alphas), cv=list(GroupKFold(n_splits=inner).split(e, y, g))))
+    folds = list(GroupKFold(n_splits=inner).split(e, y, g))
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.asarray(alphas), cv=folds))
     return model.fit(e, y)
 
 

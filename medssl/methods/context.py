@@ -33,8 +33,13 @@ from medssl.methods.base import Method, MethodConfig, StepOutput, backbone_from_
 from medssl.models.backbones import build_backbone
 from medssl.models.context_nets import HeatmapHead, SixNeighbourHead, TriplanarDescriptor, TwoParamHead, xavier_init_
 from medssl.sampling.base import PatchBatch
-from medssl.sampling.context import ORIENTATIONS, ContextPairSampler, NeighbourPairSampler, curriculum_range, \
-    triplanar_patches
+from medssl.sampling.context import (
+    ORIENTATIONS,
+    ContextPairSampler,
+    NeighbourPairSampler,
+    curriculum_range,
+    triplanar_patches,
+)
 from medssl.train.config import TrainConfig
 
 __all__ = ["PAPER", "DoerschConfig", "PlanarContextConfig", "PlanarContextMethod", "paper_adam"]
@@ -221,8 +226,8 @@ PLANAR_PRESETS: dict[str, dict[str, Any]] = {
     },
     # 2-core CPU: the paper's D2D-CNN and patches (126 x 126 x 9 mm on the demo's 3 mm grid), 16 anchors per
     # step (one from each of 16 volumes; each anchor is 3 pairs of planar patches, 96 D2D passes per step, about
-    # the cost of an ISImed demo step), 210 steps (30 x 7, as the cube methods) with the whole curriculum, Adam at 1e-3 (20x the paper's rate
-    # for 1/1300 of its steps).
+    # the cost of an ISImed demo step), 210 steps (30 x 7, as the cube methods) with the whole curriculum, Adam
+    # at 1e-3 (20x the paper's rate for 1/3800 of its steps).
     "demo": {
         "method": {"backbone": "d2d", "patch_size_vox": 42, "volumes_per_batch": 16, "patches_per_volume": 1,
                    "foreground_only": True, "curriculum_steps": _PLANAR_DEMO_STEPS},

@@ -8,8 +8,14 @@ from typing import Any
 import torch
 
 from medssl.losses.isimed import IsimedDistanceLoss
-from medssl.methods.base import Method, MethodConfig, StepOutput, backbone_from_config, register_method, \
-    uniform_sampler_from_config
+from medssl.methods.base import (
+    Method,
+    MethodConfig,
+    StepOutput,
+    backbone_from_config,
+    register_method,
+    uniform_sampler_from_config,
+)
 from medssl.sampling.base import PatchBatch
 
 # The demo preset's scale (mm per latent unit), chosen on the VALIDATION split (presets.py, README).

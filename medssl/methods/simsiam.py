@@ -35,8 +35,14 @@ from medssl.data.volume import Volume
 from medssl.distributed import world_size
 from medssl.evaluate.rank import collapse_coefficient
 from medssl.losses.simsiam import SimSiamLoss
-from medssl.methods.base import Method, MethodConfig, StepOutput, backbone_from_config, register_method, \
-    register_variant
+from medssl.methods.base import (
+    Method,
+    MethodConfig,
+    StepOutput,
+    backbone_from_config,
+    register_method,
+    register_variant,
+)
 from medssl.models.heads import ProjectionHead, mlp_blocks
 from medssl.sampling.base import PatchBatch
 from medssl.sampling.iou_pairs import IoUPairSampler, iou_histogram_logs

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from medssl._files import atomic_write_bytes
 from medssl.distributed import is_distributed, rank, world_size
-from medssl.rundir import method_files
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
+from medssl.rundir import method_files
 from medssl.train.checkpoint import (
     check_resumable,
     checkpoint_paths,

@@ -187,7 +187,8 @@ def probe_boxplot(per_fold: pd.DataFrame, metric: str = "auc", backend: str = "m
     if backend == "plotly":
         import plotly.express as px
 
-        fig = px.box(per_fold, x="method", y=metric, points="all", title=f"Linear probe: {metric.upper()} per test subject / fold",
+        fig = px.box(per_fold, x="method", y=metric, points="all",
+                     title=f"Linear probe: {metric.upper()} per test subject / fold",
                      category_orders={"method": methods}, hover_data=["unit"])
         return fig
     import matplotlib.pyplot as plt

@@ -430,8 +430,8 @@ class LatentScatterExplorer:
         self.selected: np.ndarray = np.zeros(0, dtype=int)
         # (plotly 7.1's FigureWidget sends its data right after opening its comm; in JupyterLab the
         # view sometimes renders before that and stays empty: re-run the cell. See the browser test.)
-        self.fig = go.FigureWidget(latent_scatter_figure(self.table, self.coords, colour_by, projection,
-                                                         title=f"{dense.case_id}: {projection.upper()} of dense embeddings"))  # fmt: skip
+        title = f"{dense.case_id}: {projection.upper()} of dense embeddings"
+        self.fig = go.FigureWidget(latent_scatter_figure(self.table, self.coords, colour_by, projection, title=title))
         self.nv = _new_niivue(height, "slices")
         self.nv.load_volumes(_volumes(image_path, map_path, opacity))
         self._base = list(self.nv.volumes)  # image and map, loaded once; selections come and go beside them
@@ -492,8 +492,8 @@ class LatentScatterExplorer:
             else:  # a background patch that the scatter does not show
                 self.fig.data[2].x, self.fig.data[2].y = [], []
         mm = self.dense.flat_centres_mm[index]
-        self.status.value = (f"<span class='medssl-scatter-status'>clicked patch at ({mm[0]:.0f}, {mm[1]:.0f}, {mm[2]:.0f}) mm: its {len(rows)} nearest "
-                             "latent neighbours are ringed in the scatter</span>")  # fmt: skip
+        self.status.value = (f"<span class='medssl-scatter-status'>clicked patch at ({mm[0]:.0f}, {mm[1]:.0f}, "
+                             f"{mm[2]:.0f}) mm: its {len(rows)} nearest latent neighbours are ringed in the scatter</span>")
         return neighbours
 
     def _repr_mimebundle_(self, **kwargs):

@@ -208,7 +208,8 @@ def point_query_widget(
         point_a = vox_to_world(volume_a.affine, ijk)[0]
         point_b = np.asarray(query(point_a), dtype=float).reshape(3)
         truth = None if true_map_fn is None else np.asarray(true_map_fn(point_a[None]), float).reshape(3)
-        text = f"A ({point_a[0]:.1f}, {point_a[1]:.1f}, {point_a[2]:.1f}) mm -> B ({point_b[0]:.1f}, {point_b[1]:.1f}, {point_b[2]:.1f}) mm"
+        a, b = (", ".join(f"{v:.1f}" for v in p[:3]) for p in (point_a, point_b))
+        text = f"A ({a}) mm -> B ({b}) mm"
         if truth is not None:
             text += f"; true point error {np.linalg.norm(point_b - truth):.1f} mm"
         label.value = text

@@ -4,9 +4,9 @@ A real run at tiny parameters is made first with the project's own pipeline
 (``medssl pipeline --only 00 10 20``: demo cohort of 12 subjects at 6 mm, ISImed with
 the ``tiny`` preset, 20_latent_space writing the latent maps and the dense cache), or
 taken from ``MEDSSL_BROWSER_RUN`` (a run directory, e.g. ``runs/demo``). The viewer
-gets the data parameters 20_latent_space ran with (from the run's ``pipeline.json``). ``25_latent_viewer.ipynb`` gets its parameters
-injected by papermill (``--prepare-only``, nothing executed) and is opened and run in
-JupyterLab from headless Chromium. The test checks that
+gets the data parameters 20_latent_space ran with (from the run's ``pipeline.json``).
+``25_latent_viewer.ipynb`` gets its parameters injected by papermill (``--prepare-only``,
+nothing executed) and is opened and run in JupyterLab from headless Chromium. The test checks that
 
 - the 3D view renders (canvas not blank, with the map's colours) in "slices + 3D" and,
   after clicking the toggle, in "3D render";
@@ -167,7 +167,8 @@ def _rerun_cell_until(page, source_marker: str, drawn, what: str, tries: int = 3
             return
         if attempt < tries:
             page.evaluate(f"(() => {{ const nb = window.jupyterapp.shell.currentWidget.content;"
-                          f" nb.activeCellIndex = {locate}; window.jupyterapp.commands.execute('notebook:run-cell'); }})()")  # fmt: skip
+                          f" nb.activeCellIndex = {locate};"
+                          " window.jupyterapp.commands.execute('notebook:run-cell'); })()")
             page.wait_for_timeout(2000)
             _wait_until_all_cells_ran(page, 120_000)
     raise AssertionError(f"{what} stayed empty after {tries} re-runs of its cell")

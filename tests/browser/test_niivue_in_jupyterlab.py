@@ -27,7 +27,14 @@ import json
 
 import pytest
 
-from tests.browser.helpers import chromium_page, error_outputs, image_stats, jupyterlab_server, open_notebook_and_run_all, skip_reason
+from tests.browser.helpers import (
+    chromium_page,
+    error_outputs,
+    image_stats,
+    jupyterlab_server,
+    open_notebook_and_run_all,
+    skip_reason,
+)
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 

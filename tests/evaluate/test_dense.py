@@ -137,8 +137,8 @@ def test_a_method_that_cuts_its_own_inputs_gets_them_cut_at_every_grid_centre_vo
     import torch
     from torch import nn
 
-    from medssl.evaluate.patchsets import draw_uniform_patch_set
     from medssl.evaluate.embed import embed_patches
+    from medssl.evaluate.patchsets import draw_uniform_patch_set
     from tests.helpers import coordinate_volume, oblique_affine
 
     class CentreVoxel(nn.Module):

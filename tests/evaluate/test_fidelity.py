@@ -92,6 +92,7 @@ def test_fidelity_table_has_one_row_per_method():
 
 def test_metric_latent_finds_the_isimed_scale_and_regisimed_head():
     import torch
+
     from medssl.methods import create_method
 
     kw = dict(backbone="smallcnn", patch_size_vox=16, volumes_per_batch=2, patches_per_volume=4)
@@ -110,6 +111,7 @@ def test_metric_latent_finds_the_isimed_scale_and_regisimed_head():
 
 def test_method_fidelity_embeds_frozen_and_uses_the_patch_set_pairs():
     import torch
+
     from medssl.evaluate.embed import embed_patches
     from medssl.evaluate.fidelity import method_fidelity
     from medssl.evaluate.patchsets import PatchSet

@@ -19,7 +19,6 @@ from medssl.evaluate.maps import (
 from medssl.geometry import vox_to_world, world_to_vox
 from tests.helpers import centre_channels, coordinate_volume, oblique_affine
 
-
 CentreChannels = centre_channels  # embedding = the channels of a 1-voxel patch
 
 

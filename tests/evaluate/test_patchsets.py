@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from medssl.data.body import body_mask
 from medssl.data.volume import Volume
 from medssl.evaluate.patchsets import (
     PatchSet,
@@ -16,7 +17,6 @@ from medssl.evaluate.patchsets import (
     get_or_draw,
     target_mask,
 )
-from medssl.data.body import body_mask
 from medssl.geometry import vox_to_world, world_to_vox
 from tests.helpers import oblique_affine
 

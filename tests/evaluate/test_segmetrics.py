@@ -31,7 +31,7 @@ def test_dice_agrees_with_monai_on_one_hot_maps_without_the_background_channel()
     np.testing.assert_allclose(ours["dice"].to_numpy(), monai, rtol=1e-6)
     assert list(ours["organ"]) == list(ORGANS)  # no background row
     # and with the plain formula 2|P & T| / (|P| + |T|) per organ
-    for i, organ in enumerate(ORGANS, start=1):
+    for i in range(1, len(ORGANS) + 1):
         p, t = pred == i, truth == i
         assert ours.loc[i - 1, "dice"] == pytest.approx(2 * (p & t).sum() / (p.sum() + t.sum()))
 

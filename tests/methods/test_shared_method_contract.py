@@ -7,7 +7,7 @@ and tiny in-memory volumes on oblique, anisotropic grids.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import FrozenInstanceError, asdict, fields
 
 import numpy as np
 import pytest
@@ -79,7 +79,7 @@ def test_config_is_frozen_with_the_common_fields_and_paper_defaults(name):
     values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     for key, default in {**COMMON_FIELDS, **PAPER_DEFAULTS.get(name, {})}.items():
         assert values[key] == default, f"{name}.Config.{key}"
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         cfg.patch_size_vox = 8  # type: ignore[misc]
 
 

@@ -49,3 +49,40 @@ def test_medssl_train_runs_under_torchrun_with_two_cpu_ranks(tmp_path, notebook_
     metrics = pd.read_json(out / "metrics.jsonl", lines=True)
     assert metrics["step"].max() == 4 and metrics["loss"].notna().all()  # only rank 0 wrote, once per step
     assert metrics[metrics["split"] == "train"]["step"].is_unique
+
+
+def _folder_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSSL_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+
+
+def test_medssl_train_on_a_three_scan_folder_trains_without_needing_a_test_split(tmp_path, monkeypatch,
+                                                                                             capsys):
+    # a user's folder of three scans: too few for val/test splits, which training does not need
+    from tests.helpers import make_volume_file
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for k in range(3):
+        make_volume_file(folder, shape=(40, 38, 36), name=f"case{k}", seed=k, label=False)
+    _folder_env(tmp_path, monkeypatch)
+    code = main(["train", "--method", "isimed", "--run", "f", "--source", str(folder), "--preset", "tiny",
+                 "--target-spacing-mm", "1", "-t", "epochs", "1", "-t", "steps_per_epoch", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (tmp_path / "runs" / "f" / "isimed" / "checkpoints" / "last.pt").is_file()
+
+
+def test_medssl_train_refuses_a_case_smaller_than_a_patch_before_any_step(tmp_path, monkeypatch, capsys):
+    from tests.helpers import make_volume_file
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    make_volume_file(folder, shape=(28, 26, 24), name="big", label=False)
+    make_volume_file(folder, shape=(6, 6, 6), name="small", label=False)
+    _folder_env(tmp_path, monkeypatch)
+    code = main(["train", "--method", "isimed", "--run", "s", "--source", str(folder), "--preset", "tiny",
+                 "--target-spacing-mm", "2", "-t", "epochs", "1", "-t", "steps_per_epoch", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "small" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "s" / "isimed" / "checkpoints").exists()  # nothing was trained

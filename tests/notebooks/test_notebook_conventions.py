@@ -22,4 +22,5 @@ def test_committed_notebook_is_thin_parameterised_and_stripped(path, check_noteb
     check_notebook_conventions(path.name)
     nb = nbformat.read(str(path), as_version=4)
     stored = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count"))]
-    assert not stored, f"{path.name}: cells {stored} carry outputs; commit notebooks without outputs (runs/ has the executed ones)"
+    assert not stored, (f"{path.name}: cells {stored} carry outputs; "
+                        "commit notebooks without outputs (runs/ has the executed ones)")

@@ -38,7 +38,8 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
     assert [s.status for s in res.steps] == ["ok"] * 9  # 00, 10 x 2, 20, 25, 30 x 2, 50, 40
     run = runs / "e2e"
     for f in ["00_data/00_data.ipynb", "isimed/10_pretrain.ipynb", "simclr/checkpoints/last.pt",
-              "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv", "30_linear_probe/liver/probe_summary.csv", "50_segmentation/knn_curve.csv", "40_report/40_report.ipynb"]:
+              "20_latent_space/fidelity.csv", "30_linear_probe/lesion/probe_summary.csv",
+              "30_linear_probe/liver/probe_summary.csv", "50_segmentation/knn_curve.csv", "40_report/40_report.ipynb"]:
         assert (run / f).is_file(), f
     table = pd.read_csv(run / "40_report" / "comparison.csv")
     assert {"isimed", "simclr", "random-init", "identity", "aligned-identity", "position-cubic"} <= set(table["method"])

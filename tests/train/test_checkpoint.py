@@ -115,7 +115,8 @@ def test_a_crash_while_fit_writes_a_checkpoint_keeps_the_previous_last_pt(tmp_pa
 
     monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("killed mid-write")))
     with pytest.raises(OSError, match="killed mid-write"):
-        fit(_tiny_isimed(), _volumes(3), TrainConfig(epochs=2, steps_per_epoch=2, device="cpu", precision="fp32"), tmp_path, progress=False)
+        config = TrainConfig(epochs=2, steps_per_epoch=2, device="cpu", precision="fp32")
+        fit(_tiny_isimed(), _volumes(3), config, tmp_path, progress=False)
     monkeypatch.undo()
     after = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert after["step"] == before["step"] == 2
@@ -126,7 +127,8 @@ def test_a_crash_while_fit_writes_a_checkpoint_keeps_the_previous_last_pt(tmp_pa
 
 def test_load_method_rebuilds_the_trained_method_in_eval_mode_with_its_weights(tmp_path):
     method = _tiny_isimed()
-    result = fit(method, _volumes(3), TrainConfig(epochs=1, steps_per_epoch=2, device="cpu", precision="fp32"), tmp_path, progress=False)
+    config = TrainConfig(epochs=1, steps_per_epoch=2, device="cpu", precision="fp32")
+    result = fit(method, _volumes(3), config, tmp_path, progress=False)
     loaded = load_method(result.checkpoint_path)
     assert type(loaded) is type(method) and loaded.config == method.config and not loaded.training
     x = torch.randn(4, 1, 16, 16, 16)

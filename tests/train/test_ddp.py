@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch.multiprocessing as mp
 
 from medssl.data.volume import Volume
 from medssl.distributed import rank
-from medssl.methods import create_method, make_config
+from medssl.methods import make_config
 from medssl.methods.isimed import Isimed
 from medssl.sampling.base import PatchBatch
 from medssl.train import NonFiniteLossError, TrainConfig, fit

@@ -153,7 +153,8 @@ def test_module_is_in_train_mode_for_training_steps_and_in_eval_mode_without_gra
 @pytest.mark.parametrize(("precision", "autocast_on"), [("fp32", False), ("bf16", True)])
 def test_training_step_runs_under_autocast_only_when_precision_asks_for_it(tmp_path, registered, precision, autocast_on):
     method = _new_method()
-    fit(method, _volumes(2), TrainConfig(epochs=1, steps_per_epoch=2, device="cpu", precision=precision), tmp_path, progress=False)
+    config = TrainConfig(epochs=1, steps_per_epoch=2, device="cpu", precision=precision)
+    fit(method, _volumes(2), config, tmp_path, progress=False)
     assert [c[3] for c in method.calls] == [autocast_on, autocast_on]
 
 

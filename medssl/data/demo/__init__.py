@@ -36,7 +36,11 @@ from medssl.data.demo.config import CohortConfig
 from medssl.data.demo.deformation import SubjectDeformation
 from medssl.data.demo.fetch import (
     CT_LABEL_FILE as CT_LABEL_FILE,
+)
+from medssl.data.demo.fetch import (
     TOTALSEG_LICENSE as TOTALSEG_LICENSE,
+)
+from medssl.data.demo.fetch import (
     TOTALSEG_SDIST_SHA256,
     TOTALSEG_VERSION,
     ChecksumMismatchError,
