@@ -262,7 +262,10 @@ def test_presets_give_the_paper_settings_and_every_demo_method_the_same_distinct
     demo_isimed, demo_cfg = preset("isimed", "demo")
     demo_simclr, _ = preset("simclr", "demo")
     assert demo_isimed["backbone"] == "smallcnn"
-    assert demo_cfg.epochs * demo_cfg.steps_per_epoch == 600
+    assert (demo_cfg.epochs, demo_cfg.steps_per_epoch) == (30, 7)  # 210 steps: make demo < 30 min with 11 methods
+    steps = {n: preset(n, "demo")[1].epochs * preset(n, "demo")[1].steps_per_epoch
+             for n in list_methods(trains=True, demo=True)}
+    assert {steps[n] for n in ("isimed", "regisimed", "simclr", "barlowtwins", "reg2d", "heatmap", "doersch")} == {210}
     budgets = {}
     for name in list_methods(trains=True, demo=True):
         if method_info(name)["family"] == "context prediction":
