@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from medssl.methods import list_methods
+from medssl.methods import list_methods, method_info
 from medssl.train import load_method
 
 
@@ -19,9 +19,14 @@ def test_10_pretrain_notebook_follows_the_notebook_conventions(check_notebook_co
         assert f"{name} = " in params
 
 
+# every registered method class, and every variant make demo runs; the other variants differ from their base only
+# in config values, which the shared contract tests cover (saves a minute of notebook runs per suite)
+NOTEBOOK_METHODS = [m for m in list_methods() if method_info(m)["base"] == m or method_info(m)["in_demo"]]
+
+
 @pytest.mark.network
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", NOTEBOOK_METHODS)
 def test_10_pretrain_notebook_trains_each_method_at_tiny_parameters(run_notebook, method):
     res = run_notebook("10_pretrain.ipynb", {
         "method": method, "preset": "tiny", "n_subjects": 4, "target_spacing_mm": 6.0,
