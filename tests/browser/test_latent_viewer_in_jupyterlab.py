@@ -89,7 +89,9 @@ def viewer_notebook(tmp_path_factory):
         assert proc.returncode == 0, f"the tiny pipeline run failed; see {log}:\n{log.read_text()[-3000:]}"
         print(f"tiny run made in {time.time() - started:.0f} s: {run_dir}")
     assert (run_dir / "20_latent_space" / "maps").is_dir(), f"{run_dir} has no latent maps"
-    params.update(_parameters_of_20(run_dir), run=str(run_dir))
+    # run names are plain names inside MEDSSL_RUNS (RunDir refuses paths): point the kernels' MEDSSL_RUNS at the run
+    env["MEDSSL_RUNS"] = str(run_dir.parent)
+    params.update(_parameters_of_20(run_dir), run=run_dir.name)
     subprocess.run([str(PROJECT_PYTHON), "-m", "papermill", str(REPO / "notebooks" / NOTEBOOK), str(root / NOTEBOOK),
                     "--prepare-only", "-y", json.dumps(params)], check=True, env=env, capture_output=True)  # fmt: skip
     return root, env
