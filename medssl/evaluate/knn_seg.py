@@ -117,11 +117,11 @@ class RawIntensityDescriptor(nn.Module):
 def row_kind(name: str, model: Any = None) -> str:
     """``"baseline"`` for shortcut rows and untrained descriptors (random-init, raw intensities,
     registered methods that never train), else ``"method"``."""
-    if name in BASELINE_ROWS or name in ("random-init", RAW_INTENSITY):
-        return "baseline"
+    from medssl.evaluate.headlines import kind_of  # the one rule for row kinds, shared with every headline table
+
     if model is not None and (getattr(model, "random_init", False) or getattr(model, "trains", True) is False):
         return "baseline"
-    return "method"
+    return "baseline" if kind_of(name) == "baseline" else "method"
 
 
 # ---------------------------------------------------------------------------- atlases and draws
