@@ -228,7 +228,9 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             keep_metrics_up_to(method_files(self.run_dir).metrics, self.step)
             self._write_config_json()
-        tb = TensorBoardLog(self.run_dir, purge_step=self.step) if self.is_main and self.tensorboard else None
+        # on resume, TensorBoard hides the events after the checkpoint's step, as keep_metrics_up_to drops their lines
+        tb = TensorBoardLog(self.run_dir, purge_step=self.step + 1 if self.step else None) \
+            if self.is_main and self.tensorboard else None
         self.log = MetricsLog(method_files(self.run_dir).metrics, enabled=self.is_main, callbacks=self.callbacks,
                               tensorboard=tb)
         self.val_set = self._draw_val_set() if self.val_volumes else None

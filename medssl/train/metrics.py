@@ -108,8 +108,9 @@ class TensorBoardLog:
     TensorBoard shows it. Written with ``torch.utils.tensorboard.SummaryWriter``; where the
     ``tensorboard`` package is missing, training goes on without event files and says so once.
 
-    ``purge_step``: on resume, the step of the checkpoint; TensorBoard then hides the events of
-    the lost steps after it, as ``keep_metrics_up_to`` drops their ``metrics.jsonl`` lines.
+    ``purge_step``: on resume, the first step after the checkpoint's; TensorBoard then hides the
+    earlier events from that step on (steps trained after the checkpoint by a run that died), as
+    ``keep_metrics_up_to`` drops their ``metrics.jsonl`` lines.
     """
 
     def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None) -> None:
