@@ -1,7 +1,8 @@
 """Atomic, pickle-free checkpoints and loading a trained method back.
 
-A checkpoint is a plain dict of tensors, numbers and strings (configs and the numpy rng
-state are JSON strings), so ``torch.load(weights_only=True)`` reads it and never runs
+A checkpoint is a plain dict of tensors, numbers and strings (configs, the numpy rng state
+and the training volumes' preprocessing record, :mod:`medssl.train.preprocessing`, are JSON
+strings), so ``torch.load(weights_only=True)`` reads it and never runs
 arbitrary pickled code. Writes go to a temp file in the same folder, then ``os.replace``:
 a crash mid-write leaves the previous file intact.
 

@@ -123,3 +123,20 @@ def test_dense_embeddings_refuse_volumes_prepared_otherwise_than_the_checkpoints
         dense_embeddings(method, other, stride_vox=4, progress=False)
     untrained = _tiny_isimed()  # built in memory: no record, nothing to check against
     assert dense_embeddings(untrained, other, stride_vox=4, progress=False).embeddings.shape[-1] == method.embed_dim
+
+
+def test_fine_tuning_refuses_subjects_prepared_otherwise_before_any_step(tmp_path):
+    from medssl.evaluate.finetune import FinetuneConfig, finetune
+    from medssl.evaluate.segmetrics import OrganSet
+
+    scans = [make_volume_file(tmp_path, shape=(30, 28, 20), affine=AFFINE, name=f"c{i}", seed=i) for i in range(2)]
+    raw = [read_volume(s.image_path, s.label_path) for s in scans]
+    fit(_tiny_isimed(), [preprocess(v, TRAINED) for v in raw], ONE_STEP, tmp_path / "run", progress=False)
+    method = load_method(tmp_path / "run" / "checkpoints" / "last.pt")
+    steps = []
+    with pytest.raises(PreprocessingMismatchError, match=r"case c1 .*target_spacing_mm: checkpoint \(4, 4, 4\), "
+                                                         r"volume \(3, 3, 3\)"):
+        finetune(method, [preprocess(raw[0], TRAINED)], OrganSet(names=("blob",), label_ids=(1,)),
+                 FinetuneConfig(steps=1, device="cpu"), test_volumes=[preprocess(raw[1], LEGACY_ASSUMPTION)],
+                 step_callback=lambda step, net: steps.append(step))
+    assert steps == []  # refused before the first step
