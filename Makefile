@@ -18,12 +18,13 @@ export PYTHONUTF8 := 1
 RUN ?= demo
 TEST_WORKERS ?= 2
 
-.PHONY: venv test demo lab browser-test clean-runs help
+.PHONY: venv test demo lab tensorboard browser-test clean-runs help
 
 help:
 	@echo "make demo   - create the venv if needed, then run the demo pipeline into runs/$(RUN)/"
 	@echo "make test   - create the venv if needed, then run the whole test suite"
 	@echo "make lab    - start JupyterLab in the venv"
+	@echo "make tensorboard RUN=demo - live training curves of every method of runs/\$$RUN (TensorBoard, port \$$TB_PORT)"
 	@echo "make browser-test - the latent viewers in JupyterLab + headless Chromium (CI runs it too), screenshots to runs/browser/"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -44,6 +45,14 @@ demo: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
+
+# Training writes TensorBoard event files beside each method's metrics.jsonl (runs/<run>/<method>/),
+# so every method of the run is one TensorBoard run; it refreshes while training goes on.
+RUNS_DIR ?= $(shell $(BIN)/python -c "from medssl.paths import runs_dir; print(runs_dir())")
+TB_PORT ?= 6006
+tensorboard: $(STAMP)
+	@test -d "$(RUNS_DIR)/$(RUN)" || { echo "tensorboard: no run folder $(RUNS_DIR)/$(RUN) (make tensorboard RUN=<run>)"; exit 1; }
+	$(BIN)/tensorboard --logdir "$(RUNS_DIR)/$(RUN)" --port $(TB_PORT) --reload_interval 15
 
 # Browser tests (CI runs them after `make test`, see .ci/run): Debian's chromium (apt-get, when it
 # can be installed) and PyPI's playwright in a separate venv, so the project environment stays as

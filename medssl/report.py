@@ -9,24 +9,33 @@ no edit to this module.
 The report also says, in words, for every headline metric whether the best method beats
 the best **shortcut baseline** (random init, raw intensities, position only, identity,
 aligned identity): a table whose best method does not clearly beat them must say so.
+
+**Two runs side by side** (two seeds, two presets): :func:`compare_runs` lines up their headline
+tables row by row (run A, run B, B - A), marks every difference as better or worse for B (by
+the metric's direction), flags differences larger than the per-unit spread of the headline
+(its ``std``), names the rows only one run has, the verdicts that changed and the settings that
+differ between the runs' ``config.json``; ``medssl report RUN_A RUN_B`` and the ``compare_with``
+parameter of ``40_report.ipynb`` write it as HTML.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from medssl.cli import register_command
 from medssl.rundir import RunDir
 
-__all__ = ["PROTOCOL", "RunResults", "collect_results", "comparison_table", "verdicts", "pretraining_table",
-           "key_figures", "write_report"]
+__all__ = ["PROTOCOL", "RunResults", "RunComparison", "collect_results", "compare_runs", "comparison_table",
+           "verdicts", "pretraining_table", "key_figures", "write_comparison", "write_report"]
 
 PROTOCOL = (
     "Protocol: methods are pretrained on the train split only. Every choice made from results (the ISImed "
@@ -98,10 +107,9 @@ def _better(a: float, b: float, higher: bool) -> bool:
     return a > b if higher else a < b
 
 
-def verdicts(res: RunResults) -> list[str]:
-    """For every (step, metric, split): does the best method beat the best shortcut baseline? In words."""
-    h = res.headlines
-    out: list[str] = []
+def _verdict_facts(h: pd.DataFrame) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Per (step, metric, split): the best method, the strongest shortcut baseline, and whether it beats all of them."""
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
     for (step, metric, split), g in h.groupby(["step", "metric", "split"], sort=False):
         methods = g[g["kind"] == "method"].dropna(subset=["value"])
         baselines = g[g["kind"] == "baseline"].dropna(subset=["value"])
@@ -110,9 +118,19 @@ def verdicts(res: RunResults) -> list[str]:
         higher = bool(g["higher_is_better"].iloc[0])
         pick = (lambda d: d.loc[d["value"].idxmax()]) if higher else (lambda d: d.loc[d["value"].idxmin()])
         best, base = pick(methods), pick(baselines)
-        what = f"{step} · {metric} ({split})"
         beaten = [b for _, b in baselines.iterrows() if _better(best["value"], b["value"], higher)]
-        if len(beaten) == len(baselines):
+        out[(str(step), str(metric), str(split))] = {"best": best, "base": base,
+                                                     "beats_all": len(beaten) == len(baselines)}
+    return out
+
+
+def verdicts(res: RunResults) -> list[str]:
+    """For every (step, metric, split): does the best method beat the best shortcut baseline? In words."""
+    out: list[str] = []
+    for (step, metric, split), facts in _verdict_facts(res.headlines).items():
+        best, base = facts["best"], facts["base"]
+        what = f"{step} · {metric} ({split})"
+        if facts["beats_all"]:
             margin = abs(best["value"] - base["value"])
             text = (f"{what}: the best method, {best['method']} ({_fmt(best['value'])}), beats every shortcut "
                     f"baseline; the strongest is {base['method']} ({_fmt(base['value'])}), a margin of {_fmt(margin)}.")
@@ -195,8 +213,12 @@ def _detail_tables(h: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def write_report(run: "str | os.PathLike | RunDir", *, out_path: str | os.PathLike | None = None,
-                 provenance: str | None = None, methods: Sequence[str] | None = None) -> Path:
-    """Write ``runs/<run>/40_report/report.html``: protocol, verdicts, comparison, details, pretraining, figures."""
+                 provenance: str | None = None, methods: Sequence[str] | None = None,
+                 compare_with: "str | os.PathLike | RunDir | None" = None) -> Path:
+    """Write ``runs/<run>/40_report/report.html``: protocol, verdicts, comparison, details, pretraining, figures.
+
+    ``compare_with``: another run; a section puts both runs' headline tables side by side (:func:`compare_runs`).
+    """
     from medssl.viz.html import write_html_report
 
     res = collect_results(run, methods)
@@ -212,6 +234,9 @@ def write_report(run: "str | os.PathLike | RunDir", *, out_path: str | os.PathLi
         "coordinate in the other subject; aligned-identity: the same after aligning the two bodies); "
         "reference = chance or the best achievable (grid floor).",
     ]))
+    if compare_with:
+        comp = compare_runs(run, compare_with, methods)
+        sections.append((f"Compared with run {comp.name_b}", _comparison_items(comp)))
     for step, table in _detail_tables(res.headlines):
         sections.append((f"Details: {step}", [table]))
     if not res.pretrain.empty:
@@ -220,3 +245,236 @@ def write_report(run: "str | os.PathLike | RunDir", *, out_path: str | os.PathLi
     if res.missing:
         sections.append(("Not available in this run", [", ".join(res.missing)]))
     return write_html_report(out, f"medssl report: run {res.run_dir.name}", sections, provenance=provenance)
+
+
+# ----------------------------------------------------------------------------- two runs side by side
+
+_KEY = ["step", "metric", "split", "method"]
+_CHANGE_COLOURS = {"better": "background-color:#d9f2d9", "worse": "background-color:#f8d7d7",
+                   "only in A": "background-color:#fff3c4", "only in B": "background-color:#fff3c4"}
+
+
+def _run_label(run: "str | os.PathLike | RunDir") -> str:
+    return RunDir(run).name
+
+
+@dataclass
+class RunComparison:
+    """Two runs' headline tables side by side (:func:`compare_runs`).
+
+    Attributes:
+        name_a, name_b: the runs' names (A is the reference; differences are B - A).
+        table: one row per (step, metric, split, method) of either run: ``kind``,
+            ``higher_is_better``, ``value_a``, ``std_a``, ``n_a``, ``value_b``, ``std_b``, ``n_b``,
+            ``diff`` (B - A), ``change`` (``better`` / ``worse`` for B by the metric's direction,
+            ``same``, ``only in A``, ``only in B``) and ``beyond_spread`` (``|diff|`` larger than both
+            runs' per-unit ``std``; False where a std is unknown).
+        verdict_changes: sentences for the metrics whose verdict against the shortcut rows differs.
+        settings: sentences for the settings that differ between the runs' ``config.json`` files.
+    """
+
+    name_a: str
+    name_b: str
+    table: pd.DataFrame
+    verdict_changes: list[str]
+    settings: list[str]
+
+    def column(self, row: pd.Series) -> str:
+        return f"{row['step']}: {row['metric']} ({row['split']})"
+
+    def wide(self) -> pd.DataFrame:
+        """One row per method/baseline; per headline column three: ``<column> | A``, ``| B``, ``| B-A``."""
+        t = self.table
+        if t.empty:
+            return pd.DataFrame(columns=["method", "kind"])
+        t = t.assign(column=t.apply(self.column, axis=1))
+        rows = list(dict.fromkeys(t["method"]))
+        out = pd.DataFrame({"method": rows, "kind": [t.loc[t["method"] == m, "kind"].iloc[0] for m in rows]})
+        for col in dict.fromkeys(t["column"]):
+            part = t[t["column"] == col].set_index("method")
+            for key, label in (("value_a", self.name_a), ("value_b", self.name_b), ("diff", "B-A")):
+                out[f"{col} | {label}"] = out["method"].map(part[key])
+        return out
+
+    def highlights(self) -> pd.DataFrame:
+        """CSS per cell of :meth:`wide`: B-A green where B is better, red where worse, bold beyond the per-unit
+        spread; all three cells yellow where only one run has the row."""
+        wide = self.wide()
+        styles = pd.DataFrame("", index=wide.index, columns=wide.columns)
+        if self.table.empty:
+            return styles
+        t = self.table.assign(column=self.table.apply(self.column, axis=1))
+        for _, r in t.iterrows():
+            i = wide.index[wide["method"] == r["method"]][0]
+            css = _CHANGE_COLOURS.get(r["change"], "")
+            if r["beyond_spread"]:
+                css += ";font-weight:bold"
+            cells = [f"{r['column']} | B-A"] if r["change"] in ("better", "worse") else \
+                [f"{r['column']} | {self.name_a}", f"{r['column']} | {self.name_b}", f"{r['column']} | B-A"]
+            for c in cells:
+                styles.loc[i, c] = css
+        return styles
+
+    def styled(self):
+        """:meth:`wide` as a pandas Styler with :meth:`highlights` (for notebooks and the HTML report)."""
+        styles = self.highlights()
+        return self.wide().style.apply(lambda _: styles, axis=None).format(precision=4, na_rep="–").hide(axis="index")
+
+    def summary(self) -> str:
+        """One paragraph: what B - A means and how many rows got better, worse or exist in one run only."""
+        counts = self.table["change"].value_counts() if not self.table.empty else pd.Series(dtype=int)
+        beyond = int(self.table["beyond_spread"].sum()) if not self.table.empty else 0
+        return (f"Run A = {self.name_a}, run B = {self.name_b}; differences are B - A. Of {len(self.table)} headline "
+                f"rows, {int(counts.get('better', 0))} are better in B, {int(counts.get('worse', 0))} worse, "
+                f"{int(counts.get('same', 0))} unchanged, {int(counts.get('only in A', 0))} only in A and "
+                f"{int(counts.get('only in B', 0))} only in B (green: better in B, red: worse, yellow: one run "
+                f"only); {beyond} difference(s) exceed the per-unit spread (std) of both runs (bold). Each value "
+                "keeps its own split and n (see the detail tables of each run).")
+
+
+def _settings_diff(a: RunDir, b: RunDir, methods: Sequence[str]) -> list[str]:
+    """Per method trained in both runs: the config.json fields that differ (the seed, a preset's values ...)."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    said = []
+    for m in methods:
+        fa, fb = a.files(m).config, b.files(m).config
+        if not (fa.is_file() and fb.is_file()):
+            continue
+        ca, cb = (flat(json.loads(f.read_text(encoding="utf-8"))) for f in (fa, fb))
+        diffs = [f"{k}: {ca.get(k)!r} vs {cb.get(k)!r}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+        if diffs:
+            said.append(f"{m}: " + "; ".join(diffs))
+    return said
+
+
+def compare_runs(run_a: "str | os.PathLike | RunDir", run_b: "str | os.PathLike | RunDir",
+                 methods: Sequence[str] | None = None) -> RunComparison:
+    """Line up two runs' headline tables (A the reference, differences B - A); see :class:`RunComparison`.
+
+    ``methods``: the method rows to keep (baseline and reference rows are always kept); None keeps all.
+    """
+    a, b = collect_results(run_a), collect_results(run_b)
+    name_a, name_b = _run_label(run_a), _run_label(run_b)
+    if name_a == name_b:
+        name_a, name_b = str(a.run_dir), str(b.run_dir)
+    cols = _KEY + ["kind", "higher_is_better", "value", "std", "n"]
+    ha, hb = a.headlines[cols], b.headlines[cols]
+    t = ha.merge(hb, on=_KEY, how="outer", suffixes=("_a", "_b"), sort=False)
+    t["kind"] = t["kind_a"].fillna(t["kind_b"])
+    t["higher_is_better"] = t["higher_is_better_a"].fillna(t["higher_is_better_b"]).astype(bool)
+    t = t.drop(columns=["kind_a", "kind_b", "higher_is_better_a", "higher_is_better_b"])
+    if methods:
+        t = t[(t["kind"] != "method") | t["method"].isin(list(methods))]
+    va, vb = t["value_a"].astype(float), t["value_b"].astype(float)
+    t["diff"] = vb - va
+    sign = np.where(t["higher_is_better"], 1.0, -1.0)
+    change = np.where(va.isna() & vb.notna(), "only in B", np.where(vb.isna() & va.notna(), "only in A", "same"))
+    both = va.notna() & vb.notna()
+    scale = np.maximum(va.abs(), vb.abs()).fillna(0.0)
+    moved = both & ((t["diff"].abs() > 1e-9 * np.maximum(scale, 1.0)))
+    change = np.where(moved & (sign * t["diff"] > 0), "better", np.where(moved & (sign * t["diff"] < 0), "worse", change))
+    t["change"] = change
+    spread = np.fmax(t["std_a"].astype(float), t["std_b"].astype(float))
+    known = t["std_a"].notna() & t["std_b"].notna()
+    t["beyond_spread"] = (known & both & (t["diff"].abs() > spread)).astype(bool)
+    order = {m: i for i, m in enumerate(_row_order(pd.concat([a.headlines, b.headlines]), a.methods + b.methods))}
+    t = t.sort_values(["step", "metric", "split"], kind="stable")
+    t = t.assign(_o=t["method"].map(order)).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+    t = t[_KEY[:3] + ["method", "kind", "higher_is_better", "value_a", "std_a", "n_a", "value_b", "std_b", "n_b",
+                      "diff", "change", "beyond_spread"]]
+
+    fa, fb = _verdict_facts(a.headlines), _verdict_facts(b.headlines)
+    changes = []
+    for key in [k for k in fa if k in fb]:
+        x, y = fa[key], fb[key]
+        if x["beats_all"] != y["beats_all"] or x["best"]["method"] != y["best"]["method"]:
+            changes.append(f"{key[0]} · {key[1]} ({key[2]}): {_says(x, name_a)}; {_says(y, name_b)}.")
+    common = [m for m in a.methods if m in b.methods]
+    return RunComparison(name_a, name_b, t, changes, _settings_diff(RunDir(run_a), RunDir(run_b), common))
+
+
+def _says(facts: dict[str, Any], run: str) -> str:
+    best, base = facts["best"], facts["base"]
+    verb = "beats every shortcut row" if facts["beats_all"] else f"does NOT beat {base['method']} ({_fmt(base['value'])})"
+    return f"in {run} the best method, {best['method']} ({_fmt(best['value'])}), {verb}"
+
+
+def _comparison_items(comp: RunComparison) -> list[Any]:
+    items: list[Any] = [comp.summary(), comp.styled()]
+    if comp.verdict_changes:
+        items += ["Verdicts that differ between the runs:"] + comp.verdict_changes
+    else:
+        items.append("Every verdict against the shortcut rows is the same in both runs.")
+    if comp.settings:
+        items += ["Settings that differ (config.json):"] + comp.settings
+    return items
+
+
+def write_comparison(run_a: "str | os.PathLike | RunDir", run_b: "str | os.PathLike | RunDir", *,
+                     out_path: str | os.PathLike | None = None, provenance: str | None = None,
+                     methods: Sequence[str] | None = None) -> Path:
+    """Write the comparison as HTML (default ``runs/<A>/40_report/compare_<B>.html``)."""
+    from medssl.viz.html import write_html_report
+
+    comp = compare_runs(run_a, run_b, methods)
+    out = (Path(out_path) if out_path is not None
+           else RunDir(run_a).path / "40_report" / f"compare_{Path(comp.name_b).name}.html")
+    sections = [("Protocol", [PROTOCOL]), (f"{comp.name_a} vs {comp.name_b}", _comparison_items(comp))]
+    return write_html_report(out, f"medssl report: run {comp.name_a} vs run {comp.name_b}", sections,
+                             provenance=provenance)
+
+
+# --------------------------------------------------------------------------- medssl report ...
+
+
+@register_command("report")
+def _add_report_parser(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "report",
+        help="the HTML report of a run, or two runs' headline tables side by side",
+        description="With one run: write runs/<run>/40_report/report.html from the files the notebooks wrote. With two "
+        "(e.g. two seeds or two presets): print and write their headline tables side by side (A, B, B - A; better "
+        "or worse for B, differences beyond the per-unit spread, rows only one run has, changed verdicts and the "
+        "settings that differ) to runs/<A>/40_report/compare_<B>.html.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="one or two run names (or run folders)")
+    p.add_argument("-o", "--out", type=Path, default=None, help="HTML file to write")
+    p.add_argument("--methods", nargs="*", default=None, help="method rows to keep (default all)")
+    p.add_argument("--source", default=None, help="data source of the run(s), for the provenance statement")
+    p.set_defaults(func=_run_report)
+
+
+def _run_arg(text: str) -> "str | Path":
+    """A plain name is a run in the runs folder; anything with a separator (or an existing folder) is a path."""
+    return Path(text) if (os.sep in text or Path(text).is_dir()) else text
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from medssl.provenance import provenance_statement
+
+    if len(args.runs) > 2:
+        raise ValueError(f"medssl report takes one run or two to compare, got {len(args.runs)}: {args.runs}")
+    provenance = provenance_statement(args.source) if args.source else None
+    runs = [_run_arg(r) for r in args.runs]
+    if len(runs) == 1:
+        out = write_report(runs[0], out_path=args.out, provenance=provenance, methods=args.methods)
+        print(f"report: {out}")
+        return 0
+    comp = compare_runs(runs[0], runs[1], args.methods)
+    print(comp.summary())
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        shown = comp.table[comp.table["change"] != "same"]
+        print(shown.drop(columns=["higher_is_better"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for line in comp.verdict_changes + comp.settings:
+        print(f"- {line}")
+    out = write_comparison(runs[0], runs[1], out_path=args.out, provenance=provenance, methods=args.methods)
+    print(f"comparison: {out}")
+    return 0

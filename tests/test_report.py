@@ -82,3 +82,93 @@ def test_report_html_states_provenance_protocol_and_what_is_missing(tmp_path):
 def test_collect_results_names_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         collect_results(tmp_path / "nope")
+
+
+# ------------------------------------------------------------ two runs side by side (issue 21, item 4)
+
+
+def _two_runs(tmp_path):
+    """Run "seed0" and run "seed1": the same fake run, then B's headlines and seed changed."""
+    from medssl.report import compare_runs  # noqa: F401  (imported here so a missing function fails every test)
+
+    runs = {}
+    for name, seed in (("seed0", 0), ("seed1", 1)):
+        rd = _fake_run(tmp_path / name)
+        (rd.path).rename(tmp_path / name / name)
+        rd = RunDir(tmp_path / name / name)
+        for m in ("isimed", "simclr"):
+            cfg = json.loads(rd.files(m).config.read_text())
+            rd.files(m).config.write_text(json.dumps({**cfg, "train": {"seed": seed, "epochs": 30}}))
+        runs[name] = rd
+    b = runs["seed1"]
+    # B: isimed's correspondence error grows past aligned-identity (20 mm; lower is better): worse, and the verdict flips
+    corr = pd.read_csv(b.path / "20_latent_space" / "headline.csv")
+    corr.loc[corr["method"] == "isimed", "value"] = 22.0
+    b.write_headline(b.step_dir("20_latent_space"), corr)
+    # B: simclr's AUC rises by more than the per-unit std (0.05); raw-intensity is missing; barlowtwins is new
+    probe = pd.read_csv(b.path / "30_linear_probe" / "lesion" / "headline.csv")
+    probe.loc[probe["method"] == "simclr", "value"] = 0.75
+    probe = probe[probe["method"] != "raw-intensity"]
+    probe = pd.concat([probe, probe[probe["method"] == "simclr"].assign(method="barlowtwins", value=0.5)])
+    b.write_headline(b.step_dir("30_linear_probe", "lesion"), probe)
+    return runs["seed0"], b
+
+
+def test_compare_runs_lines_up_two_runs_and_marks_better_worse_beyond_spread_and_one_run_rows(tmp_path):
+    from medssl.report import compare_runs
+
+    a, b = _two_runs(tmp_path)
+    comp = compare_runs(a, b)
+    assert (comp.name_a, comp.name_b) == ("seed0", "seed1")
+    t = comp.table.set_index(["metric", "method"])
+    iso = t.loc[("correspondence_median_mm", "isimed")]
+    assert (iso["value_a"], iso["value_b"], iso["diff"], iso["change"]) == (14.0, 22.0, 8.0, "worse")
+    assert not iso["beyond_spread"]  # no std in that table: nothing to compare the difference with
+    sim = t.loc[("auc", "simclr")]
+    assert sim["change"] == "better" and sim["diff"] == pytest.approx(0.09) and sim["beyond_spread"]
+    assert t.loc[("auc", "isimed"), "change"] == "same" and not t.loc[("auc", "isimed"), "beyond_spread"]
+    assert t.loc[("auc", "raw-intensity"), "change"] == "only in A" and np.isnan(t.loc[("auc", "raw-intensity"), "value_b"])
+    assert t.loc[("auc", "barlowtwins"), "change"] == "only in B"
+    assert t.loc[("auc", "position-cubic"), "split"] == "test" and t.loc[("auc", "position-cubic"), "n_b"] == 8
+
+    changed, best_changed = comp.verdict_changes  # a flipped verdict, and another best method
+    assert best_changed == ("30_linear_probe/lesion · auc (test): in seed0 the best method, isimed (0.7), does NOT beat "
+                            "position-cubic (0.9); in seed1 the best method, simclr (0.75), does NOT beat position-cubic "
+                            "(0.9).")
+    assert changed.startswith("20_latent_space · correspondence_median_mm (test): in seed0 the best method, isimed (14), "
+                              "beats every shortcut row; in seed1 the best method, isimed (22), does NOT beat "
+                              "aligned-identity (20)")
+    assert comp.settings == ["isimed: train.seed: 0 vs 1", "simclr: train.seed: 0 vs 1"]
+    assert "2 are better in B" not in comp.summary() and "1 are better in B, 1 worse" in comp.summary()
+
+    wide = comp.wide().set_index("method")
+    col = "20_latent_space: correspondence_median_mm (test)"
+    assert wide.loc["isimed", [f"{col} | seed0", f"{col} | seed1", f"{col} | B-A"]].tolist() == [14.0, 22.0, 8.0]
+    css = comp.highlights().set_index(comp.wide()["method"])
+    auc = "30_linear_probe/lesion: auc (test)"
+    assert css.loc["isimed", f"{col} | B-A"] == "background-color:#f8d7d7"  # worse for B: red
+    assert css.loc["simclr", f"{auc} | B-A"] == "background-color:#d9f2d9;font-weight:bold"  # better, beyond spread
+    assert css.loc["simclr", f"{auc} | seed1"] == "" and css.loc["isimed", f"{auc} | B-A"] == ""
+    assert css.loc["raw-intensity", f"{auc} | seed0"] == css.loc["barlowtwins", f"{auc} | B-A"] == \
+        "background-color:#fff3c4"  # one run only: yellow
+    html = comp.styled().to_html()
+    assert "#f8d7d7" in html and "#d9f2d9" in html and "#fff3c4" in html
+
+
+def test_medssl_report_with_two_runs_writes_the_comparison_and_the_notebook_parameter_adds_it_to_the_report(
+        tmp_path, capsys):
+    from medssl.cli import main
+
+    a, b = _two_runs(tmp_path)
+    assert main(["report", str(a.path), str(b.path)]) == 0
+    said = capsys.readouterr().out
+    assert "Run A = seed0, run B = seed1" in said and "train.seed: 0 vs 1" in said
+    out = a.path / "40_report" / "compare_seed1.html"
+    assert f"comparison: {out}" in said
+    text = out.read_text(encoding="utf-8")
+    assert "seed0 vs seed1" in text and "#f8d7d7" in text and "does NOT beat aligned-identity" in text
+    assert main(["report", str(a.path), str(b.path), str(b.path)]) == 1
+    assert "one run or two" in capsys.readouterr().err
+    report = write_report(a, compare_with=b, provenance="SYNTHETIC").read_text(encoding="utf-8")
+    assert "Compared with run seed1" in report and "#d9f2d9" in report
+    assert main(["report", str(a.path)]) == 0 and "report.html" in capsys.readouterr().out

@@ -381,11 +381,18 @@ def dense_embeddings(
     Returns:
         A :class:`DenseEmbedding`; ``embeddings`` has shape ``(Gx, Gy, Gz, D)`` with
         ``G = (n - 1) // stride + 1`` per axis.
+
+    Raises:
+        PreprocessingMismatchError: ``method`` was loaded from a checkpoint whose training
+            volumes were preprocessed otherwise than ``volume`` (:mod:`medssl.train.preprocessing`).
     """
     if volume.data.ndim != 4:
         raise ValueError(f"{volume.source or volume.case_id}: data must be (C, X, Y, Z), got shape {volume.data.shape}")
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    from medssl.train.preprocessing import check_volume_preprocessing
+
+    check_volume_preprocessing(method, volume)  # a checkpoint's encoder on volumes prepared otherwise: an error
     stride = _triple(stride_vox, "stride_vox")
     default_size = getattr(method, "input_size_vox", None) or method.patch_size_vox
     patch = _triple(default_size if patch_size_vox is None else patch_size_vox, "patch_size_vox")

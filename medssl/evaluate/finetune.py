@@ -465,6 +465,10 @@ def finetune(
 
     if not train_volumes:
         raise ValueError("fine-tuning needs at least one labelled training subject")
+    from medssl.train.preprocessing import check_volume_preprocessing
+
+    for v in (*train_volumes, *val_volumes, *test_volumes):  # prepared as the encoder's training data?
+        check_volume_preprocessing(method, v)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     with torch.random.fork_rng(devices=[]):

@@ -1,7 +1,8 @@
 """Atomic, pickle-free checkpoints and loading a trained method back.
 
-A checkpoint is a plain dict of tensors, numbers and strings (configs and the numpy rng
-state are JSON strings), so ``torch.load(weights_only=True)`` reads it and never runs
+A checkpoint is a plain dict of tensors, numbers and strings (configs, the numpy rng state
+and the training volumes' preprocessing record, :mod:`medssl.train.preprocessing`, are JSON
+strings), so ``torch.load(weights_only=True)`` reads it and never runs
 arbitrary pickled code. Writes go to a temp file in the same folder, then ``os.replace``:
 a crash mid-write leaves the previous file intact.
 
@@ -41,7 +42,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "medssl-checkpoint-v1"
 _REQUIRED_KEYS = ("format", "method", "method_config", "model", "step", "epoch")
-_JSON_KEYS = ("method_config", "train_config", "numpy_rng")
+_JSON_KEYS = ("method_config", "train_config", "numpy_rng", "preprocessing")
 _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.pt$")
 
 
@@ -130,7 +131,15 @@ def load_method(checkpoint_path: str | os.PathLike, map_location: str | torch.de
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # unknown method, bad config values, shapes
         raise CheckpointError(checkpoint_path, f"cannot rebuild method {state['method']!r}: {e}") from None
     method.registry_name = str(state.get("registry_name", state["method"]))
+    # the training volumes' preprocessing (None for older checkpoints): readers check new inputs against it
+    method.preprocessing = _preprocessing_record(state)
     return method.to(map_location).eval()
+
+
+def _preprocessing_record(state: dict[str, Any]) -> dict[str, Any] | None:
+    from medssl.train.preprocessing import record_from_state
+
+    return record_from_state(state)
 
 
 def config_to_json(config: Any) -> str:
@@ -177,12 +186,15 @@ def prune_epoch_checkpoints(ckpt_dir: Path, keep_last: int | None) -> None:
 
 def training_state(method: "Method", config: Any, optimizer: Any, scheduler: Any, scaler: Any, step: int,
                    steps_per_epoch: int, elapsed_s: float, numpy_rngs: list[str], torch_rngs: list[torch.Tensor],
-                   cuda_rng: torch.Tensor | None) -> dict[str, Any]:
+                   cuda_rng: torch.Tensor | None, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything an exact resume needs, as plain tensors, numbers and strings.
 
     ``numpy_rngs``/``torch_rngs``: one entry per DDP rank (rank order), so every rank resumes
     its own sampling stream; ``numpy_rng`` (rank 0's) is kept for readers of older files.
+    ``preprocessing``: the training volumes' preprocessing record
+    (:func:`medssl.train.preprocessing.record_from_volumes`), stored as a JSON object string.
     """
+    extra = {} if preprocessing is None else {"preprocessing": json.dumps(preprocessing, sort_keys=True)}
     return {
         "format": CHECKPOINT_FORMAT,
         "method": method.name,
@@ -203,6 +215,7 @@ def training_state(method: "Method", config: Any, optimizer: Any, scheduler: Any
         "torch_rngs": list(torch_rngs),
         "cuda_rng": cuda_rng,
         "torch_version": str(torch.__version__),
+        **extra,
     }
 
 

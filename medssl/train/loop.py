@@ -11,12 +11,17 @@ Run directory (``run_dir``)::
     config.json            method config + train config (asdict) + resolved settings
     metrics.jsonl          one JSON object per line: split="train" every log_every steps,
                            split="val" after evaluations
+    events.out.tfevents.*  the same records as TensorBoard scalars (live curves; medssl.train.metrics)
     checkpoints/last.pt    newest state (resume point)
     checkpoints/epoch-XXXX.pt
 
 Under ``torchrun`` every rank samples its own volumes (rng ``[seed, rank]``); the training
 step runs inside ``DistributedDataParallel`` (gradients all-reduced during backward); ranks
 agree on every stop decision; the checkpoint carries every rank's rng state.
+
+Every checkpoint also carries the training volumes' preprocessing record
+(:mod:`medssl.train.preprocessing`), so whoever applies the encoder to new scans prepares
+them the same way.
 """
 
 from __future__ import annotations
@@ -51,10 +56,19 @@ from medssl.train.checkpoint import (
 )
 from medssl.train.config import TrainConfig
 from medssl.train.ddp import all_ranks_gather, any_rank, first_true_rank, wrap_for_training
-from medssl.train.metrics import MetricsLog, StepWindow, keep_metrics_up_to, mean_logs, read_metrics, when
+from medssl.train.metrics import (
+    MetricsLog,
+    StepWindow,
+    TensorBoardLog,
+    keep_metrics_up_to,
+    mean_logs,
+    read_metrics,
+    when,
+)
 from medssl.train.precision import autocast, resolve_device, resolve_precision
 
 if TYPE_CHECKING:
+    from medssl.data.preprocess import PreprocessConfig
     from medssl.data.volume import Volume
     from medssl.methods.base import Method
     from medssl.sampling.base import PatchBatch
@@ -95,6 +109,8 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     callbacks: Sequence[Callback] | None = None,
+    preprocessing: "PreprocessConfig | None" = None,
+    tensorboard: bool = True,
 ) -> FitResult:
     """Train ``method`` on ``train_volumes``, writing logs and checkpoints to ``run_dir``.
 
@@ -114,7 +130,14 @@ def fit(
         progress: show a tqdm progress bar.
         callbacks: called with every record written to ``metrics.jsonl``; a callback that
             returns True stops training after the current step (``last.pt`` is written first,
-            so ``fit(..., resume=True)`` continues exactly there).
+            so ``fit(..., resume=True)`` continues exactly there). A notebook's live figure
+            is one (:class:`medssl.viz.live.LiveCurves`).
+        preprocessing: how the training volumes were preprocessed, for volumes that do not
+            say so themselves (arrays prepared by hand). Default: read from the volumes
+            (``meta["preprocess_config"]``, set by ``open_data`` and the cache); either way it is
+            recorded in every checkpoint (:mod:`medssl.train.preprocessing`). A config that
+            contradicts the volumes' own is a ValueError.
+        tensorboard: also write the records as TensorBoard event files in ``run_dir``.
 
     Raises:
         NonFiniteLossError: the loss became non-finite on any rank, or the gradient norm did
@@ -123,6 +146,8 @@ def fit(
             stops, and the previous checkpoint is left untouched.
     """
     t = _Trainer(method, train_volumes, config, Path(run_dir), val_volumes, list(callbacks or []), progress)
+    t.record_preprocessing(preprocessing)
+    t.tensorboard = tensorboard
     t.restore(resume)
     t.start()
     try:
@@ -179,6 +204,7 @@ class _Trainer:
             )
         state = load_checkpoint(self.last_path, map_location=self.device)
         check_resumable(state, self.method, self.config, self.last_path)
+        self._warn_if_preprocessing_changed(state)
         self.method.load_state_dict(state["model"])
         if self.optimizer is not None and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
@@ -202,7 +228,11 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             keep_metrics_up_to(method_files(self.run_dir).metrics, self.step)
             self._write_config_json()
-        self.log = MetricsLog(method_files(self.run_dir).metrics, enabled=self.is_main, callbacks=self.callbacks)
+        # on resume, TensorBoard hides the events after the checkpoint's step, as keep_metrics_up_to drops their lines
+        tb = TensorBoardLog(self.run_dir, purge_step=self.step + 1 if self.step else None) \
+            if self.is_main and self.tensorboard else None
+        self.log = MetricsLog(method_files(self.run_dir).metrics, enabled=self.is_main, callbacks=self.callbacks,
+                              tensorboard=tb)
         self.val_set = self._draw_val_set() if self.val_volumes else None
         self.t_start = time.perf_counter()
         self.batches = _BatchSource(self.method, self.train_volumes, self.rng,
@@ -283,12 +313,15 @@ class _Trainer:
             return
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         state = training_state(self.method, self.config, self.optimizer, self.scheduler, self.scaler, self.step,
-                               self.steps_per_epoch, self._elapsed_s(), numpy_rngs, torch_rngs, cuda_rng)
+                               self.steps_per_epoch, self._elapsed_s(), numpy_rngs, torch_rngs, cuda_rng,
+                               preprocessing=self.preprocessing)
         paths = [self.ckpt_dir / f"epoch-{self.step // self.steps_per_epoch:04d}.pt"] if epoch_file else []
         save_checkpoint(state, *paths, self.last_path)
         prune_epoch_checkpoints(self.ckpt_dir, self.config.keep_last)
 
     def close(self) -> None:
+        if hasattr(self, "log"):
+            self.log.close()
         if hasattr(self, "batches"):
             self.batches.close()
         if hasattr(self, "bar"):
@@ -298,6 +331,37 @@ class _Trainer:
         return FitResult(run_dir=self.run_dir, checkpoint_path=self.last_path, step=self.step,
                          epoch=self.step // self.steps_per_epoch, final_loss=self.last_loss,
                          stopped_early=self.step < self.total_steps)
+
+    # ------------------------------------------------------------------ preprocessing record
+
+    tensorboard = True
+
+    def record_preprocessing(self, declared: "PreprocessConfig | None") -> None:
+        """The training volumes' preprocessing record (every checkpoint carries it); also set on the method."""
+        from dataclasses import asdict as _asdict
+
+        from medssl.train.preprocessing import record_from_volumes
+
+        record = record_from_volumes(self.train_volumes, self.method.patch_size_vox, self.method.input_size_vox)
+        if declared is not None:
+            declared_json = json.loads(json.dumps(_asdict(declared)))
+            if record["config"] is not None and record["config"] != declared_json:
+                raise ValueError(f"fit: preprocessing={declared} contradicts the training volumes' own record "
+                                 f"{record['config']}; leave preprocessing=None to record theirs")
+            record["config"] = declared_json
+        self.preprocessing = record
+        self.method.preprocessing = record
+
+    def _warn_if_preprocessing_changed(self, state: dict) -> None:
+        import warnings
+
+        from medssl.train.preprocessing import config_from_record, record_from_state
+
+        before = config_from_record(record_from_state(state))
+        now = config_from_record(self.preprocessing)
+        if before is not None and now is not None and before != now:
+            warnings.warn(f"{self.last_path}: resuming on volumes preprocessed otherwise than before ({before} -> "
+                          f"{now}); the checkpoint will record the new preprocessing", stacklevel=3)
 
     # ------------------------------------------------------------------ helpers
 

@@ -1,10 +1,15 @@
-"""The training log: ``metrics.jsonl`` records, the window between records, and reading it back."""
+"""The training log: ``metrics.jsonl`` records, the window between records, and reading it back.
+
+Every record also goes to TensorBoard event files in the same folder (:class:`TensorBoardLog`), so a
+long run can be watched while it trains (``make tensorboard RUN=<run>``: one TensorBoard run per method).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +19,7 @@ import pandas as pd
 from medssl._files import atomic_write_bytes
 from medssl.rundir import method_files
 
-__all__ = ["MetricsLog", "StepWindow", "read_metrics", "keep_metrics_up_to", "when", "mean_logs"]
+__all__ = ["MetricsLog", "StepWindow", "TensorBoardLog", "read_metrics", "keep_metrics_up_to", "when", "mean_logs"]
 
 Callback = Callable[[dict[str, Any]], "bool | None"]
 
@@ -67,16 +72,74 @@ class StepWindow:
 
 
 class MetricsLog:
-    """Appends JSON lines (rank 0 only) and runs the callbacks on every record; ``write`` returns "stop?"."""
+    """Appends JSON lines (rank 0 only) and runs the callbacks on every record; ``write`` returns "stop?".
 
-    def __init__(self, path: Path, enabled: bool, callbacks: list[Callback]) -> None:
+    ``tensorboard``: a :class:`TensorBoardLog` that receives every record too (rank 0 only).
+    """
+
+    def __init__(self, path: Path, enabled: bool, callbacks: list[Callback],
+                 tensorboard: "TensorBoardLog | None" = None) -> None:
         self.path, self.enabled, self.callbacks = path, enabled, callbacks
+        self.tensorboard = tensorboard if enabled else None
 
     def write(self, record: dict[str, Any]) -> bool:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, allow_nan=True) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.write(record)
         return any(bool(cb(record)) for cb in self.callbacks)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# Record fields that say where a record sits, not what was measured.
+_NOT_SCALARS = frozenset({"step", "epoch", "time_s", "split"})
+
+
+class TensorBoardLog:
+    """TensorBoard event files (``events.out.tfevents.*``) in ``log_dir``, beside ``metrics.jsonl``.
+
+    Every finite number of a record becomes the scalar ``<split>/<field>`` at the record's
+    ``step`` (``train/loss``, ``train/lr``, ``train/samples_per_s``, the method's loss terms and
+    collapse coefficients, ``val/effective_rank`` ...), flushed at once so a running
+    TensorBoard shows it. Written with ``torch.utils.tensorboard.SummaryWriter``; where the
+    ``tensorboard`` package is missing, training goes on without event files and says so once.
+
+    ``purge_step``: on resume, the first step after the checkpoint's; TensorBoard then hides the
+    earlier events from that step on (steps trained after the checkpoint by a run that died), as
+    ``keep_metrics_up_to`` drops their ``metrics.jsonl`` lines.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            warnings.warn(f"{self.log_dir}: no TensorBoard event files ({e}); `pip install tensorboard` "
+                          "(requirements.txt pins it) to watch training live. metrics.jsonl is written as usual.",
+                          stacklevel=2)
+            return
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step or None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step, split = int(record.get("step", 0)), str(record.get("split", "train"))
+        for key, value in record.items():
+            if key in _NOT_SCALARS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{split}/{key}", float(value), global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:

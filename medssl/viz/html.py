@@ -38,6 +38,8 @@ def _render(item: Any, plotly_js_done: list[bool]) -> str:
         table = item.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0)
         return f'<div class="scroll">{table}</div>'  # wide tables scroll instead of widening the page
     mod = type(item).__module__
+    if mod.startswith("pandas.io.formats.style"):  # a Styler: a table with its cell highlights (report comparisons)
+        return f'<div class="scroll">{item.to_html()}</div>'
     if mod.startswith("plotly"):
         include = "inline" if not plotly_js_done[0] else False
         plotly_js_done[0] = True

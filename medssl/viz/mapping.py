@@ -8,8 +8,11 @@ One call in a notebook, one command in a shell::
     medssl map runs/demo/isimed/checkpoints/last.pt ct.nii.gz -o ct_isimed_map.nii.gz
 
 Steps: read the scan (:func:`medssl.data.io.read_volume`: NIfTI, NRRD, MetaImage or a
-DICOM series folder), preprocess it like training data (RAS, resampling, intensity
-scaling, foreground crop), embed a patch at every ``stride_vox``-th voxel
+DICOM series folder), preprocess it exactly like the checkpoint's training data (RAS,
+resampling, intensity scaling, body crop: the checkpoint's preprocessing record,
+:mod:`medssl.train.preprocessing`; a setting given that disagrees with it is an error unless
+forced; an older checkpoint without a record is used with a warning listing what was
+assumed), embed a patch at every ``stride_vox``-th voxel
 (:func:`medssl.evaluate.dense.dense_embeddings`), colour the embeddings with a PCA(3)
 frame (:class:`medssl.evaluate.maps.LatentRGBFrame`; fitted on this scan, or reused
 from an earlier map so colours agree across scans), and resample the colours from the
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, replace
+import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,9 @@ class ScanMap:
         latent_map: the map, ``rgb (X, Y, Z, 3)`` on the scan's grid.
         scan: the scan as read (original grid).
         dense: the dense embeddings on the preprocessed grid.
+        preprocess: the :class:`~medssl.data.preprocess.PreprocessConfig` applied to the scan.
+        preprocess_recorded: True when it came from the checkpoint's record (False: assumed,
+            for a checkpoint without one).
     """
 
     map_path: Path
@@ -60,6 +68,8 @@ class ScanMap:
     latent_map: Any
     scan: Any
     dense: Any
+    preprocess: Any = None
+    preprocess_recorded: bool = False
 
 
 def save_frame(path: str | os.PathLike, frame) -> Path:
@@ -159,6 +169,7 @@ def map_scan(
     batch_size: int = 256,
     device: str = "auto",
     progress: bool = True,
+    force_preprocessing: bool = False,
 ) -> ScanMap:
     """Latent coordinate map of one scan, written as an RGB NIfTI on the scan's own grid.
 
@@ -167,22 +178,31 @@ def map_scan(
         scan: a NIfTI/NRRD/MetaImage file or a DICOM series folder.
         out_path: the map (``.nii.gz``/``.nii``), RGB24 with the scan's affine.
         png_path: the preview PNG; True: beside the map (``<name>.png``); None/False: none.
-        preprocess: a :class:`medssl.data.preprocess.PreprocessConfig` as used for the
-            training data; default 3 mm isotropic, percentile intensity scaling.
+        preprocess: None (default): the checkpoint's preprocessing record, i.e. exactly how
+            its training volumes were prepared. A dict of settings (``{"intensity":
+            "ct_window"}``: only those are compared and applied) or a whole
+            :class:`medssl.data.preprocess.PreprocessConfig` (every setting compared). A
+            setting that disagrees with the record raises
+            :class:`~medssl.train.preprocessing.PreprocessingMismatchError` naming both values.
+            A checkpoint without a record (written before records existed) is used with a
+            warning listing what was assumed (:data:`~medssl.train.preprocessing.LEGACY_ASSUMPTION`
+            overlaid with the settings given).
         stride_vox: dense grid step on the preprocessed grid.
         frame: colour frame: None (fit PCA(3) on this scan's foreground embeddings), a
             ``LatentRGBFrame``, or the ``.frame.npz`` path of an earlier map (same colours).
         progress: progress bars (embedding and resampling).
+        force_preprocessing: apply the settings given even where they disagree with the record
+            (a warning lists the differences).
 
     Returns:
         A :class:`ScanMap`; ``<map name>.frame.npz`` holds the frame used.
     """
     from medssl.data.io import read_volume
-    from medssl.data.preprocess import PreprocessConfig
     from medssl.data.preprocess import preprocess as run_preprocess
     from medssl.evaluate.dense import dense_embeddings
     from medssl.evaluate.maps import LatentMap, LatentRGBFrame, fit_latent_rgb, save_latent_map
     from medssl.train.checkpoint import load_method
+    from medssl.train.preprocessing import config_from_record, resolve_preprocessing
 
     out_path = Path(out_path)
     if not out_path.name.endswith((".nii.gz", ".nii")):
@@ -191,9 +211,17 @@ def map_scan(
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint (expected runs/<run>/<method>/checkpoints/last.pt)")
     method = load_method(checkpoint).eval()
+    record = method.preprocessing
+    config = resolve_preprocessing(record, preprocess, force=force_preprocessing, where=str(checkpoint),
+                                   force_hint="Leave the setting out to use the checkpoint's, or force it "
+                                   "(force_preprocessing=True; medssl map --force-preprocessing).")
+    method.preprocessing = None  # checked here, forced settings included: dense_embeddings need not check again
     volume = read_volume(scan)
-    config = PreprocessConfig() if preprocess is None else preprocess
     prepared = run_preprocess(volume, config)
+    seen = (record or {}).get("modalities") or {}
+    if seen and prepared.meta.get("modality") not in seen:
+        warnings.warn(f"{scan}: looks like modality {prepared.meta.get('modality')!r}; {checkpoint} was trained "
+                      f"on {', '.join(f'{k} ({n} volumes)' for k, n in seen.items())}", stacklevel=2)
     dense = dense_embeddings(method, prepared, stride_vox=stride_vox, batch_size=batch_size, device=device,
                              progress=progress, checkpoint=checkpoint)  # fmt: skip
     if frame is None:
@@ -221,7 +249,7 @@ def map_scan(
         png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(png, dpi=100)
         plt.close(fig)
-    return ScanMap(out_path, png, frame_path, latent, volume, dense)
+    return ScanMap(out_path, png, frame_path, latent, volume, dense, config, config_from_record(record) is not None)
 
 
 # --------------------------------------------------------------------------- medssl map ...
@@ -243,32 +271,68 @@ def _add_map_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-png", action="store_true", help="write no preview")
     p.add_argument("--frame", type=Path, default=None, help="colour frame (.frame.npz) of an earlier map")
     p.add_argument("--stride-vox", type=int, default=4, help="dense grid step in voxels (default 4)")
-    p.add_argument("--target-spacing-mm", type=float, default=3.0, help="isotropic spacing of training (default 3)")
-    p.add_argument("--foreground-threshold", type=float, default=None,
-                   help="foreground = image > this (raw units, e.g. -500 HU for CT); default: > minimum")
-    p.add_argument("--intensity", default="percentile", choices=["percentile", "ct_window", "none"],
-                   help="intensity scaling as in training (default percentile 5-95 -> [-1, 1])")
+    pre = p.add_argument_group(
+        "preprocessing", "Default: the checkpoint's record of how its training volumes were prepared. A flag that "
+        "disagrees with it is an error unless --force-preprocessing is given. For a checkpoint without a record "
+        "(older runs) the flags replace the assumed defaults (3 mm, RAS, percentile 5-95, the modality's body rule).")
+    pre.add_argument("--target-spacing-mm", type=float, nargs="+", default=None, metavar="MM",
+                     help="voxel size: one value (isotropic) or three")
+    pre.add_argument("--orientation", default=None, help="axis codes of the grid, e.g. RAS")
+    pre.add_argument("--intensity", default=None, choices=["auto", "percentile", "ct_window", "none"],
+                     help="intensity rule (auto: CT window for CT, percentiles otherwise)")
+    pre.add_argument("--percentiles", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    pre.add_argument("--ct-window-hu", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+    pre.add_argument("--modality", default=None, choices=["auto", "ct", "mr", "pet", "other"],
+                     help="chooses the body-mask rule (-500 HU for CT, Otsu otherwise)")
+    pre.add_argument("--foreground-threshold", type=float, default=None,
+                     help="body = image > this (raw units, e.g. -500 HU for CT) instead of the modality's rule")
+    pre.add_argument("--crop-margin-vox", type=int, default=None, help="voxels kept around the body's box")
+    pre.add_argument("--force-preprocessing", action="store_true",
+                     help="apply the flags even where they disagree with the checkpoint's record")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_map)
 
 
+def _preprocessing_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The preprocessing settings given on the command line (only those)."""
+    given: dict[str, Any] = {}
+    if args.target_spacing_mm is not None:
+        spacing = args.target_spacing_mm
+        if len(spacing) not in (1, 3):
+            raise ValueError(f"--target-spacing-mm takes one value or three, got {len(spacing)}")
+        given["target_spacing_mm"] = tuple(spacing) * (3 if len(spacing) == 1 else 1)
+    for name in ("orientation", "intensity", "modality", "foreground_threshold", "crop_margin_vox"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    for name in ("percentiles", "ct_window_hu"):
+        if getattr(args, name) is not None:
+            given[name] = tuple(getattr(args, name))
+    return given
+
+
 def _run_map(args: argparse.Namespace) -> int:
     import matplotlib
 
-    from medssl.data.preprocess import PreprocessConfig
+    from medssl.train.preprocessing import describe_config
 
     matplotlib.use("Agg")  # the CLI never opens windows
-    config = replace(PreprocessConfig(), target_spacing_mm=(args.target_spacing_mm,) * 3,
-                     foreground_threshold=args.foreground_threshold, intensity=args.intensity)  # fmt: skip
     out = args.out
     if out is None:
         method = args.checkpoint.parent.parent.name if args.checkpoint.parent.name == "checkpoints" else "latent"
         out = Path.cwd() / f"{_stem(args.scan)}_{method}_map.nii.gz"
-    result = map_scan(args.checkpoint, args.scan, out, png_path=False if args.no_png else (args.png or True),
-                      preprocess=config, stride_vox=args.stride_vox, frame=args.frame, batch_size=args.batch_size,
-                      device=args.device, progress=not args.quiet)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = map_scan(args.checkpoint, args.scan, out, png_path=False if args.no_png else (args.png or True),
+                          preprocess=_preprocessing_flags(args), stride_vox=args.stride_vox, frame=args.frame,
+                          batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                          force_preprocessing=args.force_preprocessing)  # fmt: skip
+    for w in caught:  # one line each (the assumed preprocessing of an older checkpoint, a modality mismatch)
+        if issubclass(w.category, UserWarning):
+            print(f"medssl map: warning: {w.message}", file=sys.stderr)
+    origin = "the checkpoint's record" if result.preprocess_recorded else "ASSUMED: the checkpoint has no record"
+    print(f"preprocessing ({origin}): {describe_config(result.preprocess)}")
     print(f"map:     {result.map_path}  (shape {result.scan.shape_vox}, the affine of {args.scan})")
     if result.png_path is not None:
         print(f"preview: {result.png_path}")

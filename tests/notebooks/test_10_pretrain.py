@@ -43,4 +43,8 @@ def test_10_pretrain_notebook_trains_each_method_at_tiny_parameters(run_notebook
     assert summary.loc[0, "n_volumes"] >= 1 and summary.loc[0, "split"] == "val"  # chosen on, and shown for, val
     model = load_method(out / "checkpoints" / "last.pt")
     assert model.registry_name == method
+    # the checkpoint says how open_data prepared the training volumes (issue 21): the notebook's 6 mm, as cached
+    assert model.preprocessing["config"]["target_spacing_mm"] == [6.0, 6.0, 6.0]
+    assert model.preprocessing["patch_size_vox"] == list(model.patch_size_vox)
+    assert list(out.glob("events.out.tfevents.*"))  # live curves for TensorBoard beside metrics.jsonl
     assert "SYNTHETIC" in res.text_outputs()  # provenance is stated

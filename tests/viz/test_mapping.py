@@ -106,3 +106,95 @@ def test_map_scan_names_the_file_and_the_problem_on_bad_input(tmp_path, checkpoi
     np.savez(tmp_path / "bad.frame.npz", mean=np.zeros(3))
     with pytest.raises(ValueError, match=r"bad\.frame\.npz.*missing"):
         map_scan(checkpoint, scan.image_path, tmp_path / "m.nii.gz", frame=tmp_path / "bad.frame.npz", progress=False)
+
+
+# ------------------------------------------------------------ the checkpoint's preprocessing record (issue 21)
+
+# What the encoder below was trained with: nothing `medssl map` would guess (its old defaults were 3 mm and
+# percentile scaling): a 4 mm grid, a CT window of our own and a body threshold in raw units.
+TRAIN_FLAGS = ["--target-spacing-mm", "4", "--intensity", "ct_window", "--ct-window-hu", "50", "450",
+               "--foreground-threshold", "50"]
+
+
+@pytest.fixture(scope="module")
+def recorded_checkpoint(tmp_path_factory):
+    """One optimiser step of a tiny ISImed on volumes preprocessed with TRAIN_FLAGS' settings (so it has a record)."""
+    import torch
+
+    from medssl.data.preprocess import PreprocessConfig, preprocess
+    from medssl.methods import create_method
+    from medssl.train import TrainConfig, fit
+
+    root = tmp_path_factory.mktemp("recorded")
+    config = PreprocessConfig(target_spacing_mm=(4.0, 4.0, 4.0), intensity="ct_window", ct_window_hu=(50.0, 450.0),
+                              foreground_threshold=50.0)
+    vols = [preprocess(read_volume(make_volume_file(root / "train", shape=(30, 28, 20), affine=SCAN_AFFINE,
+                                                    name=f"t{i}", label=False, seed=i).image_path), config)
+            for i in range(2)]  # fmt: skip
+    torch.manual_seed(0)
+    method = create_method("isimed", backbone="smallcnn", patch_size_vox=8, volumes_per_batch=2, patches_per_volume=4)
+    fit(method, vols, TrainConfig(epochs=1, steps_per_epoch=1, device="cpu", precision="fp32", eval_every_epochs=9),
+        root / "isimed", progress=False)
+    return root / "isimed" / "checkpoints" / "last.pt", config
+
+
+def _rgb(path):
+    rgb = np.asanyarray(nib.load(path).dataobj)
+    return np.stack([rgb["R"], rgb["G"], rgb["B"]], -1)
+
+
+def test_medssl_map_without_flags_maps_as_with_the_training_flags_and_a_conflicting_flag_is_an_error(
+        tmp_path, recorded_checkpoint, capsys):
+    ckpt, trained = recorded_checkpoint
+    scan = make_volume_file(tmp_path, shape=(34, 26, 18), affine=SCAN_AFFINE, label=False, name="new", seed=5)
+    common = [str(ckpt), str(scan.image_path), "--stride-vox", "2", "--quiet", "--no-png"]
+    assert main(["map", *common, "-o", str(tmp_path / "plain.nii.gz")]) == 0
+    said = capsys.readouterr()
+    assert "preprocessing (the checkpoint's record)" in said.out and "intensity='ct_window'" in said.out
+    assert "warning" not in said.err
+    assert main(["map", *common, "-o", str(tmp_path / "flags.nii.gz"), *TRAIN_FLAGS]) == 0
+    plain = _rgb(tmp_path / "plain.nii.gz")
+    np.testing.assert_array_equal(plain, _rgb(tmp_path / "flags.nii.gz"))
+    assert (plain.sum(-1) > 0).mean() > 0.3  # a real map, not two empty ones
+
+    # the old defaults (3 mm, percentile scaling) are no longer applied silently: they are a conflict...
+    for flags, named in ((["--intensity", "percentile"], "intensity: checkpoint 'ct_window', given 'percentile'"),
+                         (["--target-spacing-mm", "3"], "target_spacing_mm: checkpoint (4, 4, 4), given (3, 3, 3)")):
+        out = tmp_path / "conflict.nii.gz"
+        assert main(["map", *common, "-o", str(out), *flags]) == 1
+        err = capsys.readouterr().err
+        assert str(ckpt) in err and named in err and "--force-preprocessing" in err
+        assert not out.exists() and not out.with_name("conflict.frame.npz").exists()  # nothing written
+    # ...and when forced, they give another map (the input the network sees differs)
+    assert main(["map", *common, "-o", str(tmp_path / "forced.nii.gz"), "--intensity", "percentile",
+                 "--force-preprocessing"]) == 0
+    assert "forced away from the training record" in capsys.readouterr().err
+    assert not np.array_equal(_rgb(tmp_path / "forced.nii.gz"), plain)
+
+    res = map_scan(ckpt, scan.image_path, tmp_path / "py.nii.gz", png_path=None, stride_vox=2, progress=False)
+    assert res.preprocess == trained and res.preprocess_recorded
+    np.testing.assert_array_equal(_rgb(res.map_path), plain)
+
+
+def test_map_scan_uses_an_older_checkpoint_without_a_record_with_a_warning_listing_what_it_assumed(
+        tmp_path, recorded_checkpoint, capsys):
+    import torch
+
+    ckpt, _ = recorded_checkpoint
+    state = torch.load(ckpt, weights_only=True)
+    del state["preprocessing"]  # as every checkpoint written before the record existed
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    scan = make_volume_file(tmp_path, shape=(34, 26, 18), affine=SCAN_AFFINE, label=False, name="new", seed=5)
+    with pytest.warns(UserWarning, match=r"old\.pt: no preprocessing record .*written before.*assumed: "
+                                         r"target_spacing_mm=\(3, 3, 3\).*intensity='percentile'"):
+        res = map_scan(old, scan.image_path, tmp_path / "old.nii.gz", png_path=None, stride_vox=2, progress=False)
+    assert not res.preprocess_recorded and res.preprocess.intensity == "percentile"
+    # flags fill in what the old checkpoint cannot say, and are no conflict
+    assert main(["map", str(old), str(scan.image_path), "-o", str(tmp_path / "o.nii.gz"), "--quiet", "--no-png",
+                 "--stride-vox", "2", *TRAIN_FLAGS]) == 0
+    said = capsys.readouterr()
+    assert "ASSUMED" in said.out and "medssl map: warning:" in said.err and "intensity='ct_window'" in said.err
+    np.testing.assert_array_equal(_rgb(tmp_path / "o.nii.gz"),
+                                  _rgb(map_scan(ckpt, scan.image_path, tmp_path / "n.nii.gz", png_path=None,
+                                                stride_vox=2, progress=False).map_path))  # fmt: skip
