@@ -143,11 +143,13 @@ def triplanar_patches(data: np.ndarray, centres_vox: np.ndarray, size_vox: int, 
     return np.stack([planar_patches(arr, centres_vox, o, size_vox, n_slices, fill) for o in range(3)], axis=1)
 
 
-def point_values(data: np.ndarray, centres_vox: np.ndarray, offsets_vox: np.ndarray) -> np.ndarray:
-    """``(N, C, K)`` float32 intensities at ``centre + offset`` for ``K`` voxel offsets ``(K, 3)`` (padded outside)."""
+def point_values(data: np.ndarray, centres_vox: np.ndarray, offsets_vox: np.ndarray,
+                 fill: np.ndarray | None = None) -> np.ndarray:
+    """``(N, C, K)`` float32 intensities at ``centre + offset`` for ``K`` voxel offsets ``(K, 3)``; outside the image
+    ``fill`` (default: the per-channel minimum)."""
     centres = np.asarray(centres_vox, dtype=np.int64).reshape(-1, 3)
     offsets = np.asarray(offsets_vox, dtype=np.int64).reshape(-1, 3)
-    values = _gather(data, [centres[:, k, None] + offsets[None, :, k] for k in range(3)], None)  # (C, N, K)
+    values = _gather(data, [centres[:, k, None] + offsets[None, :, k] for k in range(3)], fill)  # (C, N, K)
     return np.ascontiguousarray(np.moveaxis(values, 0, 1))
 
 

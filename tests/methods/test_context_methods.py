@@ -165,17 +165,44 @@ def test_the_untrained_baselines_only_write_their_initial_state(tmp_path):
 
 
 def test_gvdiff_descriptors_are_deterministic_for_a_seed_and_are_grey_value_differences():
-    vol = coordinate_volume("c", (30, 28, 26), AFFINE)  # channels: world x, y, z mm
-    centres = np.array([[15, 14, 13], [10, 20, 7]])  # the 12^3 pattern cube stays inside the image
+    vol = coordinate_volume("c", (70, 68, 66), AFFINE)  # channels: world x, y, z mm (linear: smoothing keeps them)
+    centres = np.array([[35, 34, 33], [30, 38, 30]])
     a, b, c = (create_method("gvdiff", pattern_seed=s, in_channels=3, patch_size_vox=12) for s in (7, 7, 8))
     emb = [m.embed(torch.from_numpy(m.cut_inputs(vol.data, centres))) for m in (a, b, c)]
     assert torch.equal(emb[0], emb[1]) and not torch.equal(emb[0], emb[2])
     assert emb[0].shape == (2, 3 * 192) and a.embed_dim == 3 * 192
     p, q = a.backbone.pattern_vox.numpy()  # (192, 3) each: a linear image makes each difference A (p - q)
+    inside = np.all(np.abs(np.concatenate([p, q], 1)) <= 20, axis=1)  # away from the border, where smoothing pads
     expected = (p - q) @ AFFINE[:3, :3].T  # (192, 3) world mm, per channel x, y, z
-    np.testing.assert_allclose(emb[0][0].numpy().reshape(3, 192), expected.T, atol=1e-3)
+    np.testing.assert_allclose(emb[0][0].numpy().reshape(3, 192)[:, inside], expected.T[:, inside], atol=2e-3)
     with pytest.raises(ValueError, match="backbone must be 'gvdiff'"):
         create_method("gvdiff", backbone="smallcnn")
+
+
+def test_gvdiffs_pattern_has_the_papers_sigma_and_reads_smoothed_grey_values():
+    """sigma 0.4 in the paper's image units = 1 patch half-width (its patch side is 0.8): 21 voxels for S = 42."""
+    m = create_method("gvdiff")  # the paper's and the demo's settings
+    pattern = m.backbone.pattern_vox.numpy().reshape(-1, 3)  # 384 points
+    assert m.config.sigma_hw * m.config.patch_size_vox / 2 == 21.0
+    np.testing.assert_allclose(pattern.std(0), 21.0, rtol=0.12)  # 384 draws per axis: about 4 % standard error
+    assert pattern.std() > 18  # the old pattern, truncated to the 42-voxel cube, had about 11
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(1, 40, 40, 40)).astype(np.float32)  # pure voxel noise, std 1
+    centres = np.array([[20, 20, 20]])
+    smooth = create_method("gvdiff", patch_size_vox=12, n_pairs=2000)
+    raw = create_method("gvdiff", patch_size_vox=12, n_pairs=2000, smooth_sigma_vox=0.0)
+    d_smooth, d_raw = (mm.embed(torch.from_numpy(mm.cut_inputs(noise, centres))).numpy()[0] for mm in (smooth, raw))
+    p, q = smooth.backbone.pattern_vox.numpy()
+    ok = np.all(np.abs(np.concatenate([p, q], 1)) < 14, axis=1)  # both points well inside (no padding, no border)
+    # raw differences of two independent voxels: std sqrt(2); a Gaussian of sigma s voxels leaves white noise a std
+    # of (2 sqrt(pi) s)^(-3/2) = 0.053 for s = 2 (the pairs are far apart: their smoothed values are independent)
+    assert np.std(d_raw[ok]) == pytest.approx(np.sqrt(2), rel=0.1)
+    assert np.std(d_smooth[ok]) == pytest.approx(np.sqrt(2) * (2 * np.sqrt(np.pi) * 2.0) ** -1.5, rel=0.2)
+    from scipy.ndimage import gaussian_filter
+
+    expected = gaussian_filter(noise[0], 2.0, mode="nearest", truncate=4.0)
+    pick = lambda o: expected[tuple((centres[0] + o[ok]).T)]  # noqa: E731
+    np.testing.assert_allclose(d_smooth[ok], pick(p) - pick(q), atol=1e-5)
 
 
 def test_xavier_is_the_untrained_start_of_the_2_5d_methods():
