@@ -91,7 +91,7 @@ class PlanarContextConfig(MethodConfig):
     ``patch_size_vox``: in-plane side S of each planar patch, in voxels of the cached grid (paper: 42).
     ``embed_dim``: width of each orientation's network (None: the D2D-CNN's 64); the descriptor is 3x it.
     ``normal_gap_hw``: range of ``Delta0``, the partner's move along the normal, in half-widths (paper:
-    0.125-0.25 image units = 0.3125-0.625 half-widths; 7-13 voxels = 20-39 mm on the demo grid; never less
+    0.125-0.25 image units = 0.3125-0.625 half-widths; 7-13 voxels = 21-39 mm on the demo grid; never less
     than ``n_slices`` voxels). ``offset_start``/``offset_end``: in-plane offset magnitudes at the start and
     end of the curriculum, in half-widths (paper: +-[0.625, 0.75] and +-[0, 1.75]); at most the heatmap's
     extent, 2.5. ``curriculum_steps``: training steps over which the range widens (the run's length; the

@@ -26,9 +26,9 @@ axis: 21 voxels = 63 mm on the demo grid). One of the paper's image units is 2.5
 =======================================  ===================  ===========================================
 the paper (image units, axis [-1, 1])    half-widths          demo grid (S = 42 at 3 mm)
 =======================================  ===================  ===========================================
-in-plane offsets, start: +-[0.25, 0.3]   +-[0.625, 0.75]      +-[13, 16] voxels = +-[39, 47] mm
-in-plane offsets, end: +-[0, 0.7]        +-[0, 1.75]          +-[0, 37] voxels = +-[0, 110] mm
-normal displacement 0.125 - 0.25         0.3125 - 0.625       7 - 13 voxels = 20 - 39 mm (slabs of 3)
+in-plane offsets, start: +-[0.25, 0.3]   +-[0.625, 0.75]      +-[13, 16] voxels = +-[39, 48] mm
+in-plane offsets, end: +-[0, 0.7]        +-[0, 1.75]          +-[0, 37] voxels = +-[0, 111] mm
+normal displacement 0.125 - 0.25         0.3125 - 0.625       7 - 13 voxels = 21 - 39 mm (slabs of 3)
 heatmap grid i/9 in [-1, 1]              +-2.5                +-52.5 voxels = +-158 mm
 anchor centres in [-0.5, 0.5] per axis   the central half of each axis (module text below)
 =======================================  ===================  ===========================================
