@@ -45,6 +45,7 @@ class Xavier(PlanarContextMethod):
 
     family = "untrained baseline"
     trains = False
+    planes_per_anchor = 3  # its (validation) batches hold the anchors' three planes, no partners
     presets = {name: {"method": dict(spec["method"])} for name, spec in PLANAR_PRESETS.items()}
 
     def __init__(self, config: Any) -> None:
