@@ -148,7 +148,9 @@ def _fmt(v: float) -> str:
 
 
 def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str]) -> pd.DataFrame:
-    """Per method: steps, minutes, distinct patches and forward passes per step, last losses, val summary."""
+    """Per method: steps, wall time, distinct patches (and their kind) and forward passes per step, last losses,
+    val summary, and ``budget``: whether its budget equals the common one (the most frequent steps, patches
+    per step and patch kind of the trained methods), else what differs (e.g. 2.5D planes against cubes)."""
     rd = RunDir(run)
     rows = []
     for m in methods:
@@ -168,11 +170,12 @@ def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str])
             "steps": max((r.get("step", 0) for r in recs), default=0),
             "train_minutes": max((r.get("time_s", 0.0) for r in recs), default=0.0) / 60.0,
             "patches_per_step": per_step,
+            "patch": _patch_kind(cfg.get("method_config", {})),
             "forward_passes_per_step": None if per_step is None else per_step * views,
             "final_train_loss": train[-1].get("loss") if train else float("nan"),
             "val_effective_rank": val[-1].get("effective_rank") if val else float("nan"),
         }
-        for key in ("collapse_z", "collapse_p"):
+        for key in ("collapse_z", "collapse_p", "collapse_h"):
             if val and key in val[-1]:
                 row[f"val_{key}"] = val[-1][key]
         summary = files.summary
@@ -180,7 +183,44 @@ def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str])
             s = pd.read_csv(summary).iloc[0]
             row["val_spearman"] = s.get("spearman")
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table.insert(table.columns.get_loc("patch") + 1, "budget", _budget_notes(table))
+    return table
+
+
+def _patch_kind(method_config: dict) -> str:
+    """What one distinct patch is, from a run's ``method_config``: a cube, a 2D slice or a 2.5D planar patch."""
+    size = method_config.get("patch_size_vox")
+    if size is None:
+        return ""
+    if method_config.get("backbone") == "gvdiff":
+        return "point pattern"
+    if "n_slices" in method_config:
+        return f"{size}x{size}x{method_config['n_slices']} planar"
+    if method_config.get("spatial_dims") == 2:
+        return f"{size}x{size} slice"
+    return f"{size}^3 cube"
+
+
+def _budget_notes(table: pd.DataFrame) -> list[str]:
+    """Per row: "equal" when a trained method's steps, distinct patches per step and patch kind are the common
+    ones (the most frequent among trained methods), else what differs; "not trained" for untrained baselines."""
+    trained = table[table["trains"].astype(bool)]
+    common = {c: trained[c].mode().iloc[0] if len(trained) and trained[c].notna().any() else None
+              for c in ("steps", "patches_per_step", "patch")}
+    notes = []
+    for r in table.to_dict("records"):
+        if not r["trains"]:
+            notes.append("not trained")
+            continue
+        diff = [f"{c.replace('_', ' ')} {r[c]} vs {common[c]}" for c in ("steps", "patches_per_step")
+                if common[c] is not None and r[c] != common[c]]
+        if common["patch"] and r["patch"] != common["patch"]:
+            why = ": 2.5D planes cannot equal cubes in content" if "planar" in str(r["patch"]) else ""
+            diff.append(f"{r['patch']} patches vs {common['patch']}{why}")
+        notes.append("equal" if not diff else "unequal: " + "; ".join(diff))
+    return notes
 
 
 def _not_applicable_steps(rd: RunDir) -> list[str]:

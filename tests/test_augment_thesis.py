@@ -29,7 +29,7 @@ def test_batched_augmentations_equal_monais_deterministic_transforms_crop_by_cro
 
 
 def test_each_transform_alone_matches_monai_including_zoom_out_edges():
-    aug = ThesisViewAugment()
+    aug = ThesisViewAugment(shift=0.1)  # the fine-tuning shift too, so it stays checked against MONAI
     x = _crops(6, 3, size=12)
     n = len(x)
     none = dict(zoom=np.ones(n), flip=np.zeros(n, bool), rot90_k=np.zeros(n, int), scale=np.zeros(n),
@@ -61,13 +61,26 @@ def test_probabilities_and_ranges_are_the_thesis_values():
     assert np.mean(p.rot90_k > 0) == pytest.approx(0.5, abs=tol)
     assert np.bincount(p.rot90_k[p.rot90_k > 0])[1:] / np.sum(p.rot90_k > 0) == pytest.approx([1 / 3] * 3, abs=tol)
     assert np.mean(p.scale != 0) == pytest.approx(0.75, abs=tol) and np.abs(p.scale).max() <= 0.1
-    assert np.mean(p.shift != 0) == pytest.approx(0.75, abs=tol) and np.abs(p.shift).max() <= 0.1
+    assert not p.shift.any()  # the thesis shifts intensities only when fine-tuning (sec. 4.5)
     blurred = p.blur_sigma.max(axis=1) > 0
     assert np.mean(blurred) == pytest.approx(0.25, abs=tol)
     assert p.blur_sigma[blurred].min() >= 0.25 and p.blur_sigma.max() <= 1.5
     assert np.mean(p.noise) == pytest.approx(0.25, abs=tol)
     noise = aug._noise((200_000,), 0)
     assert float(noise.std()) == pytest.approx(0.01, rel=0.02)
+
+
+def test_pretraining_views_keep_every_crops_intensity_mean_up_to_the_scaling():
+    """Without a shift, a constant crop stays constant times (1 + a): its sign and zero level never move."""
+    aug = ThesisViewAugment(blur_prob=0.0, noise_prob=0.0)
+    x = torch.zeros(300, 1, 8, 8, 8)
+    x[150:] = 0.5
+    out = aug(x, np.random.default_rng(1))
+    assert torch.equal(out[:150], torch.zeros_like(out[:150]))  # a shift of up to 0.1 would move 3/4 of them
+    ratio = out[150:].mean(dim=(1, 2, 3, 4)) / 0.5
+    assert float(ratio.min()) >= 0.9 - 1e-6 and float(ratio.max()) <= 1.1 + 1e-6
+    shifted = ThesisViewAugment(shift=0.1, blur_prob=0.0, noise_prob=0.0)(x, np.random.default_rng(1))
+    assert (shifted[:150].abs().amax(dim=(1, 2, 3, 4)) > 0).float().mean() == pytest.approx(0.75, abs=0.1)
 
 
 def test_same_rng_state_gives_the_same_views_and_the_input_is_unchanged():
@@ -80,10 +93,12 @@ def test_same_rng_state_gives_the_same_views_and_the_input_is_unchanged():
     assert torch.equal(x, before) and a.dtype == torch.float32 and a.shape == x.shape
 
 
-def test_the_random_monai_pipeline_lists_the_thesis_transforms():
+def test_the_random_monai_pipeline_lists_the_thesis_pretraining_transforms_without_an_intensity_shift():
     names = [type(t).__name__ for t in ThesisViewAugment().monai_transform().transforms]
-    assert names == ["RandZoom", "RandFlip", "RandRotate90", "RandScaleIntensity", "RandShiftIntensity",
-                     "RandGaussianSmooth", "RandGaussianNoise"]
+    assert names == ["RandZoom", "RandFlip", "RandRotate90", "RandScaleIntensity", "RandGaussianSmooth",
+                     "RandGaussianNoise"]
+    with_shift = [type(t).__name__ for t in ThesisViewAugment(shift=0.1).monai_transform().transforms]
+    assert with_shift[4] == "RandShiftIntensity" and len(with_shift) == 7
     out = ThesisViewAugment().monai_transform()(_crops(1, 3)[0])
     assert tuple(out.shape) == (1, 16, 16, 16)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medssl import pipeline
-from medssl.methods import list_methods, make_config
+from medssl.methods import create_method, list_methods, make_config
 from medssl.methods.simsiam import IOU_STUDY
 
 
@@ -19,6 +19,11 @@ def test_iou_study_plan_pretrains_the_five_intervals_then_measures_them_and_eval
     assert [s.method for s in steps[1:6]] == plan["methods"]
     assert {s.parameters["seed"] for s in steps[1:6]} == {3}  # the same seed for every interval
     assert {s.parameters["preset"] for s in steps[1:6]} == {"demo"}
+    from medssl.presets import preset
+
+    budgets = {(t.epochs * t.steps_per_epoch, create_method(m, **o).patches_per_step)
+               for m in plan["methods"] for o, t in [preset(m, "demo")]}
+    assert budgets == {(210, 192)}  # the other demo methods' steps and distinct patches (168 steps until issue 16)
     evals = [s.step for s in pipeline.expand_plan(pipeline.load_plan("demo"), "d")][-len(names) + 7:]
     assert names[7:] == evals  # then the demo's evaluation notebooks
     assert steps[6].parameters["methods"] == plan["methods"]

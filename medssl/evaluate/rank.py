@@ -92,7 +92,11 @@ def collapse_coefficient(z: np.ndarray | torch.Tensor) -> float:
     (Chen & He, SimSiam, sec. 4.1: ``s -> 1/sqrt(d)`` for outputs spread over the sphere, ``0``
     when collapsed; the thesis's eq. 4.3). 0 = no collapse, 1 = complete collapse (a constant
     output). The thesis measures it on the predictor output p, the SimSiam paper on the
-    projection z; SimSiam logs both. Population std (``ddof=0``), in float64.
+    projection z. A BatchNorm standardises every channel over the batch, so after one the
+    coefficient cannot see a collapse that happened before it (SimSiam's z after its final
+    BatchNorm read 0.015 for a rank-1 backbone); :class:`medssl.methods.simsiam.SimSiam` logs it
+    on the backbone output, on p, and on z before the final BatchNorm on validation only.
+    Population std (``ddof=0``), in float64.
     """
     e = _as_matrix(z)
     if e.shape[0] < 2:

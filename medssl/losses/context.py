@@ -6,8 +6,12 @@
   :func:`heatmap_offsets` reads an offset back from a heatmap (for the validation error).
 - :class:`NeighbourCrossEntropy` (3D Doersch): cross-entropy over the 6 face neighbours.
 
-Offsets are in the sampler's unit (patch half-widths, :mod:`medssl.sampling.context`): the heatmap
-spans ``[-1, 1]`` on each axis, row ``i`` (tensor axis -2) along ``Delta1``, column ``j`` along ``Delta2``.
+Offsets are in the sampler's unit (patch half-widths, :mod:`medssl.sampling.context`). The paper's
+formula is in its image units, where ``i/9`` runs over ``[-1, 1]`` and one image unit is 2.5 patch
+half-widths (its patch side is 0.8): the heatmap grid spans ``+-2.5`` half-widths
+(:data:`HEATMAP_EXTENT_HW`), and offsets are divided by that extent before they enter the formula, so
+the target is the paper's at every pixel. Row ``i`` (tensor axis -2) runs along ``Delta1``, column ``j``
+along ``Delta2``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HEATMAP_SIZE", "HeatmapMSELoss", "NeighbourCrossEntropy", "OffsetL1Loss", "heatmap_offsets", "heatmap_target"]
+__all__ = ["HEATMAP_EXTENT_HW", "HEATMAP_SIZE", "HeatmapMSELoss", "NeighbourCrossEntropy", "OffsetL1Loss",
+           "heatmap_offsets", "heatmap_target"]
 
 HEATMAP_SIZE = 19  # (i, j) in {-9, ..., +9}
 HEATMAP_AMPLITUDE = 10.0
 HEATMAP_SHARPNESS = 15.0
+# The grid's half-extent in patch half-widths: the paper's image axis [-1, 1] over its patch half-width 0.4.
+HEATMAP_EXTENT_HW = 2.5
 
 
 def _check_offsets(offsets: torch.Tensor, name: str = "offsets") -> None:
@@ -29,18 +36,22 @@ def _check_offsets(offsets: torch.Tensor, name: str = "offsets") -> None:
 
 
 def heatmap_target(offsets: torch.Tensor, size: int = HEATMAP_SIZE, amplitude: float = HEATMAP_AMPLITUDE,
-                   sharpness: float = HEATMAP_SHARPNESS) -> torch.Tensor:
-    """``(B, size, size)``: ``amplitude * exp(-sharpness * ((i/r - Delta1)^2 + (j/r - Delta2)^2))``, ``r = (size-1)/2``.
+                   sharpness: float = HEATMAP_SHARPNESS, extent_hw: float = HEATMAP_EXTENT_HW) -> torch.Tensor:
+    """``(B, size, size)``: ``amplitude * exp(-sharpness * ((i/r - Delta1/E)^2 + (j/r - Delta2/E)^2))``.
 
-    ``offsets``: ``(B, 2)`` in half-widths. Row ``i`` and column ``j`` run over ``-r .. r``, so the peak of an
-    offset ``(Delta1, Delta2)`` sits at row ``r + r * Delta1``, column ``r + r * Delta2``.
+    ``offsets``: ``(B, 2)`` in half-widths; ``r = (size - 1) / 2``; ``E = extent_hw``, the half-widths at the
+    grid's border (the paper's ``i/9 = 1``), so ``Delta / E`` is the offset in the paper's image units. Row
+    ``i`` and column ``j`` run over ``-r .. r``: the peak of ``(Delta1, Delta2)`` sits at row ``r + r Delta1 / E``,
+    column ``r + r Delta2 / E``.
     """
     _check_offsets(offsets)
     if size < 3 or size % 2 == 0:
         raise ValueError(f"heatmap size must be odd and >= 3, got {size}")
+    if not extent_hw > 0:
+        raise ValueError(f"extent_hw must be > 0, got {extent_hw}")
     r = (size - 1) // 2
-    grid = torch.arange(-r, r + 1, device=offsets.device, dtype=torch.float32) / r  # i / 9
-    off = offsets.float()
+    grid = torch.arange(-r, r + 1, device=offsets.device, dtype=torch.float32) / r  # i / 9, image units
+    off = offsets.float() / float(extent_hw)  # image units
     d1 = (grid[None, :, None] - off[:, 0, None, None]) ** 2  # (B, size, 1)
     d2 = (grid[None, None, :] - off[:, 1, None, None]) ** 2  # (B, 1, size)
     return amplitude * torch.exp(-sharpness * (d1 + d2))
@@ -57,12 +68,13 @@ def _peak_shift(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -
     return shift.clamp(-0.5, 0.5)
 
 
-def heatmap_offsets(heatmaps: torch.Tensor) -> torch.Tensor:
-    """``(B, 2)`` offsets read from ``(B, S, S)`` heatmaps: the peak pixel, refined to sub-pixel precision.
+def heatmap_offsets(heatmaps: torch.Tensor, extent_hw: float = HEATMAP_EXTENT_HW) -> torch.Tensor:
+    """``(B, 2)`` offsets in half-widths read from ``(B, S, S)`` heatmaps spanning ``+-extent_hw``: the peak
+    pixel, refined to sub-pixel precision.
 
     Along each axis the peak moves to the vertex of the parabola through the logarithms of the peak and
     its two neighbours, which is exact for the Gaussian target; the argmax alone would round offsets to
-    1/9 half-width. At the border of the map the peak pixel is kept.
+    ``extent_hw / 9`` half-widths. At the border of the map the peak pixel is kept.
     """
     if heatmaps.ndim != 3 or heatmaps.shape[1] != heatmaps.shape[2]:
         raise ValueError(f"heatmaps must have shape (B, S, S), got {tuple(heatmaps.shape)}")
@@ -78,7 +90,7 @@ def heatmap_offsets(heatmaps: torch.Tensor) -> torch.Tensor:
     left, right = h[b, rows, (cols - 1).clamp_min(0)], h[b, rows, (cols + 1).clamp_max(S - 1)]
     row = rows.float() + torch.where(inner_r, _peak_shift(up, centre, down), torch.zeros_like(centre))
     col = cols.float() + torch.where(inner_c, _peak_shift(left, centre, right), torch.zeros_like(centre))
-    return torch.stack([(row - r) / r, (col - r) / r], dim=1)
+    return torch.stack([(row - r) / r, (col - r) / r], dim=1) * float(extent_hw)
 
 
 class OffsetL1Loss(nn.Module):
@@ -94,15 +106,16 @@ class OffsetL1Loss(nn.Module):
 class HeatmapMSELoss(nn.Module):
     """Heatmap: mean squared error between predicted heatmaps ``(B, S, S)`` and :func:`heatmap_target` of ``offsets (B, 2)``."""
 
-    def __init__(self, amplitude: float = HEATMAP_AMPLITUDE, sharpness: float = HEATMAP_SHARPNESS) -> None:
+    def __init__(self, amplitude: float = HEATMAP_AMPLITUDE, sharpness: float = HEATMAP_SHARPNESS,
+                 extent_hw: float = HEATMAP_EXTENT_HW) -> None:
         super().__init__()
-        self.amplitude, self.sharpness = float(amplitude), float(sharpness)
+        self.amplitude, self.sharpness, self.extent_hw = float(amplitude), float(sharpness), float(extent_hw)
 
     def forward(self, pred: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if pred.ndim != 3 or pred.shape[1] != pred.shape[2] or pred.shape[0] != offsets.shape[0]:
             raise ValueError(f"pred must be (B, S, S) heatmaps for the B offsets, got {tuple(pred.shape)} for "
                              f"{tuple(offsets.shape)} offsets")
-        target = heatmap_target(offsets, pred.shape[-1], self.amplitude, self.sharpness)
+        target = heatmap_target(offsets, pred.shape[-1], self.amplitude, self.sharpness, self.extent_hw)
         return F.mse_loss(pred.float(), target)
 
 

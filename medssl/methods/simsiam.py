@@ -6,8 +6,19 @@ only. Here: the IoU-pair sampler (:class:`medssl.sampling.iou_pairs.IoUPairSampl
 3D by default, ``spatial_dims=2`` for the thesis setting), the thesis's per-crop augmentations
 (:class:`medssl.augment_thesis.ThesisViewAugment`), SimSiam's projector and predictor, the
 symmetric negative-cosine loss with stop-gradient, SGD with the thesis's schedule, and the
-collapse coefficient on z and p logged every step with the realised IoU histogram and the
-sampler's fallback rate.
+collapse coefficients (below) logged with the realised IoU histogram and the sampler's fallback rate.
+
+**Collapse coefficients** (:func:`medssl.evaluate.rank.collapse_coefficient`, 0 = spread, 1 = one direction):
+
+- ``collapse_p`` on the predictor output p (the thesis's measure), every step;
+- ``collapse_h`` on the backbone output h (the representation every evaluation uses), every step: the
+  only one of the three that no BatchNorm stands between, so a rank-1 backbone reads 1 here;
+- ``collapse_z`` on the projection z (the SimSiam paper's measure), **on validation only** and taken
+  **before** the projector's final non-affine BatchNorm. In training mode that BatchNorm standardises every
+  channel over the batch, so z's coefficient read 0.02-0.04 whatever the backbone did (a rank-1 backbone
+  gave 0.015); taking it before that BatchNorm does not help in training mode either (0.30 for a rank-1
+  backbone: the projector's hidden BatchNorms re-spread it), so the training-mode z curve is dropped. On
+  validation (eval mode, running statistics) the pre-BatchNorm z shows a projector whose last layer collapsed.
 
 **What a "patch" is.** Each pair is two crops at different places; each crop is one distinct
 patch and is embedded once (``views_per_patch = 1``). ``patches_per_volume`` counts crops (two
@@ -89,11 +100,11 @@ class SimSiamConfig(MethodConfig):
 
 @register_method("simsiam")
 class SimSiam(Method):
-    """SimSiam on crop pairs with IoU in [0.3, 0.6] (the thesis's best interval), collapse tracked on z and p.
+    """SimSiam on crop pairs with IoU in [0.3, 0.6] (the thesis's best interval), collapse tracked on h, z and p.
 
-    ``training_step`` logs ``loss``, ``collapse_z``, ``collapse_p`` (:func:`medssl.evaluate.rank.collapse_coefficient`
-    over both views), ``view_cosine`` (z1 vs z2), ``iou_mean``, ``fallback_rate`` and the realised IoU histogram
-    ``iou_hist_*`` (:func:`medssl.sampling.iou_pairs.iou_histogram_logs`).
+    ``training_step`` logs ``loss``, ``collapse_h`` and ``collapse_p`` (over both views), ``collapse_z`` (eval mode
+    only, before the final BatchNorm; module docstring), ``view_cosine`` (z1 vs z2), ``iou_mean``,
+    ``fallback_rate`` and the realised IoU histogram ``iou_hist_*`` (:func:`medssl.sampling.iou_pairs.iou_histogram_logs`).
     """
 
     Config = SimSiamConfig
@@ -107,12 +118,13 @@ class SimSiam(Method):
         "paper": {"method": {"backbone": "swin", "patch_size_vox": 96, "volumes_per_batch": 64,
                              "patches_per_volume": 4},
                   "train": {"epochs": 100, "lr": 0.025, "weight_decay": 1e-5, "grad_clip_norm": None}},
-        # 2-core CPU: shared demo budget (12 volumes x 16 crops = 96 pairs = 192 patches per step), narrow heads,
-        # the thesis's optimiser (lr 0.025 at 128 pairs); 24 x 7 = 168 steps, about the wall time of the other
-        # two-view methods' 210 (a step costs about what a SimCLR demo step does; README).
+        # 2-core CPU: the shared demo budget, equal in steps and distinct patches: 210 steps (30 x 7, as every
+        # other demo method) of 12 volumes x 16 crops = 96 pairs = 192 distinct patches; narrow heads, the
+        # thesis's optimiser (lr 0.025 at 128 pairs). Until issue 16 it ran 168 steps (24 x 7) to match the
+        # two-view methods' wall time instead; the pretraining table now reports the wall time of each.
         "demo": {"method": {"projector_dim": 256, "predictor_hidden_dim": 64},
-                 "train": {"epochs": 24, "steps_per_epoch": 7, "lr": 0.025, "weight_decay": 1e-5,
-                           "grad_clip_norm": None, "eval_every_epochs": 4}},
+                 "train": {"epochs": 30, "steps_per_epoch": 7, "lr": 0.025, "weight_decay": 1e-5,
+                           "grad_clip_norm": None}},
         "tiny": {"method": {"projector_dim": 32, "predictor_hidden_dim": 8},
                  "train": {"lr": 0.025, "weight_decay": 1e-5}},
     }
@@ -127,6 +139,7 @@ class SimSiam(Method):
         self.backbone = backbone_from_config(config, spatial_dims=config.spatial_dims)
         w = int(config.projector_dim)
         self.projector = ProjectionHead(mlp_blocks([self.backbone.embed_dim, w, w, w], last_norm_affine=False))
+        assert isinstance(self.projector.layers[-1], nn.BatchNorm1d)  # _project reads z before it
         self.predictor = ProjectionHead(mlp_blocks([w, int(config.predictor_hidden_dim), w], last_norm=None))
         self.loss_fn = SimSiamLoss()
         p = int(config.patch_size_vox)
@@ -172,16 +185,21 @@ class SimSiam(Method):
 
     def training_step(self, batch: PatchBatch) -> StepOutput:
         x = batch.extras.get("views", batch.patches)
-        z1, z2 = self._project(x[0::2]), self._project(x[1::2])  # crop 1 / crop 2 of every pair: (P, w)
+        (h1, y1, z1), (h2, y2, z2) = self._project(x[0::2]), self._project(x[1::2])  # crop 1 / crop 2 of every pair
         p1, p2 = self._predict(z1), self._predict(z2)
         loss = self.loss_fn(p1, p2, z1, z2)
-        logs = {"loss": float(loss.detach()), **collapse_logs(z1, z2, p1, p2), **pair_logs(batch)}
+        z_before_bn = None if self.training else torch.cat([y1, y2])  # module docstring: blind in train mode
+        logs = {"loss": float(loss.detach()), **collapse_logs(torch.cat([h1, h2]), torch.cat([p1, p2]), z_before_bn),
+                "view_cosine": float(F.cosine_similarity(z1.detach(), z2.detach(), dim=1).mean()), **pair_logs(batch)}
         return StepOutput(loss=loss, logs=logs)
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(h, z before the final BatchNorm, z)`` of inputs ``x``: the projector run in two parts."""
         h = self.backbone(x)  # (P, D), fp32 tail
         with torch.autocast(device_type=h.device.type, enabled=False):  # heads (BatchNorm, cosine) in fp32
-            return self.projector(h.float())
+            layers = self.projector.layers
+            y = layers[:-1](h.float())  # layers[-1] is the final non-affine BatchNorm (mlp_blocks)
+            return h, y, layers[-1](y)
 
     def _predict(self, z: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -241,16 +259,15 @@ class ConstantFactor:
         return 1.0
 
 
-def collapse_logs(z1: torch.Tensor, z2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> dict[str, float]:
-    """Collapse coefficients of z and p over both views, and the mean cosine between the views' z."""
-    z = torch.cat([z1, z2]).detach()
-    p = torch.cat([p1, p2]).detach()
-    finite = bool(torch.isfinite(z).all() and torch.isfinite(p).all())
-    return {
-        "collapse_z": collapse_coefficient(z) if finite else float("nan"),
-        "collapse_p": collapse_coefficient(p) if finite else float("nan"),
-        "view_cosine": float(F.cosine_similarity(z1.detach(), z2.detach(), dim=1).mean()),
-    }
+def collapse_logs(h: torch.Tensor, p: torch.Tensor, z_before_bn: torch.Tensor | None = None) -> dict[str, float]:
+    """Collapse coefficients of the backbone output h and the predictor output p (both views stacked), and of z
+    before the projector's final BatchNorm when given (eval mode only; :class:`SimSiam`'s module docstring)."""
+    named = {"collapse_h": h, "collapse_p": p, **({} if z_before_bn is None else {"collapse_z": z_before_bn})}
+    out = {}
+    for key, value in named.items():
+        value = value.detach()
+        out[key] = collapse_coefficient(value) if bool(torch.isfinite(value).all()) else float("nan")
+    return out
 
 
 def pair_logs(batch: PatchBatch) -> dict[str, float]:

@@ -19,7 +19,7 @@ from tests.helpers import coordinate_volume, oblique_affine
 AFFINE = oblique_affine((1.0, 1.2, 2.0), (20.0, -10.0, 5.0), (4.0, 2.0, -7.0))
 # Tiny 2.5D methods: 2D SmallCNN on 16 x 16 planar patches (the D2D-CNN needs 42).
 PLANAR_TINY = {"backbone": "smallcnn", "patch_size_vox": 16, "volumes_per_batch": 2, "patches_per_volume": 3,
-               "normal_gap_mm": (4.0, 8.0), "curriculum_steps": 4}
+               "curriculum_steps": 4}
 TINY_CFG = TrainConfig(epochs=2, steps_per_epoch=2, lr=1e-3, seed=3, device="cpu", precision="fp32", log_every=1,
                        keep_last=None)
 
@@ -53,7 +53,8 @@ def test_paper_presets_use_adam_at_5e_5_batch_8_and_the_table_1_networks():
         overrides, cfg = preset(name, "paper")
         assert overrides["backbone"] == backbone and cfg.lr == 5e-5
         method = create_method(name, **overrides)
-        assert method.patches_per_step == 8
+        assert overrides["volumes_per_batch"] * overrides["patches_per_volume"] == 8  # batch 8 (anchors or pairs)
+        assert method.patches_per_step == (48 if name != "doersch" else 16)  # distinct patches: planes or cubes
         optimizer, scheduler = method.configure_optimizers(cfg)
         assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["weight_decay"] == 0
         for _ in range(3):
@@ -61,6 +62,26 @@ def test_paper_presets_use_adam_at_5e_5_batch_8_and_the_table_1_networks():
             scheduler.step()
         assert optimizer.param_groups[0]["lr"] == 5e-5  # constant: the paper states no schedule
     assert preset("reg2d", "paper")[0]["curriculum_steps"] == 800_000 == preset("reg2d", "paper")[1].epochs * 1000
+
+
+TASK_FIELDS = ("patch_size_vox", "n_slices", "normal_gap_hw", "offset_start", "offset_end", "foreground_only")
+
+
+def test_the_paper_and_demo_presets_train_the_papers_task_and_offsets_reach_1_75_half_widths():
+    """Issue 16: PlanarContextConfig rejected offsets above 1 half-width, so not even `paper` had the paper's range."""
+    vol = coordinate_volume("big", (96, 90, 84), AFFINE, channels="x")
+    for name in ("reg2d", "heatmap"):
+        configs = {p: create_method(name, **preset(name, p)[0]).config for p in ("paper", "demo")}
+        for config in configs.values():
+            assert (config.offset_start, config.offset_end) == ((0.625, 0.75), (0.0, 1.75))  # the paper's x 2.5
+            assert config.normal_gap_hw == (0.3125, 0.625) and config.patch_size_vox == 42
+        assert {f: getattr(configs["paper"], f) for f in TASK_FIELDS} == {f: getattr(configs["demo"], f) for f in TASK_FIELDS}
+        method = create_method(name, **preset(name, "paper")[0]).eval()  # eval mode: the end of the curriculum
+        offsets = torch.cat([method.sample([vol], np.random.default_rng(k)).extras["offsets"] for k in range(40)]).abs()
+        assert float(offsets.max()) >= 1.7 and float(offsets.max()) <= 1.75 + 1 / 42  # 36-37 voxels of 21
+    with pytest.raises(ValueError, match="heatmap's extent"):
+        create_method("reg2d", offset_end=(0.0, 2.6))
+    create_method("reg2d", offset_end=(0.0, 2.5))  # the heatmap's border is allowed
 
 
 def _record_progress(method) -> list[float]:
@@ -97,9 +118,10 @@ def test_fit_draws_the_val_set_at_the_full_range_and_training_batches_along_the_
     fit(method, _volumes(3), TINY_CFG, tmp_path, val_volumes=_volumes(2, seed=1), progress=False)
     assert seen == [1.0, 0.0, 0.25, 0.5, 0.75]  # val set first (in eval mode), then steps 0..3 of 4
     val = read_metrics(tmp_path).query("split == 'val'")
-    assert (val.offset_hi == 0.7).all() and (val.offset_lo == 0.0).all()
+    assert (val.offset_hi == 1.75).all() and (val.offset_lo == 0.0).all()
     for column in ("offset_err_hw", "offset_err_mm", "offset_err_zero_hw"):
         assert np.isfinite(val[column]).all()
+    assert val.anchor_eligible_share.between(0.05, 0.2).all() and (val.anchor_fallback_rate == 0).all()
 
 
 @pytest.mark.parametrize("name", ["heatmap"])  # Reg2D shares every line but the head
@@ -122,8 +144,10 @@ def test_doersch_logs_its_six_class_accuracy_on_validation(tmp_path):
     method = create_method("doersch", backbone="smallcnn", patch_size_vox=8, volumes_per_batch=2, patches_per_volume=4,
                            gap_mm=2.0, jitter_mm=2.0)
     fit(method, _volumes(3), TINY_CFG, tmp_path, val_volumes=_volumes(2, seed=1), progress=False)
-    val = read_metrics(tmp_path).query("split == 'val'")
+    log = read_metrics(tmp_path)
+    val = log.query("split == 'val'")
     assert len(val) == 3 and val.accuracy.between(0, 1).all()
+    assert log.anchor_eligible_share.between(0.05, 0.2).all() and (log.anchor_fallback_rate == 0).all()
     assert load_method(tmp_path / "checkpoints" / "last.pt").name == "doersch"
 
 
@@ -141,17 +165,44 @@ def test_the_untrained_baselines_only_write_their_initial_state(tmp_path):
 
 
 def test_gvdiff_descriptors_are_deterministic_for_a_seed_and_are_grey_value_differences():
-    vol = coordinate_volume("c", (30, 28, 26), AFFINE)  # channels: world x, y, z mm
-    centres = np.array([[15, 14, 13], [10, 20, 7]])  # the 12^3 pattern cube stays inside the image
+    vol = coordinate_volume("c", (70, 68, 66), AFFINE)  # channels: world x, y, z mm (linear: smoothing keeps them)
+    centres = np.array([[35, 34, 33], [30, 38, 30]])
     a, b, c = (create_method("gvdiff", pattern_seed=s, in_channels=3, patch_size_vox=12) for s in (7, 7, 8))
     emb = [m.embed(torch.from_numpy(m.cut_inputs(vol.data, centres))) for m in (a, b, c)]
     assert torch.equal(emb[0], emb[1]) and not torch.equal(emb[0], emb[2])
     assert emb[0].shape == (2, 3 * 192) and a.embed_dim == 3 * 192
     p, q = a.backbone.pattern_vox.numpy()  # (192, 3) each: a linear image makes each difference A (p - q)
+    inside = np.all(np.abs(np.concatenate([p, q], 1)) <= 20, axis=1)  # away from the border, where smoothing pads
     expected = (p - q) @ AFFINE[:3, :3].T  # (192, 3) world mm, per channel x, y, z
-    np.testing.assert_allclose(emb[0][0].numpy().reshape(3, 192), expected.T, atol=1e-3)
+    np.testing.assert_allclose(emb[0][0].numpy().reshape(3, 192)[:, inside], expected.T[:, inside], atol=2e-3)
     with pytest.raises(ValueError, match="backbone must be 'gvdiff'"):
         create_method("gvdiff", backbone="smallcnn")
+
+
+def test_gvdiffs_pattern_has_the_papers_sigma_and_reads_smoothed_grey_values():
+    """sigma 0.4 in the paper's image units = 1 patch half-width (its patch side is 0.8): 21 voxels for S = 42."""
+    m = create_method("gvdiff")  # the paper's and the demo's settings
+    pattern = m.backbone.pattern_vox.numpy().reshape(-1, 3)  # 384 points
+    assert m.config.sigma_hw * m.config.patch_size_vox / 2 == 21.0
+    np.testing.assert_allclose(pattern.std(0), 21.0, rtol=0.12)  # 384 draws per axis: about 4 % standard error
+    assert pattern.std() > 18  # the old pattern, truncated to the 42-voxel cube, had about 11
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(1, 40, 40, 40)).astype(np.float32)  # pure voxel noise, std 1
+    centres = np.array([[20, 20, 20]])
+    smooth = create_method("gvdiff", patch_size_vox=12, n_pairs=2000)
+    raw = create_method("gvdiff", patch_size_vox=12, n_pairs=2000, smooth_sigma_vox=0.0)
+    d_smooth, d_raw = (mm.embed(torch.from_numpy(mm.cut_inputs(noise, centres))).numpy()[0] for mm in (smooth, raw))
+    p, q = smooth.backbone.pattern_vox.numpy()
+    ok = np.all(np.abs(np.concatenate([p, q], 1)) < 14, axis=1)  # both points well inside (no padding, no border)
+    # raw differences of two independent voxels: std sqrt(2); a Gaussian of sigma s voxels leaves white noise a std
+    # of (2 sqrt(pi) s)^(-3/2) = 0.053 for s = 2 (the pairs are far apart: their smoothed values are independent)
+    assert np.std(d_raw[ok]) == pytest.approx(np.sqrt(2), rel=0.1)
+    assert np.std(d_smooth[ok]) == pytest.approx(np.sqrt(2) * (2 * np.sqrt(np.pi) * 2.0) ** -1.5, rel=0.2)
+    from scipy.ndimage import gaussian_filter
+
+    expected = gaussian_filter(noise[0], 2.0, mode="nearest", truncate=4.0)
+    pick = lambda o: expected[tuple((centres[0] + o[ok]).T)]  # noqa: E731
+    np.testing.assert_allclose(d_smooth[ok], pick(p) - pick(q), atol=1e-5)
 
 
 def test_xavier_is_the_untrained_start_of_the_2_5d_methods():

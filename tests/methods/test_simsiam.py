@@ -73,25 +73,84 @@ def test_predictor_lr_stays_fixed_while_the_rest_follows_the_cosine():
     assert opt.param_groups[0]["lr"] == pytest.approx(lr0 * final)
 
 
-def test_training_step_logs_collapse_on_z_and_p_the_iou_histogram_and_the_fallback_rate():
+def test_training_step_logs_collapse_on_h_and_p_the_iou_histogram_and_the_fallback_rate():
     m = _tiny().train()
     batch = m.sample(_volumes(), np.random.default_rng(0))
     assert batch.extras["views"].shape == batch.patches.shape
     logs = m.training_step(batch).logs
-    for key in ("loss", "collapse_z", "collapse_p", "view_cosine", "iou_mean", "fallback_rate"):
+    for key in ("loss", "collapse_h", "collapse_p", "view_cosine", "iou_mean", "fallback_rate"):
         assert key in logs and np.isfinite(logs[key]), key
+    assert "collapse_z" not in logs  # blind in train mode (batch-standardised): only on validation
     hist = {k: v for k, v in logs.items() if k.startswith("iou_hist_")}
     assert len(hist) == len(IOU_HIST_EDGES) and sum(hist.values()) == pytest.approx(1.0)
-    assert 0 <= logs["collapse_z"] <= 1 and 0 <= logs["collapse_p"] <= 1
+    assert 0 <= logs["collapse_h"] <= 1 and 0 <= logs["collapse_p"] <= 1
     iou = batch.extras["pair_iou"].numpy()
     assert logs["iou_mean"] == pytest.approx(iou.mean())
+    with torch.no_grad():
+        val_logs = m.eval().training_step(batch).logs
+    assert 0 <= val_logs["collapse_z"] <= 1
+
+
+class _RankOne(nn.Module):
+    """A backbone whose output is ``a_i * v``: one direction for every input, a positive scale per input."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.embed_dim, self.v = dim, nn.Parameter(torch.rand(dim) + 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1).mean(1, keepdim=True).abs() + 0.5) * self.v
+
+
+def _warm(m: SimSiam, dim: int) -> None:
+    """Running BatchNorm statistics from full-rank features, as after training on a healthy backbone."""
+    with torch.no_grad():
+        m.train()
+        for _ in range(30):
+            m.projector(torch.relu(torch.randn(64, dim)))
+
+
+def test_a_rank_1_backbone_reads_as_collapsed_where_no_batchnorm_hides_it():
+    """Issue 16: a rank-1 backbone read 0.04 (0.015 here) on z after the final BatchNorm, plotted as z's collapse."""
+    m = _tiny(projector_dim=64, predictor_hidden_dim=16)
+    dim = m.backbone.embed_dim
+    batch = m.sample(_volumes(), np.random.default_rng(0))
+    healthy_train = m.train().training_step(batch).logs
+    m.backbone = _RankOne(dim)
+    _warm(m, dim)
+    collapsed_train = m.train().training_step(batch).logs
+    assert collapsed_train["collapse_h"] == pytest.approx(1.0, abs=1e-6)  # the backbone's own output
+    assert healthy_train["collapse_h"] < 0.7
+    assert "collapse_z" not in collapsed_train  # z after its BatchNorm read ~0 here: the curve is gone
+    from medssl.evaluate.rank import collapse_coefficient
+
+    x = batch.extras["views"]
+    h = m.backbone(x)
+    after_bn = collapse_coefficient(m.projector(h).detach())
+    before_bn = collapse_coefficient(m.projector.layers[:-1](h).detach())
+    assert after_bn < 0.1 and before_bn < 0.6  # even before the final BN, the hidden BNs re-spread it in train mode
+
+
+def test_validation_reads_z_before_the_final_batchnorm_and_sees_a_collapsed_last_layer():
+    m = _tiny(projector_dim=64, predictor_hidden_dim=16)
+    batch = m.sample(_volumes(), np.random.default_rng(0))
+    _warm(m, m.backbone.embed_dim)
+    with torch.no_grad():
+        healthy = m.eval().training_step(batch).logs
+        last = [x for x in m.projector.layers if isinstance(x, nn.Linear)][-1]
+        last.weight.copy_(torch.rand(64, 1) @ torch.rand(1, last.in_features))  # rank 1, positive: one direction
+        collapsed = m.eval().training_step(batch).logs
+    assert collapsed["collapse_z"] == pytest.approx(1.0, abs=1e-4)  # read before the final BatchNorm
+    assert healthy["collapse_z"] < 0.9
 
 
 def test_collapse_logs_read_one_for_a_constant_output():
     from medssl.methods.simsiam import collapse_logs
 
     z = torch.ones(6, 8)
-    assert collapse_logs(z, z, z, z)["collapse_z"] == pytest.approx(1.0)
+    logs = collapse_logs(z, z, z)
+    assert logs == pytest.approx({"collapse_h": 1.0, "collapse_p": 1.0, "collapse_z": 1.0})
+    assert "collapse_z" not in collapse_logs(z, z)
 
 
 def test_patches_per_volume_counts_crops_and_must_be_even():
@@ -112,11 +171,14 @@ def test_the_interval_study_variants_are_registered_with_their_intervals_and_dem
     assert {"simsiam", "simsiam-iou-0-1"} <= set(list_methods(demo=True))
 
 
-def test_demo_preset_uses_the_shared_192_patch_budget_and_the_thesis_optimiser_settings():
-    overrides, train = preset("simsiam", "demo")
-    m = create_method("simsiam", **overrides)
-    assert m.patches_per_step == 192 and m.pairs_per_step == 96
-    assert train.weight_decay == 1e-5 and m.config.foreground_only
+def test_demo_preset_uses_the_shared_budget_of_210_steps_of_192_patches_and_the_thesis_optimiser_settings():
+    """Issue 16: SimSiam ran 168 steps against the others' 210."""
+    for name in IOU_STUDY:  # the interval study's variants share the preset
+        overrides, train = preset(name, "demo")
+        m = create_method(name, **overrides)
+        assert m.patches_per_step == 192 and m.pairs_per_step == 96
+        assert train.epochs * train.steps_per_epoch == 210 == preset("isimed", "demo")[1].epochs * 7
+        assert train.weight_decay == 1e-5 and m.config.foreground_only
 
 
 def test_2d_simsiam_trains_on_axial_slices_and_embeds_2d_inputs():
@@ -140,9 +202,11 @@ def test_a_short_fit_writes_collapse_iou_histogram_and_fallback_rate_to_metrics(
     metrics = read_metrics(tmp_path / "run")
     train_rows = metrics[metrics["split"] == "train"]
     assert len(train_rows) == 4
-    for col in ("collapse_z", "collapse_p", "fallback_rate", "iou_mean", "iou_hist_0", "iou_hist_0.9_1.0"):
+    for col in ("collapse_h", "collapse_p", "fallback_rate", "iou_mean", "iou_hist_0", "iou_hist_0.9_1.0"):
         assert col in metrics and train_rows[col].notna().all(), col
-    assert (metrics[metrics["split"] == "val"]["effective_rank"] > 0).all()
+    val_rows = metrics[metrics["split"] == "val"]
+    assert (val_rows["effective_rank"] > 0).all() and val_rows["collapse_z"].between(0, 1).all()
+    assert train_rows["collapse_z"].isna().all() if "collapse_z" in train_rows else True
     assert isinstance(metrics, pd.DataFrame)
 
 

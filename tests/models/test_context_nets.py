@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -87,17 +89,22 @@ def test_xavier_init_gives_glorot_uniform_weights_and_zero_biases():
     assert all(float(m.bias.detach().abs().max()) == 0 for m in net.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_gvdiff_pattern_is_deterministic_for_a_seed_inside_the_receptive_field_and_gaussian():
-    a, b, c = gvdiff_pattern(192, 42, 0.4, seed=3), gvdiff_pattern(192, 42, 0.4, seed=3), gvdiff_pattern(192, 42, 0.4, seed=4)
+def test_gvdiff_pattern_is_deterministic_for_a_seed_and_a_true_untruncated_gaussian():
+    a, b, c = gvdiff_pattern(192, 21.0, seed=3), gvdiff_pattern(192, 21.0, seed=3), gvdiff_pattern(192, 21.0, seed=4)
     assert a.shape == (2, 192, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
-    assert a.min() >= -21 and a.max() <= 20  # the 42^3 cube around the centre voxel
     assert not np.all(a[0] == a[1], axis=1).any()  # no pair compares a voxel with itself
-    wide = gvdiff_pattern(5000, 400, 0.05, seed=0)  # truncation negligible: the plain Gaussian's spread
-    assert wide.std() == pytest.approx(0.05 * 400, rel=0.05) and abs(wide.mean()) < 1.0
+    wide = gvdiff_pattern(20_000, 21.0, seed=0).reshape(-1, 3)
+    # per-axis std of the rounded Gaussian: sqrt(sigma^2 + 1/12); medssl's old truncated pattern gave about 11
+    np.testing.assert_allclose(wide.std(0), np.sqrt(21.0 ** 2 + 1 / 12), rtol=0.02)
+    assert np.abs(wide.mean(0)).max() < 0.5
+    # not cut at the patch: rounded |x| > 21 where |x| >= 21.5, P = erfc(21.5 / (21 sqrt 2)) = 0.306
+    assert np.mean(np.abs(wide) > 21) == pytest.approx(math.erfc(21.5 / 21 / math.sqrt(2)), abs=0.01)
+    with pytest.raises(ValueError, match="sigma_vox > 0"):
+        gvdiff_pattern(4, 0.0)
 
 
 def test_grey_value_differences_subtract_the_second_points_from_the_first():
-    gv = GreyValueDifferences(gvdiff_pattern(4, 10, seed=0), in_channels=2)
+    gv = GreyValueDifferences(gvdiff_pattern(4, 4.0, seed=0), in_channels=2)
     values = torch.arange(2 * 8, dtype=torch.float32).reshape(1, 2, 8)  # channel-major, first points then second
     assert gv(values).tolist() == [[-4.0] * 8] and gv.embed_dim == 8
     with pytest.raises(ValueError, match="pattern intensities"):
