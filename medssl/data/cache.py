@@ -33,12 +33,18 @@ entry first. Loads hold a shared lock while they open an entry, so they never se
 half-replaced. Locks are ``flock`` locks, which the OS releases when a process dies.
 Temporary folders of builders that died (killed, power loss) are removed by the next
 build.
+
+A cache that is up to date is only read: it may sit on a read-only mount (a shared
+dataset on a cluster). Readers that cannot create the lock files read without them
+(nobody can commit through that mount); a build that would have to write names the
+folder and the cases missing (:class:`CacheWriteError`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -92,6 +98,8 @@ _TMP_PREFIX = ".tmp-"
 _LOCK_DIR = ".locks"
 _LOCK_STRIPES = 64  # entries share 64 lock files: bounded files, rare and harmless contention
 _FORMAT_VERSION = 2  # 2: entries keyed by source identity
+# Errors that mean "this cache cannot be written" (read-only mount, no write permission)
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 __all__ = ["VolumeCache", "CacheBuildReport", "CacheEntryError", "CacheWriteError"]
 
@@ -261,13 +269,10 @@ class VolumeCache:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         manifest = validate_manifest(manifest)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._write_config_file()
-        remove_stale_temps(self.dir)  # folders of builders that died (a live builder's are kept)
         report = CacheBuildReport(cache_dir=self.dir)
         rows = {row["case_id"]: row for row in manifest.to_dict(orient="records")}
         todo = []
-        for case_id, row in rows.items():
+        for case_id, row in rows.items():  # reads only: a cache that is up to date may be read-only
             meta = self._fresh_meta(row)
             if meta is None:
                 todo.append(row)
@@ -275,6 +280,10 @@ class VolumeCache:
                 continue
             else:
                 report.reused_case_ids.append(case_id)
+        if todo or not self.dir.is_dir():
+            self._prepare_for_writing(todo)
+        else:
+            remove_stale_temps(self.dir)  # dead builders' folders (a no-op where the cache is read-only)
         staged: dict[str, Path] = {}
         own_tmp = [temp_path(self.dir, f"{_TMP_PREFIX}{self.entry_dir(row).name}") for row in todo]
         try:
@@ -346,6 +355,26 @@ class VolumeCache:
         finally:
             bar.close()
 
+    def _prepare_for_writing(self, todo: list[dict]) -> None:
+        """Create the folder and its config.json and sweep dead builders' folders; a read-only cache is named."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_config_file()
+            probe = temp_path(self.dir, ".write-probe")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            os.unlink(probe)
+        except OSError as e:
+            if e.errno not in _READ_ONLY_ERRNOS:
+                raise
+            names = ", ".join(str(r["case_id"]) for r in todo[:5]) + (" ..." if len(todo) > 5 else "")
+            raise CacheWriteError(
+                self.dir, f"the cache cannot be written ({e.strerror or e}) and {len(todo)} case(s) need building "
+                f"({names or 'the cache folder itself'}); an up-to-date read-only cache is read without writing, "
+                "but this one is missing entries: build it where it is writable, or point MEDSSL_CACHE at a "
+                "writable folder",
+            ) from e  # fmt: skip
+        remove_stale_temps(self.dir)  # folders of builders that died (a live builder's are kept)
+
     def _commit(self, row: dict, tmp: Path) -> bool:
         """Move a staged entry into place; False if an up-to-date entry appeared meanwhile (``tmp`` is dropped)."""
         entry = self.entry_dir(row)
@@ -362,9 +391,21 @@ class VolumeCache:
             yield
             return
         lock_dir = self.dir / _LOCK_DIR
-        lock_dir.mkdir(parents=True, exist_ok=True)
         stripe = int(hashlib.sha256(entry.name.encode()).hexdigest()[:8], 16) % _LOCK_STRIPES
-        fd = os.open(lock_dir / f"{stripe}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        lock_path = lock_dir / f"{stripe}.lock"
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if not shared or e.errno not in _READ_ONLY_ERRNOS:
+                raise
+            # A cache we cannot write (read-only mount, shared read-only dataset): nobody can commit
+            # through this mount, so a reader goes on with the lock file if it exists, else without one.
+            try:
+                fd = os.open(lock_path, os.O_RDONLY)
+            except OSError:
+                yield
+                return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
