@@ -105,7 +105,7 @@ class DataSource:
             if rows.empty:
                 continue
             part = self.cache.build(rows, on_error=on_error, progress=self.progress,
-                                    workers=2 if parallel and patch is not None else 1, patch_size_vox=patch)
+                                    workers=2 if parallel and len(rows) > 8 else 1, patch_size_vox=patch)
             report = part if report is None else _merge_reports(report, part)
         if report is None:  # an empty manifest: the cache says what it thinks of that
             report = self.cache.build(self.manifest, on_error=on_error, progress=self.progress)

@@ -193,3 +193,23 @@ def test_a_case_cached_before_is_still_checked_against_a_new_patch_size(tmp_path
     open_data(folder, progress=False, target_spacing_mm=2.0)  # both cached, no patch given
     with pytest.raises(DatasetScanError, match=r"thin\.nii\.gz.*smaller than the patch size \(8, 8, 8\)"):
         open_data(folder, progress=False, target_spacing_mm=2.0, patch_size_vox=8)
+
+
+def test_a_folder_opened_without_a_patch_size_is_cached_by_worker_processes(tmp_path, cache_env, monkeypatch):
+    """Issue 23 item 12: `open_data(folder)` without `patch_size_vox` used to build in one process only."""
+    from medssl.data import cache as cache_module
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    started = []
+    real_pool = cache_module.ProcessPoolExecutor
+
+    def counting_pool(*args, **kwargs):
+        started.append(kwargs.get("max_workers"))
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "ProcessPoolExecutor", counting_pool)
+    folder = _folder(tmp_path / "raw", {f"c{i}": (12, 11, 10) for i in range(10)}, affine=TWO_MM)
+    data = open_data(folder, progress=False)
+    assert started == [2]  # the 10 cases were read and preprocessed by 2 worker processes
+    assert sorted(data.scan_report.built_case_ids) == sorted(f"c{i}" for i in range(10))
+    assert len(data.volumes(None)) == 10
