@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from medssl import paths
 from medssl._files import atomic_write_text, remove_stale_temps, replace_dir, temp_path
-from medssl._processes import can_spawn_workers
+from medssl._processes import can_spawn_workers, die_with_parent
 from medssl.data.datasets import (
     AUX_PREFIX,
     ScanReport,
@@ -340,9 +340,11 @@ class VolumeCache:
                 return
             # spawn, not fork: the parent may hold torch/OpenMP threads. Workers ignore Ctrl-C: the
             # parent alone handles it, lets running cases finish and stops the pool (a pool whose
-            # workers die of SIGINT mid-start can hang in shutdown).
+            # workers die of SIGINT mid-start can hang in shutdown). Workers die with the parent
+            # (a SIGKILLed builder would otherwise leave them running).
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(os.getpid(),)) as pool:
                 with _sigint_ignored_in_children():
                     futures = [pool.submit(_stage_case, *a) for a in args]  # the first submit starts the workers
                 try:
@@ -619,8 +621,9 @@ def _stale_reason(meta: dict, row: Mapping[str, Any] | None) -> str | None:
 # ---------------------------------------------------------------------- staging (runs in workers too)
 
 
-def _ignore_sigint() -> None:
+def _init_worker(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
 
 
 @contextmanager
