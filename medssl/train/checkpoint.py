@@ -11,6 +11,7 @@ Layout inside a run directory: ``checkpoints/last.pt`` (always the newest state)
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "CheckpointWriteError",
     "save_checkpoint",
     "load_checkpoint",
     "load_method",
@@ -60,12 +62,39 @@ def checkpoint_paths(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     return files.checkpoints, files.last
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, quota, file size limit). ``path`` names the file; the previous
+    file of that name is untouched."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))
+
+
 def save_checkpoint(state: dict[str, Any], *paths: str | os.PathLike) -> None:
-    """Serialise ``state`` once and write it atomically to each of ``paths``."""
+    """Serialise ``state`` once and write it atomically to each of ``paths``.
+
+    Raises:
+        CheckpointWriteError: a write failed (e.g. the disk is full); it names the file, and that
+            file's previous version (if any) is still there and loads.
+    """
     buffer = io.BytesIO()
     torch.save(state, buffer)
     for path in paths:
-        atomic_write_bytes(Path(path), buffer.getbuffer(), fsync=True)
+        path = Path(path)
+        try:
+            atomic_write_bytes(path, buffer.getbuffer(), fsync=True)
+        except OSError as e:
+            kept = "the previous checkpoint there is untouched" if path.exists() else "no earlier checkpoint there"
+            hint = " (the disk is full: free space or move the run)" if e.errno == errno.ENOSPC else ""
+            raise CheckpointWriteError(
+                path, f"cannot write the checkpoint ({buffer.getbuffer().nbytes} bytes): "
+                f"{e.strerror or type(e).__name__}{hint}; {kept}",
+            ) from e  # fmt: skip
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -142,3 +142,43 @@ def test_numpy_generator_state_round_trips_through_json():
     rng.normal(size=7)
     copy = restore_numpy_rng(numpy_rng_state(rng))
     np.testing.assert_array_equal(copy.integers(0, 1 << 40, size=20), rng.integers(0, 1 << 40, size=20))
+
+
+def _efbig_writes(monkeypatch):
+    """A real write failure: the kernel refuses writes past RLIMIT_FSIZE (EFBIG; Python ignores SIGXFSZ)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _enospc_fsync(monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    return lambda: None
+
+
+@pytest.mark.parametrize("failure", [_efbig_writes, _enospc_fsync], ids=["file-size-limit", "disk-full"])
+def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, failure):
+    """Issue 23 item 8: `[Errno 28] No space left on device` named no file."""
+    from medssl.train.checkpoint import CheckpointWriteError
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(_minimal_state(step=1, weights=torch.zeros(4)), last)
+    restore = failure(monkeypatch)
+    try:
+        with pytest.raises(CheckpointWriteError) as err:
+            save_checkpoint(_minimal_state(step=2, weights=torch.zeros(100_000)), last)
+    finally:
+        restore()
+    assert err.value.path == str(last) and str(last) in str(err.value)
+    assert "previous checkpoint there is untouched" in err.value.problem
+    if failure is _enospc_fsync:
+        assert "disk is full" in err.value.problem
+    assert load_checkpoint(last)["step"] == 1
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # no temp file left
