@@ -80,6 +80,7 @@ from medssl.data.datasets import (
     case_aux_paths,
     case_label_names,
     load_case,
+    read_warnings_of,
     validate_manifest,
 )
 from medssl.data.errors import DatasetScanError, MedsslDataError, TooSmallError
@@ -306,6 +307,8 @@ class VolumeCache:
             meta = self._read_meta(self.entry_dir(rows[case_id]))
             report.shapes_vox[case_id] = tuple(meta["shape_vox"])
             report.spacings_mm[case_id] = tuple(meta["spacing_mm"])
+            report.n_channels[case_id] = int(meta["n_channels"])
+            report.warnings += read_warnings_of(case_id, meta.get("volume_meta", {}))  # also for reused entries
         return report
 
     def _fits(self, meta: dict, row: dict, patch_size_vox: Any, report: CacheBuildReport) -> bool:

@@ -46,6 +46,7 @@ __all__ = [
     "SPLITS",
     "AUX_PREFIX",
     "ScanReport",
+    "ScanWarning",
     "read_manifest",
     "write_manifest",
     "validate_manifest",
@@ -303,6 +304,28 @@ def _split_groups(
 # --------------------------------------------------------------------------- dataset scan
 
 
+@dataclass(frozen=True)
+class ScanWarning:
+    """A file that was used, but with a repair or an assumption the user must know about.
+
+    E.g. a NIfTI ``sform_code`` of 7: nibabel ignores that transform and the orientation
+    comes from the qform. ``path`` names the file, ``problem`` says what rule was applied.
+    """
+
+    case_id: str
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def read_warnings_of(case_id: str, volume_meta: dict) -> list[ScanWarning]:
+    """The :class:`ScanWarning` records a reader left in ``Volume.meta["read_warnings"]``."""
+    return [ScanWarning(case_id, str(w.get("path", "")), str(w.get("problem", "")))
+            for w in (volume_meta or {}).get("read_warnings") or [] if isinstance(w, dict)]  # fmt: skip
+
+
 @dataclass
 class ScanReport:
     """What a dataset scan found.
@@ -313,6 +336,9 @@ class ScanReport:
         problem_case_ids: the case id of each entry of ``problems``.
         shapes_vox: preprocessed ``(X, Y, Z)`` shape of each good case.
         spacings_mm: preprocessed voxel spacing of each good case.
+        n_channels: image channels of each good case.
+        warnings: :class:`ScanWarning` of good cases read with a repair or an assumption
+            (e.g. an invalid NIfTI orientation code), each naming the file and the rule applied.
     """
 
     ok_case_ids: list[str] = field(default_factory=list)
@@ -320,6 +346,8 @@ class ScanReport:
     problem_case_ids: list[str] = field(default_factory=list)
     shapes_vox: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     spacings_mm: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    n_channels: dict[str, int] = field(default_factory=dict)
+    warnings: list[ScanWarning] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -330,7 +358,10 @@ class ScanReport:
         self.problems.append(error)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per case: ``case_id, status, error, path, problem, shape_vox, spacing_mm``."""
+        """One row per case, then one per warning: ``case_id, status, error, path, problem, shape_vox, spacing_mm``.
+
+        ``status`` is ``ok``, ``bad`` or ``warning`` (a good case read with a repair or assumption).
+        """
         rows = [
             {"case_id": c, "status": "ok", "error": "", "path": "", "problem": "",
              "shape_vox": self.shapes_vox.get(c), "spacing_mm": self.spacings_mm.get(c)}
@@ -341,6 +372,11 @@ class ScanReport:
              "shape_vox": None, "spacing_mm": None}
             for c, e in zip(self.problem_case_ids, self.problems)
         ]
+        rows += [
+            {"case_id": w.case_id, "status": "warning", "error": "", "path": w.path, "problem": w.problem,
+             "shape_vox": None, "spacing_mm": None}
+            for w in self.warnings
+        ]
         cols = ["case_id", "status", "error", "path", "problem", "shape_vox", "spacing_mm"]
         return pd.DataFrame(rows, columns=cols)
 
@@ -350,7 +386,10 @@ class ScanReport:
 
     def summary(self) -> str:
         head = f"{len(self.ok_case_ids)} case(s) ok, {len(self.problems)} bad"
+        if self.warnings:
+            head += f", {len(self.warnings)} warning(s)"
         lines = [f"  - [{c}] {type(e).__name__}: {e}" for c, e in zip(self.problem_case_ids, self.problems)]
+        lines += [f"  ! [{w.case_id}] warning: {w}" for w in self.warnings]
         return "\n".join([head] + lines)
 
     def __str__(self) -> str:
@@ -458,6 +497,8 @@ def scan_dataset(
         report.ok_case_ids.append(row["case_id"])
         report.shapes_vox[row["case_id"]] = vol.shape_vox
         report.spacings_mm[row["case_id"]] = tuple(float(s) for s in vol.spacing_mm)
+        report.n_channels[row["case_id"]] = vol.n_channels
+        report.warnings += read_warnings_of(row["case_id"], vol.meta)
     if report.problems and on_error == "raise":
         raise DatasetScanError(report.problems)
     return report

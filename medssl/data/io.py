@@ -17,9 +17,11 @@ import gzip
 import math
 import os
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -96,7 +98,13 @@ def _read_raw(path: Path) -> _Raw:
 # --------------------------------------------------------------------------- NIfTI (nibabel)
 
 
-def _check_nifti_pixdim(path: Path, img: nib.Nifti1Image) -> None:
+def _raw_nifti_header(path: Path, img: nib.Nifti1Image):
+    """The header as stored, without nibabel's fixes."""
+    with nib.openers.ImageOpener(path) as fobj:
+        return type(img.header).from_fileobj(fobj, check=False)
+
+
+def _check_nifti_pixdim(path: Path, img: nib.Nifti1Image, raw) -> None:
     """Reject zero/negative/NaN pixdim when it defines the geometry.
 
     nibabel silently "fixes" such headers on load (zero -> 1, negative -> abs),
@@ -106,8 +114,6 @@ def _check_nifti_pixdim(path: Path, img: nib.Nifti1Image) -> None:
     header = img.header
     if int(header["sform_code"]) > 0:
         return
-    with nib.openers.ImageOpener(path) as fobj:
-        raw = type(header).from_fileobj(fobj, check=False)
     pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
         raise GeometryError(
@@ -164,11 +170,73 @@ def _check_before_reading(path: Path, affine: np.ndarray, shape: tuple[int, ...]
     check_memory(path, n_voxels * bytes_per_voxel, f"reading this image ({' x '.join(map(str, shape))} voxels)")
 
 
+# NIfTI xform codes: 0 unknown, 1 scanner, 2 aligned, 3 Talairach, 4 MNI (NIfTI-2 adds 5, template)
+_XFORM_CODES = {nib.Nifti1Image: (0, 1, 2, 3, 4), nib.Nifti2Image: (0, 1, 2, 3, 4, 5)}
+
+
+def _nifti_orientation_notes(img: nib.Nifti1Image, raw, repairs: list[str]) -> list[str]:
+    """What nibabel repaired or assumed about the orientation, one sentence per rule applied.
+
+    nibabel sets an invalid ``sform_code``/``qform_code`` to 0 (the transform is then ignored)
+    and a ``qfac`` (``pixdim[0]``) other than 1 or -1 to 1, logging it at most; with neither
+    transform the affine comes from the voxel sizes alone. The user must know which
+    orientation was assumed, so each case is named here (and lands in the scan report).
+    """
+    valid = _XFORM_CODES.get(type(img), _XFORM_CODES[nib.Nifti1Image])
+    header = img.header
+    s_code, q_code = int(header["sform_code"]), int(header["qform_code"])  # after nibabel's fixes
+    source = ("the sform" if s_code else f"the qform (code {q_code})" if q_code else
+              "the voxel sizes alone (nibabel's fallback: axes along L, A, S, origin at voxel 0; left/right and "
+              "world positions may be wrong)")  # fmt: skip
+    notes = []
+    for name, code in (("sform_code", raw["sform_code"]), ("qform_code", raw["qform_code"])):
+        code = int(code)
+        if code not in valid:
+            notes.append(f"{name} {code} is not a NIfTI code ({', '.join(map(str, valid))}): that transform was "
+                         f"ignored; the orientation was taken from {source}")  # fmt: skip
+    if not notes and s_code == 0 and q_code == 0:
+        notes.append(f"no orientation in the header (sform_code and qform_code 0): the affine was taken from {source}")
+    qfac = float(raw["pixdim"][0])
+    if qfac not in (-1.0, 0.0, 1.0):  # 0 is the NIfTI standard's "treat as 1"
+        effect = ("the qform defines this file's orientation, so its third axis may be flipped" if s_code == 0
+                  and q_code else "the qform does not define this file's orientation, so nothing changed")  # fmt: skip
+        notes.append(f"qfac (pixdim[0]) is {qfac:g}, must be 1 or -1: 1 was assumed (a right-handed grid); {effect}")
+    noted = ("sform_code", "qform_code", "qfac", "pixdim[0]")
+    notes += [f"nibabel repaired the header: {r}" for r in repairs if not any(k in r for k in noted)]
+    return notes
+
+
+@contextmanager
+def _nibabel_messages() -> Iterator[list[str]]:
+    """Collect what nibabel logs while loading (header repairs) instead of printing it."""
+    import logging
+
+    logger = nib.imageglobals.logger
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    saved, logger.handlers = logger.handlers, [_Collect()]
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        logger.handlers, logger.propagate = saved, propagate
+
+
 def _read_nifti(path: Path) -> _Raw:
-    img = nib.load(str(path))
+    with _nibabel_messages() as repairs:
+        img = nib.load(str(path))
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UnreadableFileError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
-    _check_nifti_pixdim(path, img)
+    raw_header = _raw_nifti_header(path, img)
+    _check_nifti_pixdim(path, img, raw_header)
+    notes = _nifti_orientation_notes(img, raw_header, repairs)
     header = img.header
     dtype = header.get_data_dtype()
     _check_voxel_type(path, dtype)
@@ -188,7 +256,10 @@ def _read_nifti(path: Path) -> _Raw:
     _check_before_reading(path, img.affine, img.shape, dtype.itemsize + (8 if scaled else 0) + 4)
     # asanyarray keeps integer label maps integer (scaling, if any, makes it float).
     array = np.asanyarray(img.dataobj)
-    return _Raw(array=array, affine=np.asarray(img.affine, dtype=np.float64), fmt="nifti")
+    out = _Raw(array=array, affine=np.asarray(img.affine, dtype=np.float64), fmt="nifti")
+    if notes:
+        out.notes["read_warnings"] = notes
+    return out
 
 
 # --------------------------------------------------------------------------- NRRD / MetaImage / DICOM (SimpleITK)
@@ -296,9 +367,22 @@ def _sitk_to_raw(path: Path, image: sitk.Image, fmt: str) -> _Raw:
     return _Raw(array=np.array(arr), affine=affine, fmt=fmt)  # copy: the view dies with `image`
 
 
+@contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """No ITK/GDCM warnings on stderr while reading: medssl checks what they warn about (uneven DICOM slices,
+    geometry) itself and names it in its own error or the scan report, instead of printing before it."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
 def _execute_itk(path: Path, run) -> sitk.Image:
     try:
-        return run()
+        with _quiet_itk():
+            return run()
     except RuntimeError as exc:
         msg = _itk_error_message(exc)
         if re.search(r"spacing|direction|determinant|space vector", msg, flags=re.I):
@@ -322,7 +406,8 @@ def _read_itk_file(path: Path) -> _Raw:
 
 def _read_dicom_series(folder: Path) -> _Raw:
     """One DICOM series per folder, read with SimpleITK/GDCM (which sorts slices by position)."""
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    with _quiet_itk():
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if len(series_ids) == 0:
         raise UnreadableFileError(
             folder,
@@ -334,7 +419,8 @@ def _read_dicom_series(folder: Path) -> _Raw:
             f"folder holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); medssl reads one series per "
             "folder: move each series into its own folder",
         )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    with _quiet_itk():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
     _execute_itk(folder, first.ReadImageInformation)
@@ -487,11 +573,13 @@ def _as_label_map(path: Path, raw: _Raw) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-def _read_map_on_grid(path: Path, image_path: Path, image_shape, image_affine, what: str) -> np.ndarray:
+def _read_map_on_grid(path: Path, image_path: Path, image_shape, image_affine, what: str,
+                      read_warnings: list[dict]) -> np.ndarray:  # fmt: skip
     raw = _read_raw(path)
     label = _as_label_map(path, raw)
     affine = check_geometry(path, raw.affine, label.shape)
     check_same_grid(path, label.shape, affine, image_path, image_shape, image_affine, what=what)
+    read_warnings += [{"path": str(path), "problem": f"{what}: {n}"} for n in raw.notes.get("read_warnings", [])]
     return label
 
 
@@ -537,6 +625,10 @@ def read_volume(
         GeometryError: zero/negative/NaN spacing, singular or non-finite affine.
         NonFiniteVoxelsError: NaN/Inf voxels (the message counts them).
         LabelGridMismatchError: a label's shape or affine differs from the image's.
+
+    What the readers repaired or assumed (an invalid NIfTI ``sform_code``/``qform_code``, an odd
+    ``qfac``, no orientation at all) is listed in ``meta["read_warnings"]`` as
+    ``{"path", "problem"}`` records; a dataset scan reports them as warnings.
     """
     image_path = Path(image_path)
     raw = _read_raw(image_path)
@@ -547,15 +639,17 @@ def read_volume(
     check_finite(image_path, data)
     shape_vox = data.shape[1:]
 
+    read_warnings = [{"path": str(image_path), "problem": n} for n in raw.notes.pop("read_warnings", [])]
     label = None
     if label_path is not None:
-        label = _read_map_on_grid(Path(label_path), image_path, shape_vox, affine, "label")
+        label = _read_map_on_grid(Path(label_path), image_path, shape_vox, affine, "label", read_warnings)
     aux = {
-        name: _read_map_on_grid(Path(p), image_path, shape_vox, affine, f"aux map '{name}'")
+        name: _read_map_on_grid(Path(p), image_path, shape_vox, affine, f"aux map '{name}'", read_warnings)
         for name, p in (aux_paths or {}).items()
     }
     meta = {
         **raw.notes,
+        **({"read_warnings": read_warnings} if read_warnings else {}),
         "format": raw.fmt,
         "label_source": str(label_path) if label_path is not None else None,
         "aux_sources": {name: str(p) for name, p in (aux_paths or {}).items()},

@@ -119,6 +119,10 @@ class DataSource:
                 f"(see scan_report):\n{report.summary()}",
                 stacklevel=3,
             )
+        elif report.warnings:
+            lines = "\n".join(f"  ! [{w.case_id}] {w}" for w in report.warnings)
+            warnings.warn(f"{self.source}: {len(report.warnings)} file(s) were read with a repair or an assumption "
+                          f"(also in scan_report.warnings):\n{lines}", stacklevel=3)  # fmt: skip
 
     def volumes(self, split: str | None = None, *, lazy: bool = True) -> list["Volume"]:
         """Cached, preprocessed Volumes of ``split`` (``train``/``val``/``test``/``external``; None: all).
@@ -192,6 +196,8 @@ def _merge_reports(a: Any, b: Any) -> Any:
     a.reused_case_ids += b.reused_case_ids
     a.shapes_vox.update(b.shapes_vox)
     a.spacings_mm.update(b.spacings_mm)
+    a.n_channels.update(b.n_channels)
+    a.warnings += b.warnings
     return a
 
 

@@ -136,3 +136,78 @@ def test_running_out_of_memory_on_one_case_is_reported_for_that_file(tmp_path, m
     assert report.ok_case_ids == ["c1"]
     (err,) = report.problems
     assert isinstance(err, TooLargeError) and err.path == str(cases[0].image_path) and "32.0 GiB" in err.problem
+
+
+# ------------------------------------------------------------ repairs and assumptions are named in the scan report
+
+LEFT_HANDED = oblique_affine((2.0, 2.0, 2.0), (10.0, 0.0, 0.0), (-5.0, 3.0, 7.0), flip_axes=(0,))  # qfac -1
+REPAIRED_HEADERS = {
+    "sform7": ({"sform_code": 7}, "sform_code 7 is not a NIfTI code (0, 1, 2, 3, 4): that transform was ignored; "
+                                  "the orientation was taken from the qform (code 1)"),
+    "qform-2": ({"qform_code": -2}, "qform_code -2 is not a NIfTI code (0, 1, 2, 3, 4): that transform was ignored; "
+                                    "the orientation was taken from the sform"),
+    "both0": ({"sform_code": 0, "qform_code": 0}, "no orientation in the header (sform_code and qform_code 0): the "
+                                                  "affine was taken from the voxel sizes alone"),
+    "qfacnan": ({"sform_code": 0, "pixdim": [float("nan"), 2, 2, 2, 1, 1, 1, 1]},
+                "qfac (pixdim[0]) is nan, must be 1 or -1: 1 was assumed (a right-handed grid); the qform defines "
+                "this file's orientation, so its third axis may be flipped"),
+    "qfac0.3": ({"pixdim": [0.3, 2, 2, 2, 1, 1, 1, 1]}, "qfac (pixdim[0]) is 0.3, must be 1 or -1: 1 was assumed (a "
+                                                        "right-handed grid); the qform does not define this file's "
+                                                        "orientation, so nothing changed"),
+}  # fmt: skip
+
+
+def test_headers_nibabel_repairs_are_accepted_with_a_warning_naming_the_file_and_the_rule(tmp_path, monkeypatch,
+                                                                                          capfd):
+    """Issue 23 item 11 and issue 20 ("found by a hostile run"): invalid sform/qform codes and a NaN or odd qfac
+    were accepted with nibabel's silent repair, warned only on stderr (if at all)."""
+    from medssl.data.source import open_data
+
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    data = np.random.default_rng(1).integers(0, 500, (12, 10, 9)).astype(np.int16)
+    data[3:9, 3:8, 2:7] += 800  # a body to crop to
+    paths = {name: write_raw_nifti(raw / f"{name}.nii", data, LEFT_HANDED, **fields)
+             for name, (fields, _) in REPAIRED_HEADERS.items()}  # fmt: skip
+    write_raw_nifti(raw / "clean.nii", data, LEFT_HANDED)
+    with pytest.warns(UserWarning, match="5 file\\(s\\) were read with a repair or an assumption"):
+        data_source = open_data(raw, progress=False)
+    assert "sform_code 7 not valid" not in capfd.readouterr().err  # nibabel's own log line is not printed
+    report = data_source.scan_report
+    assert sorted(report.ok_case_ids) == sorted([*REPAIRED_HEADERS, "clean"]) and not report.problems
+    got = {w.case_id: (w.path, w.problem) for w in report.warnings}
+    assert set(got) == set(REPAIRED_HEADERS)  # none for the clean file
+    for name, (_, rule) in REPAIRED_HEADERS.items():
+        assert got[name][0] == str(paths[name]) and got[name][1].startswith(rule), (name, got[name])
+    frame = report.to_frame()
+    assert (frame["status"] == "warning").sum() == 5 and "sform_code 7" in report.summary()
+    # a second open reuses the cache and still reports them
+    with pytest.warns(UserWarning, match="5 file\\(s\\)"):
+        again = open_data(raw, progress=False).scan_report
+    assert again.built_case_ids == [] and {w.case_id for w in again.warnings} == set(REPAIRED_HEADERS)
+
+
+def test_a_repaired_label_header_is_named_with_the_label_file(tmp_path):
+    image = write_raw_nifti(tmp_path / "img.nii", DATA, AFFINE)
+    label = write_raw_nifti(tmp_path / "lab.nii", np.zeros(DATA.shape, np.int16), AFFINE, sform_code=9)
+    vol = read_volume(image, label)
+    assert vol.meta["read_warnings"] == [{"path": str(label), "problem": "label: sform_code 9 is not a NIfTI code "
+                                          "(0, 1, 2, 3, 4): that transform was ignored; the orientation was taken "
+                                          "from the qform (code 1)"}]  # fmt: skip
+
+
+def test_reader_warnings_are_not_printed_before_the_one_line_error(tmp_path, capfd):
+    """Issue 23 item 10: ITK's "Non uniform sampling or missing slices" and nibabel's log lines were printed to
+    stderr before medssl's own error."""
+    from tests.helpers import write_dicom_series
+
+    folder = write_dicom_series(tmp_path / "ct", np.zeros((8, 8, 10)), oblique_affine((1.0, 1.0, 2.0)))
+    (folder / "slice_004.dcm").unlink()
+    capfd.readouterr()
+    with pytest.raises(GeometryError, match="missing slice"):
+        read_volume(folder)
+    bad_sform = write_raw_nifti(tmp_path / "s.nii", DATA, AFFINE, sform_code=7)
+    read_volume(bad_sform)
+    err = capfd.readouterr().err
+    assert err == "", err
