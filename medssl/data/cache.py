@@ -84,6 +84,7 @@ from medssl.data.datasets import (
     validate_manifest,
 )
 from medssl.data.errors import DatasetScanError, MedsslDataError, TooSmallError
+from medssl.data.limits import max_volume_bytes
 from medssl.data.npy import LazyNpy
 from medssl.data.volume import Volume
 
@@ -270,6 +271,7 @@ class VolumeCache:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         manifest = validate_manifest(manifest)
+        max_volume_bytes()  # a bad MEDSSL_MAX_VOLUME_BYTES is one error here, not one per file
         report = CacheBuildReport(cache_dir=self.dir)
         rows = {row["case_id"]: row for row in manifest.to_dict(orient="records")}
         todo = []

@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl._files import atomic_path
-from medssl.data.errors import DatasetScanError, MedsslDataError, TooLargeError, TooSmallError
+from medssl.data.errors import DatasetScanError, MedsslDataError, SettingError, TooLargeError, TooSmallError
 from medssl.data.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -451,6 +451,8 @@ def _guarded(fn, row, *args, **kwargs):
     """
     try:
         return fn(row, *args, **kwargs), None
+    except SettingError:  # about a setting, not this file: one error for the whole scan
+        raise
     except MedsslDataError as e:
         return None, e
     except MemoryError as e:  # this file was too large for the machine; the others may be fine
@@ -487,6 +489,9 @@ def scan_dataset(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     manifest = validate_manifest(manifest)
+    from medssl.data.limits import max_volume_bytes
+
+    max_volume_bytes()  # a bad MEDSSL_MAX_VOLUME_BYTES is one error here, not one per file
     report = ScanReport()
     rows = manifest.to_dict(orient="records")
     for row in tqdm(rows, desc="scanning cases", disable=not progress, unit="case"):

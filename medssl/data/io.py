@@ -32,6 +32,7 @@ from medssl.data.errors import (
     DimensionalityError,
     GeometryError,
     MedsslDataError,
+    SettingError,
     TooLargeError,
     UnreadableFileError,
 )
@@ -87,7 +88,7 @@ def _read_raw(path: Path) -> _Raw:
                 f"unsupported or unreadable format '{suffix}' ({exc.problem}); medssl reads "
                 f"{', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} files and DICOM series folders",
             ) from None
-    except MedsslDataError:
+    except (MedsslDataError, SettingError):  # SettingError: not about this file (e.g. MEDSSL_MAX_VOLUME_BYTES)
         raise
     except MemoryError as exc:  # the bounds in medssl.data.limits were not enough on this machine
         raise TooLargeError(path, f"ran out of memory while reading it ({exc or 'MemoryError'})") from None

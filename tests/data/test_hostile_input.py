@@ -211,3 +211,24 @@ def test_reader_warnings_are_not_printed_before_the_one_line_error(tmp_path, cap
     read_volume(bad_sform)
     err = capfd.readouterr().err
     assert err == "", err
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf", "1e-3"])
+def test_a_bad_memory_bound_setting_is_one_error_about_the_setting_not_one_per_file(tmp_path, monkeypatch, value):
+    """Issue 23 item 11: `MEDSSL_MAX_VOLUME_BYTES=abc` was blamed on every data file; `-5` was accepted as the bound."""
+    from medssl.data.errors import SettingError
+    from medssl.data.source import open_data
+
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    for i in range(3):
+        make_volume_file(tmp_path / "raw", name=f"c{i}", seed=i, label=False)
+    monkeypatch.setenv("MEDSSL_MAX_VOLUME_BYTES", value)
+    with pytest.raises(SettingError) as err:
+        open_data(tmp_path / "raw", progress=False)
+    assert not isinstance(err.value, MedsslDataError)  # not about a file
+    assert str(err.value).startswith(f"MEDSSL_MAX_VOLUME_BYTES must be a positive number of bytes (e.g. 8e9 for 8 GB), "
+                                     f"got {value!r}")  # fmt: skip
+    with pytest.raises(SettingError):
+        read_volume(tmp_path / "raw" / "c0.nii.gz")
+    monkeypatch.setenv("MEDSSL_MAX_VOLUME_BYTES", "1e9")
+    assert len(open_data(tmp_path / "raw", progress=False).scan_report.ok_case_ids) == 3
