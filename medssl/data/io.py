@@ -17,6 +17,7 @@ import gzip
 import math
 import os
 import re
+import stat
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,10 +69,28 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def _check_is_file_or_folder(path: Path) -> None:
+    """A regular file or a folder; a dangling link, a FIFO (which would block the reader for ever), a socket
+    or a device is named as such."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UnreadableFileError(path, f"a symbolic link to {os.readlink(path)!r}, which does not exist "
+                                            "(a dangling link: the file was moved or deleted)") from None  # fmt: skip
+        raise UnreadableFileError(path, "file or folder does not exist") from None
+    except OSError as e:
+        raise UnreadableFileError(path, f"cannot be opened ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device file" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
+    raise UnreadableFileError(path, f"is {kind}, not a regular file: medssl reads image files and DICOM folders")
+
+
 def _read_raw(path: Path) -> _Raw:
     """Dispatch on the file type; turn every unexpected reader failure into UnreadableFileError."""
-    if not path.exists():
-        raise UnreadableFileError(path, "file or folder does not exist")
+    _check_is_file_or_folder(path)
     try:
         if path.is_dir():
             return _read_dicom_series(path)

@@ -232,3 +232,33 @@ def test_a_bad_memory_bound_setting_is_one_error_about_the_setting_not_one_per_f
         read_volume(tmp_path / "raw" / "c0.nii.gz")
     monkeypatch.setenv("MEDSSL_MAX_VOLUME_BYTES", "1e9")
     assert len(open_data(tmp_path / "raw", progress=False).scan_report.ok_case_ids) == 3
+
+
+def test_a_dangling_symlink_and_a_fifo_are_named_as_bad_files_not_skipped_without_a_word(tmp_path, monkeypatch):
+    """Issue 23 item 11: a dangling `*.nii.gz` symlink or a FIFO in a scanned folder was skipped silently
+    (and a FIFO that reached a reader would block it for ever)."""
+    import signal
+
+    from medssl.data.source import open_data
+
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    raw = tmp_path / "raw"
+    for i in range(2):
+        make_volume_file(raw, name=f"c{i}", seed=i, label=False)
+    os.symlink(tmp_path / "moved_away.nii.gz", raw / "dangling.nii.gz")
+    os.mkfifo(raw / "pipe.nii.gz")
+    previous = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("the scan blocked on the FIFO"))
+    signal.alarm(60)
+    try:
+        data = open_data(raw, on_error="skip", progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    report = data.scan_report
+    assert sorted(report.ok_case_ids) == ["c0", "c1"]
+    problems = {c: e for c, e in zip(report.problem_case_ids, report.problems)}
+    assert set(problems) == {"dangling", "pipe"}
+    assert isinstance(problems["dangling"], UnreadableFileError) and problems["dangling"].path == str(
+        raw / "dangling.nii.gz") and "dangling link" in problems["dangling"].problem  # fmt: skip
+    assert str(tmp_path / "moved_away.nii.gz") in problems["dangling"].problem
+    assert problems["pipe"].path == str(raw / "pipe.nii.gz") and "FIFO" in problems["pipe"].problem
