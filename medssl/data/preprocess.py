@@ -224,6 +224,17 @@ def _checked_resampled_shape(volume: Volume, shape_float: np.ndarray) -> np.ndar
     if not np.all(np.isfinite(shape_float)) or np.max(shape_float) > 2**62:
         raise GeometryError(path, f"resampling would give a grid of {shape_float.tolist()} voxels (absurd spacing)")
     shape_new = np.maximum(1, np.round(shape_float)).astype(np.int64)
+    if np.any(shape_new < 2):  # e.g. 0.001 mm voxels: the whole image fits in one target voxel
+        old = spacing_from_affine(volume.affine)
+        extent = np.asarray(volume.shape_vox, dtype=np.float64) * old
+        new = old * np.asarray(volume.shape_vox, dtype=np.float64) / shape_float
+        raise GeometryError(
+            path,
+            f"the image spans only {' x '.join(f'{e:.3g}' for e in extent)} mm (voxel size "
+            f"{' x '.join(f'{s:.3g}' for s in old)} mm): less than two {' x '.join(f'{s:g}' for s in new)} mm "
+            f"voxels along axis {np.flatnonzero(shape_new < 2).tolist()} after resampling; a wrong unit in the "
+            "header (micrometres instead of millimetres?) or a wrong target spacing",
+        )
     n_voxels = float(np.prod(shape_new.astype(np.float64)))
     n_maps = len(_spatial_maps(volume))
     # float32 image + one float32 channel temporary; per label map the output and its 8 vote

@@ -262,3 +262,16 @@ def test_a_dangling_symlink_and_a_fifo_are_named_as_bad_files_not_skipped_withou
         raw / "dangling.nii.gz") and "dangling link" in problems["dangling"].problem  # fmt: skip
     assert str(tmp_path / "moved_away.nii.gz") in problems["dangling"].problem
     assert problems["pipe"].path == str(raw / "pipe.nii.gz") and "FIFO" in problems["pipe"].problem
+
+
+def test_micrometre_voxels_are_named_as_a_tiny_extent_not_as_no_body_voxels(tmp_path):
+    """Issue 23 item 11: 0.001 mm voxels gave "no body voxels" (the image fell into one 3 mm voxel)."""
+    micro = make_volume_file(tmp_path, name="micro", shape=(40, 40, 40), label=False,
+                             affine=oblique_affine((0.001, 0.002, 0.001), (10.0, 0.0, 0.0)))  # fmt: skip
+    df = pd.DataFrame([{"case_id": "micro", "image": str(micro.image_path), "label": "", "group": "", "split": ""}])
+    report = datasets.scan_dataset(df, PreprocessConfig(target_spacing_mm=(3.0, 2.0, 3.0)), on_error="skip",
+                                   progress=False)  # fmt: skip
+    (err,) = report.problems
+    assert isinstance(err, GeometryError) and err.path == str(micro.image_path)
+    assert err.problem.startswith("the image spans only 0.04 x 0.08 x 0.04 mm (voxel size 0.001 x 0.002 x 0.001 mm)")
+    assert "less than two 3 x 2 x 3 mm voxels along axis [0, 1, 2]" in err.problem and "micrometres" in err.problem
