@@ -27,7 +27,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl._files import atomic_path
-from medssl.data.errors import DatasetScanError, MedsslDataError, SettingError, TooLargeError, TooSmallError
+from medssl.data.errors import (
+    ChannelCountError,
+    DatasetScanError,
+    MedsslDataError,
+    SettingError,
+    TooLargeError,
+    TooSmallError,
+)
 from medssl.data.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -55,6 +62,7 @@ __all__ = [
     "load_case",
     "case_label_names",
     "case_aux_paths",
+    "check_channel_counts",
 ]
 
 
@@ -396,6 +404,37 @@ class ScanReport:
         return self.summary()
 
 
+def check_channel_counts(report: ScanReport, manifest: pd.DataFrame) -> list[MedsslDataError]:
+    """Cases whose channel count differs from the dataset's become problems (:class:`ChannelCountError`).
+
+    A model takes one number of input channels, so a folder mixing 1- and 3-channel scans is refused at scan
+    time, before anything is trained or written. The dataset's count is the most common one (ties: that of
+    the first case in manifest order); the others' cases move from ``ok_case_ids`` to ``problems``.
+    Returns the new problems.
+    """
+    counts = {c: report.n_channels[c] for c in report.ok_case_ids if c in report.n_channels}
+    if len(set(counts.values())) <= 1:
+        return []
+    tally = pd.Series(list(counts.values())).value_counts()
+    best = tally.max()
+    common = next(n for n in counts.values() if tally[n] == best)  # first in manifest order among the most common
+    images = dict(zip(manifest["case_id"], manifest["image"]))
+    same = [c for c, n in counts.items() if n == common]
+    new = []
+    for case_id, n in counts.items():
+        if n == common:
+            continue
+        err = ChannelCountError(
+            images.get(case_id, case_id),
+            f"has {n} image channel(s) but {len(same)} other case(s) have {common} (e.g. {', '.join(same[:3])}); "
+            "a model takes one number of input channels: convert the scans to one channel count, or drop this one",
+        )  # fmt: skip
+        report.ok_case_ids.remove(case_id)
+        report.add_problem(case_id, err)
+        new.append(err)
+    return new
+
+
 def load_case(
     row: pd.Series | dict,
     preprocess_config: "PreprocessConfig | None" = None,
@@ -504,6 +543,7 @@ def scan_dataset(
         report.spacings_mm[row["case_id"]] = tuple(float(s) for s in vol.spacing_mm)
         report.n_channels[row["case_id"]] = vol.n_channels
         report.warnings += read_warnings_of(row["case_id"], vol.meta)
+    check_channel_counts(report, manifest)
     if report.problems and on_error == "raise":
         raise DatasetScanError(report.problems)
     return report

@@ -42,6 +42,10 @@ class LabelGridMismatchError(MedsslDataError):
     """A label's shape or affine differs from its image's."""
 
 
+class ChannelCountError(MedsslDataError):
+    """The image has another number of channels than the rest of the dataset (a model takes one)."""
+
+
 class TooSmallError(MedsslDataError):
     """The volume is smaller than the patch size after preprocessing."""
 

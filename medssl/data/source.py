@@ -109,6 +109,12 @@ class DataSource:
             report = part if report is None else _merge_reports(report, part)
         if report is None:  # an empty manifest: the cache says what it thinks of that
             report = self.cache.build(self.manifest, on_error=on_error, progress=self.progress)
+        from medssl.data.datasets import check_channel_counts
+        from medssl.data.errors import DatasetScanError
+
+        mixed = check_channel_counts(report, self.manifest)  # across all parts: one model reads them all
+        if mixed and on_error == "raise":
+            raise DatasetScanError(mixed)
         if report.problems:
             self.manifest = report.keep_ok(self.manifest)
         self.scan_report = report

@@ -213,3 +213,40 @@ def test_a_folder_opened_without_a_patch_size_is_cached_by_worker_processes(tmp_
     assert started == [2]  # the 10 cases were read and preprocessed by 2 worker processes
     assert sorted(data.scan_report.built_case_ids) == sorted(f"c{i}" for i in range(10))
     assert len(data.volumes(None)) == 10
+
+
+def _mixed_channel_folder(root: Path) -> Path:
+    from tests.helpers import write_nifti_file
+
+    for i in range(3):
+        v = make_volume_file(root, name=f"c{i}", shape=(30, 28, 26), affine=TWO_MM, label=False, seed=i)
+    write_nifti_file(root / "rgb.nii.gz", np.stack([v.data, 0.5 * v.data, 0.2 * v.data], axis=-1), v.affine)
+    return root
+
+
+def test_mixed_one_and_three_channel_scans_are_refused_at_scan_time(tmp_path, cache_env, monkeypatch, capsys):
+    """Issue 23 item 7: the scan passed them; `fit` refused, but only after writing runs/<run>/<method>/config.json."""
+    from medssl.cli import main
+    from medssl.data.datasets import scan_dataset
+    from medssl.data.errors import ChannelCountError
+
+    folder = _mixed_channel_folder(tmp_path / "raw")
+    with pytest.raises(DatasetScanError) as err:
+        open_data(folder, progress=False)
+    (problem,) = err.value.problems
+    assert isinstance(problem, ChannelCountError) and problem.path == str(folder / "rgb.nii.gz")
+    assert "has 3 image channel(s) but 3 other case(s) have 1 (e.g. c0, c1, c2)" in problem.problem
+    skipped = open_data(folder, on_error="skip", progress=False)
+    assert sorted(skipped.manifest["case_id"]) == ["c0", "c1", "c2"] and skipped.scan_report.problem_case_ids == ["rgb"]
+    assert {v.n_channels for v in skipped.volumes(None)} == {1}
+
+    from medssl.data.adapters import manifest_from_folder
+
+    report = scan_dataset(manifest_from_folder(folder), on_error="skip", progress=False)
+    assert report.problem_case_ids == ["rgb"] and isinstance(report.problems[0], ChannelCountError)
+
+    monkeypatch.setenv("MEDSSL_RUNS", str(tmp_path / "runs"))
+    assert main(["train", "--method", "isimed", "--preset", "tiny", "--run", "mixed", "--source", str(folder),
+                 "--target-spacing-mm", "3"]) == 1  # fmt: skip
+    assert "has 3 image channel(s)" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "mixed" / "isimed" / "config.json").exists()
