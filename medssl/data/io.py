@@ -260,8 +260,9 @@ def _read_nifti(path: Path) -> _Raw:
     header = img.header
     dtype = header.get_data_dtype()
     _check_voxel_type(path, dtype)
-    slope, inter = header.get_slope_inter()
-    scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+    # a loaded image's header has its scaling reset (nibabel moves it to the array proxy): ask the proxy
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    scaled = slope != 1 or inter != 0
     # Order: the header's geometry, then whether the file holds the voxels its header promises
     # (a 4 KB file claiming 2048^3 voxels is truncated, not large), then the memory they need.
     _check_before_reading(path, img.affine, img.shape, None)
@@ -272,8 +273,11 @@ def _read_nifti(path: Path) -> _Raw:
         raise UnreadableFileError(
             path, f"truncated: the header needs {expected} bytes (header + voxels), the file holds {size}"
         )
-    # raw voxels, nibabel's float64 when scaled, and read_volume's float32 copy
-    _check_before_reading(path, img.affine, img.shape, dtype.itemsize + (8 if scaled else 0) + 4)
+    # Alive at the peak (measured as the RSS peak of a fresh process): the raw voxels (twice for .nii.gz:
+    # nibabel's decompressed buffer and the array made from it), nibabel's float64 when scaled, read_volume's
+    # float32 copy and check_finite's mask.
+    raw_copies = 2 if _suffix(path) == ".nii.gz" else 1
+    _check_before_reading(path, img.affine, img.shape, raw_copies * dtype.itemsize + (8 if scaled else 0) + 4 + 1)
     # asanyarray keeps integer label maps integer (scaling, if any, makes it float).
     array = np.asanyarray(img.dataobj)
     out = _Raw(array=array, affine=np.asarray(img.affine, dtype=np.float64), fmt="nifti")
@@ -366,8 +370,8 @@ def _check_itk_info(path: Path, reader: sitk.ImageFileReader) -> None:
         return  # 2D: DimensionalityError once read
     affine = _itk_ras_affine(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
     components = max(1, int(reader.GetNumberOfComponents()))
-    # ITK's buffer, our transposed copy, and read_volume's float32 copy
-    per_voxel = components * (2 * _itk_pixel_bytes(reader.GetPixelID()) + 4)
+    # ITK's buffer, our transposed copy, read_volume's float32 copy and check_finite's mask
+    per_voxel = components * (2 * _itk_pixel_bytes(reader.GetPixelID()) + 4 + 1)
     _check_before_reading(path, affine, tuple(size), per_voxel)
 
 
@@ -446,7 +450,7 @@ def _read_dicom_series(folder: Path) -> _Raw:
     _execute_itk(folder, first.ReadImageInformation)
     rows_cols = math.prod(first.GetSize()[:2])
     components = max(1, int(first.GetNumberOfComponents()))
-    per_voxel = components * (2 * _itk_pixel_bytes(first.GetPixelID()) + 4)
+    per_voxel = components * (2 * _itk_pixel_bytes(first.GetPixelID()) + 4 + 1)
     check_memory(folder, rows_cols * len(files) * per_voxel, f"reading this series ({len(files)} slices)")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
