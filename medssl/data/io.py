@@ -18,6 +18,8 @@ import math
 import os
 import re
 import stat
+import tempfile
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from medssl.data.errors import (
     TooLargeError,
     UnreadableFileError,
 )
+from medssl.data.headers import itk_header_problem, nifti_header_problem
 from medssl.data.limits import check_memory
 from medssl.data.validate import channels_first, check_finite, check_geometry, check_same_grid
 from medssl.data.volume import Volume
@@ -112,7 +115,15 @@ def _read_raw(path: Path) -> _Raw:
     except MemoryError as exc:  # the bounds in medssl.data.limits were not enough on this machine
         raise TooLargeError(path, f"ran out of memory while reading it ({exc or 'MemoryError'})") from None
     except Exception as exc:  # boundary: any reader failure means the file cannot be used
-        raise UnreadableFileError(path, f"cannot read file: {type(exc).__name__}: {exc}") from exc
+        raw = f"{type(exc).__name__}: {str(exc).strip()}"
+        if _suffix(path) in NIFTI_SUFFIXES:
+            found = nifti_header_problem(path)
+            if found is not None:
+                raise found[0](path, f"{found[1]} (nibabel: {raw})") from exc
+            raise UnreadableFileError(path, f"damaged or not a NIfTI file: nibabel cannot read it and no header "
+                                            f"field explains why (nibabel: {raw})") from exc  # fmt: skip
+        raise UnreadableFileError(path, f"the reader failed on it; the file may be damaged or in a format medssl "
+                                        f"does not read (reader: {raw})") from exc  # fmt: skip
 
 
 # --------------------------------------------------------------------------- NIfTI (nibabel)
@@ -391,31 +402,58 @@ def _sitk_to_raw(path: Path, image: sitk.Image, fmt: str) -> _Raw:
     return _Raw(array=np.array(arr), affine=affine, fmt=fmt)  # copy: the view dies with `image`
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextmanager
-def _quiet_itk() -> Iterator[None]:
+def _quiet_itk() -> Iterator[list[str]]:
     """No ITK/GDCM warnings on stderr while reading: medssl checks what they warn about (uneven DICOM slices,
-    geometry) itself and names it in its own error or the scan report, instead of printing before it."""
+    geometry) itself and names it in its own error or the scan report, instead of printing before it.
+
+    ITK's warnings are switched off; MetaIO and teem (NRRD) write straight to the C++ stderr, so file
+    descriptor 2 is sent to a temporary file for the duration of the call (held under a lock; a read takes
+    milliseconds) and what they wrote is yielded, for the error message if the read fails.
+    """
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    said: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        try:
+            saved = os.dup(2)
+            os.dup2(sink.fileno(), 2)
+        except OSError:  # no stderr to redirect: nothing to hide either
+            saved = None
+        try:
+            yield said
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                said.append(" ".join(sink.read(4096).decode("utf-8", "replace").split()))
+            sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 def _execute_itk(path: Path, run) -> sitk.Image:
+    said: list[str] = []
     try:
-        with _quiet_itk():
+        with _quiet_itk() as said:
             return run()
     except RuntimeError as exc:
         msg = _itk_error_message(exc)
+        if said and said[0]:
+            msg += f"; it also printed: {said[0][:300]}"
         if re.search(r"spacing|direction|determinant|space vector", msg, flags=re.I):
-            raise GeometryError(path, f"broken geometry: {msg}") from None
-        raise UnreadableFileError(path, f"cannot read file: {msg}") from None
+            raise GeometryError(path, f"broken geometry: ITK refuses its voxel axes (ITK: {msg})") from None
+        raise UnreadableFileError(path, f"ITK cannot read it: the file is damaged or uses a feature ITK does not "
+                                        f"read (ITK: {msg})") from None  # fmt: skip
 
 
 def _read_itk_file(path: Path) -> _Raw:
     if _suffix(path) in ITK_SUFFIXES:
+        found = itk_header_problem(path)  # before SimpleITK: some headers crash it (NDims = -1)
+        if found is not None:
+            raise found[0](path, found[1])
         problem = _header_spacing_problem(path)
         if problem:
             raise GeometryError(path, f"broken geometry: {problem}")

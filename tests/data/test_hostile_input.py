@@ -275,3 +275,54 @@ def test_micrometre_voxels_are_named_as_a_tiny_extent_not_as_no_body_voxels(tmp_
     assert isinstance(err, GeometryError) and err.path == str(micro.image_path)
     assert err.problem.startswith("the image spans only 0.04 x 0.08 x 0.04 mm (voxel size 0.001 x 0.002 x 0.001 mm)")
     assert "less than two 3 x 2 x 3 mm voxels along axis [0, 1, 2]" in err.problem and "micrometres" in err.problem
+
+
+_CRASH_PROBE = """
+import sys
+from medssl.data.errors import MedsslDataError
+from medssl.data.io import read_volume
+try:
+    read_volume(sys.argv[1])
+except MedsslDataError as e:
+    print(type(e).__name__ + ": " + e.problem)
+"""
+
+
+@pytest.mark.parametrize(("field", "value", "error", "says"), [
+    ("NDims", "-1", "UnreadableFileError", "NDims is '-1', not a number of dimensions"),  # SimpleITK: SIGSEGV
+    ("NDims", "100", "DimensionalityError", "the header says NDims = 100"),  # SimpleITK: SIGABRT
+    ("NDims", "2147483647", "DimensionalityError", "NDims = 2147483647"),  # SimpleITK: SIGSEGV
+    ("NDims", "2.5", "UnreadableFileError", "NDims is '2.5'"),
+    ("DimSize", "7 6", "UnreadableFileError", "DimSize is '7 6': the header needs 3 positive whole numbers"),
+    ("ElementType", "MET_BOGUS", "UnreadableFileError", "ElementType is 'MET_BOGUS', not a MetaImage voxel type"),
+])  # fmt: skip
+def test_metaimage_headers_that_crash_simpleitk_are_refused_before_it_reads_them(tmp_path, field, value, error, says):
+    """Found while fuzzing MetaImage headers for issue 20 item 7: `NDims = -1` killed the process (SIGSEGV)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.data.test_fuzz_itk_headers import _base, _build, _write
+
+    lines, data, sep = _base(tmp_path, ".mha")
+    path = tmp_path / "hostile.mha"
+    _write(path, _build(lines, sep, {field: value}, set(), False), data, False, None)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", _CRASH_PROBE, str(path)], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, f"the reader died (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    assert proc.stdout.startswith(f"{error}: ") and says in proc.stdout, proc.stdout
+
+
+def test_metaio_output_is_kept_for_the_message_not_printed(tmp_path, capfd):
+    """Issue 23 item 10: MetaIO prints straight to the C++ stderr ("MetaImage: M_ReadElementsData: ...")."""
+    from tests.data.test_fuzz_itk_headers import _base, _build, _write
+
+    lines, data, sep = _base(tmp_path, ".mha")
+    path = tmp_path / "binary-maybe.mha"
+    _write(path, _build(lines, sep, {"BinaryData": "maybe"}, set(), False), data, False, None)
+    capfd.readouterr()
+    err, _ = _read_small(path)
+    assert err.problem.startswith("ITK cannot read it: the file is damaged or uses a feature ITK does not read")
+    assert "it also printed: MetaImage: M_ReadElementsData" in err.problem
+    assert capfd.readouterr().err == ""
