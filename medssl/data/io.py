@@ -284,10 +284,11 @@ def _read_nifti(path: Path) -> _Raw:
         raise UnreadableFileError(
             path, f"truncated: the header needs {expected} bytes (header + voxels), the file holds {size}"
         )
-    # Alive at the peak (measured as the RSS peak of a fresh process): the raw voxels (twice for .nii.gz:
-    # nibabel's decompressed buffer and the array made from it), nibabel's float64 when scaled, read_volume's
-    # float32 copy and check_finite's mask.
-    raw_copies = 2 if _suffix(path) == ".nii.gz" else 1
+    # Alive at the peak (measured as the RSS peak of a fresh process): the raw voxels (for .nii.gz nibabel's
+    # decompressed buffer and the array made from it, plus about one copy of heap fragmentation under medssl's
+    # malloc settings, which never trim), nibabel's float64 when scaled, read_volume's float32 copy and
+    # check_finite's mask.
+    raw_copies = 3 if _suffix(path) == ".nii.gz" else 1
     _check_before_reading(path, img.affine, img.shape, raw_copies * dtype.itemsize + (8 if scaled else 0) + 4 + 1)
     # asanyarray keeps integer label maps integer (scaling, if any, makes it float).
     array = np.asanyarray(img.dataobj)
