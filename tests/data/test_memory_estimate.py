@@ -2,8 +2,8 @@
 
 Issue 23 item 2: a 64^3 NIfTI of 30 mm voxels was estimated at 1.95 GiB and peaked at 3.3 GiB (upsampling to 3 mm
 allocates the new grid several times over: the warped channels and their stack, the body mask's temporaries,
-the scaled copy). Here the estimate is compared with the resident-memory peak of a fresh process (``ru_maxrss``),
-on volumes sized so that their peak is far above what the imports left behind.
+the scaled copy). Here the estimate is compared with the resident-memory peak of a fresh process (``VmHWM``, reset
+just before the step), on volumes sized so that the step's peak is far above the process's baseline.
 """
 
 from __future__ import annotations
@@ -31,33 +31,38 @@ UNDER = 0.95
 OVER = 1.6
 
 CHILD = r"""
-import gc, json, resource, sys
+import gc, json, sys
 from medssl.data.io import read_volume
 from medssl.data.preprocess import PreprocessConfig, preprocess, preprocess_peak_bytes
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
-def maxrss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def start():
+    # VmHWM (this process's peak RSS; unlike ru_maxrss it does not inherit the parent's across exec),
+    # reset to the current RSS where the kernel allows it (clear_refs 5, Linux >= 4.0)
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return status("VmRSS"), status("VmHWM")
 
 stage, image, label, spacing = sys.argv[1], sys.argv[2], sys.argv[3] or None, float(sys.argv[4])
-gc.collect()
-before, high_before = rss(), maxrss()
-if stage == "read":
-    vol = read_volume(image, label)
-    print(json.dumps({"before": before, "high_before": high_before, "high_after": maxrss()}))
-else:
+out = {}
+if stage == "preprocess":
     vol = read_volume(image, label)
     config = PreprocessConfig(target_spacing_mm=(spacing,) * 3)
-    estimate, shape = preprocess_peak_bytes(vol, config)
-    gc.collect()
-    before, high_before = rss(), maxrss()
+    out["estimate"], out["shape"] = preprocess_peak_bytes(vol, config)
+before, high_before = start()
+if stage == "read":
+    read_volume(image, label)
+else:
     preprocess(vol, config)
-    print(json.dumps({"before": before, "high_before": high_before, "high_after": maxrss(), "estimate": estimate,
-                      "inputs": vol.data.nbytes + sum(m.nbytes for m in [vol.label, *vol.aux.values()] if m is not None),
-                      "shape": list(shape)}))
+out.update(before=before, high_before=high_before, high_after=status("VmHWM"))
+print(json.dumps(out))
 """
 
 
@@ -81,8 +86,8 @@ def _measure(stage: str, image: Path, label: Path | None, spacing_mm: float) -> 
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    # ru_maxrss is a high-water mark: only a peak above the one the imports left says how much this step needed
-    assert out["high_after"] > out["high_before"], f"the step's peak stayed below the imports' ({out})"
+    # a high-water mark: only a peak above the one before the step says how much the step needed
+    assert out["high_after"] > out["high_before"], f"the step's peak stayed below the earlier one ({out})"
     out["measured"] = out["high_after"] - out["before"]
     return out
 
