@@ -133,7 +133,7 @@ def _metaimage_problem(path: Path, raw: bytes) -> Problem | None:
                                        f"numbers for NDims = {n_dims}")  # fmt: skip
             if not all(math.isfinite(v) for v in nums):
                 return GeometryError, f"broken geometry: {key} ({f[key][:80]}) holds non-finite numbers"
-    element = f.get("elementtype", "").upper()
+    element = f.get("elementtype", "").upper().removesuffix("_ARRAY")  # MET_UCHAR_ARRAY: vector voxels of uchar
     if element not in _MET_BYTES:
         known = ", ".join(_MET_BYTES)
         return UnreadableFileError, f"ElementType is {f.get('elementtype')!r}, not a MetaImage voxel type ({known})"
