@@ -10,8 +10,10 @@ and the destination is untouched.
 
 Temporary names carry the writer: ``.<name>.<host>.<pid>.<random>.tmp[suffix]``. A
 writer killed with SIGKILL cannot clean up, so the next write into the same folder
-deletes temporary files whose writer is gone (same host, process no longer alive),
-and those of any writer once they are older than :data:`STALE_TEMP_SECONDS`.
+(of any file: an epoch checkpoint's temp is swept by the next ``last.pt``) deletes
+temporary files whose writer is gone (same host, process no longer alive), and those of
+any writer once they are older than :data:`STALE_TEMP_SECONDS`. Only names of exactly
+this form are ever deleted: a user's own ``.notes.tmp`` is not medssl's to remove.
 
 New files and folders get the permissions the process's umask allows (like
 ``open()`` and ``mkdir`` do), not ``tempfile``'s private 0600/0700.
@@ -49,6 +51,8 @@ __all__ = [
 STALE_TEMP_SECONDS = 24 * 3600
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 _TEMP_TAG = re.compile(r"\.(?P<host>[A-Za-z0-9_]+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]{12})\.tmp")
+# a whole name made by temp_path: ".<name>.<host>.<pid>.<random>.tmp" plus an optional suffix (".npy", ".nii.gz")
+_TEMP_NAME = re.compile(r"^\..+" + _TEMP_TAG.pattern + r"(\.[A-Za-z0-9.]+)?$")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -89,21 +93,21 @@ def _writer_gone(host: str, pid: int) -> bool:
 
 
 def is_stale_temp(path: Path) -> bool:
-    """True if ``path`` (a temporary name) belongs to a writer that is gone or is older than the limit."""
+    """True if ``path`` is a medssl temporary name whose writer is gone or that is older than the limit."""
+    m = _TEMP_NAME.match(path.name)
+    if m is None:
+        return False  # not a name medssl makes
     try:
         age_s = time.time() - path.lstat().st_mtime
     except FileNotFoundError:
         return False
-    if age_s > STALE_TEMP_SECONDS:
-        return True
-    m = _TEMP_TAG.search(path.name)
-    return m is not None and _writer_gone(m["host"], int(m["pid"]))
+    return age_s > STALE_TEMP_SECONDS or _writer_gone(m["host"], int(m["pid"]))
 
 
 def remove_stale_temps(folder: str | os.PathLike, prefix: str = ".") -> list[Path]:
     """Delete the stale temporary files/folders in ``folder`` whose names start with ``prefix``.
 
-    Only names that look temporary (``.tmp`` inside them) are considered. Returns what was removed.
+    Only names made by :func:`temp_path` are considered (see :func:`is_stale_temp`). Returns what was removed.
     """
     removed = []
     try:
@@ -135,11 +139,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
     ``suffix`` ends the temporary name, for writers that pick the format from the
     extension (nibabel: ``".nii.gz"``; ``np.save`` appends ``".npy"`` unless present).
-    Stale temporary files of earlier writers of the same name are removed first.
+    Stale temporary files of dead writers in the same folder (of any name) are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent, f".{path.name}.")
+    remove_stale_temps(path.parent)
     tmp = temp_path(path.parent, f".{path.name}", suffix)
     # O_EXCL: never write through someone else's file; mode 0o666 & ~umask like open() (mkstemp would give 0600)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

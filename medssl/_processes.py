@@ -1,4 +1,4 @@
-"""When worker processes can be started without re-running the caller's script.
+"""Worker processes: when they can be started without re-running the caller's script, and dying with their parent.
 
 medssl starts workers with ``spawn`` (the parent may hold torch/OpenMP threads that
 ``fork`` would copy in a locked state). A spawned child imports the parent's main
@@ -6,15 +6,60 @@ module again: a notebook, ``python -c`` or a REPL have none to import, and a scr
 keeps its work under ``if __name__ == "__main__":``, which the child skips. A plain
 script that calls medssl at top level would be run again in every child, and the
 pool breaks (``BrokenProcessPool``); there the work must stay in-process.
+
+A parent killed with SIGKILL cannot stop its workers, and a pool's workers do not notice
+on their own: they finish their case and may wait on the pool's queue for ever.
+:func:`die_with_parent`, called first thing in a worker, ends it when its parent ends.
 """
 
 from __future__ import annotations
 
 import ast
+import ctypes
+import os
+import signal
 import sys
+import threading
+import time
 from types import FrameType
 
-__all__ = ["can_spawn_workers"]
+__all__ = ["can_spawn_workers", "die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+WATCHDOG_INTERVAL_S = 0.5
+
+
+def die_with_parent(parent_pid: int, use_prctl: bool = True) -> str:
+    """End this process as soon as ``parent_pid`` (its parent) has ended, however it ended.
+
+    On Linux the kernel sends SIGKILL to this process when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``, through ctypes: no dependency). Elsewhere, or if that
+    call fails, a daemon thread checks every :data:`WATCHDOG_INTERVAL_S` s whether the
+    process was handed to another parent (orphans are re-parented) and exits then. A
+    parent that died before either was set up is caught by checking once now.
+
+    Returns how: ``"pdeathsig"`` or ``"watchdog"`` (``use_prctl=False``: always the watchdog).
+    """
+    how = "watchdog"
+    if use_prctl and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                how = "pdeathsig"
+        except (OSError, AttributeError):  # no libc symbol: fall back to the watchdog
+            pass
+    if os.getppid() != parent_pid:  # the parent is already gone
+        os._exit(1)
+    if how == "watchdog":
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="medssl-parent-watchdog", daemon=True).start()
+    return how
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(WATCHDOG_INTERVAL_S)
+        if os.getppid() != parent_pid:
+            os._exit(1)  # no cleanup: the parent's next build removes what this worker left
 
 
 def can_spawn_workers() -> bool:

@@ -164,6 +164,7 @@ def _train_main(args: argparse.Namespace) -> int:
     train_overrides = {k: yaml.safe_load(v) for k, v in args.train_param}
     model, train_config = build_run(args.method, args.preset, seed=args.seed, method_overrides=method_overrides,
                                     train_overrides=train_overrides)  # unknown names and wrong types raise here
+    _check_device(train_config.device)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
@@ -187,6 +188,29 @@ def _train_main(args: argparse.Namespace) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _check_device(device: str) -> None:
+    """``-t device ...`` must name a device this machine has, before any data is built (torch's own message
+    comes only when the model moves there: "Torch not compiled with CUDA enabled")."""
+    import torch
+
+    if str(device) == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"-t device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else \
+                "no CUDA GPU is visible on this machine"
+            raise ValueError(f"-t device {device}: {why}; use -t device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"-t device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+    elif dev.type not in ("cpu", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
+        raise ValueError(f"-t device {device}: not available here; use auto, cpu or cuda")
 
 
 # --------------------------------------------------------------------------- medssl sweep ...

@@ -64,8 +64,8 @@ SEGMENTATION_FULL: dict[str, Any] = {
     "finetune_methods": "all", "finetune_n": [1, 2, 4, 8], "finetune_steps": 300, "finetune_test_subjects": 0,
 }
 
-# The ordered notebooks and what each step runs. Notebooks that do not exist
-# yet (later roadmap items) are skipped with a message, so a plan can list them.
+# The ordered notebooks and what each step runs. A plan naming a notebook that does not exist is an
+# error before anything runs (a typo or a missing file would otherwise pass as "ok").
 PLANS: dict[str, dict[str, Any]] = {
     "demo": {
         "methods": "demo",
@@ -101,6 +101,7 @@ PLANS["folder"] = {
     "methods": "demo",
     "steps": [s for s in copy.deepcopy(PLANS["demo"]["steps"]) if s.get("name") != "30_linear_probe_organ"],
 }
+PLANS["folder"]["needs"] = ["source"]  # without `-p source DIR` it would run on the demo cohort
 for _step in PLANS["folder"]["steps"]:
     if _step["notebook"] == "00_data.ipynb":
         _step["parameters"] = {}
@@ -195,9 +196,34 @@ def load_plan(plan: str | Path | dict[str, Any]) -> dict[str, Any]:
         unknown = set(s) - {"notebook", "name", "parameters", "per_method", "methods"}
         if unknown:
             raise ValueError(f"plan step {i} ({s['notebook']}): unknown keys {sorted(unknown)}")
+    unknown = set(data) - {"methods", "steps", "needs"}
+    if unknown:
+        raise ValueError(f"a plan has 'steps', 'methods' and 'needs'; unknown keys {sorted(unknown)}")
+    needs = data.setdefault("needs", [])
+    if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
+        raise ValueError(f"a plan's 'needs' must be a list of parameter names, got {needs!r}")
     data.setdefault("methods", [])
-    plan_methods(data["methods"])  # validates
+    check_method_names(plan_methods(data["methods"]), "the plan's methods")
     return data
+
+
+def check_method_names(names: Iterable[str], where: str) -> None:
+    """Every name must be a registered method (or ``random-init``); otherwise a ValueError with close matches.
+
+    Checked before any notebook starts: a typo would otherwise fail only inside a started kernel.
+    """
+    import difflib
+
+    from medssl.methods import list_methods
+
+    known = [*list_methods(), "random-init"]
+    bad = [str(n) for n in names if str(n) not in known]
+    if bad:
+        hints = []
+        for b in bad:
+            close = difflib.get_close_matches(b, known, n=3)
+            hints.append(f"{b!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ValueError(f"{where}: unknown method(s) {', '.join(hints)}; registered: {', '.join(known)}")
 
 
 def expand_plan(
@@ -221,10 +247,20 @@ def expand_plan(
             automatic ``methods``) go only to notebooks that declare that parameter.
     """
     runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
-    methods = list(methods) if methods is not None else plan_methods(plan["methods"])
+    if methods is not None:
+        methods = [str(m) for m in methods]
+        check_method_names(methods, "--methods")
+    else:
+        methods = plan_methods(plan["methods"])
     overrides = dict(overrides or {})
     only = [str(o) for o in only] if only else None
     run_dir = RunDir(run, runs_root).path
+    _check_needs_and_source(plan, overrides)
+    if only:
+        _check_only(plan, only)
+    for s in plan["steps"]:
+        if "methods" in s:
+            check_method_names(s["methods"], f"plan step {s['notebook']}")
     if declared is not None:
         _warn_unknown_overrides(overrides, plan, declared)
     out: list[StepResult] = []
@@ -232,14 +268,14 @@ def expand_plan(
         nb = s["notebook"]
         stem = Path(nb).stem
         name = s.get("name", stem)  # a notebook run twice needs distinct names: it writes <name>.ipynb
-        if only and not any(stem.startswith(o) or nb.startswith(o) for o in only):
+        if only and not _selected(s, only):
             continue
         params = {"run": run, **s.get("parameters", {})}
         known = None if declared is None or nb not in declared else declared[nb]
         for k, v in overrides.items():
             if "." in k:
                 target, key = k.split(".", 1)
-                if target == stem:
+                if target == stem and (known is None or key in known):  # as the warning says: undeclared is ignored
                     params[key] = v
             elif known is None or k in known:
                 params[k] = v
@@ -251,6 +287,54 @@ def expand_plan(
                 params["methods"] = methods
             out.append(StepResult(nb, name, None, str(run_dir / stem / f"{name}.ipynb"), params))
     return out
+
+
+def _selected(step: dict[str, Any], only: list[str]) -> bool:
+    nb = step["notebook"]
+    return any(Path(nb).stem.startswith(o) or nb.startswith(o) or step.get("name", "").startswith(o) for o in only)
+
+
+def _check_only(plan: dict[str, Any], only: list[str]) -> None:
+    """Every ``--only`` prefix must select a step: ``--only 99`` would otherwise run nothing and succeed."""
+    unmatched = [o for o in only if not any(_selected(s, [o]) for s in plan["steps"])]
+    if unmatched:
+        names = ", ".join(dict.fromkeys(s.get("name", Path(s["notebook"]).stem) for s in plan["steps"]))
+        raise ValueError(f"--only {' '.join(unmatched)}: no notebook of this plan starts with "
+                         f"{'that' if len(unmatched) == 1 else 'these'} (its notebooks: {names})")  # fmt: skip
+
+
+def _check_needs_and_source(plan: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """A plan's required parameters must be given, and a data ``source`` must be "demo" or an existing folder."""
+    import difflib
+
+    for name in plan.get("needs", []):
+        if name not in overrides:
+            given = [k for k in overrides if k.rpartition(".")[2] == name]
+            typos = difflib.get_close_matches(name, [k for k in overrides if "." not in k], n=2)
+            hint = f" (given only for one notebook: {', '.join(given)})" if given else ""
+            hint += f" (you gave -p {', -p '.join(typos)}: a typo?)" if typos else ""
+            what = " /path/to/your/scans" if name == "source" else " VALUE"
+            raise ValueError(f"this plan needs `-p {name}{what}` for every notebook{hint}; nothing was run")
+    for key, value in overrides.items():
+        if key.rpartition(".")[2] != "source":
+            continue
+        if "source" in plan.get("needs", []) and str(value) == "demo":
+            raise ValueError(f"-p {key} demo: this plan runs on your own scans; use --plan demo for the demo cohort")
+        if str(value) != "demo" and not Path(str(value)).expanduser().is_dir():
+            raise FileNotFoundError(f"-p {key} {value}: the data source must be 'demo' or an existing folder")
+
+
+def missing_notebooks(plan: dict[str, Any], notebooks_dir: Path | None = None) -> list[str]:
+    """The plan's notebooks that do not exist in ``notebooks_dir``."""
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.repo_root() / "notebooks"
+    return list(dict.fromkeys(s["notebook"] for s in plan["steps"] if not (notebooks_dir / s["notebook"]).is_file()))
+
+
+def _check_notebooks_exist(plan: dict[str, Any], notebooks_dir: Path) -> None:
+    missing = missing_notebooks(plan, notebooks_dir)
+    if missing:
+        raise FileNotFoundError(f"the plan names notebook(s) that do not exist in {notebooks_dir}: "
+                                f"{', '.join(missing)}; nothing was run")  # fmt: skip
 
 
 def _warn_unknown_overrides(overrides: dict[str, Any], plan: dict[str, Any], declared: dict[str, set[str]]) -> None:
@@ -298,6 +382,7 @@ def run_pipeline(
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.repo_root() / "notebooks"
     runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
     plan = load_plan(plan)
+    _check_notebooks_exist(plan, notebooks_dir)
     steps = expand_plan(plan, run, methods=methods, only=only, overrides=overrides, runs_root=runs_root,
                         declared=declared_parameters(plan, notebooks_dir))
     result = PipelineResult(run_dir=RunDir(run, runs_root).path, steps=steps)
@@ -327,11 +412,6 @@ def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, noteboo
     for i, step in enumerate(steps):
         src = notebooks_dir / step.notebook
         label = f"[{i + 1}/{len(steps)}] {step.notebook}" + (f" ({step.method})" if step.method else "")
-        if not src.exists():
-            step.status, step.message = "skipped", f"{src} does not exist (not built yet)"
-            print(f"{label}: skipped, {step.message}", flush=True)
-            _write_status(result)
-            continue
         out = Path(step.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"{label} -> {out}", flush=True)
@@ -467,6 +547,7 @@ def _cli_main(args: Any) -> int:
     overrides = {k: yaml.safe_load(v) for k, v in args.param}
     if args.dry_run:
         plan = load_plan(args.plan)
+        _check_notebooks_exist(plan, paths.repo_root() / "notebooks")
         for s in expand_plan(plan, args.run, methods=args.methods, only=args.only, overrides=overrides,
                              declared=declared_parameters(plan)):
             print(f"{s.notebook:24s} {s.method or '':12s} -> {s.output}  {json.dumps(s.parameters)}")

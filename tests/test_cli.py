@@ -31,3 +31,24 @@ def test_help_lists_methods_and_presets(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "isimed" in out and "simclr" in out and "demo" in out and "paper" in out
+
+
+@pytest.mark.parametrize(("device", "cuda", "message"), [
+    ("cuda", None, "-t device cuda: this torch build has no CUDA support; use -t device cpu"),
+    ("cuda", "12.4", "-t device cuda: no CUDA GPU is visible on this machine"),
+    ("cuda:3", "12.4+1gpu", "-t device cuda:3: this machine has 1 CUDA device(s)"),
+    ("gpu", None, "-t device gpu: not a device name"),
+])  # fmt: skip
+def test_a_device_this_machine_lacks_is_refused_before_any_data_is_built(capsys, monkeypatch, device, cuda, message):
+    """Issue 23 item 10: `-t device cuda` on a CPU machine gave torch's raw "Torch not compiled with CUDA
+    enabled", after the data had been built."""
+    import torch
+
+    import medssl.data.source
+
+    monkeypatch.setattr(torch.version, "cuda", None if cuda is None else cuda.split("+")[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None and cuda.endswith("1gpu"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if cuda and cuda.endswith("1gpu") else 0)
+    monkeypatch.setattr(medssl.data.source, "open_data", lambda *a, **k: pytest.fail("data was built"))
+    assert main(["train", "--method", "isimed", "--run", "ok", "-t", "device", device]) == 1
+    assert message in capsys.readouterr().err

@@ -105,3 +105,23 @@ def test_files_and_temp_folders_get_the_umask_permissions_not_0600(tmp_path):
     assert oct(text.stat().st_mode & 0o777) == oct(0o640)
     assert oct((tmp_path / "last.pt").stat().st_mode & 0o777) == oct(0o640)
     assert oct(folder.stat().st_mode & 0o777) == oct(0o750)
+
+
+def test_a_write_sweeps_every_dead_writers_temp_in_the_folder_not_only_its_own_names(tmp_path):
+    """Issue 23 item 9: an epoch checkpoint's temp from a killed writer used to stay for ever."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # made apart: each killed writer would sweep the other
+    dead_epoch = _leave_a_temp_file_and_die(tmp_path / "a" / "epoch-0003.pt")
+    dead_npy = _leave_a_temp_file_and_die(tmp_path / "b" / "x.npy")
+    dead_epoch = tmp_path / os.path.basename(dead_epoch)
+    dead_npy = tmp_path / (os.path.basename(dead_npy) + ".npy")  # temp names may end in a format suffix
+    os.rename(tmp_path / "a" / dead_epoch.name, dead_epoch), os.rmdir(tmp_path / "a")
+    os.rename(tmp_path / "b" / dead_npy.name[: -len(".npy")], dead_npy), os.rmdir(tmp_path / "b")
+    users_own = tmp_path / ".notes.tmp"  # not a name medssl makes: never medssl's to delete, however old
+    users_own.write_text("mine")
+    os.utime(users_own, (0, 0))
+
+    atomic_write_text(tmp_path / "last.pt", "new")  # another name in the same folder
+
+    assert not dead_epoch.exists() and not dead_npy.exists()
+    assert users_own.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "last.pt"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -52,13 +53,31 @@ def test_pipeline_executes_in_order_and_writes_status(tmp_path):
     log = tmp_path / "order.txt"
     for name in ["00_a.ipynb", "10_b.ipynb"]:
         _write_notebook(nbs / name, [f"open({str(log)!r}, 'a').write({name!r} + ':' + str(run) + ';')"], params="run = 'x'")
-    plan = {"steps": [{"notebook": "00_a.ipynb"}, {"notebook": "10_b.ipynb"}, {"notebook": "20_missing.ipynb"}]}
+    plan = {"steps": [{"notebook": "00_a.ipynb"}, {"notebook": "10_b.ipynb"}]}
     res = pipeline.run_pipeline(plan, "r", notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False)
     assert log.read_text() == "00_a.ipynb:r;10_b.ipynb:r;"
-    assert [s.status for s in res.steps] == ["ok", "ok", "skipped"]
+    assert [s.status for s in res.steps] == ["ok", "ok"]
     status = json.loads((tmp_path / "runs" / "r" / "pipeline.json").read_text())
-    assert [s["status"] for s in status["steps"]] == ["ok", "ok", "skipped"]
+    assert [s["status"] for s in status["steps"]] == ["ok", "ok"]
     assert (tmp_path / "runs" / "r" / "00_a" / "00_a.ipynb").exists()
+
+
+def test_a_plan_naming_a_missing_notebook_is_an_error_before_anything_runs(tmp_path):
+    """Issue 20 item 8: a missing notebook used to count as "skipped", and the pipeline as ok."""
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    ran = tmp_path / "ran.txt"
+    _write_notebook(nbs / "00_a.ipynb", [f"open({str(ran)!r}, 'w')"], params="run = 'x'")
+    plan = {"steps": [{"notebook": "00_a.ipynb"}, {"notebook": "20_missing.ipynb"}]}
+    with pytest.raises(FileNotFoundError, match="20_missing.ipynb.*nothing was run"):
+        pipeline.run_pipeline(plan, "r", notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False)
+    assert not ran.exists() and not (tmp_path / "runs" / "r" / "pipeline.json").exists()
+    assert pipeline.missing_notebooks(pipeline.load_plan(plan), nbs) == ["20_missing.ipynb"]
+
+
+def test_every_built_in_plan_names_only_notebooks_that_exist():
+    for name in pipeline.PLANS:
+        assert pipeline.missing_notebooks(pipeline.load_plan(name)) == [], name
 
 
 def test_pipeline_stops_on_first_failure_naming_notebook_and_cell_and_keeps_output(tmp_path):
@@ -149,3 +168,67 @@ def test_a_notebook_that_is_not_applicable_to_the_data_is_recorded_and_the_pipel
                                 notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False)
     assert [s.status for s in res.steps] == ["not applicable", "ok"] and res.ok
     assert "no held-out subject has a liver" in res.steps[0].message and (tmp_path / "ran").exists()
+
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_parses_every_parameter_of_every_notebook(notebook, caplog):
+    """Issue 23 item 6: papermill drops a parameter line holding a second '=' (e.g. `methods = []  # [] = all`),
+    so `--methods` and `-p` never reached the notebook, and every run logged "Unable to parse line"."""
+    import ast
+    import logging
+
+    import papermill as pm
+
+    cell = next(c for c in nbformat.read(str(notebook), as_version=4).cells
+                if "parameters" in c.metadata.get("tags", []))  # fmt: skip
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    assert "run" in assigned
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        parsed = pm.inspect_notebook(str(notebook))
+    assert set(parsed) == assigned
+    assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()]
+
+
+def test_methods_and_per_notebook_parameters_reach_the_evaluation_notebooks_of_the_demo_plan(tmp_path):
+    plan = pipeline.load_plan("demo")
+    declared = pipeline.declared_parameters(plan)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # `-p 25_latent_viewer.case_a` was warned as ignored, yet applied
+        steps = pipeline.expand_plan(plan, "r", methods=["isimed"], only=["20", "25", "30", "40", "50"],
+                                     overrides={"25_latent_viewer.case_a": "subject_003"}, declared=declared,
+                                     runs_root=tmp_path)  # fmt: skip
+    assert {s.step for s in steps} == {"20_latent_space", "25_latent_viewer", "30_linear_probe",
+                                       "30_linear_probe_organ", "40_report", "50_segmentation"}  # fmt: skip
+    assert all(s.parameters["methods"] == ["isimed"] for s in steps), [(s.step, s.parameters) for s in steps]
+    assert [s.parameters.get("case_a") for s in steps if s.step == "25_latent_viewer"] == ["subject_003"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--only", "99"], "--only 99: no notebook of this plan starts with that (its notebooks: 00_data, 10_pretrain"),
+    (["--only", "00", "9"], "--only 9: no notebook"),
+    (["--methods", "isimd"], "unknown method(s) 'isimd' (did you mean isimed"),
+    (["--plan", "folder"], "this plan needs `-p source /path/to/your/scans`"),
+    (["--plan", "folder", "-p", "sorce", "."], "(you gave -p sorce: a typo?)"),
+    (["--plan", "folder", "-p", "00_data.source", "."], "given only for one notebook: 00_data.source"),
+    (["--plan", "folder", "-p", "source", "demo"], "use --plan demo for the demo cohort"),
+    (["--plan", "folder", "-p", "source", "/no/such/folder"], "must be 'demo' or an existing folder"),
+])  # fmt: skip
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_options_that_would_quietly_do_nothing_are_errors_before_anything_runs(tmp_path, monkeypatch, capsys,
+                                                                                 args, message, dry_run):
+    """Issue 23 items 4 and 10: `--only 99` ran nothing with rc 0, `--methods isimd` failed only inside a
+    started kernel, and `--plan folder -p sorce DIR` warned once and then built the demo cohort (152 s)."""
+    from medssl.cli import main
+
+    monkeypatch.setenv("MEDSSL_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(pipeline, "_run_steps", lambda *a, **k: pytest.fail("a notebook was started"))
+    rc = main(["pipeline", "--run", "r", *args, *(["--dry-run"] if dry_run else [])])
+    out = capsys.readouterr()
+    assert rc == 1 and message in out.err, out.err
+    assert "->" not in out.out and not (tmp_path / "runs" / "r").exists()

@@ -33,12 +33,18 @@ entry first. Loads hold a shared lock while they open an entry, so they never se
 half-replaced. Locks are ``flock`` locks, which the OS releases when a process dies.
 Temporary folders of builders that died (killed, power loss) are removed by the next
 build.
+
+A cache that is up to date is only read: it may sit on a read-only mount (a shared
+dataset on a cluster). Readers that cannot create the lock files read without them
+(nobody can commit through that mount); a build that would have to write names the
+folder and the cases missing (:class:`CacheWriteError`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -65,7 +71,7 @@ from tqdm.auto import tqdm
 
 from medssl import paths
 from medssl._files import atomic_write_text, remove_stale_temps, replace_dir, temp_path
-from medssl._processes import can_spawn_workers
+from medssl._processes import can_spawn_workers, die_with_parent
 from medssl.data.datasets import (
     AUX_PREFIX,
     ScanReport,
@@ -74,9 +80,11 @@ from medssl.data.datasets import (
     case_aux_paths,
     case_label_names,
     load_case,
+    read_warnings_of,
     validate_manifest,
 )
 from medssl.data.errors import DatasetScanError, MedsslDataError, TooSmallError
+from medssl.data.limits import max_volume_bytes
 from medssl.data.npy import LazyNpy
 from medssl.data.volume import Volume
 
@@ -92,6 +100,8 @@ _TMP_PREFIX = ".tmp-"
 _LOCK_DIR = ".locks"
 _LOCK_STRIPES = 64  # entries share 64 lock files: bounded files, rare and harmless contention
 _FORMAT_VERSION = 2  # 2: entries keyed by source identity
+# Errors that mean "this cache cannot be written" (read-only mount, no write permission)
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 __all__ = ["VolumeCache", "CacheBuildReport", "CacheEntryError", "CacheWriteError"]
 
@@ -261,13 +271,11 @@ class VolumeCache:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         manifest = validate_manifest(manifest)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._write_config_file()
-        remove_stale_temps(self.dir)  # folders of builders that died (a live builder's are kept)
+        max_volume_bytes()  # a bad MEDSSL_MAX_VOLUME_BYTES is one error here, not one per file
         report = CacheBuildReport(cache_dir=self.dir)
         rows = {row["case_id"]: row for row in manifest.to_dict(orient="records")}
         todo = []
-        for case_id, row in rows.items():
+        for case_id, row in rows.items():  # reads only: a cache that is up to date may be read-only
             meta = self._fresh_meta(row)
             if meta is None:
                 todo.append(row)
@@ -275,6 +283,10 @@ class VolumeCache:
                 continue
             else:
                 report.reused_case_ids.append(case_id)
+        if todo or not self.dir.is_dir():
+            self._prepare_for_writing(todo)
+        else:
+            remove_stale_temps(self.dir)  # dead builders' folders (a no-op where the cache is read-only)
         staged: dict[str, Path] = {}
         own_tmp = [temp_path(self.dir, f"{_TMP_PREFIX}{self.entry_dir(row).name}") for row in todo]
         try:
@@ -297,6 +309,8 @@ class VolumeCache:
             meta = self._read_meta(self.entry_dir(rows[case_id]))
             report.shapes_vox[case_id] = tuple(meta["shape_vox"])
             report.spacings_mm[case_id] = tuple(meta["spacing_mm"])
+            report.n_channels[case_id] = int(meta["n_channels"])
+            report.warnings += read_warnings_of(case_id, meta.get("volume_meta", {}))  # also for reused entries
         return report
 
     def _fits(self, meta: dict, row: dict, patch_size_vox: Any, report: CacheBuildReport) -> bool:
@@ -331,9 +345,11 @@ class VolumeCache:
                 return
             # spawn, not fork: the parent may hold torch/OpenMP threads. Workers ignore Ctrl-C: the
             # parent alone handles it, lets running cases finish and stops the pool (a pool whose
-            # workers die of SIGINT mid-start can hang in shutdown).
+            # workers die of SIGINT mid-start can hang in shutdown). Workers die with the parent
+            # (a SIGKILLed builder would otherwise leave them running).
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(os.getpid(),)) as pool:
                 with _sigint_ignored_in_children():
                     futures = [pool.submit(_stage_case, *a) for a in args]  # the first submit starts the workers
                 try:
@@ -345,6 +361,26 @@ class VolumeCache:
                     raise
         finally:
             bar.close()
+
+    def _prepare_for_writing(self, todo: list[dict]) -> None:
+        """Create the folder and its config.json and sweep dead builders' folders; a read-only cache is named."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_config_file()
+            probe = temp_path(self.dir, ".write-probe")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            os.unlink(probe)
+        except OSError as e:
+            if e.errno not in _READ_ONLY_ERRNOS:
+                raise
+            names = ", ".join(str(r["case_id"]) for r in todo[:5]) + (" ..." if len(todo) > 5 else "")
+            raise CacheWriteError(
+                self.dir, f"the cache cannot be written ({e.strerror or e}) and {len(todo)} case(s) need building "
+                f"({names or 'the cache folder itself'}); an up-to-date read-only cache is read without writing, "
+                "but this one is missing entries: build it where it is writable, or point MEDSSL_CACHE at a "
+                "writable folder",
+            ) from e  # fmt: skip
+        remove_stale_temps(self.dir)  # folders of builders that died (a live builder's are kept)
 
     def _commit(self, row: dict, tmp: Path) -> bool:
         """Move a staged entry into place; False if an up-to-date entry appeared meanwhile (``tmp`` is dropped)."""
@@ -362,9 +398,21 @@ class VolumeCache:
             yield
             return
         lock_dir = self.dir / _LOCK_DIR
-        lock_dir.mkdir(parents=True, exist_ok=True)
         stripe = int(hashlib.sha256(entry.name.encode()).hexdigest()[:8], 16) % _LOCK_STRIPES
-        fd = os.open(lock_dir / f"{stripe}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        lock_path = lock_dir / f"{stripe}.lock"
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if not shared or e.errno not in _READ_ONLY_ERRNOS:
+                raise
+            # A cache we cannot write (read-only mount, shared read-only dataset): nobody can commit
+            # through this mount, so a reader goes on with the lock file if it exists, else without one.
+            try:
+                fd = os.open(lock_path, os.O_RDONLY)
+            except OSError:
+                yield
+                return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
@@ -578,8 +626,9 @@ def _stale_reason(meta: dict, row: Mapping[str, Any] | None) -> str | None:
 # ---------------------------------------------------------------------- staging (runs in workers too)
 
 
-def _ignore_sigint() -> None:
+def _init_worker(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
 
 
 @contextmanager

@@ -27,7 +27,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl._files import atomic_path
-from medssl.data.errors import DatasetScanError, MedsslDataError, TooLargeError, TooSmallError
+from medssl.data.errors import (
+    ChannelCountError,
+    DatasetScanError,
+    MedsslDataError,
+    SettingError,
+    TooLargeError,
+    TooSmallError,
+)
 from medssl.data.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -46,6 +53,7 @@ __all__ = [
     "SPLITS",
     "AUX_PREFIX",
     "ScanReport",
+    "ScanWarning",
     "read_manifest",
     "write_manifest",
     "validate_manifest",
@@ -54,6 +62,7 @@ __all__ = [
     "load_case",
     "case_label_names",
     "case_aux_paths",
+    "check_channel_counts",
 ]
 
 
@@ -303,6 +312,28 @@ def _split_groups(
 # --------------------------------------------------------------------------- dataset scan
 
 
+@dataclass(frozen=True)
+class ScanWarning:
+    """A file that was used, but with a repair or an assumption the user must know about.
+
+    E.g. a NIfTI ``sform_code`` of 7: nibabel ignores that transform and the orientation
+    comes from the qform. ``path`` names the file, ``problem`` says what rule was applied.
+    """
+
+    case_id: str
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def read_warnings_of(case_id: str, volume_meta: dict) -> list[ScanWarning]:
+    """The :class:`ScanWarning` records a reader left in ``Volume.meta["read_warnings"]``."""
+    return [ScanWarning(case_id, str(w.get("path", "")), str(w.get("problem", "")))
+            for w in (volume_meta or {}).get("read_warnings") or [] if isinstance(w, dict)]  # fmt: skip
+
+
 @dataclass
 class ScanReport:
     """What a dataset scan found.
@@ -313,6 +344,9 @@ class ScanReport:
         problem_case_ids: the case id of each entry of ``problems``.
         shapes_vox: preprocessed ``(X, Y, Z)`` shape of each good case.
         spacings_mm: preprocessed voxel spacing of each good case.
+        n_channels: image channels of each good case.
+        warnings: :class:`ScanWarning` of good cases read with a repair or an assumption
+            (e.g. an invalid NIfTI orientation code), each naming the file and the rule applied.
     """
 
     ok_case_ids: list[str] = field(default_factory=list)
@@ -320,6 +354,8 @@ class ScanReport:
     problem_case_ids: list[str] = field(default_factory=list)
     shapes_vox: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     spacings_mm: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    n_channels: dict[str, int] = field(default_factory=dict)
+    warnings: list[ScanWarning] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -330,7 +366,10 @@ class ScanReport:
         self.problems.append(error)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per case: ``case_id, status, error, path, problem, shape_vox, spacing_mm``."""
+        """One row per case, then one per warning: ``case_id, status, error, path, problem, shape_vox, spacing_mm``.
+
+        ``status`` is ``ok``, ``bad`` or ``warning`` (a good case read with a repair or assumption).
+        """
         rows = [
             {"case_id": c, "status": "ok", "error": "", "path": "", "problem": "",
              "shape_vox": self.shapes_vox.get(c), "spacing_mm": self.spacings_mm.get(c)}
@@ -341,6 +380,11 @@ class ScanReport:
              "shape_vox": None, "spacing_mm": None}
             for c, e in zip(self.problem_case_ids, self.problems)
         ]
+        rows += [
+            {"case_id": w.case_id, "status": "warning", "error": "", "path": w.path, "problem": w.problem,
+             "shape_vox": None, "spacing_mm": None}
+            for w in self.warnings
+        ]
         cols = ["case_id", "status", "error", "path", "problem", "shape_vox", "spacing_mm"]
         return pd.DataFrame(rows, columns=cols)
 
@@ -350,11 +394,45 @@ class ScanReport:
 
     def summary(self) -> str:
         head = f"{len(self.ok_case_ids)} case(s) ok, {len(self.problems)} bad"
+        if self.warnings:
+            head += f", {len(self.warnings)} warning(s)"
         lines = [f"  - [{c}] {type(e).__name__}: {e}" for c, e in zip(self.problem_case_ids, self.problems)]
+        lines += [f"  ! [{w.case_id}] warning: {w}" for w in self.warnings]
         return "\n".join([head] + lines)
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def check_channel_counts(report: ScanReport, manifest: pd.DataFrame) -> list[MedsslDataError]:
+    """Cases whose channel count differs from the dataset's become problems (:class:`ChannelCountError`).
+
+    A model takes one number of input channels, so a folder mixing 1- and 3-channel scans is refused at scan
+    time, before anything is trained or written. The dataset's count is the most common one (ties: that of
+    the first case in manifest order); the others' cases move from ``ok_case_ids`` to ``problems``.
+    Returns the new problems.
+    """
+    counts = {c: report.n_channels[c] for c in report.ok_case_ids if c in report.n_channels}
+    if len(set(counts.values())) <= 1:
+        return []
+    tally = pd.Series(list(counts.values())).value_counts()
+    best = tally.max()
+    common = next(n for n in counts.values() if tally[n] == best)  # first in manifest order among the most common
+    images = dict(zip(manifest["case_id"], manifest["image"]))
+    same = [c for c, n in counts.items() if n == common]
+    new = []
+    for case_id, n in counts.items():
+        if n == common:
+            continue
+        err = ChannelCountError(
+            images.get(case_id, case_id),
+            f"has {n} image channel(s) but {len(same)} other case(s) have {common} (e.g. {', '.join(same[:3])}); "
+            "a model takes one number of input channels: convert the scans to one channel count, or drop this one",
+        )  # fmt: skip
+        report.ok_case_ids.remove(case_id)
+        report.add_problem(case_id, err)
+        new.append(err)
+    return new
 
 
 def load_case(
@@ -412,6 +490,8 @@ def _guarded(fn, row, *args, **kwargs):
     """
     try:
         return fn(row, *args, **kwargs), None
+    except SettingError:  # about a setting, not this file: one error for the whole scan
+        raise
     except MedsslDataError as e:
         return None, e
     except MemoryError as e:  # this file was too large for the machine; the others may be fine
@@ -448,6 +528,9 @@ def scan_dataset(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     manifest = validate_manifest(manifest)
+    from medssl.data.limits import max_volume_bytes
+
+    max_volume_bytes()  # a bad MEDSSL_MAX_VOLUME_BYTES is one error here, not one per file
     report = ScanReport()
     rows = manifest.to_dict(orient="records")
     for row in tqdm(rows, desc="scanning cases", disable=not progress, unit="case"):
@@ -458,6 +541,9 @@ def scan_dataset(
         report.ok_case_ids.append(row["case_id"])
         report.shapes_vox[row["case_id"]] = vol.shape_vox
         report.spacings_mm[row["case_id"]] = tuple(float(s) for s in vol.spacing_mm)
+        report.n_channels[row["case_id"]] = vol.n_channels
+        report.warnings += read_warnings_of(row["case_id"], vol.meta)
+    check_channel_counts(report, manifest)
     if report.problems and on_error == "raise":
         raise DatasetScanError(report.problems)
     return report

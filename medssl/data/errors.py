@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+class SettingError(ValueError):
+    """A medssl setting (an environment variable such as ``MEDSSL_MAX_VOLUME_BYTES``) is invalid.
+
+    Not about any data file: a scan stops at once with this one message instead of blaming every file.
+    """
+
+
 class MedsslDataError(ValueError):
     """A data file cannot be used. ``path`` names the file, ``problem`` says why."""
 
@@ -33,6 +40,10 @@ class NonFiniteVoxelsError(MedsslDataError):
 
 class LabelGridMismatchError(MedsslDataError):
     """A label's shape or affine differs from its image's."""
+
+
+class ChannelCountError(MedsslDataError):
+    """The image has another number of channels than the rest of the dataset (a model takes one)."""
 
 
 class TooSmallError(MedsslDataError):

@@ -17,9 +17,14 @@ import gzip
 import math
 import os
 import re
+import stat
+import tempfile
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -30,9 +35,11 @@ from medssl.data.errors import (
     DimensionalityError,
     GeometryError,
     MedsslDataError,
+    SettingError,
     TooLargeError,
     UnreadableFileError,
 )
+from medssl.data.headers import itk_header_problem, nifti_header_problem
 from medssl.data.limits import check_memory
 from medssl.data.validate import channels_first, check_finite, check_geometry, check_same_grid
 from medssl.data.volume import Volume
@@ -65,10 +72,28 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def _check_is_file_or_folder(path: Path) -> None:
+    """A regular file or a folder; a dangling link, a FIFO (which would block the reader for ever), a socket
+    or a device is named as such."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UnreadableFileError(path, f"a symbolic link to {os.readlink(path)!r}, which does not exist "
+                                            "(a dangling link: the file was moved or deleted)") from None  # fmt: skip
+        raise UnreadableFileError(path, "file or folder does not exist") from None
+    except OSError as e:
+        raise UnreadableFileError(path, f"cannot be opened ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device file" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
+    raise UnreadableFileError(path, f"is {kind}, not a regular file: medssl reads image files and DICOM folders")
+
+
 def _read_raw(path: Path) -> _Raw:
     """Dispatch on the file type; turn every unexpected reader failure into UnreadableFileError."""
-    if not path.exists():
-        raise UnreadableFileError(path, "file or folder does not exist")
+    _check_is_file_or_folder(path)
     try:
         if path.is_dir():
             return _read_dicom_series(path)
@@ -85,18 +110,32 @@ def _read_raw(path: Path) -> _Raw:
                 f"unsupported or unreadable format '{suffix}' ({exc.problem}); medssl reads "
                 f"{', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} files and DICOM series folders",
             ) from None
-    except MedsslDataError:
+    except (MedsslDataError, SettingError):  # SettingError: not about this file (e.g. MEDSSL_MAX_VOLUME_BYTES)
         raise
     except MemoryError as exc:  # the bounds in medssl.data.limits were not enough on this machine
         raise TooLargeError(path, f"ran out of memory while reading it ({exc or 'MemoryError'})") from None
     except Exception as exc:  # boundary: any reader failure means the file cannot be used
-        raise UnreadableFileError(path, f"cannot read file: {type(exc).__name__}: {exc}") from exc
+        raw = f"{type(exc).__name__}: {str(exc).strip()}"
+        if _suffix(path) in NIFTI_SUFFIXES:
+            found = nifti_header_problem(path)
+            if found is not None:
+                raise found[0](path, f"{found[1]} (nibabel: {raw})") from exc
+            raise UnreadableFileError(path, f"damaged or not a NIfTI file: nibabel cannot read it and no header "
+                                            f"field explains why (nibabel: {raw})") from exc  # fmt: skip
+        raise UnreadableFileError(path, f"the reader failed on it; the file may be damaged or in a format medssl "
+                                        f"does not read (reader: {raw})") from exc  # fmt: skip
 
 
 # --------------------------------------------------------------------------- NIfTI (nibabel)
 
 
-def _check_nifti_pixdim(path: Path, img: nib.Nifti1Image) -> None:
+def _raw_nifti_header(path: Path, img: nib.Nifti1Image):
+    """The header as stored, without nibabel's fixes."""
+    with nib.openers.ImageOpener(path) as fobj:
+        return type(img.header).from_fileobj(fobj, check=False)
+
+
+def _check_nifti_pixdim(path: Path, img: nib.Nifti1Image, raw) -> None:
     """Reject zero/negative/NaN pixdim when it defines the geometry.
 
     nibabel silently "fixes" such headers on load (zero -> 1, negative -> abs),
@@ -106,8 +145,6 @@ def _check_nifti_pixdim(path: Path, img: nib.Nifti1Image) -> None:
     header = img.header
     if int(header["sform_code"]) > 0:
         return
-    with nib.openers.ImageOpener(path) as fobj:
-        raw = type(header).from_fileobj(fobj, check=False)
     pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
         raise GeometryError(
@@ -164,16 +201,79 @@ def _check_before_reading(path: Path, affine: np.ndarray, shape: tuple[int, ...]
     check_memory(path, n_voxels * bytes_per_voxel, f"reading this image ({' x '.join(map(str, shape))} voxels)")
 
 
+# NIfTI xform codes: 0 unknown, 1 scanner, 2 aligned, 3 Talairach, 4 MNI (NIfTI-2 adds 5, template)
+_XFORM_CODES = {nib.Nifti1Image: (0, 1, 2, 3, 4), nib.Nifti2Image: (0, 1, 2, 3, 4, 5)}
+
+
+def _nifti_orientation_notes(img: nib.Nifti1Image, raw, repairs: list[str]) -> list[str]:
+    """What nibabel repaired or assumed about the orientation, one sentence per rule applied.
+
+    nibabel sets an invalid ``sform_code``/``qform_code`` to 0 (the transform is then ignored)
+    and a ``qfac`` (``pixdim[0]``) other than 1 or -1 to 1, logging it at most; with neither
+    transform the affine comes from the voxel sizes alone. The user must know which
+    orientation was assumed, so each case is named here (and lands in the scan report).
+    """
+    valid = _XFORM_CODES.get(type(img), _XFORM_CODES[nib.Nifti1Image])
+    header = img.header
+    s_code, q_code = int(header["sform_code"]), int(header["qform_code"])  # after nibabel's fixes
+    source = ("the sform" if s_code else f"the qform (code {q_code})" if q_code else
+              "the voxel sizes alone (nibabel's fallback: axes along L, A, S, origin at voxel 0; left/right and "
+              "world positions may be wrong)")  # fmt: skip
+    notes = []
+    for name, code in (("sform_code", raw["sform_code"]), ("qform_code", raw["qform_code"])):
+        code = int(code)
+        if code not in valid:
+            notes.append(f"{name} {code} is not a NIfTI code ({', '.join(map(str, valid))}): that transform was "
+                         f"ignored; the orientation was taken from {source}")  # fmt: skip
+    if not notes and s_code == 0 and q_code == 0:
+        notes.append(f"no orientation in the header (sform_code and qform_code 0): the affine was taken from {source}")
+    qfac = float(raw["pixdim"][0])
+    if qfac not in (-1.0, 0.0, 1.0):  # 0 is the NIfTI standard's "treat as 1"
+        effect = ("the qform defines this file's orientation, so its third axis may be flipped" if s_code == 0
+                  and q_code else "the qform does not define this file's orientation, so nothing changed")  # fmt: skip
+        notes.append(f"qfac (pixdim[0]) is {qfac:g}, must be 1 or -1: 1 was assumed (a right-handed grid); {effect}")
+    noted = ("sform_code", "qform_code", "qfac", "pixdim[0]")
+    notes += [f"nibabel repaired the header: {r}" for r in repairs if not any(k in r for k in noted)]
+    return notes
+
+
+@contextmanager
+def _nibabel_messages() -> Iterator[list[str]]:
+    """Collect what nibabel logs while loading (header repairs) instead of printing it."""
+    import logging
+
+    logger = nib.imageglobals.logger
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    saved, logger.handlers = logger.handlers, [_Collect()]
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(str(w.message) for w in caught)
+    finally:
+        logger.handlers, logger.propagate = saved, propagate
+
+
 def _read_nifti(path: Path) -> _Raw:
-    img = nib.load(str(path))
+    with _nibabel_messages() as repairs:
+        img = nib.load(str(path))
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UnreadableFileError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
-    _check_nifti_pixdim(path, img)
+    raw_header = _raw_nifti_header(path, img)
+    _check_nifti_pixdim(path, img, raw_header)
+    notes = _nifti_orientation_notes(img, raw_header, repairs)
     header = img.header
     dtype = header.get_data_dtype()
     _check_voxel_type(path, dtype)
-    slope, inter = header.get_slope_inter()
-    scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+    # a loaded image's header has its scaling reset (nibabel moves it to the array proxy): ask the proxy
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    scaled = slope != 1 or inter != 0
     # Order: the header's geometry, then whether the file holds the voxels its header promises
     # (a 4 KB file claiming 2048^3 voxels is truncated, not large), then the memory they need.
     _check_before_reading(path, img.affine, img.shape, None)
@@ -184,11 +284,18 @@ def _read_nifti(path: Path) -> _Raw:
         raise UnreadableFileError(
             path, f"truncated: the header needs {expected} bytes (header + voxels), the file holds {size}"
         )
-    # raw voxels, nibabel's float64 when scaled, and read_volume's float32 copy
-    _check_before_reading(path, img.affine, img.shape, dtype.itemsize + (8 if scaled else 0) + 4)
+    # Alive at the peak (measured as the RSS peak of a fresh process): the raw voxels (for .nii.gz nibabel's
+    # decompressed buffer and the array made from it, plus about one copy of heap fragmentation under medssl's
+    # malloc settings, which never trim), nibabel's float64 when scaled, read_volume's float32 copy and
+    # check_finite's mask.
+    raw_copies = 3 if _suffix(path) == ".nii.gz" else 1
+    _check_before_reading(path, img.affine, img.shape, raw_copies * dtype.itemsize + (8 if scaled else 0) + 4 + 1)
     # asanyarray keeps integer label maps integer (scaling, if any, makes it float).
     array = np.asanyarray(img.dataobj)
-    return _Raw(array=array, affine=np.asarray(img.affine, dtype=np.float64), fmt="nifti")
+    out = _Raw(array=array, affine=np.asarray(img.affine, dtype=np.float64), fmt="nifti")
+    if notes:
+        out.notes["read_warnings"] = notes
+    return out
 
 
 # --------------------------------------------------------------------------- NRRD / MetaImage / DICOM (SimpleITK)
@@ -275,8 +382,8 @@ def _check_itk_info(path: Path, reader: sitk.ImageFileReader) -> None:
         return  # 2D: DimensionalityError once read
     affine = _itk_ras_affine(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
     components = max(1, int(reader.GetNumberOfComponents()))
-    # ITK's buffer, our transposed copy, and read_volume's float32 copy
-    per_voxel = components * (2 * _itk_pixel_bytes(reader.GetPixelID()) + 4)
+    # ITK's buffer, our transposed copy, read_volume's float32 copy and check_finite's mask
+    per_voxel = components * (2 * _itk_pixel_bytes(reader.GetPixelID()) + 4 + 1)
     _check_before_reading(path, affine, tuple(size), per_voxel)
 
 
@@ -296,18 +403,58 @@ def _sitk_to_raw(path: Path, image: sitk.Image, fmt: str) -> _Raw:
     return _Raw(array=np.array(arr), affine=affine, fmt=fmt)  # copy: the view dies with `image`
 
 
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _quiet_itk() -> Iterator[list[str]]:
+    """No ITK/GDCM warnings on stderr while reading: medssl checks what they warn about (uneven DICOM slices,
+    geometry) itself and names it in its own error or the scan report, instead of printing before it.
+
+    ITK's warnings are switched off; MetaIO and teem (NRRD) write straight to the C++ stderr, so file
+    descriptor 2 is sent to a temporary file for the duration of the call (held under a lock; a read takes
+    milliseconds) and what they wrote is yielded, for the error message if the read fails.
+    """
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    said: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        try:
+            saved = os.dup(2)
+            os.dup2(sink.fileno(), 2)
+        except OSError:  # no stderr to redirect: nothing to hide either
+            saved = None
+        try:
+            yield said
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                said.append(" ".join(sink.read(4096).decode("utf-8", "replace").split()))
+            sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
 def _execute_itk(path: Path, run) -> sitk.Image:
+    said: list[str] = []
     try:
-        return run()
+        with _quiet_itk() as said:
+            return run()
     except RuntimeError as exc:
         msg = _itk_error_message(exc)
+        if said and said[0]:
+            msg += f"; it also printed: {said[0][:300]}"
         if re.search(r"spacing|direction|determinant|space vector", msg, flags=re.I):
-            raise GeometryError(path, f"broken geometry: {msg}") from None
-        raise UnreadableFileError(path, f"cannot read file: {msg}") from None
+            raise GeometryError(path, f"broken geometry: ITK refuses its voxel axes (ITK: {msg})") from None
+        raise UnreadableFileError(path, f"ITK cannot read it: the file is damaged or uses a feature ITK does not "
+                                        f"read (ITK: {msg})") from None  # fmt: skip
 
 
 def _read_itk_file(path: Path) -> _Raw:
     if _suffix(path) in ITK_SUFFIXES:
+        found = itk_header_problem(path)  # before SimpleITK: some headers crash it (NDims = -1)
+        if found is not None:
+            raise found[0](path, found[1])
         problem = _header_spacing_problem(path)
         if problem:
             raise GeometryError(path, f"broken geometry: {problem}")
@@ -322,7 +469,8 @@ def _read_itk_file(path: Path) -> _Raw:
 
 def _read_dicom_series(folder: Path) -> _Raw:
     """One DICOM series per folder, read with SimpleITK/GDCM (which sorts slices by position)."""
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    with _quiet_itk():
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if len(series_ids) == 0:
         raise UnreadableFileError(
             folder,
@@ -334,13 +482,14 @@ def _read_dicom_series(folder: Path) -> _Raw:
             f"folder holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); medssl reads one series per "
             "folder: move each series into its own folder",
         )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    with _quiet_itk():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
     _execute_itk(folder, first.ReadImageInformation)
     rows_cols = math.prod(first.GetSize()[:2])
     components = max(1, int(first.GetNumberOfComponents()))
-    per_voxel = components * (2 * _itk_pixel_bytes(first.GetPixelID()) + 4)
+    per_voxel = components * (2 * _itk_pixel_bytes(first.GetPixelID()) + 4 + 1)
     check_memory(folder, rows_cols * len(files) * per_voxel, f"reading this series ({len(files)} slices)")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -487,11 +636,13 @@ def _as_label_map(path: Path, raw: _Raw) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-def _read_map_on_grid(path: Path, image_path: Path, image_shape, image_affine, what: str) -> np.ndarray:
+def _read_map_on_grid(path: Path, image_path: Path, image_shape, image_affine, what: str,
+                      read_warnings: list[dict]) -> np.ndarray:  # fmt: skip
     raw = _read_raw(path)
     label = _as_label_map(path, raw)
     affine = check_geometry(path, raw.affine, label.shape)
     check_same_grid(path, label.shape, affine, image_path, image_shape, image_affine, what=what)
+    read_warnings += [{"path": str(path), "problem": f"{what}: {n}"} for n in raw.notes.get("read_warnings", [])]
     return label
 
 
@@ -537,6 +688,10 @@ def read_volume(
         GeometryError: zero/negative/NaN spacing, singular or non-finite affine.
         NonFiniteVoxelsError: NaN/Inf voxels (the message counts them).
         LabelGridMismatchError: a label's shape or affine differs from the image's.
+
+    What the readers repaired or assumed (an invalid NIfTI ``sform_code``/``qform_code``, an odd
+    ``qfac``, no orientation at all) is listed in ``meta["read_warnings"]`` as
+    ``{"path", "problem"}`` records; a dataset scan reports them as warnings.
     """
     image_path = Path(image_path)
     raw = _read_raw(image_path)
@@ -547,15 +702,17 @@ def read_volume(
     check_finite(image_path, data)
     shape_vox = data.shape[1:]
 
+    read_warnings = [{"path": str(image_path), "problem": n} for n in raw.notes.pop("read_warnings", [])]
     label = None
     if label_path is not None:
-        label = _read_map_on_grid(Path(label_path), image_path, shape_vox, affine, "label")
+        label = _read_map_on_grid(Path(label_path), image_path, shape_vox, affine, "label", read_warnings)
     aux = {
-        name: _read_map_on_grid(Path(p), image_path, shape_vox, affine, f"aux map '{name}'")
+        name: _read_map_on_grid(Path(p), image_path, shape_vox, affine, f"aux map '{name}'", read_warnings)
         for name, p in (aux_paths or {}).items()
     }
     meta = {
         **raw.notes,
+        **({"read_warnings": read_warnings} if read_warnings else {}),
         "format": raw.fmt,
         "label_source": str(label_path) if label_path is not None else None,
         "aux_sources": {name: str(p) for name, p in (aux_paths or {}).items()},

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medssl.data.errors import GeometryError, TooLargeError
+from medssl.data.errors import GeometryError, SettingError, TooLargeError
 
 __all__ = ["MAX_SPACING_MM", "MAX_WORLD_MM", "max_volume_bytes", "check_world_bounds", "check_memory"]
 
@@ -30,13 +30,23 @@ _DEFAULT_CAP_BYTES = 16 * 2**30
 
 
 def max_volume_bytes() -> int:
-    """The memory bound for one volume (``MEDSSL_MAX_VOLUME_BYTES``, else min(RAM / 2, 16 GiB))."""
-    env = os.environ.get("MEDSSL_MAX_VOLUME_BYTES")
+    """The memory bound for one volume (``MEDSSL_MAX_VOLUME_BYTES``, else min(RAM / 2, 16 GiB)).
+
+    Raises:
+        SettingError: ``MEDSSL_MAX_VOLUME_BYTES`` is not a positive, finite number of bytes.
+    """
+    env = os.environ.get("MEDSSL_MAX_VOLUME_BYTES", "").strip()
     if env:
         try:
-            return int(float(env))
+            value = float(env)
         except ValueError:
-            raise ValueError(f"MEDSSL_MAX_VOLUME_BYTES must be a number of bytes, got {env!r}") from None
+            value = float("nan")
+        if not (np.isfinite(value) and value >= 1):
+            raise SettingError(
+                f"MEDSSL_MAX_VOLUME_BYTES must be a positive number of bytes (e.g. 8e9 for 8 GB), got {env!r}; "
+                "unset it for the default (half the RAM, at most 16 GiB)"
+            )
+        return int(value)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):  # not POSIX

@@ -40,6 +40,8 @@ __all__ = [
     "resample_to_spacing",
     "crop_to_box",
     "foreground_box",
+    "preprocess_peak_bytes",
+    "resample_peak_bytes",
 ]
 
 # Bump when the preprocessing code changes what it outputs: it is part of every cache key.
@@ -200,6 +202,9 @@ def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float]) -> Volume:
         return volume
     shape_old = np.asarray(volume.shape_vox, dtype=np.float64)
     shape_new = _checked_resampled_shape(volume, shape_old * old / new)
+    path = volume.source or volume.case_id
+    peak = resample_peak_bytes(volume, tuple(shape_new))
+    check_memory(path, peak, f"resampling to {shape_new.tolist()} voxels")
     scale = new / old  # old index per new index
     # Centre the new grid on the old one: new index (n'-1)/2 lands on old index (n-1)/2.
     offset_vox = (shape_old - 1.0) / 2.0 - scale * (shape_new - 1.0) / 2.0
@@ -214,26 +219,117 @@ def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float]) -> Volume:
         return ndimage.affine_transform(arr, scale, offset=offset_vox, output_shape=shape, order=order, mode="nearest")
 
     data = np.stack([_warp(np.asarray(c, dtype=np.float32), 1) for c in volume.data])
-    maps = {k: _resample_labels(np.asarray(v), scale, offset_vox, shape) for k, v in _spatial_maps(volume).items()}
+    maps = {}
+    for k, v in _spatial_maps(volume).items():
+        alive = _input_bytes(volume) + data.nbytes + sum(m.nbytes for m in maps.values())
+        maps[k] = _resample_labels(np.asarray(v), scale, offset_vox, shape, memory=(path, alive))
     return _with_maps(volume, data, affine, maps)
 
 
 def _checked_resampled_shape(volume: Volume, shape_float: np.ndarray) -> np.ndarray:
-    """``max(1, round(shape_float))`` per axis, after checking it is finite and fits in memory."""
+    """``max(1, round(shape_float))`` per axis, after checking it is finite and at least 2 voxels per axis."""
     path = volume.source or volume.case_id
     if not np.all(np.isfinite(shape_float)) or np.max(shape_float) > 2**62:
         raise GeometryError(path, f"resampling would give a grid of {shape_float.tolist()} voxels (absurd spacing)")
     shape_new = np.maximum(1, np.round(shape_float)).astype(np.int64)
-    n_voxels = float(np.prod(shape_new.astype(np.float64)))
-    n_maps = len(_spatial_maps(volume))
-    # float32 image + one float32 channel temporary; per label map the output and its 8 vote
-    # candidates (<= 4 bytes each) and, at voxels where they disagree, float64 weights and scores
-    per_voxel = 4 * (volume.n_channels + 1) + n_maps * 160
-    check_memory(path, n_voxels * per_voxel, f"resampling to {shape_new.tolist()} voxels")
+    if np.any(shape_new < 2):  # e.g. 0.001 mm voxels: the whole image fits in one target voxel
+        old = spacing_from_affine(volume.affine)
+        extent = np.asarray(volume.shape_vox, dtype=np.float64) * old
+        new = old * np.asarray(volume.shape_vox, dtype=np.float64) / shape_float
+        raise GeometryError(
+            path,
+            f"the image spans only {' x '.join(f'{e:.3g}' for e in extent)} mm (voxel size "
+            f"{' x '.join(f'{s:.3g}' for s in old)} mm): less than two {' x '.join(f'{s:g}' for s in new)} mm "
+            f"voxels along axis {np.flatnonzero(shape_new < 2).tolist()} after resampling; a wrong unit in the "
+            "header (micrometres instead of millimetres?) or a wrong target spacing",
+        )
     return shape_new
 
 
-def _resample_labels(label: np.ndarray, scale: np.ndarray, offset_vox: np.ndarray, shape: tuple[int, int, int]):
+# ----------------------------------------------------------------- memory: the real peak, stage by stage
+#
+# Bytes alive at the peak of each stage, per voxel of the grid the stage works on (measured with tracemalloc
+# on 4M-voxel grids; tests/data/test_memory_estimate.py checks the total against the RSS peak of a fresh
+# process). C: image channels; m_i: bytes per voxel of each label/aux map. The input arrays stay alive until
+# preprocess returns.
+_WARP_TEMP = 0.5  # scipy's affine_transform: a float32 line buffer and index tables (~0.5 B per output voxel)
+_LABEL_VOTE = 160.0  # _resample_labels at a voxel whose 8 neighbours disagree: indices, weights, scores (float64)
+_DETECT_MODALITY = 4.0  # np.percentile's float32 copy
+_BODY = {"ct": 5.0, "other": 17.0}  # threshold, opening, largest component / Otsu's float64 copy and histogram
+_SCALE = {"percentile": 8.0, "ct_window": 12.0, "none": 0.0}  # per-channel temporaries besides the output
+
+
+def _input_bytes(volume: Volume) -> int:
+    """Bytes of the input image (from its shape: a lazy or memory-mapped array is not read here)."""
+    return int(np.prod(volume.data.shape)) * np.dtype(volume.data.dtype).itemsize
+
+
+def _map_itemsizes(volume: Volume) -> list[int]:
+    return [np.dtype(v.dtype).itemsize for v in _spatial_maps(volume).values()]
+
+
+def _boundary_fraction(label: np.ndarray) -> float:
+    """Share of the map's grid cells (2 x 2 x 2 voxels) whose corners disagree: the share of resampled voxels
+    that need :func:`_resample_labels`' vote (the new voxel centres fall evenly into the old cells)."""
+    a = np.asarray(label)
+    if min(a.shape) < 2:
+        return 1.0
+    base = a[:-1, :-1, :-1]
+    mixed = np.zeros(base.shape, dtype=bool)
+    for dx, dy, dz in [(x, y, z) for x in (0, 1) for y in (0, 1) for z in (0, 1)][1:]:
+        mixed |= a[dx : dx + base.shape[0], dy : dy + base.shape[1], dz : dz + base.shape[2]] != base
+    return float(mixed.mean())
+
+
+def resample_peak_bytes(volume: Volume, shape_new: Sequence[int]) -> float:
+    """Peak bytes of :func:`resample_to_spacing`: the input, then the new image (its warped channels and
+    their stack), then each label map's 8 vote candidates, output and masks next to the new image and the
+    maps done so far, plus the vote at its boundary voxels."""
+    n = float(np.prod(np.asarray(shape_new, dtype=np.float64)))
+    c = volume.n_channels
+    maps = list(_spatial_maps(volume).values())
+    inputs = _input_bytes(volume) + sum(m.nbytes for m in maps)
+    peak = (8 * c + _WARP_TEMP) * n
+    done = 0.0
+    for m in maps:
+        size = np.dtype(m.dtype).itemsize
+        peak = max(peak, (4 * c + done + 9 * size + 2 + _LABEL_VOTE * _boundary_fraction(m)) * n)
+        done += size
+    return inputs + peak
+
+
+def preprocess_peak_bytes(volume: Volume, config: "PreprocessConfig") -> tuple[float, tuple[int, ...]]:
+    """The peak bytes :func:`preprocess` will need for ``volume`` and the resampled shape, before anything is
+    allocated: the input, plus the largest of resampling, body mask, intensity scaling and the final copies
+    (each stage's arrays alive at once; see the per-voxel constants above). The modality (which body rule and
+    scaling) is detected on the input here; the crop is not known yet, so later stages count the full grid."""
+    shape_new = tuple(volume.shape_vox)
+    if config.target_spacing_mm is not None:
+        old = spacing_from_affine(volume.affine)
+        new = np.asarray(config.target_spacing_mm, dtype=np.float64)
+        if not np.allclose(old, new, rtol=0.0, atol=_SPACING_TOL_MM):
+            shape_float = np.asarray(volume.shape_vox, dtype=np.float64) * old / new
+            shape_new = tuple(int(s) for s in _checked_resampled_shape(volume, shape_float))
+    n = float(np.prod(np.asarray(shape_new, dtype=np.float64)))
+    c = volume.n_channels
+    maps = sum(np.dtype(m.dtype).itemsize for m in _spatial_maps(volume).values())
+    inputs = _input_bytes(volume) + maps * float(np.prod(volume.shape_vox))
+    resample = 0.0 if shape_new == tuple(volume.shape_vox) else resample_peak_bytes(volume, shape_new) - inputs
+    modality = config.modality
+    if modality == "auto" and (config.body_mask or config.crop_foreground or config.intensity == "auto"):
+        modality = detect_modality(volume.data[:1])  # on the input: its size, not the resampled one
+    mode = ("ct_window" if modality == "ct" else "percentile") if config.intensity == "auto" else config.intensity
+    body = 0.0
+    if config.body_mask or config.crop_foreground:
+        rule = _BODY["ct"] if modality == "ct" or config.foreground_threshold is not None else _BODY["other"]
+        body = (4 * c + maps + (_DETECT_MODALITY if config.modality == "auto" else 0.0) + rule + 2) * n
+    scale = (8 * c + maps + 2 + _SCALE[mode]) * n  # old image (a cropped view), new image, body mask
+    copies = (4 * c + 2 * (maps + 1)) * n  # contiguous copies of the cropped maps next to their bases
+    return inputs + max(resample, body, scale, copies), shape_new
+
+
+def _resample_labels(label: np.ndarray, scale: np.ndarray, offset_vox: np.ndarray, shape: tuple[int, int, int],
+                     memory: tuple[object, float] | None = None):  # fmt: skip
     """Label map on the new grid: at each new voxel centre, the label with the largest trilinear weight.
 
     Plain nearest neighbour rounds every tie the same way: when the new centres fall
@@ -247,6 +343,9 @@ def _resample_labels(label: np.ndarray, scale: np.ndarray, offset_vox: np.ndarra
     Why not SimpleITK's ``sitkLabelGaussian``: it removes the bias too (measured: mean
     centroid shift 0.06 vs 0.47 mm) but took 4.8 s for a 512 x 512 x 200 map that this
     does in well under a second, and the cache builds every label map once per case.
+
+    ``memory``: ``(path, bytes alive)``; the vote's memory is checked against the bound once the
+    number of disagreeing voxels is known (a noisy map needs ~150 bytes per voxel there).
     """
     lo, hi, w_hi = [], [], []
     for axis in range(3):
@@ -262,9 +361,16 @@ def _resample_labels(label: np.ndarray, scale: np.ndarray, offset_vox: np.ndarra
     mixed = np.zeros(shape, dtype=bool)
     for cand in candidates[1:]:
         mixed |= cand != out
-    where = np.nonzero(mixed)
-    if not where[0].size:
+    n_mixed = int(np.count_nonzero(mixed))
+    if not n_mixed:
         return out
+    if memory is not None:
+        path, alive = memory
+        n_new = float(np.prod(np.asarray(shape, dtype=np.float64)))
+        # alive + the 8 candidates, the output and the masks + the vote at the disagreeing voxels
+        need = alive + (9 * label.itemsize + 2) * n_new + _LABEL_VOTE * n_mixed
+        check_memory(path, need, f"resampling a label map to {list(shape)} voxels ({n_mixed} boundary voxels)")
+    where = np.nonzero(mixed)
     # only voxels whose 8 neighbours disagree need a vote
     cands = [c[where] for c in candidates]
     weights = []
@@ -365,6 +471,9 @@ def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) ->
         TooSmallError: the result is smaller than ``config.min_shape_vox``.
     """
     path = volume.source or volume.case_id
+    peak, shape_new = preprocess_peak_bytes(volume, config)
+    check_memory(path, peak, f"preprocessing it ({' x '.join(map(str, volume.shape_vox))} -> "
+                             f"{' x '.join(map(str, shape_new))} voxels: resampling, body mask, crop, scaling)")
     meta = dict(volume.meta)
     meta.update(
         original_shape_vox=list(volume.shape_vox),

@@ -105,10 +105,16 @@ class DataSource:
             if rows.empty:
                 continue
             part = self.cache.build(rows, on_error=on_error, progress=self.progress,
-                                    workers=2 if parallel and patch is not None else 1, patch_size_vox=patch)
+                                    workers=2 if parallel and len(rows) > 8 else 1, patch_size_vox=patch)
             report = part if report is None else _merge_reports(report, part)
         if report is None:  # an empty manifest: the cache says what it thinks of that
             report = self.cache.build(self.manifest, on_error=on_error, progress=self.progress)
+        from medssl.data.datasets import check_channel_counts
+        from medssl.data.errors import DatasetScanError
+
+        mixed = check_channel_counts(report, self.manifest)  # across all parts: one model reads them all
+        if mixed and on_error == "raise":
+            raise DatasetScanError(mixed)
         if report.problems:
             self.manifest = report.keep_ok(self.manifest)
         self.scan_report = report
@@ -119,6 +125,10 @@ class DataSource:
                 f"(see scan_report):\n{report.summary()}",
                 stacklevel=3,
             )
+        elif report.warnings:
+            lines = "\n".join(f"  ! [{w.case_id}] {w}" for w in report.warnings)
+            warnings.warn(f"{self.source}: {len(report.warnings)} file(s) were read with a repair or an assumption "
+                          f"(also in scan_report.warnings):\n{lines}", stacklevel=3)  # fmt: skip
 
     def volumes(self, split: str | None = None, *, lazy: bool = True) -> list["Volume"]:
         """Cached, preprocessed Volumes of ``split`` (``train``/``val``/``test``/``external``; None: all).
@@ -192,6 +202,8 @@ def _merge_reports(a: Any, b: Any) -> Any:
     a.reused_case_ids += b.reused_case_ids
     a.shapes_vox.update(b.shapes_vox)
     a.spacings_mm.update(b.spacings_mm)
+    a.n_channels.update(b.n_channels)
+    a.warnings += b.warnings
     return a
 
 

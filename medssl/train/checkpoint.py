@@ -12,6 +12,7 @@ Layout inside a run directory: ``checkpoints/last.pt`` (always the newest state)
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "CheckpointWriteError",
     "save_checkpoint",
     "load_checkpoint",
     "load_method",
@@ -61,12 +63,39 @@ def checkpoint_paths(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     return files.checkpoints, files.last
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, quota, file size limit). ``path`` names the file; the previous
+    file of that name is untouched."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))
+
+
 def save_checkpoint(state: dict[str, Any], *paths: str | os.PathLike) -> None:
-    """Serialise ``state`` once and write it atomically to each of ``paths``."""
+    """Serialise ``state`` once and write it atomically to each of ``paths``.
+
+    Raises:
+        CheckpointWriteError: a write failed (e.g. the disk is full); it names the file, and that
+            file's previous version (if any) is still there and loads.
+    """
     buffer = io.BytesIO()
     torch.save(state, buffer)
     for path in paths:
-        atomic_write_bytes(Path(path), buffer.getbuffer(), fsync=True)
+        path = Path(path)
+        try:
+            atomic_write_bytes(path, buffer.getbuffer(), fsync=True)
+        except OSError as e:
+            kept = "the previous checkpoint there is untouched" if path.exists() else "no earlier checkpoint there"
+            hint = " (the disk is full: free space or move the run)" if e.errno == errno.ENOSPC else ""
+            raise CheckpointWriteError(
+                path, f"cannot write the checkpoint ({buffer.getbuffer().nbytes} bytes): "
+                f"{e.strerror or str(e) or type(e).__name__}{hint}; {kept}",
+            ) from e  # fmt: skip
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -84,12 +113,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for corrupt zips, EOFError ...
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(
-            path,
-            f"cannot be loaded safely with weights_only=True ({type(e).__name__}{': ' + reason if reason else ''}); "
-            "medssl checkpoints hold only tensors, numbers and strings, and arbitrary pickled objects are refused",
-        ) from None
+        raise CheckpointError(path, _load_failure(path, e)) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(path, f"not a medssl checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
@@ -97,7 +121,43 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(path, f"checkpoint lacks {missing}")
     _check_json_fields(path, state)
+    _check_field_types(path, state)
     return state
+
+
+def _check_field_types(path: Path, state: dict[str, Any]) -> None:
+    """The plain entries have the types medssl writes (a '5' step would fail later as "'>' between str and int")."""
+    expected = {"method": str, "step": int, "epoch": int, "model": dict}
+    for key, tp in expected.items():
+        value = state[key]
+        if not isinstance(value, tp) or isinstance(value, bool) or (tp is int and value < 0):
+            what = "a non-negative int" if tp is int else tp.__name__
+            raise CheckpointError(path, f"its {key!r} must be {what}, got {str(value)[:60]!r} "
+                                        f"({type(value).__name__}); the checkpoint is damaged")  # fmt: skip
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in words: a refused object, a damaged archive, or no checkpoint."""
+    text = str(e)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (f"holds a pickled object ({refused.group(1)}) that is not a tensor, number or string; it is refused "
+                "unread (weights_only=True), because loading it could run arbitrary code: medssl checkpoints "
+                "hold only tensors, numbers and strings")  # fmt: skip
+    reason = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    detail = f"{type(e).__name__}{': ' + reason[:160] if reason else ''}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    if head.startswith(b"PK\x03\x04"):
+        return (f"is a damaged PyTorch archive ({detail}): truncated or corrupted (a copy or download that did "
+                "not finish?); it cannot be used")  # fmt: skip
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"is a truncated or damaged PyTorch file in the legacy format ({detail}); it cannot be used"
+    return (f"is not a PyTorch checkpoint: neither a zip archive (PyTorch's format) nor a pickle (it starts with "
+            f"{head!r}); a corrupt file or another kind of file named .pt")  # fmt: skip
 
 
 def _check_json_fields(path: Path, state: dict[str, Any]) -> None:
@@ -128,7 +188,10 @@ def load_method(checkpoint_path: str | os.PathLike, map_location: str | torch.de
         config = config_from_json(cls.Config, state["method_config"])
         method = create_method(state["method"], config=config)
         method.load_state_dict(state["model"], strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # unknown method, bad config values, shapes
+    except TypeError as e:  # a stored config value of the wrong type, or an unknown field
+        raise CheckpointError(checkpoint_path, f"cannot rebuild method {state['method']!r}: its stored config is "
+                              f"damaged or from another version ({e})") from None  # fmt: skip
+    except (KeyError, ValueError, RuntimeError) as e:  # unknown method, bad config values, shapes
         raise CheckpointError(checkpoint_path, f"cannot rebuild method {state['method']!r}: {e}") from None
     method.registry_name = str(state.get("registry_name", state["method"]))
     # the training volumes' preprocessing (None for older checkpoints): readers check new inputs against it
@@ -149,6 +212,8 @@ def config_to_json(config: Any) -> str:
 
 def config_from_json(config_cls: type, text: str) -> Any:
     """Inverse of :func:`config_to_json`; restores tuple fields and rejects unknown keys."""
+    from medssl._config import check_overrides
+
     values = json.loads(text)
     known = {f.name: f for f in fields(config_cls)}
     unknown = sorted(set(values) - set(known))
@@ -158,6 +223,8 @@ def config_from_json(config_cls: type, text: str) -> Any:
     for name, value in values.items():
         if isinstance(value, list) and isinstance(getattr(defaults, name), tuple):
             values[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    # every value of the type its field declares, before the config's own checks compare them ('>' on a str ...)
+    check_overrides(config_cls, values, config_cls.__qualname__)
     return config_cls(**values)
 
 

@@ -88,11 +88,16 @@ def test_missing_file_names_the_file(tmp_path):
     _raises(UnreadableFileError, tmp_path / "nope.nii.gz", "does not exist")
 
 
-@pytest.mark.parametrize("name", ["garbage.nii.gz", "garbage.nii", "garbage.nrrd", "garbage.mha"])
-def test_garbage_bytes_with_an_image_name_are_unreadable(tmp_path, name):
+@pytest.mark.parametrize(("name", "says"), [
+    ("garbage.nii.gz", "not a readable gzip file"),
+    ("garbage.nii", "not a NIfTI header: its first field (sizeof_hdr) is"),
+    ("garbage.nrrd", "not a NRRD file: it starts with b'this is '"),
+    ("garbage.mha", "the MetaImage header has no ElementDataFile line"),
+])  # fmt: skip
+def test_garbage_bytes_with_an_image_name_are_unreadable_and_the_message_says_why(tmp_path, name, says):
     path = tmp_path / name
     path.write_bytes(b"this is not an image \x00\x01\x02" * 50)
-    _raises(UnreadableFileError, path, "cannot read")
+    _raises(UnreadableFileError, path, says)
 
 
 def test_truncated_gzip_nifti_is_unreadable_and_says_why(tmp_path):
@@ -118,7 +123,7 @@ def test_gzip_nifti_cut_after_the_last_voxel_is_still_detected(tmp_path):
 def test_gzip_of_garbage_named_nifti_is_unreadable(tmp_path):
     path = tmp_path / "bad.nii.gz"
     path.write_bytes(gzip.compress(b"\x00" * 100))
-    _raises(UnreadableFileError, path, "cannot read")
+    _raises(UnreadableFileError, path, "too short for a NIfTI header: 100 bytes")
 
 
 def test_unknown_format_lists_the_supported_ones(tmp_path):

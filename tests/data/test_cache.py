@@ -266,3 +266,66 @@ def test_default_root_comes_from_medssl_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "envcache"))
     assert VolumeCache(config=CONFIG).dir == tmp_path / "envcache" / CONFIG.digest()[:16]
     assert os.fspath(VolumeCache(config=CONFIG).root) == str(tmp_path / "envcache")
+
+
+def _read_only_below(monkeypatch, root: Path) -> None:
+    """Make every write below ``root`` fail as on a read-only mount (EROFS); reads still work.
+
+    (Tests do not run where a real read-only mount can be made; the errno is what the kernel gives.)
+    """
+    import errno
+
+    real_open, real_mkdir = os.open, os.mkdir
+    root = str(root)
+
+    def below(path) -> bool:
+        return os.path.abspath(os.fspath(path)).startswith(root)
+
+    def ro_open(path, flags, *args, **kwargs):
+        if below(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def ro_mkdir(path, *args, **kwargs):
+        if below(path):
+            if os.path.exists(path):
+                raise FileExistsError(errno.EEXIST, "File exists", os.fspath(path))
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    monkeypatch.setattr(os, "mkdir", ro_mkdir)
+
+
+def test_an_up_to_date_read_only_cache_is_read_without_locks(tmp_path, monkeypatch):
+    """Issue 23 item 3: a shared read-only cache that is already built can be read (no EROFS on .locks)."""
+    import shutil
+
+    df = _cases(tmp_path / "raw", n=2)
+    cache = VolumeCache(tmp_path / "cache", CONFIG)
+    cache.build(df, progress=False)
+    expected = [np.load(cache.entry_dir(_row(df, c)) / "image.npy") for c in ("case0", "case1")]
+    shutil.rmtree(cache.dir / ".locks")  # copied to the cluster without them, or never read here before
+    before = _snapshot(cache.root)
+    _read_only_below(monkeypatch, tmp_path / "cache")
+    ro = VolumeCache(tmp_path / "cache", CONFIG)
+    report = ro.build(df, progress=False)
+    assert report.reused_case_ids == ["case0", "case1"] and report.built_case_ids == []
+    for lazy in (False, True):
+        vols = ro.load_all(df, lazy=lazy)
+        for v, e in zip(vols, expected):
+            np.testing.assert_array_equal(np.asarray(v.data), e)
+    assert _snapshot(cache.root) == before
+
+
+def test_a_read_only_cache_missing_entries_names_the_folder_and_the_cases(tmp_path, monkeypatch):
+    from medssl.data.cache import CacheWriteError
+
+    df = _cases(tmp_path / "raw", n=3)
+    cache = VolumeCache(tmp_path / "cache", CONFIG)
+    cache.build(df.iloc[:2], progress=False)
+    _read_only_below(monkeypatch, tmp_path / "cache")
+    with pytest.raises(CacheWriteError) as err:
+        VolumeCache(tmp_path / "cache", CONFIG).build(df, progress=False)
+    assert err.value.path == str(cache.dir) and "case2" in err.value.problem and "1 case(s)" in err.value.problem
+    assert "Read-only file system" in err.value.problem and "MEDSSL_CACHE" in err.value.problem

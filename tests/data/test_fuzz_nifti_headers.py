@@ -5,13 +5,19 @@ Hypothesis mutates the header of a small valid oblique volume: whole fields set 
 hostile values (dims, pixdim, datatype, offsets, scaling, q/sform codes, quaternions,
 srows, magic ...) and raw bytes overwritten anywhere in the 348-byte header. The
 examples are derandomised, so every run checks the same few hundred files.
+
+A reader that refused every file would pass "loads or names the file", so each test
+counts loaded against rejected files and requires a fair share of both; a refused file's
+message must explain the problem in words, not carry only the reader's raw text.
 """
 
 from __future__ import annotations
 
 import gzip
+import re
 import signal
 import tracemalloc
+from collections import Counter
 from contextlib import contextmanager
 
 import numpy as np
@@ -105,8 +111,10 @@ def _assert_sane(vol, where: str) -> None:
     assert np.all(np.isfinite(data)), where
 
 
-def _check(path, raw: bytes) -> None:
+def _check(path, raw: bytes) -> str:
+    """``"loaded"`` (sane geometry, read and preprocessed) or ``"rejected"`` (a named, explained error)."""
     path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    outcome = "loaded"
     with _guard() as peak:
         try:
             vol = read_volume(path)
@@ -114,7 +122,26 @@ def _check(path, raw: bytes) -> None:
             _assert_sane(preprocess(vol, PreprocessConfig(target_spacing_mm=(3.0, 3.0, 3.0))), "preprocessed")
         except MedsslDataError as e:
             assert e.path == str(path) and str(path) in str(e) and e.problem, repr(e)
+            assert_explained(e)
+            outcome = "rejected"
     assert peak[0] < 2 * MEMORY_BOUND, f"allocated {peak[0]} bytes"
+    return outcome
+
+
+def assert_explained(e: MedsslDataError) -> None:
+    """The message says what is wrong in words; the reader's own text, if kept, only follows as detail."""
+    problem = e.problem
+    assert not problem.startswith("cannot read file:"), problem  # the bare "cannot read file: <Type>: <text>"
+    words = problem.split(" (nibabel:")[0].split(" (ITK:")[0]
+    assert len(words.split()) >= 4 and not re.match(r"^[A-Z]\w*(Error|Exception)\b", words), problem
+
+
+def assert_fair_share(counts: Counter, n_min_loaded: float, n_min_rejected: float) -> None:
+    """Both outcomes must be common: a reader that rejects (or accepts) everything fails here."""
+    total = counts["loaded"] + counts["rejected"]
+    assert total >= 100, counts
+    assert counts["loaded"] >= n_min_loaded * total, f"only {counts['loaded']} of {total} mutated files loaded"
+    assert counts["rejected"] >= n_min_rejected * total, f"only {counts['rejected']} of {total} rejected"
 
 
 _settings = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -126,20 +153,44 @@ def bounded(monkeypatch):
     monkeypatch.setenv("MEDSSL_MAX_VOLUME_BYTES", str(MEMORY_BOUND))
 
 
-@_settings
-@given(fields=field_mutations, gz=st.booleans())
-def test_hostile_header_fields_give_sane_geometry_or_a_named_error(tmp_path, bounded, fields, gz):
-    try:
-        raw = nifti_bytes(BASE_DATA, BASE_AFFINE, **fields)
-    except (ValueError, OverflowError, TypeError):  # the value does not fit the field's type: not a file
-        return
-    _check(tmp_path / ("f.nii.gz" if gz else "f.nii"), raw)
+def test_hostile_header_fields_give_sane_geometry_or_a_named_error(tmp_path, bounded):
+    counts: Counter = Counter()
+
+    @_settings
+    @given(fields=field_mutations, gz=st.booleans())
+    def one(fields, gz):
+        try:
+            raw = nifti_bytes(BASE_DATA, BASE_AFFINE, **fields)
+        except (ValueError, OverflowError, TypeError):  # the value does not fit the field's type: not a file
+            return
+        counts[_check(tmp_path / ("f.nii.gz" if gz else "f.nii"), raw)] += 1
+
+    one()
+    assert_fair_share(counts, 0.3, 0.2)  # measured: about 45 % load
 
 
-@_settings
-@given(edits=byte_mutations, gz=st.booleans())
-def test_random_header_bytes_give_sane_geometry_or_a_named_error(tmp_path, bounded, edits, gz):
-    raw = bytearray(nifti_bytes(BASE_DATA, BASE_AFFINE))
-    for offset, value in edits:
-        raw[offset] = value
-    _check(tmp_path / ("b.nii.gz" if gz else "b.nii"), bytes(raw))
+def test_random_header_bytes_give_sane_geometry_or_a_named_error(tmp_path, bounded):
+    counts: Counter = Counter()
+
+    @_settings
+    @given(edits=byte_mutations, gz=st.booleans())
+    def one(edits, gz):
+        raw = bytearray(nifti_bytes(BASE_DATA, BASE_AFFINE))
+        for offset, value in edits:
+            raw[offset] = value
+        counts[_check(tmp_path / ("b.nii.gz" if gz else "b.nii"), bytes(raw))] += 1
+
+    one()
+    assert_fair_share(counts, 0.3, 0.2)  # measured: about 65 % load
+
+
+def test_the_fair_share_check_fails_for_a_reader_that_rejects_everything(tmp_path, bounded, monkeypatch):
+    """The mutation check of issue 20: with a reader that refuses every file, the fuzz tests fail."""
+    import medssl.data.io as io
+
+    def refuse(path):
+        raise io.UnreadableFileError(path, "refused by a broken reader for this check")
+
+    monkeypatch.setattr(io, "_read_raw", refuse)
+    with pytest.raises(AssertionError, match="mutated files loaded"):
+        test_random_header_bytes_give_sane_geometry_or_a_named_error(tmp_path, None)

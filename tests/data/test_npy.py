@@ -59,3 +59,29 @@ def test_an_array_rebuilt_with_another_shape_is_an_error_not_wrong_data(tmp_path
     np.save(tmp_path / "x.npy", np.zeros((4, 3), np.float32))
     with pytest.raises(CacheEntryError, match="entry-x.*rebuilt while in use"):
         lz[0]
+
+
+def test_a_volume_opened_after_its_entry_was_rebuilt_reads_the_new_arrays(tmp_path, monkeypatch):
+    """Issue 23 item 1: the process-wide map cache must not hand a rebuilt entry's old map to a new reader."""
+    from medssl.data.source import open_data
+    from tests.helpers import make_volume_file
+
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    raw = tmp_path / "raw"
+    for i in range(3):
+        make_volume_file(raw, shape=(20, 18, 16), name=f"c{i}", seed=i, label=False)
+    first = open_data(raw, progress=False).volumes(None)[0]
+    old = np.asarray(first.data)  # maps the entry's image.npy (kept in the process-wide cache)
+    make_volume_file(raw, shape=(26, 22, 20), name=first.case_id, seed=9, label=False)  # another shape and voxels
+    second = next(v for v in open_data(raw, progress=False).volumes(None) if v.case_id == first.case_id)
+    new = np.asarray(second.data)
+    assert second.shape_vox != first.shape_vox
+    assert new.shape == (1, *second.shape_vox)
+    on_disk = np.load(os.path.join(second.meta["cache_entry"], "image.npy"))
+    np.testing.assert_array_equal(new, on_disk)
+    np.testing.assert_array_equal(np.asarray(first.data), old)  # the earlier reader still sees its own build
+    for key in list(npy._maps):  # once its map is dropped, the earlier reader gets an error, not the new voxels
+        if key[0] == first.data.path and key[1] == first.data.identity:
+            npy._maps.pop(key)
+    with pytest.raises(CacheEntryError, match="rebuilt while in use"):
+        first.data[0]

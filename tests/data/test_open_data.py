@@ -193,3 +193,60 @@ def test_a_case_cached_before_is_still_checked_against_a_new_patch_size(tmp_path
     open_data(folder, progress=False, target_spacing_mm=2.0)  # both cached, no patch given
     with pytest.raises(DatasetScanError, match=r"thin\.nii\.gz.*smaller than the patch size \(8, 8, 8\)"):
         open_data(folder, progress=False, target_spacing_mm=2.0, patch_size_vox=8)
+
+
+def test_a_folder_opened_without_a_patch_size_is_cached_by_worker_processes(tmp_path, cache_env, monkeypatch):
+    """Issue 23 item 12: `open_data(folder)` without `patch_size_vox` used to build in one process only."""
+    from medssl.data import cache as cache_module
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    started = []
+    real_pool = cache_module.ProcessPoolExecutor
+
+    def counting_pool(*args, **kwargs):
+        started.append(kwargs.get("max_workers"))
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "ProcessPoolExecutor", counting_pool)
+    folder = _folder(tmp_path / "raw", {f"c{i}": (12, 11, 10) for i in range(10)}, affine=TWO_MM)
+    data = open_data(folder, progress=False)
+    assert started == [2]  # the 10 cases were read and preprocessed by 2 worker processes
+    assert sorted(data.scan_report.built_case_ids) == sorted(f"c{i}" for i in range(10))
+    assert len(data.volumes(None)) == 10
+
+
+def _mixed_channel_folder(root: Path) -> Path:
+    from tests.helpers import write_nifti_file
+
+    for i in range(3):
+        v = make_volume_file(root, name=f"c{i}", shape=(30, 28, 26), affine=TWO_MM, label=False, seed=i)
+    write_nifti_file(root / "rgb.nii.gz", np.stack([v.data, 0.5 * v.data, 0.2 * v.data], axis=-1), v.affine)
+    return root
+
+
+def test_mixed_one_and_three_channel_scans_are_refused_at_scan_time(tmp_path, cache_env, monkeypatch, capsys):
+    """Issue 23 item 7: the scan passed them; `fit` refused, but only after writing runs/<run>/<method>/config.json."""
+    from medssl.cli import main
+    from medssl.data.datasets import scan_dataset
+    from medssl.data.errors import ChannelCountError
+
+    folder = _mixed_channel_folder(tmp_path / "raw")
+    with pytest.raises(DatasetScanError) as err:
+        open_data(folder, progress=False)
+    (problem,) = err.value.problems
+    assert isinstance(problem, ChannelCountError) and problem.path == str(folder / "rgb.nii.gz")
+    assert "has 3 image channel(s) but 3 other case(s) have 1 (e.g. c0, c1, c2)" in problem.problem
+    skipped = open_data(folder, on_error="skip", progress=False)
+    assert sorted(skipped.manifest["case_id"]) == ["c0", "c1", "c2"] and skipped.scan_report.problem_case_ids == ["rgb"]
+    assert {v.n_channels for v in skipped.volumes(None)} == {1}
+
+    from medssl.data.adapters import manifest_from_folder
+
+    report = scan_dataset(manifest_from_folder(folder), on_error="skip", progress=False)
+    assert report.problem_case_ids == ["rgb"] and isinstance(report.problems[0], ChannelCountError)
+
+    monkeypatch.setenv("MEDSSL_RUNS", str(tmp_path / "runs"))
+    assert main(["train", "--method", "isimed", "--preset", "tiny", "--run", "mixed", "--source", str(folder),
+                 "--target-spacing-mm", "3"]) == 1  # fmt: skip
+    assert "has 3 image channel(s)" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "mixed" / "isimed" / "config.json").exists()

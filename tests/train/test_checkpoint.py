@@ -142,3 +142,91 @@ def test_numpy_generator_state_round_trips_through_json():
     rng.normal(size=7)
     copy = restore_numpy_rng(numpy_rng_state(rng))
     np.testing.assert_array_equal(copy.integers(0, 1 << 40, size=20), rng.integers(0, 1 << 40, size=20))
+
+
+def _efbig_writes(monkeypatch):
+    """A real write failure: the kernel refuses writes past RLIMIT_FSIZE (EFBIG; Python ignores SIGXFSZ)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _enospc_fsync(monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    return lambda: None
+
+
+@pytest.mark.parametrize("failure", [_efbig_writes, _enospc_fsync], ids=["file-size-limit", "disk-full"])
+def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, failure):
+    """Issue 23 item 8: `[Errno 28] No space left on device` named no file."""
+    from medssl.train.checkpoint import CheckpointWriteError
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(_minimal_state(step=1, weights=torch.zeros(4)), last)
+    restore = failure(monkeypatch)
+    try:
+        with pytest.raises(CheckpointWriteError) as err:
+            save_checkpoint(_minimal_state(step=2, weights=torch.zeros(100_000)), last)
+    finally:
+        restore()
+    assert err.value.path == str(last) and str(last) in str(err.value)
+    assert "previous checkpoint there is untouched" in err.value.problem
+    if failure is _enospc_fsync:
+        assert "disk is full" in err.value.problem
+    assert load_checkpoint(last)["step"] == 1
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)), "is not a PyTorch checkpoint"),
+    (b"loss,step\n0.5,1\n" * 20, "is not a PyTorch checkpoint"),
+    ("zip-truncated", "is a damaged PyTorch archive"),
+])  # fmt: skip
+def test_a_garbage_or_damaged_checkpoint_is_named_as_such_not_as_refused_pickled_objects(tmp_path, content, says):
+    """Issue 23 item 11: a garbage .pt was reported as "arbitrary pickled objects are refused"."""
+    path = tmp_path / "last.pt"
+    if content == "zip-truncated":
+        save_checkpoint(_minimal_state(weights=torch.zeros(1000)), path)
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert err.value.path == str(path) and says in err.value.problem
+    assert "pickled object" not in err.value.problem
+
+
+def test_a_refused_object_is_named_in_the_message(tmp_path):
+    _MARKER["path"] = str(tmp_path / "pwned")
+    torch.save(_minimal_state(extra_object=_Payload()), tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"holds a pickled object \(.*open.*\).*could run arbitrary code"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [("huber_delta_mm", "abc"), ("in_channels", "abc"),
+                                              ("patch_size_vox", 2.5), ("foreground_only", "yes")])
+def test_a_stored_config_value_of_the_wrong_type_names_the_field(tmp_path, field, value):
+    """Issue 23 item 11: a wrong config type gave `'>' not supported between 'str' and 'int'`."""
+    method = create_method("isimed")
+    config = json.loads(ckpt.config_to_json(method.config))
+    assert field in config
+    config[field] = value
+    state = _minimal_state(method_config=json.dumps(config), model=method.state_dict())
+    save_checkpoint(state, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_method(tmp_path / "last.pt")
+    assert f"IsimedConfig.{field} expects" in err.value.problem and repr(value) in err.value.problem
+
+
+def test_a_step_stored_as_text_is_refused_when_loading(tmp_path):
+    save_checkpoint(_minimal_state(step="5"), tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="'step' must be a non-negative int, got '5' \\(str\\)"):
+        load_checkpoint(tmp_path / "last.pt")

@@ -95,17 +95,23 @@ def is_dicom_dir(path: Path) -> bool:
 
 
 def image_entries(folder: Path) -> list[tuple[str, Path]]:
-    """``(stem, path)`` of the image files and DICOM series folders directly in ``folder``, sorted."""
+    """``(stem, path)`` of the image files and DICOM series folders directly in ``folder``, sorted.
+
+    A name with an image extension that is not a regular file (a dangling symbolic link, a FIFO,
+    a socket) is listed too, so that the scan names it as a bad file instead of skipping it
+    without a word.
+    """
     out = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_file():
-            parts = split_name(p.name)
-            if parts:
-                out.append((parts[0], p))
-        elif p.is_dir() and is_dicom_dir(p):
-            out.append((p.name, p))
+        if p.is_dir():
+            if is_dicom_dir(p):
+                out.append((p.name, p))
+            continue
+        parts = split_name(p.name)
+        if parts:
+            out.append((parts[0], p))
     return out
 
 
@@ -165,7 +171,7 @@ def folder_manifest(
         return finalise([{"case_id": root.name, "image": str(root), "label": "", "group": ""}], root, dataset)
     else:
         entries = image_entries(root)
-        labels_raw = [(s, p) for s, p in entries if strip_suffix(s, label_suffixes) and p.is_file()]
+        labels_raw = [(s, p) for s, p in entries if strip_suffix(s, label_suffixes) and not p.is_dir()]
         images_raw = [(s, p) for s, p in entries if (s, p) not in labels_raw]
         label_key = lambda stem: strip_suffix(stem, label_suffixes)  # noqa: E731
     images = _by_key(root, [(strip_suffix(s, image_suffixes) or s, p) for s, p in images_raw], "images")
