@@ -26,7 +26,7 @@ import pandas as pd
 from medssl.rundir import RunDir
 
 __all__ = ["PROTOCOL", "RunResults", "collect_results", "comparison_table", "verdicts", "pretraining_table",
-           "key_figures", "write_report"]
+           "key_figures", "write_report", "table_stamps"]
 
 PROTOCOL = (
     "Protocol: methods are pretrained on the train split only. Every choice made from results (the ISImed "
@@ -48,6 +48,7 @@ class RunResults:
     pretrain: pd.DataFrame
     figures: list[tuple[str, Path]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)  # medssl.provenance.read_provenance, plus "tables": table_stamps
 
 
 def collect_results(run: "str | os.PathLike | RunDir", methods: Sequence[str] | None = None) -> RunResults:
@@ -61,8 +62,22 @@ def collect_results(run: "str | os.PathLike | RunDir", methods: Sequence[str] | 
     if head.empty:
         missing.append("headline tables (run the evaluation notebooks)")
     missing += _not_applicable_steps(rd)
+    from medssl.provenance import read_provenance
+
+    prov = {**read_provenance(rd.path), "tables": table_stamps(head)}
     return RunResults(run_dir=rd.path, methods=names, headlines=head, pretrain=pretraining_table(rd, names),
-                      figures=rd.key_figures() + _training_figures(rd, names), missing=missing)
+                      figures=rd.key_figures() + _training_figures(rd, names), missing=missing, provenance=prov)
+
+
+def table_stamps(headlines: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
+    """``{(commit, config_hash): [steps]}`` of the headline tables (``"unknown"`` for tables written without them)."""
+    if headlines.empty:
+        return {}
+    out: dict[tuple[str, str], list[str]] = {}
+    for step, g in headlines.groupby("step", sort=False):
+        for commit, chash in g[["commit", "config_hash"]].drop_duplicates().itertuples(index=False):
+            out.setdefault((str(commit) or "unknown", str(chash) or "unknown"), []).append(str(step))
+    return out
 
 
 # ----------------------------------------------------------------------------- tables
@@ -187,7 +202,7 @@ def key_figures(res: RunResults) -> list[tuple[str, Path]]:
 def _detail_tables(h: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     out = []
     for step, g in h.groupby("step", sort=False):
-        t = g.drop(columns=["step"]).copy()
+        t = g.drop(columns=["step", "commit", "config_hash"], errors="ignore").copy()  # in "Code and configuration"
         t["value"] = [f"{v:.4g}" + (f" ± {s:.2g}" if isinstance(s, float) and np.isfinite(s) else "")
                       for v, s in zip(t["value"], t["std"])]
         out.append((str(step), t.drop(columns=["std"])))
@@ -197,11 +212,15 @@ def _detail_tables(h: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 def write_report(run: "str | os.PathLike | RunDir", *, out_path: str | os.PathLike | None = None,
                  provenance: str | None = None, methods: Sequence[str] | None = None) -> Path:
     """Write ``runs/<run>/40_report/report.html``: protocol, verdicts, comparison, details, pretraining, figures."""
+    from medssl.provenance import code_provenance_text
     from medssl.viz.html import write_html_report
 
     res = collect_results(run, methods)
     out = Path(out_path) if out_path is not None else res.run_dir / "40_report" / "report.html"
-    sections: list[tuple[str, list]] = [("Protocol", [PROTOCOL])]
+    sections: list[tuple[str, list]] = [
+        ("Code and configuration", [code_provenance_text(res.provenance, res.provenance.get("tables", {}))]),
+        ("Protocol", [PROTOCOL]),
+    ]
     said = verdicts(res)
     if said:
         sections.append(("Do the methods beat the shortcuts?", said))

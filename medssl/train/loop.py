@@ -9,6 +9,7 @@ those is a named method of :class:`_Trainer`.
 Run directory (``run_dir``)::
 
     config.json            method config + train config (asdict) + resolved settings
+    provenance.json        commit (dirty?), package versions, machine, config sha256 per start/resume
     metrics.jsonl          one JSON object per line: split="train" every log_every steps,
                            split="val" after evaluations
     checkpoints/last.pt    newest state (resume point)
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from medssl._files import atomic_write_bytes
 from medssl.distributed import is_distributed, rank, world_size
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
+from medssl.provenance import record_fit_provenance
 from medssl.rundir import method_files
 from medssl.train.checkpoint import (
     check_resumable,
@@ -190,6 +192,8 @@ class _Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.elapsed_before_s = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        skipped = state.get("nonfinite_grad") or {}  # so a resumed run logs the counts of an uninterrupted one
+        self.skipped_steps, self.bad_grad_streak = int(skipped.get("skipped", 0)), int(skipped.get("streak", 0))
         numpy_rngs = state.get("numpy_rngs") or [state["numpy_rng"]]
         torch_rngs = state.get("torch_rngs") or [state["torch_rng"]]
         if rank() < len(numpy_rngs):
@@ -206,6 +210,7 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             keep_metrics_up_to(method_files(self.run_dir).metrics, self.step)
             self._write_config_json()
+            record_fit_provenance(self.run_dir, self.step)  # commit, dirty tree, packages, config sha256
         self.log = MetricsLog(method_files(self.run_dir).metrics, enabled=self.is_main, callbacks=self.callbacks)
         self.val_set = self._draw_val_set() if self.val_volumes else None
         self.t_start = time.perf_counter()
@@ -292,6 +297,7 @@ class _Trainer:
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         state = training_state(self.method, self.config, self.optimizer, self.scheduler, self.scaler, self.step,
                                self.steps_per_epoch, self._elapsed_s(), numpy_rngs, torch_rngs, cuda_rng)
+        state["nonfinite_grad"] = {"skipped": self.skipped_steps, "streak": self.bad_grad_streak}  # logged counts
         paths = [self.ckpt_dir / f"epoch-{self.step // self.steps_per_epoch:04d}.pt"] if epoch_file else []
         save_checkpoint(state, *paths, self.last_path)
         prune_epoch_checkpoints(self.ckpt_dir, self.config.keep_last)
