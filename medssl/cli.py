@@ -26,7 +26,7 @@ __all__ = ["main", "build_parser", "register_command"]
 CommandBuilder = Callable[["argparse._SubParsersAction"], None]
 _COMMANDS: dict[str, CommandBuilder] = {}
 # Modules that register further commands when imported (missing ones are skipped).
-_COMMAND_MODULES: tuple[str, ...] = ("medssl.viz.mapping",)  # medssl map
+_COMMAND_MODULES: tuple[str, ...] = ("medssl.viz.mapping", "medssl.readme_results")  # medssl map, medssl report
 
 
 def register_command(name: str) -> Callable[[CommandBuilder], CommandBuilder]:
