@@ -83,7 +83,9 @@ def code_version(repo: str | os.PathLike | None = None) -> dict[str, Any]:
     unknown); ``changed`` lists up to 20 of them.
     """
     root = Path(repo) if repo is not None else _REPO
-    head = _git(root, "rev-parse", "HEAD")
+    top = _git(root, "rev-parse", "--show-toplevel")
+    # the checkout must be medssl's own (an installed copy inside some other repository is not it)
+    head = _git(root, "rev-parse", "HEAD") if top and Path(top.strip()).resolve() == root.resolve() else None
     if head is None:
         return {"commit": None, "dirty": None, "changed": [], "repo": str(root)}
     status = _git(root, "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS)

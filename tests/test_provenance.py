@@ -65,6 +65,9 @@ def test_code_version_names_the_head_commit_and_calls_the_tree_dirty_only_for_co
     outside = tmp_path / "not-a-checkout"
     outside.mkdir()
     assert provenance.code_version(outside) == {"commit": None, "dirty": None, "changed": [], "repo": str(outside)}
+    inside = repo / "site-packages"  # e.g. an installed copy in a virtualenv within some checkout: not its code
+    inside.mkdir()
+    assert provenance.code_version(inside)["commit"] is None
 
 
 def test_package_versions_are_the_installed_ones():
