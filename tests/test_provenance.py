@@ -242,3 +242,21 @@ def test_export_headlines_round_trips_a_runs_tables(tmp_path):
 def test_the_readme_results_table_equals_the_committed_run_it_cites():
     """README.md's results block is generated from docs/results/<run>-headlines.csv and names its commit."""
     assert check_readme_results(REPO / "README.md") == []
+
+
+def test_medssl_report_exports_a_runs_tables_rewrites_the_readme_and_checks_it(tmp_path, monkeypatch, capsys):
+    from medssl.cli import main
+
+    monkeypatch.setenv("MEDSSL_RUNS", str(tmp_path / "runs"))
+    rd = RunDir("demo")
+    rd.write_headline(rd.step_dir("20_latent_space"), _headlines().iloc[:4].drop(columns=["commit", "config_hash"]))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- medssl-results run=x commit=x config_hash=x csv=x -->\n<!-- /medssl-results -->\n")
+    csv = tmp_path / "docs" / "demo-headlines.csv"
+    assert main(["report", "demo", "--export-csv", str(csv), "--update-readme", str(readme)]) == 0
+    assert main(["report", "--check-readme", str(readme)]) == 0
+    assert "the results table equals its CSV" in capsys.readouterr().out
+    stamp = provenance.table_stamp(rd.path)
+    assert f"commit={stamp['commit']} config_hash={stamp['config_hash']} csv=docs/demo-headlines.csv" in readme.read_text()
+    readme.write_text(readme.read_text().replace("| 0.887 |", "| 0.9 |"))
+    assert main(["report", "--check-readme", str(readme)]) == 1
