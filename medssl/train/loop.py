@@ -251,7 +251,9 @@ class _Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip))
         lr = self.optimizer.param_groups[0]["lr"]
         self._apply_update(grad_norm, logs)
+        t_wait = time.perf_counter()
         self.batches.settle()  # the draw is done before logs, callbacks, evaluation or a checkpoint touch the method
+        sample_s += time.perf_counter() - t_wait  # waiting for the next batch counts as sampling
         self.step += 1
         self.last_loss = loss_value
         self.window.add(loss_value, logs, len(batch), grad_norm, sample_s, time.perf_counter() - t0)
