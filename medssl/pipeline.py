@@ -46,6 +46,7 @@ from typing import Any, Iterable
 from medssl import paths
 from medssl._alloc import MALLOC_ENV
 from medssl._files import atomic_write_text
+from medssl.provenance import record_run_provenance
 from medssl.rundir import RunDir
 
 # 50_segmentation in the demo: kNN on a coarser grid (stride 6 at 3 mm), 5 atlases, 3 draws, 3 test
@@ -381,18 +382,24 @@ def run_pipeline(
 
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.repo_root() / "notebooks"
     runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
+    plan_name = str(plan) if isinstance(plan, (str, Path)) else None
+    methods = list(methods) if methods is not None else None  # expanded twice (the steps, the provenance)
     plan = load_plan(plan)
     _check_notebooks_exist(plan, notebooks_dir)
+    declared = declared_parameters(plan, notebooks_dir)
     steps = expand_plan(plan, run, methods=methods, only=only, overrides=overrides, runs_root=runs_root,
-                        declared=declared_parameters(plan, notebooks_dir))
+                        declared=declared)
     result = PipelineResult(run_dir=RunDir(run, runs_root).path, steps=steps)
     result.run_dir.mkdir(parents=True, exist_ok=True)
     result.interrupted = _previous_interrupted(result.run_dir)
+    _record_provenance(plan, plan_name, run, methods, overrides, runs_root, declared, result.run_dir)
     # Kernels inherit the environment: viewers that need a browser refuse to start
     # headless, and the runs root is the one this pipeline writes to.
-    saved_env = {k: os.environ.get(k) for k in ("MEDSSL_HEADLESS", "MEDSSL_RUNS", *MALLOC_ENV)}
+    saved_env = {k: os.environ.get(k) for k in ("MEDSSL_HEADLESS", "MEDSSL_RUNS", "CUBLAS_WORKSPACE_CONFIG", *MALLOC_ENV)}
     os.environ["MEDSSL_HEADLESS"] = "1"
     os.environ["MEDSSL_RUNS"] = str(runs_root)
+    # deterministic cuBLAS (medssl.train.determinism.CUBLAS_WORKSPACE): read when a kernel first uses CUDA
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if os.environ.get("MEDSSL_NO_MALLOC_TUNING") != "1":
         for k, v in MALLOC_ENV.items():  # kernels are new processes: glibc reads these at start-up
             os.environ.setdefault(k, v)
@@ -405,6 +412,20 @@ def run_pipeline(
             else:
                 os.environ[k] = v
     return result
+
+
+def _record_provenance(plan: dict[str, Any], plan_name: str | None, run: str, methods: Iterable[str] | None,
+                       overrides: dict[str, Any] | None, runs_root: Path, declared: dict[str, set[str]],
+                       run_dir: Path) -> None:
+    """``runs/<run>/provenance.json``: commit, dirty tree, packages and the WHOLE plan's notebook parameters
+    (also under ``--only``, so a partial rerun with the same settings keeps the run's config hash)."""
+    import warnings
+
+    with warnings.catch_warnings():  # expand_plan warned about unknown overrides already
+        warnings.simplefilter("ignore")
+        full = expand_plan(plan, run, methods=methods, overrides=overrides, runs_root=runs_root, declared=declared)
+    record_run_provenance(run_dir, [{"notebook": s.notebook, "step": s.step, "method": s.method,
+                                     "parameters": s.parameters} for s in full], plan_name=plan_name)
 
 
 def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, notebooks_dir: Path,

@@ -35,7 +35,7 @@ from medssl.cli import register_command
 from medssl.rundir import RunDir
 
 __all__ = ["PROTOCOL", "RunResults", "RunComparison", "collect_results", "compare_runs", "comparison_table",
-           "verdicts", "pretraining_table", "key_figures", "write_comparison", "write_report"]
+           "verdicts", "pretraining_table", "key_figures", "write_comparison", "write_report", "table_stamps"]
 
 PROTOCOL = (
     "Protocol: methods are pretrained on the train split only. Every choice made from results (the ISImed "
@@ -57,6 +57,7 @@ class RunResults:
     pretrain: pd.DataFrame
     figures: list[tuple[str, Path]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)  # medssl.provenance.read_provenance, plus "tables": table_stamps
 
 
 def collect_results(run: "str | os.PathLike | RunDir", methods: Sequence[str] | None = None) -> RunResults:
@@ -70,8 +71,22 @@ def collect_results(run: "str | os.PathLike | RunDir", methods: Sequence[str] | 
     if head.empty:
         missing.append("headline tables (run the evaluation notebooks)")
     missing += _not_applicable_steps(rd)
+    from medssl.provenance import read_provenance
+
+    prov = {**read_provenance(rd.path), "tables": table_stamps(head)}
     return RunResults(run_dir=rd.path, methods=names, headlines=head, pretrain=pretraining_table(rd, names),
-                      figures=rd.key_figures() + _training_figures(rd, names), missing=missing)
+                      figures=rd.key_figures() + _training_figures(rd, names), missing=missing, provenance=prov)
+
+
+def table_stamps(headlines: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
+    """``{(commit, config_hash): [steps]}`` of the headline tables (``"unknown"`` for tables written without them)."""
+    if headlines.empty:
+        return {}
+    out: dict[tuple[str, str], list[str]] = {}
+    for step, g in headlines.groupby("step", sort=False):
+        for commit, chash in g[["commit", "config_hash"]].drop_duplicates().itertuples(index=False):
+            out.setdefault((str(commit) or "unknown", str(chash) or "unknown"), []).append(str(step))
+    return out
 
 
 # ----------------------------------------------------------------------------- tables
@@ -245,7 +260,7 @@ def key_figures(res: RunResults) -> list[tuple[str, Path]]:
 def _detail_tables(h: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     out = []
     for step, g in h.groupby("step", sort=False):
-        t = g.drop(columns=["step"]).copy()
+        t = g.drop(columns=["step", "commit", "config_hash"], errors="ignore").copy()  # in "Code and configuration"
         t["value"] = [f"{v:.4g}" + (f" ± {s:.2g}" if isinstance(s, float) and np.isfinite(s) else "")
                       for v, s in zip(t["value"], t["std"])]
         out.append((str(step), t.drop(columns=["std"])))
@@ -259,11 +274,15 @@ def write_report(run: "str | os.PathLike | RunDir", *, out_path: str | os.PathLi
 
     ``compare_with``: another run; a section puts both runs' headline tables side by side (:func:`compare_runs`).
     """
+    from medssl.provenance import code_provenance_text
     from medssl.viz.html import write_html_report
 
     res = collect_results(run, methods)
     out = Path(out_path) if out_path is not None else res.run_dir / "40_report" / "report.html"
-    sections: list[tuple[str, list]] = [("Protocol", [PROTOCOL])]
+    sections: list[tuple[str, list]] = [
+        ("Code and configuration", [code_provenance_text(res.provenance, res.provenance.get("tables", {}))]),
+        ("Protocol", [PROTOCOL]),
+    ]
     said = verdicts(res)
     if said:
         sections.append(("Do the methods beat the shortcuts?", said))
@@ -485,10 +504,16 @@ def _add_report_parser(sub: "argparse._SubParsersAction") -> None:
         "or worse for B, differences beyond the per-unit spread, rows only one run has, changed verdicts and the "
         "settings that differ) to runs/<A>/40_report/compare_<B>.html.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="one or two run names (or run folders)")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="one or two run names (or run folders)")
     p.add_argument("-o", "--out", type=Path, default=None, help="HTML file to write")
     p.add_argument("--methods", nargs="*", default=None, help="method rows to keep (default all)")
     p.add_argument("--source", default=None, help="data source of the run(s), for the provenance statement")
+    # the README's results block (medssl.readme_results): generated from a run, checked against the CSV it cites
+    p.add_argument("--markdown", action="store_true", help="print the README results table of the run")
+    p.add_argument("--export-csv", metavar="CSV",
+                   help="write the run's headline tables to CSV (e.g. docs/results/demo-headlines.csv)")
+    p.add_argument("--update-readme", metavar="README", help="rewrite README's results block from --export-csv's CSV")
+    p.add_argument("--check-readme", metavar="README", help="check README's results block against the CSV it cites")
     p.set_defaults(func=_run_report)
 
 
@@ -498,8 +523,13 @@ def _run_arg(text: str) -> "str | Path":
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from medssl import readme_results
     from medssl.provenance import provenance_statement
 
+    if args.check_readme or args.markdown or args.export_csv or args.update_readme:
+        return readme_results.report_options_main(args)
+    if not args.runs:
+        raise ValueError("medssl report: name a run (or two to compare), or use --check-readme README")
     if len(args.runs) > 2:
         raise ValueError(f"medssl report takes one run or two to compare, got {len(args.runs)}: {args.runs}")
     provenance = provenance_statement(args.source) if args.source else None

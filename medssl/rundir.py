@@ -5,9 +5,10 @@
 
     runs/<run>/
       pipeline.json                       status of every pipeline step
+      provenance.json                     commit, dirty tree, packages, machine, plan (medssl.provenance)
       00_data/ ...                        data notebook outputs
       <method>/                           one per pretrained method (or variant)
-        config.json  metrics.jsonl  checkpoints/last.pt  10_pretrain.ipynb  summary.csv
+        config.json  provenance.json  metrics.jsonl  checkpoints/last.pt  10_pretrain.ipynb  summary.csv
       eval/                               shared evaluation artefacts (patch sets, embedding caches)
       <step>/                             one per evaluation notebook, e.g. 20_latent_space/
         headline.csv                      the step's headline numbers (the report concatenates them)
@@ -17,7 +18,10 @@
 **Headline tables** are long tables with the columns of :data:`HEADLINE_COLUMNS`: one row
 per (method, metric) with its value, spread, sample size, the split it was measured on,
 which direction is better, and whether the row is a method, a shortcut baseline or a
-reference. A new evaluation writes one with :meth:`RunDir.write_headline` and appears in
+reference; and the code and configuration that made it (:data:`PROVENANCE_COLUMNS`:
+``commit``, 12 hex digits with ``+dirty`` for uncommitted changes, and the run's
+``config_hash``, :func:`medssl.provenance.table_stamp`; empty in tables written before they
+existed). A new evaluation writes one with :meth:`RunDir.write_headline` and appears in
 the report with no edit to the report.
 
 A run is named by a plain string (``"demo"``: ``$MEDSSL_RUNS/demo``); names with path
@@ -37,9 +41,12 @@ import pandas as pd
 
 from medssl import paths
 
-__all__ = ["RunDir", "MethodFiles", "method_files", "HEADLINE_COLUMNS", "ROW_KINDS", "InvalidRunNameError"]
+__all__ = ["RunDir", "MethodFiles", "method_files", "HEADLINE_COLUMNS", "PROVENANCE_COLUMNS", "ROW_KINDS",
+           "InvalidRunNameError", "read_headline_csv"]
 
-HEADLINE_COLUMNS = ["step", "method", "kind", "metric", "value", "std", "n", "split", "higher_is_better", "note"]
+PROVENANCE_COLUMNS = ["commit", "config_hash"]  # last, so that readers of the older columns are unaffected
+HEADLINE_COLUMNS = ["step", "method", "kind", "metric", "value", "std", "n", "split", "higher_is_better", "note",
+                    *PROVENANCE_COLUMNS]
 ROW_KINDS = ("method", "baseline", "reference")  # baseline: a shortcut a method must beat; reference: chance/floor
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _EVAL = "eval"
@@ -164,11 +171,15 @@ class RunDir:
 
         ``table`` needs ``method``, ``metric``, ``value`` and ``split``; missing optional
         columns get defaults (``kind="method"``, ``higher_is_better=True``, ...); ``step``
-        defaults to the folder's path relative to the run.
+        defaults to the folder's path relative to the run. ``commit`` and ``config_hash`` are
+        stamped now (:func:`medssl.provenance.table_stamp`) unless the table has them.
         """
         from medssl._files import atomic_write_text
+        from medssl.provenance import table_stamp
 
         d = Path(step_dir) if Path(step_dir).is_absolute() else self.path / step_dir
+        stamp = table_stamp(self.path)
+        table = table.assign(**{k: v for k, v in stamp.items() if k not in table.columns})
         t = _normalise_headline(table, default_step=str(d.relative_to(self.path)))
         d.mkdir(parents=True, exist_ok=True)
         path = d / _HEADLINE
@@ -211,8 +222,15 @@ class RunDir:
         files = sorted(self.path.glob(f"*/{_HEADLINE}")) + sorted(self.path.glob(f"*/*/{_HEADLINE}"))
         if not files:
             return pd.DataFrame(columns=HEADLINE_COLUMNS)
-        frames = [_normalise_headline(pd.read_csv(f), str(f.parent.relative_to(self.path))) for f in files]
+        frames = [_normalise_headline(read_headline_csv(f), str(f.parent.relative_to(self.path))) for f in files]
         return pd.concat(frames, ignore_index=True)
+
+
+def read_headline_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """A headline table from CSV, its text columns kept as text (a commit or hash of digits stays a string)."""
+    return pd.read_csv(path, dtype={c: str for c in ("step", "method", "note", *PROVENANCE_COLUMNS)},
+                       keep_default_na=False, na_values={"value": ["", "nan", "NaN"], "std": ["", "nan", "NaN"],
+                                                         "n": ["", "nan", "NaN"]})
 
 
 def _plain(name: str, what: str) -> str:
@@ -227,12 +245,13 @@ def _normalise_headline(table: pd.DataFrame, default_step: str) -> pd.DataFrame:
         raise ValueError(f"a headline table needs the columns method, metric, value, split; missing {missing}")
     t = table.copy()
     defaults = {"step": default_step, "kind": "method", "std": float("nan"), "n": float("nan"),
-                "higher_is_better": True, "note": ""}
+                "higher_is_better": True, "note": "", "commit": "", "config_hash": ""}
     for col, value in defaults.items():
         if col not in t.columns:
             t[col] = value
     bad = sorted(set(t["kind"]) - set(ROW_KINDS))
     if bad:
         raise ValueError(f"headline kind must be one of {ROW_KINDS}, got {bad}")
-    t["note"] = t["note"].astype(object).where(t["note"].notna(), "")
+    for col in ("note", *PROVENANCE_COLUMNS):  # text: empty, never NaN (a CSV reads an empty cell as NaN)
+        t[col] = t[col].astype(object).where(t[col].notna(), "").astype(str)
     return t[HEADLINE_COLUMNS]

@@ -134,9 +134,9 @@ class PlanarContextMethod(Method):
     alternatives were worse: a counter in the sampler is lost on resume, and the number of epochs is
     not known to the method. In **eval mode** the sampler draws from the final (widest) range: the
     trainer draws its fixed validation set in eval mode, so every val record, before and after a
-    resume, measures the same full-range task. (With ``TrainConfig.prefetch`` a batch is drawn while the
-    previous step trains, i.e. one step behind in the curriculum, so such runs are not bit-identical to
-    runs without prefetch; prefetch is off in every preset.)
+    resume, measures the same full-range task. (With ``TrainConfig.prefetch`` the next batch is drawn after
+    the step's forward pass, which counts the step, so a prefetching run draws exactly the batches of an
+    inline one: ``medssl.train.loop._BatchSource``, tested in ``tests/train/test_determinism.py``.)
     """
 
     Config = PlanarContextConfig

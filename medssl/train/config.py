@@ -45,6 +45,10 @@ class TrainConfig:
         sync_batchnorm: under DDP, convert BatchNorm layers to ``SyncBatchNorm`` (batch
             statistics over all ranks). DDP broadcasts rank 0's buffers before every forward
             either way, so the running statistics stay identical on every rank.
+        deterministic: on CUDA, ask for deterministic kernels (``torch.use_deterministic_algorithms``
+            with ``warn_only``, no cuDNN benchmarking, a fixed cuBLAS workspace;
+            :mod:`medssl.train.determinism`); off trades repeatability for speed. CPU runs repeat
+            bit for bit either way.
     """
 
     epochs: int = 50
@@ -64,6 +68,7 @@ class TrainConfig:
     val_batches: int = 1
     prefetch: bool = False
     sync_batchnorm: bool = False
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

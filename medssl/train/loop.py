@@ -9,6 +9,7 @@ those is a named method of :class:`_Trainer`.
 Run directory (``run_dir``)::
 
     config.json            method config + train config (asdict) + resolved settings
+    provenance.json        commit (dirty?), package versions, machine, config sha256 per start/resume
     metrics.jsonl          one JSON object per line: split="train" every log_every steps,
                            split="val" after evaluations
     events.out.tfevents.*  the same records as TensorBoard scalars (live curves; medssl.train.metrics)
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from medssl._files import atomic_write_bytes
 from medssl.distributed import is_distributed, rank, world_size
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
+from medssl.provenance import record_fit_provenance
 from medssl.rundir import method_files
 from medssl.train.checkpoint import (
     check_resumable,
@@ -56,6 +58,7 @@ from medssl.train.checkpoint import (
 )
 from medssl.train.config import TrainConfig
 from medssl.train.ddp import all_ranks_gather, any_rank, first_true_rank, wrap_for_training
+from medssl.train.determinism import Bf16Conv3dGuard, deterministic_algorithms
 from medssl.train.metrics import (
     MetricsLog,
     StepWindow,
@@ -145,21 +148,22 @@ def fit(
             skips that update and is counted in ``skipped_nonfinite_grad_steps``); every rank
             stops, and the previous checkpoint is left untouched.
     """
-    t = _Trainer(method, train_volumes, config, Path(run_dir), val_volumes, list(callbacks or []), progress)
-    t.record_preprocessing(preprocessing)
-    t.tensorboard = tensorboard
-    t.restore(resume)
-    t.start()
-    try:
-        while t.step < t.total_steps and not t.stop:
-            batch, sample_s = t.next_batch()
-            t.optimizer_step(batch, sample_s)
-            if t.step % t.steps_per_epoch == 0:
-                t.end_of_epoch()
-            elif t.stop:
-                t.save(epoch_file=False)  # a callback asked to stop mid-epoch: keep the exact state
-    finally:
-        t.close()
+    with deterministic_algorithms(resolve_device(config.device), config.deterministic):
+        t = _Trainer(method, train_volumes, config, Path(run_dir), val_volumes, list(callbacks or []), progress)
+        t.record_preprocessing(preprocessing)
+        t.tensorboard = tensorboard
+        try:
+            t.restore(resume)
+            t.start()
+            while t.step < t.total_steps and not t.stop:
+                batch, sample_s = t.next_batch()
+                t.optimizer_step(batch, sample_s)
+                if t.step % t.steps_per_epoch == 0:
+                    t.end_of_epoch()
+                elif t.stop:
+                    t.save(epoch_file=False)  # a callback asked to stop mid-epoch: keep the exact state
+        finally:
+            t.close()
     return t.result()
 
 
@@ -190,6 +194,8 @@ class _Trainer:
         self.bad_grad_streak, self.skipped_steps = 0, 0
         self.window = StepWindow()
         self.autocast = autocast(self.device, self.precision)
+        # oneDNN's bf16 weight gradient of thin 3D convolutions is wrong on AVX512-BF16 CPUs: those run in fp32
+        self.conv_guard = Bf16Conv3dGuard(method) if self.device.type == "cpu" and self.precision == "bf16" else None
 
     # ------------------------------------------------------------------ set up
 
@@ -212,6 +218,8 @@ class _Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.elapsed_before_s = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        skipped = state.get("nonfinite_grad") or {}  # so a resumed run logs the counts of an uninterrupted one
+        self.skipped_steps, self.bad_grad_streak = int(skipped.get("skipped", 0)), int(skipped.get("streak", 0))
         numpy_rngs = state.get("numpy_rngs") or [state["numpy_rng"]]
         torch_rngs = state.get("torch_rngs") or [state["torch_rng"]]
         if rank() < len(numpy_rngs):
@@ -228,6 +236,7 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             keep_metrics_up_to(method_files(self.run_dir).metrics, self.step)
             self._write_config_json()
+            record_fit_provenance(self.run_dir, self.step)  # commit, dirty tree, packages, config sha256
         # on resume, TensorBoard hides the events after the checkpoint's step, as keep_metrics_up_to drops their lines
         tb = TensorBoardLog(self.run_dir, purge_step=self.step + 1 if self.step else None) \
             if self.is_main and self.tensorboard else None
@@ -249,7 +258,7 @@ class _Trainer:
 
     def next_batch(self) -> tuple["PatchBatch", float]:
         t0 = time.perf_counter()
-        batch = self.batches.next(more=self.step + 1 < self.total_steps).to(self.device, non_blocking=True)
+        batch = self.batches.next().to(self.device, non_blocking=True)
         return batch, time.perf_counter() - t0  # with prefetch: only the wait for the batch
 
     def optimizer_step(self, batch: "PatchBatch", sample_s: float) -> None:
@@ -257,6 +266,9 @@ class _Trainer:
         t0 = time.perf_counter() - sample_s
         with self.autocast:
             loss, logs = self.module(batch)
+        # the next batch is drawn now, after this step's forward (which advances a method's step counter, e.g.
+        # the context curriculum) and overlapping its backward: it sees what an inline draw would (_BatchSource)
+        self.batches.prefetch(more=self.step + 1 < self.total_steps)
         loss_value = float(loss.detach())
         bad_rank = first_true_rank(not math.isfinite(loss_value), self.device)
         if bad_rank is not None:
@@ -269,6 +281,9 @@ class _Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip))
         lr = self.optimizer.param_groups[0]["lr"]
         self._apply_update(grad_norm, logs)
+        t_wait = time.perf_counter()
+        self.batches.settle()  # the draw is done before logs, callbacks, evaluation or a checkpoint touch the method
+        sample_s += time.perf_counter() - t_wait  # waiting for the next batch counts as sampling
         self.step += 1
         self.last_loss = loss_value
         self.window.add(loss_value, logs, len(batch), grad_norm, sample_s, time.perf_counter() - t0)
@@ -285,9 +300,9 @@ class _Trainer:
             self.scaler.update()
             self.bad_grad_streak = 0
             return
-        # Finite loss but NaN/Inf gradients: seen sporadically from oneDNN's bf16 conv3d weight
-        # gradient on tiny (2^3) feature maps on AVX512-BF16 CPUs; a rerun of the same batch is
-        # finite. Skip the update like GradScaler would, and stop if it keeps happening.
+        # Finite loss but NaN/Inf gradients: seen from oneDNN's bf16 conv3d weight gradient on thin
+        # (2^3) feature maps on AVX512-BF16 CPUs (now run in fp32: medssl.train.determinism), and
+        # possible in any overflow. Skip the update like GradScaler would, and stop if it keeps happening.
         self.bad_grad_streak += 1
         self.skipped_steps += 1
         if self.bad_grad_streak > _MAX_NONFINITE_GRAD_STREAK:
@@ -315,6 +330,7 @@ class _Trainer:
         state = training_state(self.method, self.config, self.optimizer, self.scheduler, self.scaler, self.step,
                                self.steps_per_epoch, self._elapsed_s(), numpy_rngs, torch_rngs, cuda_rng,
                                preprocessing=self.preprocessing)
+        state["nonfinite_grad"] = {"skipped": self.skipped_steps, "streak": self.bad_grad_streak}  # logged counts
         paths = [self.ckpt_dir / f"epoch-{self.step // self.steps_per_epoch:04d}.pt"] if epoch_file else []
         save_checkpoint(state, *paths, self.last_path)
         prune_epoch_checkpoints(self.ckpt_dir, self.config.keep_last)
@@ -322,6 +338,8 @@ class _Trainer:
     def close(self) -> None:
         if hasattr(self, "log"):
             self.log.close()
+        if self.conv_guard is not None:
+            self.conv_guard.remove()
         if hasattr(self, "batches"):
             self.batches.close()
         if hasattr(self, "bar"):
@@ -435,9 +453,18 @@ class _BatchSource:
     Two-view methods spend ~20 % of a demo step making their views (metrics ``sample_share``).
     On a GPU machine, drawing the next batch on the CPU while the GPU trains hides that (torch
     and numpy release the GIL); on a 2-core CPU it gains nothing (TrainConfig.prefetch).
-    Batches are drawn strictly in sequence from the same rng, so a run with prefetch sees
-    exactly the batches of a run without. ``consumed_rng()`` is the rng state after the last
-    batch handed out, which is what a checkpoint must store for an exact resume.
+
+    **Determinism.** A run with prefetch trains on exactly the batches of a run without, whatever
+    the thread timing: batches are drawn strictly in sequence from the one rng (only one draw is
+    ever in flight), the draw of batch ``k + 1`` starts after step ``k``'s forward pass
+    (:meth:`prefetch`, called by the trainer; a method's forward may advance what its sampler reads,
+    e.g. the context curriculum's step counter) and has finished before step ``k``'s logs,
+    callbacks, evaluation or checkpoint (:meth:`settle`). So the draw overlaps only the backward
+    pass and the optimiser update, and a sampler may read any state of the method except its
+    weights. Samplers draw only from the ``rng`` they are given (never torch's or numpy's global
+    generators, which the training thread uses at the same time; ``tests/train/test_determinism.py``).
+    ``consumed_rng()`` is the rng state after the last batch handed out, which is what a checkpoint
+    must store for an exact resume.
     """
 
     def __init__(self, method: "Method", volumes: Sequence[Any], rng: np.random.Generator, prefetch: bool) -> None:
@@ -450,11 +477,21 @@ class _BatchSource:
         batch = self._method.sample(self._volumes, self._rng)
         return batch, numpy_rng_state(self._rng)
 
-    def next(self, more: bool) -> "PatchBatch":
-        """The next batch; ``more`` says whether another one will be asked for (to prefetch it)."""
+    def next(self) -> "PatchBatch":
+        """The next batch: the prefetched one, or one drawn now."""
         batch, self._consumed_state = self._pending.result() if self._pending is not None else self._draw()
-        self._pending = self._pool.submit(self._draw) if (self._pool is not None and more) else None
+        self._pending = None
         return batch
+
+    def prefetch(self, more: bool) -> None:
+        """Start drawing the next batch in the helper thread (with prefetch on, and when ``more`` are wanted)."""
+        if self._pool is not None and more and self._pending is None:
+            self._pending = self._pool.submit(self._draw)
+
+    def settle(self) -> None:
+        """Wait until the draw in flight (if any) has finished; its batch is kept for :meth:`next`."""
+        if self._pending is not None:
+            self._pending.exception()  # waits; an error is raised by next(), where the batch is asked for
 
     def consumed_rng(self) -> np.random.Generator:
         return restore_numpy_rng(self._consumed_state)
