@@ -121,7 +121,7 @@ def test_random_embeddings_score_near_the_chance_baseline_and_far_above_a_perfec
         progress=False,
     )
     s = res.summary.set_index("method")
-    assert list(res.summary.method) == ["perfect", "random", "identity", "aligned-identity", "chance", "grid_floor"]
+    assert list(res.summary.method) == ["perfect", "random", "identity", "aligned-identity (scale+shift)", "chance", "grid_floor"]
     assert list(res.summary.kind) == ["method", "method", "baseline", "baseline", "reference", "reference"]
     assert set(s.columns) >= {"median_error_mm", "mean_error_mm", "p90_error_mm", "n_points", "n_pairs"}
     assert (s.n_pairs == 2).all()
@@ -165,4 +165,4 @@ def test_identity_rows_expose_a_shared_frame_and_aligned_identity_undoes_a_shift
                                   seed=0, stride_vox=2, progress=False)
     s = res.summary.set_index("method").median_error_mm
     assert s["identity"] > 20.0  # the world frames differ by ~38 mm
-    assert s["aligned-identity"] <= s["grid_floor"] + 1e-6  # moments recover shift + scaling exactly
+    assert s["aligned-identity (scale+shift)"] <= s["grid_floor"] + 1e-6  # moments recover shift + scaling exactly

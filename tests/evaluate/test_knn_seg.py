@@ -185,15 +185,15 @@ def test_the_evaluation_scores_methods_and_baselines_on_the_same_draws_and_marks
                                             stride_vox=3, surface_tolerance_mm=2.0, kinds={"raw": "method"},
                                             progress=False)
     curve = res.curve()
-    assert set(curve["method"]) == {"raw", "identity", "aligned-identity"}
+    assert set(curve["method"]) == {"raw", "identity", "aligned-identity (scale+shift)"}
     assert set(curve.loc[curve["method"] != "raw", "kind"]) == {"baseline"}
     draws = res.scores.groupby("method")["atlases"].apply(lambda s: tuple(sorted(set(s))))
-    assert draws["raw"] == draws["identity"] == draws["aligned-identity"]
+    assert draws["raw"] == draws["identity"] == draws["aligned-identity (scale+shift)"]
     assert res.scores.loc[res.scores["n_atlases"] == 3, "nsd"].notna().all()
     assert res.scores.loc[res.scores["n_atlases"] == 1, "nsd"].isna().all()
     # identical labels in the same world frame: the identity rows are as good as the stride-3 grid allows
     ident = curve.query("n_atlases == 3").set_index("method")["mean"]
-    assert ident["identity"] == pytest.approx(ident["aligned-identity"]) and ident["identity"] > 0.6
+    assert ident["identity"] == pytest.approx(ident["aligned-identity (scale+shift)"]) and ident["identity"] > 0.6
     head = res.headline()
     assert {"knn_dice_n1", "knn_dice_n3", "knn_nsd_n3"} <= set(head["metric"])
     assert set(head["split"]) == {"test"}
