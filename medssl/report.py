@@ -7,8 +7,11 @@ figures; the report concatenates whatever is there, so a new evaluation appears 
 no edit to this module.
 
 The report also says, in words, for every headline metric whether the best method beats
-the best **shortcut baseline** (random init, raw intensities, position only, identity,
-aligned identity): a table whose best method does not clearly beat them must say so.
+the best **shortcut baseline** (random-init twins, raw intensities, position only, identity,
+aligned identity) and where it stands against the **positive control** (registration, a
+supervised model) when the step has one (:func:`best_vs_shortcuts`, on the headline values;
+the paired tests per method are in each row's note): a table whose best method does not
+clearly beat them must say so.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pandas as pd
 
 from medssl.rundir import RunDir
 
-__all__ = ["PROTOCOL", "RunResults", "collect_results", "comparison_table", "verdicts", "pretraining_table",
+__all__ = ["PROTOCOL", "RunResults", "best_vs_shortcuts", "collect_results", "comparison_table", "pretraining_table",
            "key_figures", "write_report"]
 
 PROTOCOL = (
@@ -33,8 +36,11 @@ PROTOCOL = (
     "latent scale, the number of steps, the probe's C, the ridge's alpha) was made on the validation split; "
     "the test split is scored once, at the end, and the split of every number is in its row. Every method "
     "sees the same number of distinct patches per step (two-view methods embed two views of each, which "
-    "costs about twice the compute: see the pretraining table). p-values are Holm-adjusted over all pairs "
-    "compared; with n test subjects the smallest possible Wilcoxon p is 2/2^n."
+    "costs about twice the compute: see the pretraining table). Each method is tested against its own untrained "
+    "twin (the same architecture: random-init[...], or xavier for Reg2D/Heatmap), every shortcut row and every "
+    "positive control; p-values are Holm-adjusted over those method x baseline comparisons (the family size is "
+    "stated with each verdict), next to the smallest adjusted Wilcoxon p the n test subjects allow (2/2^n times "
+    "the family size); fewer than 5 units, or paired differences that do not vary, are 'not testable'."
 )
 
 
@@ -73,7 +79,9 @@ def _row_order(head: pd.DataFrame, methods: Sequence[str]) -> list[str]:
     seen = list(dict.fromkeys(head["method"]))
     first = [m for m in methods if m in seen]
     rest = [m for m in seen if m not in first]
-    rank = {"method": 0, "baseline": 1, "reference": 2}
+    from medssl.evaluate.headlines import KINDS
+
+    rank = {k: i for i, k in enumerate(KINDS)}
     return first + sorted(rest, key=lambda m: (rank.get(kinds.get(m, "method"), 0), seen.index(m)))
 
 
@@ -98,13 +106,16 @@ def _better(a: float, b: float, higher: bool) -> bool:
     return a > b if higher else a < b
 
 
-def verdicts(res: RunResults) -> list[str]:
-    """For every (step, metric, split): does the best method beat the best shortcut baseline? In words."""
+def best_vs_shortcuts(res: RunResults) -> list[str]:
+    """For every (step, metric, split): does the best method beat the best shortcut baseline, and where
+    does it stand against the positive control? In words, on the headline values (no test: the paired
+    tests of every method against its twin, the shortcuts and the control are in the rows' notes)."""
     h = res.headlines
     out: list[str] = []
     for (step, metric, split), g in h.groupby(["step", "metric", "split"], sort=False):
         methods = g[g["kind"] == "method"].dropna(subset=["value"])
         baselines = g[g["kind"] == "baseline"].dropna(subset=["value"])
+        controls = g[g["kind"] == "control"].dropna(subset=["value"])
         if methods.empty or baselines.empty:
             continue
         higher = bool(g["higher_is_better"].iloc[0])
@@ -120,6 +131,11 @@ def verdicts(res: RunResults) -> list[str]:
             text = (f"{what}: NO method beats the shortcut baseline {base['method']} ({_fmt(base['value'])}); "
                     f"the best method, {best['method']}, reaches {_fmt(best['value'])}. On this metric the "
                     "methods have not shown more than the shortcut.")
+        for _, c in controls.iterrows():
+            reached = not _better(c["value"], best["value"], higher)
+            text += (f" The positive control {c['method']} reaches {_fmt(c['value'])}"
+                     + (": the best method matches or passes it." if reached else
+                        f"; the best method leaves {_fmt(abs(c['value'] - best['value']))} to it."))
         note = str(best.get("note", "") or "")
         out.append(text + (f" {note}" if note else ""))
     return out
@@ -202,15 +218,18 @@ def write_report(run: "str | os.PathLike | RunDir", *, out_path: str | os.PathLi
     res = collect_results(run, methods)
     out = Path(out_path) if out_path is not None else res.run_dir / "40_report" / "report.html"
     sections: list[tuple[str, list]] = [("Protocol", [PROTOCOL])]
-    said = verdicts(res)
+    said = best_vs_shortcuts(res)
     if said:
         sections.append(("Do the methods beat the shortcuts?", said))
     sections.append(("Comparison across methods", [
         comparison_table(res),
-        "kind: method = a pretrained method; baseline = a shortcut a method must beat (random-init: the same "
-        "architecture untrained; raw-intensity; position-*: the patch centre in mm; identity: the same world "
-        "coordinate in the other subject; aligned-identity: the same after aligning the two bodies); "
-        "reference = chance or the best achievable (grid floor).",
+        "kind: method = a pretrained method; baseline = a shortcut a method must beat (random-init[...]: a "
+        "method's own architecture untrained, xavier for Reg2D/Heatmap; raw-intensity; position-*: the patch "
+        "centre in mm; identity: the same world coordinate in the other subject; aligned-identity (scale+shift): "
+        "the same after matching the two bodies' centroid and per-axis extent, no rotation); control = a positive "
+        "control that shows the task can be solved (registration (...): SimpleITK intensity registration, the "
+        "settings and seconds per pair in its note; supervised...: trained with the labels); reference = chance "
+        "or the best achievable (grid floor).",
     ]))
     for step, table in _detail_tables(res.headlines):
         sections.append((f"Details: {step}", [table]))

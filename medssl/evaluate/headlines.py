@@ -5,8 +5,8 @@ Columns: ``method, kind, metric, value, std, n, split, higher_is_better, note``
 
 - ``"method"``: pretrained methods;
 - ``"baseline"``: what a method must beat: its untrained twin (``random-init[...]``, ``xavier``),
-  and the shortcuts (raw intensities, position only, identity, aligned identity (scale+shift),
-  untrained descriptors such as GVDiff);
+  and the shortcuts (raw intensities, position only, identity, ``aligned-identity (scale+shift)``,
+  ``aligned-identity (body affine)``, untrained descriptors such as GVDiff);
 - ``"control"``: positive controls, which show that the task can be solved at all
   (``registration (...)``, supervised models: ``supervised...``);
 - ``"reference"``: chance and best-achievable rows.
@@ -21,13 +21,14 @@ import pandas as pd
 
 from medssl.evaluate.correspondence import BASELINES as CORR_BASELINES
 from medssl.evaluate.correspondence import REFERENCES as CORR_REFERENCES
-from medssl.evaluate.registration import REGISTRATION
+from medssl.evaluate.registration import ALIGNED_BODY, REGISTRATION
 from medssl.evaluate.runs import RANDOM_INIT, is_random_init
+from medssl.rundir import ROW_KINDS
 
 __all__ = ["CONTROL_PREFIXES", "KINDS", "SHORTCUT_BASELINES", "control_sentence", "kind_of", "latent_space_headline",
            "probe_headline"]
 
-KINDS = ("method", "baseline", "control", "reference")  # every row kind, in report order
+KINDS = ROW_KINDS  # every row kind, in report order
 # names of shortcut-baseline rows across evaluations (plus every random-init[...] twin)
 SHORTCUT_BASELINES = (RANDOM_INIT, "raw-intensity", "position-linear", "position-cubic", *CORR_BASELINES)
 # rows whose name starts with one of these are positive controls
@@ -40,7 +41,7 @@ def kind_of(name: str) -> str:
     Registered methods that never train (Xavier, GVDiff: descriptors a method must beat) are baselines in
     every table, as in the segmentation tables.
     """
-    if name in SHORTCUT_BASELINES or is_random_init(name):
+    if name in SHORTCUT_BASELINES or is_random_init(name) or name.startswith(ALIGNED_BODY):
         return "baseline"
     if name.startswith(CONTROL_PREFIXES):
         return "control"
