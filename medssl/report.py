@@ -131,11 +131,17 @@ def best_vs_shortcuts(res: RunResults) -> list[str]:
             text = (f"{what}: NO method beats the shortcut baseline {base['method']} ({_fmt(base['value'])}); "
                     f"the best method, {best['method']}, reaches {_fmt(best['value'])}. On this metric the "
                     "methods have not shown more than the shortcut.")
+        refs = g[g["kind"] == "reference"].set_index("method")["value"]
         for _, c in controls.iterrows():
             reached = not _better(c["value"], best["value"], higher)
             text += (f" The positive control {c['method']} reaches {_fmt(c['value'])}"
                      + (": the best method matches or passes it." if reached else
                         f"; the best method leaves {_fmt(abs(c['value'] - best['value']))} to it."))
+            if "chance" in refs.index and "grid_floor" in refs.index:  # a control near chance: the task measures nothing
+                from medssl.evaluate.headlines import control_sentence
+
+                said = control_sentence({c["method"]: c["value"]}, refs["chance"], refs["grid_floor"], metric)
+                text += " This task measures nothing." if "measures nothing" in said else ""
         note = str(best.get("note", "") or "")
         out.append(text + (f" {note}" if note else ""))
     return out
