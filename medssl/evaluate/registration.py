@@ -19,15 +19,16 @@ pairs, as accurate as 3 mm and 6x faster), the body masks' centroids as the init
 translation, then a rigid (Euler) and an affine stage, each with Mattes mutual information on
 ``n_samples`` random points, linear interpolation, regular-step gradient descent with scales
 from physical shifts, and a two-level pyramid (``shrink_factors`` 2, 1). Measured on the 56
-ordered demo test pairs (``benchmarks/registration.py``): median error 7.9 mm before snapping
-to the 18 mm grid (the best affine fit of the true correspondence leaves ~7 mm: the demo's
-elastic part), against 24.5 mm for the moment alignment. ``transform="bspline"``
+ordered demo test pairs (``benchmarks/registration.py``, loaded 2-core machine): median error
+8.0 mm before snapping to the 18 mm grid and 11.6 mm after (grid floor 8.9 mm; the best affine
+fit of the true correspondence leaves ~7 mm: the demo's elastic part), against 24.5 / 25.9 mm
+for the moment alignment, at 1.5 s per pair; affine + B-spline 6.4 / 10.8 mm at 10 s per pair. ``transform="bspline"``
 adds a cubic B-spline (control points every ``bspline_mesh_mm``) on top of the affine
 (``CompositeTransform``: B-spline first, then the affine); it takes ~10 s per pair on the demo.
 ``image="body"`` registers the (smoothed) body masks instead of the intensities with mean
 squares: shape only, no image content inside the body; ``transform="affine"`` of the masks is
-the rotation-aware ``aligned-identity (body affine)`` shortcut row (a rigid one failed on 7 of
-the 56 demo pairs, worse than the moment alignment; the affine one on none).
+the rotation-aware ``aligned-identity (body affine)`` shortcut row (8.6 mm; a rigid one, 13.2 mm,
+was worse than the moment alignment on 9 of the 56 demo pairs and was not kept; the affine one on none).
 
 **One registration per (moving, fixed) pair and settings, cached**: the transform is written with
 ``sitk.WriteTransform`` to ``<cache_dir>/<moving>_to_<fixed>_<key>.tfm`` (atomically), next to
