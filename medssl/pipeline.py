@@ -49,19 +49,24 @@ from medssl._files import atomic_write_text
 from medssl.provenance import record_run_provenance
 from medssl.rundir import RunDir
 
-# 50_segmentation in the demo: kNN on a coarser grid (stride 6 at 3 mm), 5 atlases, 3 draws, 3 test
-# subjects; a short fine-tuning (40 steps, no validation curve, 2 test subjects) of random-init, ISImed
-# and the positive-pair-selection demo methods on 1 and 4 subjects: too short to separate methods,
-# it shows the protocol runs; the `full` plan fine-tunes for real.
+# 50_segmentation in the demo: kNN on a coarser grid (stride 6 at 3 mm), 5 atlases, 3 draws, every test
+# subject (8: the paired-test unit; fewer than 5 cannot be tested), with the affine multi-atlas registration
+# control and the body-affine shortcut (about 1 s per atlas and query, cached); a short fine-tuning (40 steps,
+# no validation curve, 2 test subjects: "not testable") of ISImed and the positive-pair-selection demo methods
+# with their untrained twins on 1 and 4 subjects: too short to separate methods, it shows the protocol runs;
+# the `full` plan fine-tunes for real.
 SEGMENTATION_DEMO: dict[str, Any] = {
-    "stride_vox": 6, "atlas_pool": 5, "n_atlases": [1, 3, 5], "n_draws": 3, "n_queries": 3,
+    "stride_vox": 6, "atlas_pool": 5, "n_atlases": [1, 3, 5], "n_draws": 3, "n_queries": 0,
+    "registration": "affine",
     "finetune_methods": "demo", "finetune_n": [1, 4], "finetune_steps": 40, "finetune_test_subjects": 2,
     "finetune_val_subjects": 0,
 }
-# The `full` plan: the paper's protocol (stride 4, n = 1..9, 5 draws, every test subject) and
-# fine-tuning of every method on 1, 2, 4 and 8 subjects.
+# The `full` plan: the paper's protocol (stride 4, n = 1..9, 5 draws, every test subject), the registration
+# control with a B-spline on top of the affine (~10 s per atlas and query), and fine-tuning of every method on
+# 1, 2, 4 and 8 subjects.
 SEGMENTATION_FULL: dict[str, Any] = {
     "stride_vox": 4, "atlas_pool": 9, "n_atlases": list(range(1, 10)), "n_draws": 5, "n_queries": 0,
+    "registration": "bspline",
     "finetune_methods": "all", "finetune_n": [1, 2, 4, 8], "finetune_steps": 300, "finetune_test_subjects": 0,
 }
 

@@ -7,8 +7,11 @@ figures; the report concatenates whatever is there, so a new evaluation appears 
 no edit to this module.
 
 The report also says, in words, for every headline metric whether the best method beats
-the best **shortcut baseline** (random init, raw intensities, position only, identity,
-aligned identity): a table whose best method does not clearly beat them must say so.
+the best **shortcut baseline** (random-init twins, raw intensities, position only, identity,
+aligned identity) and where it stands against the **positive control** (registration, a
+supervised model) when the step has one (:func:`best_vs_shortcuts`, on the headline values;
+the paired tests per method are in each row's note): a table whose best method does not
+clearly beat them must say so.
 
 **Two runs side by side** (two seeds, two presets): :func:`compare_runs` lines up their headline
 tables row by row (run A, run B, B - A), marks every difference as better or worse for B (by
@@ -34,16 +37,19 @@ import pandas as pd
 from medssl.cli import register_command
 from medssl.rundir import RunDir
 
-__all__ = ["PROTOCOL", "RunResults", "RunComparison", "collect_results", "compare_runs", "comparison_table",
-           "verdicts", "pretraining_table", "key_figures", "write_comparison", "write_report", "table_stamps"]
+__all__ = ["PROTOCOL", "RunResults", "RunComparison", "best_vs_shortcuts", "collect_results", "compare_runs",
+           "comparison_table", "pretraining_table", "key_figures", "write_comparison", "write_report", "table_stamps"]
 
 PROTOCOL = (
     "Protocol: methods are pretrained on the train split only. Every choice made from results (the ISImed "
     "latent scale, the number of steps, the probe's C, the ridge's alpha) was made on the validation split; "
     "the test split is scored once, at the end, and the split of every number is in its row. Every method "
     "sees the same number of distinct patches per step (two-view methods embed two views of each, which "
-    "costs about twice the compute: see the pretraining table). p-values are Holm-adjusted over all pairs "
-    "compared; with n test subjects the smallest possible Wilcoxon p is 2/2^n."
+    "costs about twice the compute: see the pretraining table). Each method is tested against its own untrained "
+    "twin (the same architecture: random-init[...], or xavier for Reg2D/Heatmap), every shortcut row and every "
+    "positive control; p-values are Holm-adjusted over those method x baseline comparisons (the family size is "
+    "stated with each verdict), next to the smallest adjusted Wilcoxon p the n test subjects allow (2/2^n times "
+    "the family size); fewer than 5 units, or paired differences that do not vary, are 'not testable'."
 )
 
 
@@ -97,7 +103,9 @@ def _row_order(head: pd.DataFrame, methods: Sequence[str]) -> list[str]:
     seen = list(dict.fromkeys(head["method"]))
     first = [m for m in methods if m in seen]
     rest = [m for m in seen if m not in first]
-    rank = {"method": 0, "baseline": 1, "reference": 2}
+    from medssl.evaluate.headlines import KINDS
+
+    rank = {k: i for i, k in enumerate(KINDS)}
     return first + sorted(rest, key=lambda m: (rank.get(kinds.get(m, "method"), 0), seen.index(m)))
 
 
@@ -123,7 +131,8 @@ def _better(a: float, b: float, higher: bool) -> bool:
 
 
 def _verdict_facts(h: pd.DataFrame) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Per (step, metric, split): the best method, the strongest shortcut baseline, and whether it beats all of them."""
+    """Per (step, metric, split): the best method, the strongest shortcut baseline, whether it beats all of them,
+    and the step's positive controls and references."""
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
     for (step, metric, split), g in h.groupby(["step", "metric", "split"], sort=False):
         methods = g[g["kind"] == "method"].dropna(subset=["value"])
@@ -134,16 +143,21 @@ def _verdict_facts(h: pd.DataFrame) -> dict[tuple[str, str, str], dict[str, Any]
         pick = (lambda d: d.loc[d["value"].idxmax()]) if higher else (lambda d: d.loc[d["value"].idxmin()])
         best, base = pick(methods), pick(baselines)
         beaten = [b for _, b in baselines.iterrows() if _better(best["value"], b["value"], higher)]
-        out[(str(step), str(metric), str(split))] = {"best": best, "base": base,
-                                                     "beats_all": len(beaten) == len(baselines)}
+        out[(str(step), str(metric), str(split))] = {
+            "best": best, "base": base, "beats_all": len(beaten) == len(baselines), "higher": higher,
+            "controls": g[g["kind"] == "control"].dropna(subset=["value"]),
+            "refs": g[g["kind"] == "reference"].set_index("method")["value"],
+        }
     return out
 
 
-def verdicts(res: RunResults) -> list[str]:
-    """For every (step, metric, split): does the best method beat the best shortcut baseline? In words."""
+def best_vs_shortcuts(res: RunResults) -> list[str]:
+    """For every (step, metric, split): does the best method beat the best shortcut baseline, and where
+    does it stand against the positive control? In words, on the headline values (no test: the paired
+    tests of every method against its twin, the shortcuts and the control are in the rows' notes)."""
     out: list[str] = []
     for (step, metric, split), facts in _verdict_facts(res.headlines).items():
-        best, base = facts["best"], facts["base"]
+        best, base, higher, refs = facts["best"], facts["base"], facts["higher"], facts["refs"]
         what = f"{step} · {metric} ({split})"
         if facts["beats_all"]:
             margin = abs(best["value"] - base["value"])
@@ -153,6 +167,16 @@ def verdicts(res: RunResults) -> list[str]:
             text = (f"{what}: NO method beats the shortcut baseline {base['method']} ({_fmt(base['value'])}); "
                     f"the best method, {best['method']}, reaches {_fmt(best['value'])}. On this metric the "
                     "methods have not shown more than the shortcut.")
+        for _, c in facts["controls"].iterrows():
+            reached = not _better(c["value"], best["value"], higher)
+            text += (f" The positive control {c['method']} reaches {_fmt(c['value'])}"
+                     + (": the best method matches or passes it." if reached else
+                        f"; the best method leaves {_fmt(abs(c['value'] - best['value']))} to it."))
+            if "chance" in refs.index and "grid_floor" in refs.index:  # a control near chance: the task measures nothing
+                from medssl.evaluate.headlines import control_sentence
+
+                said = control_sentence({c["method"]: c["value"]}, refs["chance"], refs["grid_floor"], metric)
+                text += " This task measures nothing." if "measures nothing" in said else ""
         note = str(best.get("note", "") or "")
         out.append(text + (f" {note}" if note else ""))
     return out
@@ -283,15 +307,18 @@ def write_report(run: "str | os.PathLike | RunDir", *, out_path: str | os.PathLi
         ("Code and configuration", [code_provenance_text(res.provenance, res.provenance.get("tables", {}))]),
         ("Protocol", [PROTOCOL]),
     ]
-    said = verdicts(res)
+    said = best_vs_shortcuts(res)
     if said:
         sections.append(("Do the methods beat the shortcuts?", said))
     sections.append(("Comparison across methods", [
         comparison_table(res),
-        "kind: method = a pretrained method; baseline = a shortcut a method must beat (random-init: the same "
-        "architecture untrained; raw-intensity; position-*: the patch centre in mm; identity: the same world "
-        "coordinate in the other subject; aligned-identity: the same after aligning the two bodies); "
-        "reference = chance or the best achievable (grid floor).",
+        "kind: method = a pretrained method; baseline = a shortcut a method must beat (random-init[...]: a "
+        "method's own architecture untrained, xavier for Reg2D/Heatmap; raw-intensity; position-*: the patch "
+        "centre in mm; identity: the same world coordinate in the other subject; aligned-identity (scale+shift): "
+        "the same after matching the two bodies' centroid and per-axis extent, no rotation); control = a positive "
+        "control that shows the task can be solved (registration (...): SimpleITK intensity registration, the "
+        "settings and seconds per pair in its note; supervised...: trained with the labels); reference = chance "
+        "or the best achievable (grid floor).",
     ]))
     if compare_with:
         comp = compare_runs(run, compare_with, methods)

@@ -47,7 +47,8 @@ __all__ = ["RunDir", "MethodFiles", "method_files", "HEADLINE_COLUMNS", "PROVENA
 PROVENANCE_COLUMNS = ["commit", "config_hash"]  # last, so that readers of the older columns are unaffected
 HEADLINE_COLUMNS = ["step", "method", "kind", "metric", "value", "std", "n", "split", "higher_is_better", "note",
                     *PROVENANCE_COLUMNS]
-ROW_KINDS = ("method", "baseline", "reference")  # baseline: a shortcut a method must beat; reference: chance/floor
+ROW_KINDS = ("method", "baseline", "control", "reference")  # baseline: a shortcut a method must beat; control: a
+# positive control that shows the task can be solved (registration, supervised); reference: chance/floor
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _EVAL = "eval"
 _HEADLINE = "headline.csv"

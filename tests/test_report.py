@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medssl.report import PROTOCOL, collect_results, comparison_table, verdicts, write_report
+from medssl.report import PROTOCOL, best_vs_shortcuts, collect_results, comparison_table, write_report
 from medssl.rundir import RunDir
 
 
@@ -20,9 +20,10 @@ def _fake_run(root, methods=("isimed", "simclr")):
         (rd.method_dir(m) / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
         (rd.method_dir(m) / "config.json").write_text(json.dumps(
             {"resolved": {"patches_per_step": 192, "views_per_patch": 2 if m == "simclr" else 1, "trains": True}}))
-    corr = pd.DataFrame({"method": [*methods, "random-init", "identity", "aligned-identity", "chance"],
-                         "kind": ["method", "method", "baseline", "baseline", "baseline", "reference"],
-                         "metric": "correspondence_median_mm", "value": [14.0, 30.0, 60.0, 26.0, 20.0, 170.0],
+    corr = pd.DataFrame({"method": [*methods, "random-init[smallcnn]", "identity", "aligned-identity (scale+shift)",
+                                    "registration (affine)", "chance"],
+                         "kind": ["method", "method", "baseline", "baseline", "baseline", "control", "reference"],
+                         "metric": "correspondence_median_mm", "value": [14.0, 30.0, 60.0, 26.0, 20.0, 10.0, 170.0],
                          "split": "test", "higher_is_better": False})
     rd.write_headline(rd.step_dir("20_latent_space"), corr)
     probe = pd.DataFrame({"method": [*methods, "position-cubic", "raw-intensity"],
@@ -50,10 +51,14 @@ def test_comparison_table_lines_up_every_headline_by_method_with_methods_first(t
 
 def test_verdicts_say_in_words_when_no_method_beats_a_shortcut(tmp_path):
     res = collect_results(_fake_run(tmp_path))
-    said = " ".join(verdicts(res))
+    said = " ".join(best_vs_shortcuts(res))
     assert "correspondence_median_mm (test): the best method, isimed (14), beats every shortcut baseline" in said
     assert "auc (test): NO method beats the shortcut baseline position-cubic (0.9)" in said
     assert "Holm p = 0.01" in said
+    # the positive control is named and the gap to it said; it is not a shortcut the method "beats"
+    assert "The positive control registration (affine) reaches 10; the best method leaves 4 to it." in said
+    t = comparison_table(res)
+    assert list(t["method"][-2:]) == ["registration (affine)", "chance"]  # methods, baselines, controls, references
 
 
 def test_a_new_evaluation_step_appears_in_the_report_with_no_edit(tmp_path):

@@ -13,23 +13,42 @@ B, like a method's):
   coordinate* as the query. On a cohort of warped copies of one CT (the demo) or on
   roughly registered scans this is already good; a method that does not beat it has not
   shown a latent coordinate system.
-- ``aligned-identity`` (shortcut baseline): the same after aligning the two bodies by
-  their moments (:func:`medssl.geometry.moment_alignment` on the body grid points: centroid
-  and extent along x, y, z). A method is called better only if it beats this row.
+- ``aligned-identity (scale+shift)`` (shortcut baseline): the same after aligning the two
+  bodies by their moments (:func:`medssl.geometry.moment_alignment` on the body grid points:
+  centroid and extent along x, y, z): translation and per-axis scale, **no rotation** (the
+  demo rotates every subject by up to 10 degrees per axis).
+- ``aligned-identity (body affine)`` (shortcut baseline, when a body ``registrar`` is given):
+  the same after an affine registration of the two body masks
+  (:class:`~medssl.evaluate.registration.RegistrationConfig` ``image="body"``): rotation-aware,
+  still no image content inside the body. Measured on the demo's 56 ordered test pairs
+  (``benchmarks/registration.py``): median 8.6 mm unsnapped (12.0 mm on the 18 mm grid)
+  against 24.5 mm (25.9) for the moment row, worse on none of the pairs (a rigid registration of
+  the masks, 13.2 mm, was worse on 9 and was not kept). On the demo cohort (warped copies of one
+  CT) the body outline fixes most of the affine part, so this shortcut is nearly as good as
+  intensity registration (8.0 mm). A method is called better only if it beats every shortcut row.
+- ``registration (affine)`` (positive **control**, when a ``registrar`` is given): the query
+  point mapped by an intensity registration of B onto A (:mod:`medssl.evaluate.registration`),
+  then snapped to B's grid like every other row. It needs no training; it shows what the
+  task allows. A control near chance would mean the task measures nothing.
 - ``chance`` (reference): a random body grid point of B (seeded).
 - ``grid_floor`` (reference): the nearest grid point of B to the true point, the best any
   method can do at this stride.
 
-The random-init baseline is just another entry of ``methods`` (the caller adds it).
+The random-init twins are just other entries of ``methods`` (the caller adds them).
+
+**Units.** Subjects are the unit: :func:`query_pairs` makes each held-out subject the query
+against every other one (or ``n_partners`` of them), and :meth:`CorrespondenceResult.units`
+averages each query subject's per-pair median errors, so the paired tests run over as many
+units as there are subjects (8 in the demo), not over pairs that share subjects.
 
 Unregistered scans: the identity rows compare world coordinates of two scans, which only
-means something when both share a frame; ``aligned-identity`` does not need one.
+means something when both share a frame; ``aligned-identity`` and registration do not need one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,10 +60,15 @@ from medssl.evaluate.dense import DenseEmbedding, dense_embeddings
 from medssl.geometry import apply_affine_mm, moment_alignment, world_to_vox
 
 __all__ = [
+    "ALIGNED_IDENTITY",
+    "CHANCE",
+    "GRID_FLOOR",
+    "IDENTITY",
     "CorrespondenceResult",
     "correspondence_error",
     "correspondence_from_dense",
     "evaluate_correspondence",
+    "query_pairs",
     "query_points",
     "subject_pairs",
     "summarize_correspondence",
@@ -61,10 +85,17 @@ _COLUMNS = [
 CHANCE = "chance"
 GRID_FLOOR = "grid_floor"
 IDENTITY = "identity"
-ALIGNED_IDENTITY = "aligned-identity"
+ALIGNED_IDENTITY = "aligned-identity (scale+shift)"  # moment alignment: translation + per-axis scale, no rotation
 BASELINES = (IDENTITY, ALIGNED_IDENTITY)
 REFERENCES = (CHANCE, GRID_FLOOR)
 SHARED_ROWS = BASELINES + REFERENCES  # depend only on the two grids and the seed, not on the method
+
+
+def _shared(names: pd.Series) -> pd.Series:
+    """Rows that do not depend on the method (shortcuts, references, registration controls)."""
+    from medssl.evaluate.registration import ALIGNED_BODY, REGISTRATION
+
+    return names.isin(SHARED_ROWS) | names.astype(str).str.startswith((REGISTRATION, ALIGNED_BODY))
 
 
 def query_points(dense_a: DenseEmbedding, n_points: int, seed: int) -> np.ndarray:
@@ -95,6 +126,26 @@ def subject_pairs(case_ids: Sequence[str], n_pairs: int, seed: int = 0) -> list[
     return [(ids[0], ids[1]), *[rest[i] for i in order]][: max(1, int(n_pairs))]
 
 
+def query_pairs(case_ids: Sequence[str], n_partners: int = 0, seed: int = 0) -> list[tuple[str, str]]:
+    """Every subject as the query ``case_a`` against ``n_partners`` others (0: all others), seeded.
+
+    The partners of each query are a seeded draw among the other subjects (all of them, in
+    order, when ``n_partners`` is 0 or at least their number). Every subject is a query, so the
+    per-subject units of :meth:`CorrespondenceResult.units` cover all of them.
+    """
+    ids = [str(c) for c in case_ids]
+    if len(ids) < 2:
+        raise ValueError(f"correspondence needs at least 2 held-out subjects, got {len(ids)}: {ids}")
+    out = []
+    for q, a in enumerate(ids):
+        others = [b for b in ids if b != a]
+        if 0 < n_partners < len(others):
+            pick = np.random.default_rng([int(seed), q]).choice(len(others), size=int(n_partners), replace=False)
+            others = [others[i] for i in sorted(pick)]
+        out += [(a, b) for b in others]
+    return out
+
+
 def _true_points_inside(dense_b: DenseEmbedding, points_mm_b: np.ndarray) -> np.ndarray:
     """True where a point lies inside B's image (its voxel index in ``[-0.5, n - 0.5]``)."""
     ijk = world_to_vox(dense_b.image_affine, points_mm_b)
@@ -110,6 +161,7 @@ def correspondence_from_dense(
     seed: int = 0,
     method_name: str = "method",
     include_references: bool = True,
+    registration: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
 ) -> pd.DataFrame:
     """Per-point correspondence errors from two dense embeddings of one method.
 
@@ -119,8 +171,11 @@ def correspondence_from_dense(
         n_points: number of query points in A's foreground.
         seed: chooses the query points and the chance baseline.
         method_name: value of the ``method`` column.
-        include_references: also return the ``identity``, ``aligned-identity``, ``chance`` and
-            ``grid_floor`` rows.
+        include_references: also return the ``identity``, ``aligned-identity (scale+shift)``,
+            ``chance`` and ``grid_floor`` rows (and the registration rows).
+        registration: ``{row name: points_mm_a -> points_mm_b}`` of registrations of B onto A
+            (:meth:`medssl.evaluate.registration.Registrar.map_points`); their predictions are
+            snapped to B's grid like every other row.
 
     Returns:
         One row per (method, query point) with columns ``method, case_a, case_b,
@@ -139,8 +194,12 @@ def correspondence_from_dense(
     if idx.size == 0:
         return pd.DataFrame(columns=_COLUMNS)
 
-    nn_index = NearestNeighbors(n_neighbors=1, algorithm="auto").fit(dense_b.flat_embeddings)
-    _, hit = nn_index.kneighbors(dense_a.flat_embeddings[idx])
+    from threadpoolctl import threadpool_limits
+
+    # exact search, one thread: two OpenMP threads spin on a loaded 2-core machine (0.3 s vs 0.06 s per pair)
+    with threadpool_limits(1):
+        nn_index = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(dense_b.flat_embeddings)
+        _, hit = nn_index.kneighbors(dense_a.flat_embeddings[idx])
     pred = {method_name: dense_b.flat_centres_mm[hit[:, 0]]}
     if include_references:
         rng = np.random.default_rng([seed, 1])
@@ -152,6 +211,9 @@ def correspondence_from_dense(
         pred[IDENTITY] = dense_b.flat_centres_mm[grid_nn.kneighbors(query_mm)[1][:, 0]]
         align = moment_alignment(_body_points(dense_a), _body_points(dense_b))
         pred[ALIGNED_IDENTITY] = dense_b.flat_centres_mm[grid_nn.kneighbors(apply_affine_mm(align, query_mm))[1][:, 0]]
+        for row, map_fn in (registration or {}).items():
+            mapped = np.asarray(map_fn(query_mm), dtype=np.float64).reshape(-1, 3)
+            pred[row] = dense_b.flat_centres_mm[grid_nn.kneighbors(mapped)[1][:, 0]]
 
     frames = []
     for name, pred_mm in pred.items():
@@ -199,13 +261,16 @@ def correspondence_error(
     return correspondence_from_dense(dense_a, dense_b, true_map_fn, n_points=n_points, seed=seed, method_name=name)
 
 
-def summarize_correspondence(points: pd.DataFrame) -> pd.DataFrame:
-    """Per method: median, mean and 90th percentile error (mm), the number of points/pairs, and the row kind.
+def summarize_correspondence(points: pd.DataFrame, notes: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Per method: median, mean and 90th percentile error (mm), the numbers of points, pairs and query
+    subjects, the row kind (:func:`medssl.evaluate.headlines.kind_of`) and a note (``notes[row]``).
 
-    The shared rows (identity, aligned identity, chance, grid floor) are pooled over methods:
-    they depend on the grid and the seed, and are identical for methods with the same stride.
+    The shared rows (identity, aligned identity, registration, chance, grid floor) are pooled over
+    methods: they depend on the grid and the seed, and are identical for methods with the same stride.
     """
-    refs = points["method"].isin(SHARED_ROWS)
+    from medssl.evaluate.headlines import kind_of
+
+    refs = _shared(points["method"])
     pts = pd.concat(
         [points[~refs], points[refs].drop_duplicates(["method", "case_a", "case_b", "point"])], ignore_index=True
     )
@@ -219,22 +284,49 @@ def summarize_correspondence(points: pd.DataFrame) -> pd.DataFrame:
             "n_pairs": pts.groupby("method", sort=False)[["case_a", "case_b"]].apply(
                 lambda d: len(d.drop_duplicates())
             ),
+            "n_subjects": pts.groupby("method", sort=False)["case_a"].nunique(),
         }
     ).reset_index()
-    order = {name: i for i, name in enumerate(n for n in pd.unique(pts["method"]) if n not in SHARED_ROWS)}
-    for k, name in enumerate(SHARED_ROWS):
-        order[name] = len(order) + k + 1
-    out["kind"] = out["method"].map(lambda m: "baseline" if m in BASELINES or m == "random-init"
-                                    else "reference" if m in REFERENCES else "method")
+    shared = [n for n in pd.unique(pts["method"]) if _shared(pd.Series([n])).iloc[0]]
+    rest = [n for n in pd.unique(pts["method"]) if n not in shared]
+    shared_order = [*BASELINES, *[n for n in shared if n not in SHARED_ROWS], *REFERENCES]
+    order = {name: i for i, name in enumerate([*rest, *shared_order])}
+    out["kind"] = out["method"].map(kind_of)
+    out["note"] = out["method"].map(lambda m: (notes or {}).get(m, ""))
     return out.sort_values("method", key=lambda s: s.map(order)).reset_index(drop=True)
 
 
 @dataclass(frozen=True)
 class CorrespondenceResult:
-    """``points``: one row per (method, pair, query point); ``summary``: one row per method."""
+    """``points``: one row per (method, pair, query point); ``summary``: one row per method;
+    ``registration_seconds``: ``{row: mean seconds per registered pair}``."""
 
     points: pd.DataFrame
     summary: pd.DataFrame
+    registration_seconds: dict[str, float] = field(default_factory=dict)
+
+    def per_pair(self) -> pd.DataFrame:
+        """Median error (mm) per ``(method, case_a, case_b)`` (shared rows once)."""
+        refs = _shared(self.points["method"])
+        pts = pd.concat([self.points[~refs],
+                         self.points[refs].drop_duplicates(["method", "case_a", "case_b", "point"])])
+        return pts.groupby(["method", "case_a", "case_b"], sort=False)["error_mm"].median().reset_index()
+
+    def units(self) -> dict[str, np.ndarray]:
+        """``{row: per query subject mean of its pairs' median errors (mm)}``, subjects in one order: the
+        paired-test units (each held-out subject once)."""
+        per_query = self.per_pair().groupby(["method", "case_a"], sort=False)["error_mm"].mean().reset_index()
+        wide = per_query.pivot_table(index="case_a", columns="method", values="error_mm", sort=False)
+        return {m: wide[m].to_numpy() for m in dict.fromkeys(per_query["method"])}
+
+    def verdicts(self, twins: Mapping[str, str] | None = None, what: str = "(correspondence)") -> pd.DataFrame:
+        """Each method against its twin, the shortcut rows and the registration control
+        (:func:`medssl.evaluate.stats.compare_to_baselines`; lower error is better; units = query subjects)."""
+        from medssl.evaluate.stats import compare_to_baselines
+
+        kinds = dict(zip(self.summary["method"], self.summary["kind"]))
+        return compare_to_baselines(self.units(), kinds, twins, higher_is_better=False,
+                                    metric="median error (mm)", what=what, unit="query subject")
 
 
 def evaluate_correspondence(
@@ -246,12 +338,13 @@ def evaluate_correspondence(
     seed: int = 0,
     stride_vox: int | Sequence[int] = 4,
     dense: dict[tuple[str, str], DenseEmbedding] | None = None,
+    registrars: Sequence[Any] = (),
     **dense_kwargs: Any,
 ) -> CorrespondenceResult:
     """Correspondence error of several methods over several held-out subject pairs.
 
     Args:
-        methods: ``{name: method}``; include the random-init baseline here.
+        methods: ``{name: method}``; include the random-init twins here.
         volumes: the held-out volumes (a sequence or ``{case_id: volume}``).
         pairs: ``[(case_a, case_b), ...]``.
         true_map_fn: ``(case_a, case_b, points_mm_a (N, 3)) -> points_mm_b (N, 3)``,
@@ -261,6 +354,8 @@ def evaluate_correspondence(
         stride_vox: dense grid stride.
         dense: optional ``{(method name, case_id): DenseEmbedding}`` store, reused and
             filled, so the latent maps can share the embeddings.
+        registrars: :class:`medssl.evaluate.registration.Registrar` s: each adds its control row
+            (``registrar.name``), B registered onto A once per pair (cached by the registrar).
         dense_kwargs: passed to :func:`dense_embeddings` (``batch_size``, ``cache_dir``, ...).
     """
     by_id = dict(volumes) if isinstance(volumes, Mapping) else {str(v.case_id): v for v in volumes}
@@ -275,8 +370,11 @@ def evaluate_correspondence(
         return store[(name, case)]
 
     frames = []
-    for name in methods:
+    for i, name in enumerate(methods):
         for p, (case_a, case_b) in enumerate(pairs):
+            # the registration rows do not depend on the method: scored with the first one only
+            reg = {r.name: (lambda pts, r=r, a=case_a, b=case_b: r.map_points(by_id[a], by_id[b], pts))
+                   for r in registrars} if i == 0 else None
             frames.append(
                 correspondence_from_dense(
                     _dense(name, case_a),
@@ -285,7 +383,12 @@ def evaluate_correspondence(
                     n_points=n_points,
                     seed=seed + p,
                     method_name=name,
+                    registration=reg,
                 )
             )
     points = pd.concat(frames, ignore_index=True)
-    return CorrespondenceResult(points=points, summary=summarize_correspondence(points))
+    used = [(b, a) for a, b in pairs]  # (moving, fixed)
+    notes = {r.name: r.note(used) for r in registrars}
+    seconds = {r.name: float(np.mean([r.seconds[u] for u in used if u in r.seconds])) for r in registrars}
+    return CorrespondenceResult(points=points, summary=summarize_correspondence(points, notes),
+                                registration_seconds=seconds)

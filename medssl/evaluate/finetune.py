@@ -580,6 +580,24 @@ class FinetuneComparison:
         wide = q.pivot_table(index="query", columns="method", values=metric, sort=False)
         return {m: wide[m].to_numpy() for m in dict.fromkeys(q["method"])}
 
+    def verdicts(self, twins: Mapping[str, str] | None = None, n_subjects: int | None = None) -> pd.DataFrame:
+        """Each fine-tuned method against its fine-tuned twin (and any shortcut or control row), Holm over those
+        comparisons (:func:`medssl.evaluate.stats.compare_to_baselines`), at ``n_subjects`` (default the largest)."""
+        from medssl.evaluate.stats import compare_to_baselines
+
+        n = int(self.scores["n_subjects"].max()) if n_subjects is None else int(n_subjects)
+        return compare_to_baselines(self.units(n), self.kinds, twins, metric="Dice", what=f"(fine-tuned, n = {n})")
+
+    def false_positives(self) -> pd.DataFrame:
+        """Per ``(method, n_subjects)``: mean over test subjects of the false-positive volume summed over organs
+        (``fp_ml``) and of the volume predicted for organs absent from the truth (``absent_fp_ml``), mL."""
+        s = self.scores.assign(absent_fp_ml=np.where(self.scores["true_voxels"] == 0, self.scores["fp_ml"], 0.0))
+        per_query = s.groupby(["method", "n_subjects", "query"], sort=False)[["fp_ml", "absent_fp_ml"]].sum()
+        g = per_query.groupby(["method", "n_subjects"], sort=False)
+        out = g.mean().assign(n_queries=g.size()).reset_index()
+        out["kind"] = out["method"].map(self.kinds)
+        return out
+
     def headline(self) -> pd.DataFrame:
         rows = []
         metrics = ["dice"] + (["nsd"] if "nsd" in self.scores and self.scores["nsd"].notna().any() else [])
@@ -587,7 +605,16 @@ class FinetuneComparison:
             for r in self.curve(metric).itertuples(index=False):
                 rows.append({"method": r.method, "kind": r.kind, "metric": f"finetune_{metric}_n{r.n_subjects}",
                              "value": r.mean, "std": r.std, "n": r.n_queries, "split": self.split,
-                             "higher_is_better": True, "note": "fine-tuned segmentation network, mean over organs"})
+                             "higher_is_better": True,
+                             "note": "fine-tuned segmentation network, mean over organs; n = test subjects"})
+        if "fp_ml" in self.scores:
+            fp = self.false_positives()
+            for r in fp[fp["n_subjects"] == fp["n_subjects"].max()].itertuples(index=False):
+                rows.append({"method": r.method, "kind": r.kind, "metric": f"finetune_fp_ml_n{r.n_subjects}",
+                             "value": r.fp_ml, "std": np.nan, "n": r.n_queries, "split": self.split,
+                             "higher_is_better": False,
+                             "note": f"false-positive volume summed over organs, mL per test subject; of which "
+                                     f"{r.absent_fp_ml:.3g} mL on organs absent from the truth"})
         return pd.DataFrame(rows)
 
 
@@ -605,7 +632,8 @@ def finetune_comparison(
 ) -> FinetuneComparison:
     """:func:`finetune` for every initialisation and every n, on the same subjects, seed and steps.
 
-    ``inits``: ``{name: method}`` (include ``random-init``); methods whose backbone has no
+    ``inits``: ``{name: method}`` (include each method's ``random-init[...]`` twin:
+    :func:`medssl.evaluate.runs.matched_twins`); methods whose backbone has no
     segmentation network are skipped and listed in ``skipped``. The n training subjects are
     :func:`finetune_subjects` of ``train_pool`` (nested in n). Each run writes
     ``<out_root>/<name>/n<n>/metrics.jsonl``.

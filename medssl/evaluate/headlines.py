@@ -1,9 +1,15 @@
 """Headline tables: each evaluation step's key numbers in the long format the report concatenates.
 
 Columns: ``method, kind, metric, value, std, n, split, higher_is_better, note``
-(:data:`medssl.rundir.HEADLINE_COLUMNS`). ``kind`` is ``"method"`` for pretrained methods,
-``"baseline"`` for the shortcuts a method must beat (random-init, raw intensities, position
-only, identity, aligned identity) and ``"reference"`` for chance and best-achievable rows.
+(:data:`medssl.rundir.HEADLINE_COLUMNS`). ``kind`` (:func:`kind_of`, the one rule) is:
+
+- ``"method"``: pretrained methods;
+- ``"baseline"``: what a method must beat: its untrained twin (``random-init[...]``, ``xavier``),
+  and the shortcuts (raw intensities, position only, identity, ``aligned-identity (scale+shift)``,
+  ``aligned-identity (body affine)``, untrained descriptors such as GVDiff);
+- ``"control"``: positive controls, which show that the task can be solved at all
+  (``registration (...)``, supervised models: ``supervised...``);
+- ``"reference"``: chance and best-achievable rows.
 """
 
 from __future__ import annotations
@@ -15,23 +21,30 @@ import pandas as pd
 
 from medssl.evaluate.correspondence import BASELINES as CORR_BASELINES
 from medssl.evaluate.correspondence import REFERENCES as CORR_REFERENCES
-from medssl.evaluate.runs import RANDOM_INIT
-from medssl.evaluate.stats import min_wilcoxon_p
+from medssl.evaluate.registration import ALIGNED_BODY, REGISTRATION
+from medssl.evaluate.runs import RANDOM_INIT, is_random_init
+from medssl.rundir import ROW_KINDS
 
-__all__ = ["SHORTCUT_BASELINES", "kind_of", "latent_space_headline", "probe_headline"]
+__all__ = ["CONTROL_PREFIXES", "KINDS", "SHORTCUT_BASELINES", "control_sentence", "kind_of", "latent_space_headline",
+           "probe_headline"]
 
-# names of shortcut-baseline rows across evaluations
+KINDS = ROW_KINDS  # every row kind, in report order
+# names of shortcut-baseline rows across evaluations (plus every random-init[...] twin)
 SHORTCUT_BASELINES = (RANDOM_INIT, "raw-intensity", "position-linear", "position-cubic", *CORR_BASELINES)
+# rows whose name starts with one of these are positive controls
+CONTROL_PREFIXES = (REGISTRATION, "supervised")
 
 
 def kind_of(name: str) -> str:
-    """``"baseline"``, ``"reference"`` or ``"method"`` for a row name.
+    """``"baseline"``, ``"control"``, ``"reference"`` or ``"method"`` for a row name.
 
     Registered methods that never train (Xavier, GVDiff: descriptors a method must beat) are baselines in
     every table, as in the segmentation tables.
     """
-    if name in SHORTCUT_BASELINES:
+    if name in SHORTCUT_BASELINES or is_random_init(name) or name.startswith(ALIGNED_BODY):
         return "baseline"
+    if name.startswith(CONTROL_PREFIXES):
+        return "control"
     if name in CORR_REFERENCES:
         return "reference"
     from medssl.methods import list_methods
@@ -51,6 +64,7 @@ def latent_space_headline(
     correspondence: pd.DataFrame | None,
     collapse: pd.DataFrame,
     split: str,
+    correspondence_verdicts: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The latent-space step's headline rows.
 
@@ -60,6 +74,7 @@ def latent_space_headline(
         correspondence: :func:`medssl.evaluate.correspondence.summarize_correspondence` or None.
         collapse: ``method, effective_rank, ...``.
         split: the split all of them were measured on.
+        correspondence_verdicts: :meth:`CorrespondenceResult.verdicts` (the method rows' notes).
     """
     rows = []
     for _, r in fidelity.iterrows():
@@ -73,9 +88,14 @@ def latent_space_headline(
         rows.append(_row(name, "decoding_error_mm", xyz["error_mm"], split, False, std=xyz["error_mm_std"],
                          n=xyz["n_folds"]))
     if correspondence is not None and not correspondence.empty:
+        said = _notes_by_method(correspondence_verdicts)
         for _, r in correspondence.iterrows():
+            n_subj = r.get("n_subjects", np.nan)
+            base = (f"median over {int(r['n_points'])} points of {int(r['n_pairs'])} subject pairs; n = query "
+                    "subjects (the paired-test unit)")
+            note = "; ".join(x for x in (base, str(r.get("note", "") or ""), said.get(r["method"], "")) if x)
             rows.append(_row(r["method"], "correspondence_median_mm", r["median_error_mm"], split, False,
-                             n=r["n_points"]))
+                             n=n_subj, kind=r.get("kind") or None, note=note))
     for _, r in collapse.iterrows():
         # rank is a property, not a score to beat: the random-init row is a reference here
         kind = "reference" if kind_of(r["method"]) == "baseline" else "method"
@@ -83,31 +103,60 @@ def latent_space_headline(
     return pd.DataFrame(rows)
 
 
-def probe_headline(table: pd.DataFrame, tests: pd.DataFrame | None, split: str, unit: str) -> pd.DataFrame:
+def _notes_by_method(verdicts: pd.DataFrame | None) -> dict[str, str]:
+    """``{method: its verdict sentences joined}`` from a :func:`medssl.evaluate.stats.family_verdicts` table."""
+    if verdicts is None or verdicts.empty:
+        return {}
+    return {m: " ".join(g["verdict"]) for m, g in verdicts.groupby("method", sort=False)}
+
+
+def probe_headline(table: pd.DataFrame, tests: pd.DataFrame | None, split: str, unit: str,
+                   twins: Mapping[str, str] | None = None) -> pd.DataFrame:
     """The probe step's headline rows: AUC per feature set (mean and std over ``unit``s), with a note per method.
 
-    The note of each method names the strongest shortcut baseline and the Holm-adjusted
-    p-values of the paired tests against it (and the smallest p the number of units allows).
+    The note of each method says, in words, how it compares with its own untrained twin, every
+    shortcut row and every control (:func:`medssl.evaluate.stats.family_verdicts`): Holm-adjusted
+    over those method x baseline comparisons only (the family size is in the note), with the
+    smallest adjusted Wilcoxon p the number of units allows. ``tests``: the probe's paired tests
+    (every pair of rows, unadjusted p-values are read); ``twins``: ``{method: twin row}``
+    (:func:`medssl.evaluate.runs.matched_twins`); without it every baseline is compared with
+    every method.
     """
+    from medssl.evaluate.stats import comparisons, family_verdicts
+
     auc = table[table["metric"] == "auc"].set_index("method")
-    baselines = [m for m in auc.index if kind_of(m) == "baseline"]
-    strongest = auc.loc[baselines, "mean"].idxmax() if baselines else None
+    said: dict[str, str] = {}
+    if tests is not None and not tests.empty:
+        kinds = {m: kind_of(m) for m in auc.index}
+        tested = set(tests["method_a"]) | set(tests["method_b"])
+        pairs = [p for p in comparisons({m: k for m, k in kinds.items() if m in tested}, twins)]
+        said = _notes_by_method(family_verdicts(tests, pairs, True, "AUC", unit=unit, kinds=kinds))
     rows = []
     for name, r in auc.iterrows():
-        note = ""
-        if strongest is not None and kind_of(name) == "method" and tests is not None and not tests.empty:
-            note = _vs_note(name, strongest, tests, unit)
-        rows.append(_row(name, "auc", r["mean"], split, True, std=r["std"], n=r["n"], note=note))
+        rows.append(_row(name, "auc", r["mean"], split, True, std=r["std"], n=r["n"], note=said.get(name, "")))
         if np.isfinite(r.get("pooled", np.nan)):
             rows.append(_row(name, "auc_pooled", r["pooled"], split, True, n=r["n"]))
     return pd.DataFrame(rows)
 
 
-def _vs_note(name: str, other: str, tests: pd.DataFrame, unit: str) -> str:
-    sel = tests[((tests.method_a == name) & (tests.method_b == other)) | ((tests.method_a == other) & (tests.method_b == name))]
-    if sel.empty:
-        return ""
-    t = sel.iloc[0]
-    n = int(t["n_folds"])
-    return (f"{name} vs {other}: paired t-test Holm p = {t['t_pvalue_holm']:.3g}, Wilcoxon Holm p = "
-            f"{t['wilcoxon_pvalue_holm']:.3g} over {n} {unit}s (smallest possible Wilcoxon p: {min_wilcoxon_p(n):.3g}).")
+def control_sentence(values: Mapping[str, float], chance: float, best: float, what: str, near: float = 0.25) -> str:
+    """One sentence on the positive control(s) among ``values`` (``{row: value}``).
+
+    A control that closes less than ``near`` of the gap from ``chance`` to ``best`` (the best
+    attainable value; either direction, so errors and scores both work) "sits near chance": the
+    table then says that the task measures nothing. Returns ``""`` when ``values`` holds no control row.
+    """
+    out = []
+    for row, v in values.items():
+        if kind_of(row) != "control" or not np.isfinite(v):
+            continue
+        gap = (v - chance) / (best - chance) if best != chance else np.nan
+        if np.isfinite(gap) and gap < near:
+            out.append(f"The positive control {row} reaches only {v:.3g} on {what} (chance {chance:.3g}, best "
+                       f"attainable {best:.3g}): it sits near chance, so this task measures nothing; no method's "
+                       "result on it means anything.")
+        else:
+            out.append(f"The positive control {row} reaches {v:.3g} on {what} (chance {chance:.3g}, best attainable "
+                       f"{best:.3g}): the task can be solved, and the gap between a method and the control is what "
+                       "the method leaves on the table.")
+    return " ".join(out)

@@ -29,12 +29,21 @@ of its k = 21 nearest atlas descriptors; report Dice per organ against n = 1..9
   :func:`check_disjoint` refuses any shared subject or patient group.
 
 Shortcut rows in the same table (:data:`BASELINE_ROWS`): ``identity`` (each query grid point
-takes the atlas label at the same world coordinate; n atlases vote), ``aligned-identity``
-(the same after :func:`medssl.geometry.moment_alignment` of the query's body onto each
-atlas's body), plus the descriptor baselines the caller adds as methods: ``random-init``
-(:func:`medssl.evaluate.runs.random_init_like`) and ``raw-intensity``
-(:class:`RawIntensityDescriptor`). The identity rows go through the same grid, body rule and
-upsampling as the kNN rows, so they differ from a method only in where the labels come from.
+takes the atlas label at the same world coordinate; n atlases vote), ``aligned-identity
+(scale+shift)`` (the same after :func:`medssl.geometry.moment_alignment` of the query's body
+onto each atlas's body: translation and per-axis scale, no rotation), plus the descriptor
+baselines the caller adds as methods: each method's untrained twin (``random-init[...]``,
+:func:`medssl.evaluate.runs.load_run_methods`; ``xavier`` for Reg2D/Heatmap) and
+``raw-intensity`` (:class:`RawIntensityDescriptor`).
+
+The positive **control** (``registrars``): **multi-atlas registration**. Every atlas of the pool
+is registered onto the query once (:class:`medssl.evaluate.registration.Registrar`, cached), each
+query grid point is mapped into each atlas and takes that atlas's labels there (``"linear"``:
+each organ's indicator interpolated trilinearly, a per-label vote; ``"nearest"``: the label of
+the nearest voxel), and the atlases of a draw vote. No training; it shows what the task allows.
+
+The identity and registration rows go through the same grid, body rule and upsampling as the
+kNN rows, so they differ from a method only in where the labels come from.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ import torch
 from torch import nn
 
 from medssl.data.volume import Volume
+from medssl.evaluate.correspondence import ALIGNED_IDENTITY, IDENTITY
 from medssl.evaluate.dense import DenseEmbedding, dense_embeddings
 from medssl.evaluate.segmetrics import OrganSet, segmentation_scores
 from medssl.geometry import apply_affine_mm, moment_alignment, vox_to_world, world_to_vox
@@ -77,12 +87,10 @@ __all__ = [
     "labels_on_image",
     "predict_labels",
     "row_kind",
-    "verdicts",
+    "transferred_fractions",
     "vote_fractions",
 ]
 
-IDENTITY = "identity"
-ALIGNED_IDENTITY = "aligned-identity"
 RAW_INTENSITY = "raw-intensity"
 BASELINE_ROWS = (IDENTITY, ALIGNED_IDENTITY)
 
@@ -115,13 +123,14 @@ class RawIntensityDescriptor(nn.Module):
 
 
 def row_kind(name: str, model: Any = None) -> str:
-    """``"baseline"`` for shortcut rows and untrained descriptors (random-init, raw intensities,
-    registered methods that never train), else ``"method"``."""
+    """``"baseline"`` for shortcut rows and untrained descriptors (random-init twins, raw intensities,
+    registered methods that never train), ``"control"`` for positive controls (registration), else ``"method"``."""
     from medssl.evaluate.headlines import kind_of  # the one rule for row kinds, shared with every headline table
 
     if model is not None and (getattr(model, "random_init", False) or getattr(model, "trains", True) is False):
         return "baseline"
-    return "baseline" if kind_of(name) == "baseline" else "method"
+    kind = kind_of(name)
+    return kind if kind in ("baseline", "control") else "method"
 
 
 # ---------------------------------------------------------------------------- atlases and draws
@@ -216,8 +225,12 @@ def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str =
         d, i = idx.search(q, kk)
     elif backend == "sklearn":
         from sklearn.neighbors import NearestNeighbors
+        from threadpoolctl import threadpool_limits
 
-        d, i = NearestNeighbors(n_neighbors=kk, algorithm="brute").fit(db).kneighbors(q)
+        # one BLAS/OpenMP thread: on the shared 2-core machine two threads spin against other processes
+        # (measured under load: 0.42 s vs 0.06 s for 200 queries x 6,500 128-d points); results are the same
+        with threadpool_limits(1):
+            d, i = NearestNeighbors(n_neighbors=kk, algorithm="brute").fit(db).kneighbors(q)
         d = d.astype(np.float32) ** 2
     else:
         raise ValueError(f"backend must be 'auto', 'faiss' or 'sklearn', got {backend!r}")
@@ -378,6 +391,46 @@ def body_points_mm(volume: Volume, stride_vox: int = 4) -> np.ndarray:
     return vox_to_world(np.asarray(volume.affine, dtype=np.float64), vox)
 
 
+def transferred_fractions(
+    query: DenseEmbedding,
+    atlases: Sequence[Volume],
+    atlas_codes: Sequence[np.ndarray],
+    maps: Sequence[Callable[[np.ndarray], np.ndarray] | None],
+    n_classes: int,
+    vote: str = "nearest",
+) -> np.ndarray:
+    """``(Nq, n_atlases, C)`` per-atlas label fractions at the query's body grid points.
+
+    Query grid anchors (world mm) are mapped into each atlas by ``maps[a]`` (None: the same
+    world coordinate) and take that atlas's labels there: ``"nearest"``: the label of the
+    nearest voxel (one-hot); ``"linear"``: each organ's indicator interpolated trilinearly (a
+    per-label vote; background gets the rest). Outside an atlas's image: background.
+    """
+    from scipy import ndimage as ndi
+
+    if vote not in ("nearest", "linear"):
+        raise ValueError(f"vote must be 'nearest' or 'linear', got {vote!r}")
+    idx = np.flatnonzero(query.flat_foreground)
+    pts = _anchor_points_mm(query)[idx]
+    out = np.zeros((len(idx), len(atlases), n_classes), dtype=np.float32)
+    for a, (vol, codes, map_fn) in enumerate(zip(atlases, atlas_codes, maps)):
+        p = pts if map_fn is None else np.asarray(map_fn(pts), dtype=np.float64).reshape(-1, 3)
+        ijk = world_to_vox(np.asarray(vol.affine, dtype=np.float64), p)
+        codes = np.asarray(codes)
+        if vote == "nearest":
+            r = np.rint(ijk).astype(np.int64)
+            inside = np.all((r >= 0) & (r < np.asarray(codes.shape)), axis=1)
+            lab = np.zeros(len(p), dtype=np.int64)
+            lab[inside] = codes[tuple(r[inside].T)]
+            out[np.arange(len(p)), a, lab] = 1.0
+        else:
+            for c in range(1, n_classes):
+                out[:, a, c] = ndi.map_coordinates((codes == c).astype(np.float32), ijk.T, order=1, mode="constant",
+                                                   cval=0.0)
+            out[:, a, 0] = np.clip(1.0 - out[:, a, 1:].sum(axis=1), 0.0, 1.0)
+    return out
+
+
 def identity_fractions(
     query: DenseEmbedding,
     atlases: Sequence[Volume],
@@ -394,21 +447,14 @@ def identity_fractions(
     onto the atlas's body by their moments when ``aligned``. No descriptors.
     """
     n_classes = n_classes or int(max(int(np.max(c)) for c in atlas_codes)) + 1
-    idx = np.flatnonzero(query.flat_foreground)
-    pts = _anchor_points_mm(query)[idx]
-    counts = np.zeros((len(idx), n_classes), dtype=np.float32)
-    for a, (vol, codes) in enumerate(zip(atlases, atlas_codes)):
-        p = pts
-        if aligned:
-            if query_body_mm is None or atlas_body_mm is None:
-                raise ValueError("aligned identity needs the body points of the query and of every atlas")
-            p = apply_affine_mm(moment_alignment(query_body_mm, atlas_body_mm[a]), pts)
-        ijk = np.rint(world_to_vox(np.asarray(vol.affine, dtype=np.float64), p)).astype(np.int64)
-        inside = np.all((ijk >= 0) & (ijk < np.asarray(codes.shape)), axis=1)
-        lab = np.zeros(len(p), dtype=np.int64)
-        lab[inside] = np.asarray(codes)[tuple(ijk[inside].T)]
-        counts[np.arange(len(p)), lab] += 1.0
-    return _to_grid(query, counts / len(atlases), idx)
+    maps: list[Callable[[np.ndarray], np.ndarray] | None] = [None] * len(atlases)
+    if aligned:
+        if query_body_mm is None or atlas_body_mm is None:
+            raise ValueError("aligned identity needs the body points of the query and of every atlas")
+        transforms = [moment_alignment(query_body_mm, body) for body in atlas_body_mm]
+        maps = [(lambda pts, t=t: apply_affine_mm(t, pts)) for t in transforms]
+    per_atlas = transferred_fractions(query, atlases, atlas_codes, maps, n_classes, "nearest")
+    return _to_grid(query, per_atlas.mean(axis=1), np.flatnonzero(query.flat_foreground))
 
 
 # ---------------------------------------------------------------------------- the evaluation
@@ -419,17 +465,19 @@ class KnnSegmentationResult:
     """Per-organ scores of every (row, k, draw of n atlases, query), and how to summarise them.
 
     ``scores`` columns: ``method, kind, k, n_atlases, draw, atlases, query, organ, dice``
-    [``, nsd``] ``, true_voxels, pred_voxels, split``. The shortcut rows have ``k = 0``.
+    [``, nsd``] ``, true_voxels, pred_voxels, fp_ml, split``. The shortcut and control rows have ``k = 0``.
     """
 
     scores: pd.DataFrame
     organs: tuple[str, ...]
     split: str
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # per row, e.g. the registration settings and s per pair
 
     @property
     def kinds(self) -> dict[str, str]:
-        """``{row: "method" | "baseline"}`` of every row scored (methods, descriptor baselines, identity rows)."""
+        """``{row: "method" | "baseline" | "control"}`` of every row scored (methods, descriptor baselines,
+        identity rows, registration controls)."""
         return dict(zip(self.scores["method"], self.scores["kind"]))
 
     @property
@@ -468,6 +516,24 @@ class KnnSegmentationResult:
         wide = q.pivot_table(index="query", columns="method", values=metric, sort=False)
         return {m: wide[m].to_numpy() for m in dict.fromkeys(q["method"])}
 
+    def verdicts(self, twins: Mapping[str, str] | None = None, n_atlases: int | None = None) -> pd.DataFrame:
+        """Each method against its twin, the shortcut rows and the registration control at ``n_atlases``
+        (default the largest), Holm over those comparisons (:func:`medssl.evaluate.stats.compare_to_baselines`)."""
+        from medssl.evaluate.stats import compare_to_baselines
+
+        n = self.n_values[-1] if n_atlases is None else int(n_atlases)
+        return compare_to_baselines(self.units(n), self.kinds, twins, metric="Dice", what=f"(kNN, n = {n} atlases)")
+
+    def false_positives(self) -> pd.DataFrame:
+        """Per ``(method, kind, n_atlases)``: mean over query subjects (and draws) of the false-positive
+        volume summed over organs (``fp_ml``) and of the volume predicted for organs absent from the
+        truth (``absent_fp_ml``), in mL, with ``n_queries``."""
+        s = self.scores.assign(absent_fp_ml=np.where(self.scores["true_voxels"] == 0, self.scores["fp_ml"], 0.0))
+        per_draw = s.groupby(["method", "kind", "n_atlases", "draw", "query"], sort=False)[["fp_ml", "absent_fp_ml"]].sum()
+        per_query = per_draw.groupby(["method", "kind", "n_atlases", "query"], sort=False).mean()
+        g = per_query.groupby(["method", "kind", "n_atlases"], sort=False)
+        return g.mean().assign(n_queries=g.size()).reset_index()
+
     def best_k(self) -> dict[str, int]:
         """``{method: k}`` with the highest mean Dice at the largest n (use on a *validation* result)."""
         c = self.curve("dice")
@@ -476,7 +542,8 @@ class KnnSegmentationResult:
                 for m, g in c.groupby("method", sort=False)}
 
     def headline(self) -> pd.DataFrame:
-        """Mean Dice (and surface Dice) at one atlas and at the largest n, per row, for :meth:`RunDir.write_headline`."""
+        """Mean Dice (and surface Dice) at one atlas and at the largest n, per row, and the false-positive
+        volume (mL, lower is better) at the largest n, for :meth:`RunDir.write_headline`."""
         rows = []
         ns = sorted({self.n_values[0], self.n_values[-1]})
         metrics = ["dice"] + (["nsd"] if "nsd" in self.scores and self.scores["nsd"].notna().any() else [])
@@ -488,9 +555,20 @@ class KnnSegmentationResult:
                         continue
                     rows.append({"method": r.method, "kind": r.kind, "metric": f"knn_{metric}_n{n}", "value": r.mean,
                                  "std": r.std, "n": r.n_queries, "split": self.split, "higher_is_better": True,
-                                 "note": f"mean over {len(self.organs)} organs; k={r.k}" if r.k else
-                                 f"mean over {len(self.organs)} organs; no descriptors"})
+                                 "note": self._note(r.method, f"mean over {len(self.organs)} organs; n = test "
+                                                              f"subjects; " + (f"k={r.k}" if r.k else "no descriptors"))})
+        fp = self.false_positives()
+        for r in fp[fp["n_atlases"] == self.n_values[-1]].itertuples(index=False):
+            rows.append({"method": r.method, "kind": r.kind, "metric": f"knn_fp_ml_n{self.n_values[-1]}",
+                         "value": r.fp_ml, "std": np.nan, "n": r.n_queries, "split": self.split,
+                         "higher_is_better": False,
+                         "note": f"false-positive volume summed over organs, mL per subject; of which "
+                                 f"{r.absent_fp_ml:.3g} mL on organs absent from the truth"})
         return pd.DataFrame(rows)
+
+    def _note(self, row: str, text: str) -> str:
+        extra = self.notes.get(row, "")
+        return f"{text}; {extra}" if extra else text
 
 
 def evaluate_knn_segmentation(
@@ -511,6 +589,9 @@ def evaluate_knn_segmentation(
     kinds: Mapping[str, str] | None = None,
     dense: dict[tuple[str, str], DenseEmbedding] | None = None,
     log: Callable[[str], None] | None = None,
+    registrars: Sequence[Any] = (),
+    registration_vote: str = "linear",
+    query_full_grid: bool = False,
     **dense_kwargs: Any,
 ) -> KnnSegmentationResult:
     """kNN label transfer of every method (and the identity rows) from atlas draws to every query.
@@ -534,6 +615,14 @@ def evaluate_knn_segmentation(
         kinds: ``{name: "method" | "baseline"}`` overrides for :func:`row_kind`.
         dense: optional ``{(method, case_id): DenseEmbedding}`` store, reused and filled.
         log: called with a progress line per method and query (e.g. ``print``).
+        registrars: :class:`medssl.evaluate.registration.Registrar` s; each adds a multi-atlas
+            registration control row (``registrar.name``): every pool atlas registered onto every
+            query once (cached by the registrar).
+        registration_vote: ``"linear"`` (per-label trilinear vote) or ``"nearest"`` (nearest voxel).
+        query_full_grid: embed the queries on the whole grid (not only the body), so that the dense
+            embeddings ``20_latent_space`` cached for the same held-out subjects (same ``cache_dir``,
+            stride and precision) are reused instead of computed again. Only body points are
+            searched and labelled either way, so the scores do not change.
         dense_kwargs: passed to :func:`medssl.evaluate.dense.dense_embeddings` (``cache_dir``,
             ``batch_size``, ``precision``, ``progress``, ``checkpoint`` is not accepted here).
 
@@ -552,10 +641,10 @@ def evaluate_knn_segmentation(
     frames = []
     say = log or (lambda msg: None)
 
-    def _dense(name: str, vol: Volume) -> DenseEmbedding:
+    def _dense(name: str, vol: Volume, body_only: bool = True) -> DenseEmbedding:
         key = (name, str(vol.case_id))
         if key not in store:
-            store[key] = dense_embeddings(methods[name], vol, stride_vox=stride_vox, foreground_only=True,
+            store[key] = dense_embeddings(methods[name], vol, stride_vox=stride_vox, foreground_only=body_only,
                                           **dense_kwargs)
         return store[key]
 
@@ -575,7 +664,7 @@ def evaluate_knn_segmentation(
         ks = _k_values(k, name)
         atlas_dense = [_dense(name, v) for v in atlases]
         for query in queries:
-            qd = _dense(name, query)
+            qd = _dense(name, query, body_only=not query_full_grid)
             neigh = atlas_neighbours(qd, atlas_dense, [codes[a] for a in pool], max(ks), backend)
             for draw in draws:
                 subset = [pool.index(a) for a in draw.atlases]
@@ -586,10 +675,19 @@ def evaluate_knn_segmentation(
         seconds[name] = time.perf_counter() - t0
     if baselines:
         frames += _identity_rows(atlases, queries, codes, draws, organs, stride_vox, kinds, _score, seconds)
+    notes: dict[str, str] = {}
+    for registrar in registrars:
+        t0 = time.perf_counter()
+        frames += _registration_rows(registrar, atlases, queries, codes, draws, organs, stride_vox, kinds, _score,
+                                     registration_vote)
+        seconds[registrar.name] = time.perf_counter() - t0
+        used = [(a, str(q.case_id)) for q in queries for a in pool]
+        notes[registrar.name] = f"multi-atlas ({registration_vote} label vote); {registrar.note(used)}"
+        say(f"{registrar.name}: {len(queries)} queries x {len(pool)} atlases")
     scores = pd.concat(frames, ignore_index=True)
     order = ["method", "kind", "k", "n_atlases", "draw", "atlases", "query", "organ", "dice"]
-    order += [c for c in ("nsd",) if c in scores] + ["true_voxels", "pred_voxels", "split"]
-    return KnnSegmentationResult(scores=scores[order], organs=organs.names, split=split, seconds=seconds)
+    order += [c for c in ("nsd",) if c in scores] + ["true_voxels", "pred_voxels", "fp_ml", "split"]
+    return KnnSegmentationResult(scores=scores[order], organs=organs.names, split=split, seconds=seconds, notes=notes)
 
 
 def choose_atlas_pool(train: Sequence[Volume], size: int, seed: int = 0) -> list[Volume]:
@@ -620,48 +718,6 @@ def predict_labels(model: Any, atlases: Sequence[Volume], query: Volume, organs:
     return labels_on_image(qd, _to_grid(qd, frac, neigh.query_index))
 
 
-def verdicts(units: Mapping[str, np.ndarray], kinds: Mapping[str, str], metric: str = "Dice",
-             what: str = "") -> pd.DataFrame:
-    """For every method row against every baseline row: mean difference, Holm-adjusted paired p-values, and a sentence.
-
-    ``units``: ``{row: per-query-subject score}`` (e.g. :meth:`KnnSegmentationResult.units`);
-    ``kinds``: ``{row: "method" | "baseline"}``. A method "beats" a baseline when its mean is
-    higher and the Holm-adjusted paired t-test p is below 0.05.
-    """
-    from medssl.evaluate.stats import paired_tests
-
-    names = [m for m in units if np.isfinite(units[m]).sum() >= 2]
-    methods = [m for m in names if kinds.get(m) == "method"]
-    bases = [m for m in names if kinds.get(m) == "baseline"]
-    if not methods or not bases or len(next(iter(units.values()))) < 2:
-        return pd.DataFrame(columns=["method", "baseline", "mean_method", "mean_baseline", "mean_diff",
-                                     "t_pvalue_holm", "wilcoxon_pvalue_holm", "n", "verdict"])
-    tests = paired_tests({m: units[m] for m in methods + bases})
-    rows = []
-    for r in tests.itertuples(index=False):
-        a, b = r.method_a, r.method_b
-        if (a in methods) == (b in methods):
-            continue
-        sign = 1.0 if a in methods else -1.0
-        m, base = (a, b) if a in methods else (b, a)
-        diff = sign * r.mean_diff
-        mean_m, mean_b = (r.mean_a, r.mean_b) if a in methods else (r.mean_b, r.mean_a)
-        p = r.t_pvalue_holm
-        if diff > 0 and p < 0.05:
-            word = "beats"
-        elif diff < 0 and p < 0.05:
-            word = "is worse than"
-        else:
-            word = "does not beat" if diff <= 0 else "is not distinguishable from"
-        rows.append({"method": m, "baseline": base, "mean_method": mean_m, "mean_baseline": mean_b,
-                     "mean_diff": diff, "t_pvalue_holm": p, "wilcoxon_pvalue_holm": r.wilcoxon_pvalue_holm,
-                     "n": r.n_folds,
-                     "verdict": f"{m} {word} {base}{(' ' + what) if what else ''}: {metric} {mean_m:.3f} vs "
-                                f"{mean_b:.3f} ({diff:+.3f}, Holm-adjusted paired t-test p = {p:.3g}, "
-                                f"{r.n_folds} test subjects)"})
-    return pd.DataFrame(rows)
-
-
 def _identity_rows(atlases, queries, codes, draws, organs, stride_vox, kinds, score, seconds) -> list[pd.DataFrame]:
     import time
 
@@ -682,6 +738,26 @@ def _identity_rows(atlases, queries, codes, draws, organs, stride_vox, kinds, sc
                                           n_classes=organs.n_classes)
                 frames.append(score(name, kind, 0, draw, query, frac, grid))
     seconds[IDENTITY] = time.perf_counter() - t0
+    return frames
+
+
+def _registration_rows(registrar, atlases, queries, codes, draws, organs, stride_vox, kinds, score,
+                       vote) -> list[pd.DataFrame]:
+    pool = [str(v.case_id) for v in atlases]
+    by_id = {str(v.case_id): v for v in atlases}
+    name = registrar.name
+    kind = (kinds or {}).get(name) or row_kind(name)
+    frames = []
+    for query in queries:
+        grid = _label_grid(query, stride_vox)
+        maps = [(lambda pts, q=query, a=by_id[a]: registrar.map_points(q, a, pts)) for a in pool]
+        per_atlas = transferred_fractions(grid, [by_id[a] for a in pool], [codes[a] for a in pool], maps,
+                                          organs.n_classes, vote)
+        idx = np.flatnonzero(grid.flat_foreground)
+        for draw in draws:
+            subset = [pool.index(a) for a in draw.atlases]
+            frames.append(score(name, kind, 0, draw, query, _to_grid(grid, per_atlas[:, subset].mean(axis=1), idx),
+                                grid))
     return frames
 
 

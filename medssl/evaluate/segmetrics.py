@@ -4,10 +4,15 @@ Every downstream segmentation protocol (kNN label transfer, fine-tuning) scores 
 maps here. Label maps are *organ codes*: ``0`` = background (everything that is not one
 of the organs), ``i`` = the i-th organ of an :class:`OrganSet`.
 
-- **Dice**: MONAI ``DiceMetric(include_background=False, reduction="none")`` on the one-hot
-  maps of one volume: one score per organ and volume, computed over the whole 3D volume.
-  An organ absent from the ground truth gets NaN (MONAI's ``ignore_empty``), and the mean
-  over organs skips it. Background is never scored.
+- **Dice**: MONAI ``DiceMetric(include_background=False, reduction="none", ignore_empty=False)``
+  on the one-hot maps of one volume: one score per organ and volume, computed over the whole
+  3D volume. An organ **predicted where the truth has none scores 0** (a false positive is an
+  error, not a missing value); an organ absent from both maps is not scored (NaN, skipped by
+  the mean over organs; MONAI would give it 1, which flatters a method on every absent organ).
+  Background is never scored.
+- **False-positive volume**: ``fp_ml``, the organ's predicted voxels outside the true organ, in
+  mL (needs ``spacing_mm``); an organ absent from the truth contributes its whole predicted
+  volume, which the segmentation tables report as ``absent_fp_ml``.
 - **Surface Dice** (normalised surface distance, NSD): MONAI ``SurfaceDiceMetric`` with a
   tolerance in mm and the volume's voxel spacing: the fraction of both surfaces lying within
   the tolerance of the other.
@@ -99,9 +104,10 @@ def segmentation_scores(
         surface_tolerance_mm: compute MONAI's surface Dice at this tolerance (None: skip it).
 
     Returns:
-        One row per organ: ``organ, dice`` [``, nsd``], ``true_voxels``, ``pred_voxels``.
-        ``dice`` and ``nsd`` are NaN for an organ absent from the truth; an organ present in
-        the truth but never predicted scores 0.
+        One row per organ: ``organ, dice`` [``, nsd``], ``true_voxels``, ``pred_voxels``, ``fp_ml``.
+        ``dice`` and ``nsd`` are 0 for an organ predicted but absent from the truth, or present
+        in the truth but never predicted, and NaN for an organ absent from both. ``fp_ml``
+        (predicted organ voxels outside the true organ, mL) is NaN without ``spacing_mm``.
     """
     from monai.metrics import DiceMetric
 
@@ -112,11 +118,15 @@ def segmentation_scores(
     pred, true = _crop_to_organs(pred, true)
     true_voxels = torch.bincount(true.reshape(-1), minlength=n_classes)[1:].numpy()
     pred_voxels = torch.bincount(pred.reshape(-1), minlength=n_classes)[1:].numpy()
-    # Label-index input (B, 1, *S) with num_classes: MONAI compares each class on the fly.
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=n_classes)
-    dice = metric(pred[None, None], true[None, None])  # (1, K)
-    out = pd.DataFrame({"organ": list(organs), "dice": dice[0].double().numpy(),
-                        "true_voxels": true_voxels, "pred_voxels": pred_voxels})
+    hit_voxels = torch.bincount(pred[pred == true].reshape(-1), minlength=n_classes)[1:].numpy()
+    # Label-index input (B, 1, *S) with num_classes: MONAI compares each class on the fly. ignore_empty=False:
+    # empty truth -> 0 when predicted, 1 when not; the latter (absent from both) is set to NaN below.
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False, num_classes=n_classes)
+    dice = metric(pred[None, None], true[None, None])[0].double().numpy()  # (K,)
+    dice = np.where((true_voxels == 0) & (pred_voxels == 0), np.nan, dice)
+    voxel_ml = float(np.prod(np.asarray(spacing_mm, dtype=np.float64))) / 1000.0 if spacing_mm is not None else np.nan
+    out = pd.DataFrame({"organ": list(organs), "dice": dice, "true_voxels": true_voxels, "pred_voxels": pred_voxels,
+                        "fp_ml": (pred_voxels - hit_voxels) * voxel_ml})
     if surface_tolerance_mm is not None:
         if spacing_mm is None:
             raise ValueError("the surface Dice needs spacing_mm")
@@ -154,14 +164,14 @@ def _surface_dice(pred: torch.Tensor, true: torch.Tensor, spacing_mm: Sequence[f
     """MONAI's surface Dice of one organ (binary maps); the empty cases are decided here.
 
     MONAI warns and computes distances to an empty surface (slowly) when a map is empty;
-    those cases have plain answers: absent from the truth -> NaN (not scored, as Dice),
-    never predicted -> 0.
+    those cases have plain answers, as for Dice: absent from both -> NaN (not scored), absent
+    from one of them -> 0.
     """
     from monai.metrics import SurfaceDiceMetric
 
-    if true_voxels == 0:
+    if true_voxels == 0 and pred_voxels == 0:
         return float("nan")
-    if pred_voxels == 0:
+    if true_voxels == 0 or pred_voxels == 0:
         return 0.0
     import warnings
 

@@ -48,7 +48,7 @@ TINY_PIPELINE = [
     "--plan", "demo", "--only", "00", "10", "20", "--methods", "isimed",
     "-p", "n_subjects", "12", "-p", "target_spacing_mm", "6.0", "-p", "10_pretrain.preset", "tiny",
     "-p", "20_latent_space.n_patches_per_volume", "12", "-p", "20_latent_space.stride_vox", "8",
-    "-p", "20_latent_space.n_corr_points", "30", "-p", "20_latent_space.n_corr_pairs", "1",
+    "-p", "20_latent_space.n_corr_points", "30", "-p", "20_latent_space.n_corr_partners", "1",
     "-p", "20_latent_space.n_map_train_subjects", "1", "-p", "20_latent_space.umap", "false",
     "-p", "20_latent_space.batch_size", "64",
 ]  # fmt: skip

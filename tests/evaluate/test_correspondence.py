@@ -121,7 +121,7 @@ def test_random_embeddings_score_near_the_chance_baseline_and_far_above_a_perfec
         progress=False,
     )
     s = res.summary.set_index("method")
-    assert list(res.summary.method) == ["perfect", "random", "identity", "aligned-identity", "chance", "grid_floor"]
+    assert list(res.summary.method) == ["perfect", "random", "identity", "aligned-identity (scale+shift)", "chance", "grid_floor"]
     assert list(res.summary.kind) == ["method", "method", "baseline", "baseline", "reference", "reference"]
     assert set(s.columns) >= {"median_error_mm", "mean_error_mm", "p90_error_mm", "n_points", "n_pairs"}
     assert (s.n_pairs == 2).all()
@@ -165,4 +165,46 @@ def test_identity_rows_expose_a_shared_frame_and_aligned_identity_undoes_a_shift
                                   seed=0, stride_vox=2, progress=False)
     s = res.summary.set_index("method").median_error_mm
     assert s["identity"] > 20.0  # the world frames differ by ~38 mm
-    assert s["aligned-identity"] <= s["grid_floor"] + 1e-6  # moments recover shift + scaling exactly
+    assert s["aligned-identity (scale+shift)"] <= s["grid_floor"] + 1e-6  # moments recover shift + scaling exactly
+
+
+def test_registration_control_and_body_alignment_rows_with_subjects_as_units(tmp_path):
+    """On phantom subjects related by known affines, the registration row appears as a control near the grid
+    floor, the body-affine alignment as a shortcut; every subject is a query, so the units are the subjects."""
+    from medssl.evaluate.correspondence import query_pairs
+    from medssl.evaluate.registration import Registrar, RegistrationConfig
+    from tests.evaluate.test_registration import phantom_subject, true_map
+
+    frames = {"s0": (np.eye(3), np.zeros(3)),
+              "s1": (rotation_matrix((7.0, -5.0, 9.0)) @ np.diag([1.08, 0.93, 1.04]), np.array([12.0, -9.0, 15.0])),
+              "s2": (rotation_matrix((-6.0, 4.0, -8.0)) @ np.diag([0.95, 1.05, 0.97]), np.array([-10.0, 6.0, -5.0]))}
+    vols = [phantom_subject(c, *f, shape=(60, 44, 36), spacing_mm=(4.5, 5.0, 5.5), seed=i)
+            for i, (c, f) in enumerate(frames.items())]
+    pairs = query_pairs(list(frames), 0)
+    assert pairs == [("s0", "s1"), ("s0", "s2"), ("s1", "s0"), ("s1", "s2"), ("s2", "s0"), ("s2", "s1")]
+    assert query_pairs(list(frames), 1, seed=3) == query_pairs(list(frames), 1, seed=3)  # seeded
+    assert {a for a, _ in query_pairs(list(frames), 1)} == set(frames)  # every subject is a query
+
+    registrars = [Registrar(RegistrationConfig(image="body"), tmp_path), Registrar(RegistrationConfig(), tmp_path)]
+    res = evaluate_correspondence({"intensity": Channels([0])}, vols, pairs,
+                                  lambda a, b, p: true_map(frames[a], frames[b], p), n_points=80, seed=0,
+                                  stride_vox=2, registrars=registrars, progress=False)
+    s = res.summary.set_index("method")
+    assert list(res.summary.method) == ["intensity", "identity", "aligned-identity (scale+shift)",
+                                        "aligned-identity (body affine)", "registration (affine)", "chance",
+                                        "grid_floor"]
+    assert s.loc["registration (affine)", "kind"] == "control"
+    assert s.loc["aligned-identity (body affine)", "kind"] == "baseline"
+    err = s["median_error_mm"]
+    assert err["registration (affine)"] < 1.5 * err["grid_floor"] + 1.0  # registration solves it (up to the grid)
+    assert err["registration (affine)"] < 0.3 * err["identity"] and err["registration (affine)"] < 0.3 * err["chance"]
+    assert "s per pair (6 pairs" in s.loc["registration (affine)", "note"]
+    assert res.registration_seconds["registration (affine)"] > 0
+    assert (s["n_subjects"] == 3).all() and (s["n_pairs"] == 6).all()
+    units = res.units()
+    assert set(units) == set(s.index) and all(len(u) == 3 for u in units.values())
+    # 3 subjects: the paired tests say "not testable" instead of a p-value
+    v = res.verdicts({})
+    assert set(v["baseline"]) == {"identity", "aligned-identity (scale+shift)", "aligned-identity (body affine)",
+                                  "registration (affine)"}
+    assert v["verdict"].str.contains("not testable: 3 units < 5").all()

@@ -143,22 +143,23 @@ def _save_tiny_checkpoint(run_dir, name: str, seed: int):
 
 
 def test_load_run_methods_skips_untrained_methods_and_adds_a_seeded_random_init(tmp_path, capsys):
-    from medssl.evaluate.runs import RANDOM_INIT, load_run_methods
+    from medssl.evaluate.runs import load_run_methods
     from medssl.rundir import RunDir
 
+    TWIN = "random-init[smallcnn]"  # the untrained twin of the SmallCNN methods
     trained = _save_tiny_checkpoint(tmp_path, "isimed", seed=1)
     assert RunDir(tmp_path).checkpoints(["isimed", "simclr"])["simclr"] is None
     rng_state = torch.get_rng_state()
     models = load_run_methods(tmp_path, ["isimed", "simclr"], seed=7)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the global RNG is not consumed
-    assert list(models) == ["isimed", RANDOM_INIT]
+    assert list(models) == ["isimed", TWIN]
     assert "simclr: no checkpoint" in capsys.readouterr().out
     for k, v in trained.state_dict().items():
         assert torch.equal(models["isimed"].state_dict()[k], v)
-    assert models[RANDOM_INIT].config == models["isimed"].config
-    assert model_fingerprint(models[RANDOM_INIT]) != model_fingerprint(models["isimed"])
-    again = load_run_methods(tmp_path, ["isimed"], seed=7)[RANDOM_INIT]
-    assert model_fingerprint(again) == model_fingerprint(models[RANDOM_INIT])  # seeded
+    assert models[TWIN].config == models["isimed"].config
+    assert model_fingerprint(models[TWIN]) != model_fingerprint(models["isimed"])
+    again = load_run_methods(tmp_path, ["isimed"], seed=7)[TWIN]
+    assert model_fingerprint(again) == model_fingerprint(models[TWIN])  # seeded
     assert not models["isimed"].training
-    assert models[RANDOM_INIT].random_init and not getattr(models["isimed"], "random_init", False)
-    assert list(load_run_methods(tmp_path, [], seed=7)) == ["isimed", RANDOM_INIT]  # [] = every trained method
+    assert models[TWIN].random_init and not getattr(models["isimed"], "random_init", False)
+    assert list(load_run_methods(tmp_path, [], seed=7)) == ["isimed", TWIN]  # [] = every trained method

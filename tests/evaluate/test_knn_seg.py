@@ -185,15 +185,58 @@ def test_the_evaluation_scores_methods_and_baselines_on_the_same_draws_and_marks
                                             stride_vox=3, surface_tolerance_mm=2.0, kinds={"raw": "method"},
                                             progress=False)
     curve = res.curve()
-    assert set(curve["method"]) == {"raw", "identity", "aligned-identity"}
+    assert set(curve["method"]) == {"raw", "identity", "aligned-identity (scale+shift)"}
     assert set(curve.loc[curve["method"] != "raw", "kind"]) == {"baseline"}
     draws = res.scores.groupby("method")["atlases"].apply(lambda s: tuple(sorted(set(s))))
-    assert draws["raw"] == draws["identity"] == draws["aligned-identity"]
+    assert draws["raw"] == draws["identity"] == draws["aligned-identity (scale+shift)"]
     assert res.scores.loc[res.scores["n_atlases"] == 3, "nsd"].notna().all()
     assert res.scores.loc[res.scores["n_atlases"] == 1, "nsd"].isna().all()
     # identical labels in the same world frame: the identity rows are as good as the stride-3 grid allows
     ident = curve.query("n_atlases == 3").set_index("method")["mean"]
-    assert ident["identity"] == pytest.approx(ident["aligned-identity"]) and ident["identity"] > 0.6
+    assert ident["identity"] == pytest.approx(ident["aligned-identity (scale+shift)"]) and ident["identity"] > 0.6
     head = res.headline()
     assert {"knn_dice_n1", "knn_dice_n3", "knn_nsd_n3"} <= set(head["metric"])
     assert set(head["split"]) == {"test"}
+
+
+def test_multi_atlas_registration_is_a_control_row_that_labels_phantom_subjects_well(tmp_path):
+    """Atlases and queries are one phantom under known affines: registering each atlas onto the query transfers
+    its organs (the control), while the same world coordinate (identity) does not."""
+    from medssl.evaluate.registration import Registrar, RegistrationConfig
+    from tests.evaluate.test_registration import phantom_subject
+    from tests.helpers import rotation_matrix
+
+    organs = OrganSet(names=("liver", "spleen", "kidney_r", "kidney_l"), label_ids=(1, 2, 3, 4))
+    geo = dict(shape=(60, 44, 36), spacing_mm=(4.5, 5.0, 5.5))
+    frames = [(rotation_matrix((7.0, -5.0, 9.0)) @ np.diag([1.08, 0.93, 1.04]), (12.0, -9.0, 15.0)),
+              (rotation_matrix((-6.0, 4.0, -8.0)) @ np.diag([0.95, 1.05, 0.97]), (-10.0, 6.0, -5.0)),
+              (rotation_matrix((4.0, 8.0, -5.0)) @ np.diag([1.02, 0.96, 1.06]), (8.0, 12.0, -12.0)),
+              (rotation_matrix((-8.0, -3.0, 6.0)) @ np.diag([0.97, 1.04, 0.94]), (-14.0, -8.0, 9.0))]
+    vols = [phantom_subject(f"p{i}", m, t, seed=i, **geo) for i, (m, t) in enumerate(frames)]
+    atlases, queries = vols[:2], vols[2:]
+    reg = Registrar(RegistrationConfig(), tmp_path)
+    res = knn_seg.evaluate_knn_segmentation({"raw": knn_seg.RawIntensityDescriptor(3, 1)}, atlases, queries, organs,
+                                            n_atlases=[1, 2], n_draws=2, k=3, stride_vox=2,
+                                            surface_tolerance_mm=None, kinds={"raw": "method"}, registrars=[reg],
+                                            progress=False)
+    curve = res.curve().query("n_atlases == 2").set_index("method")
+    assert curve.loc["registration (affine)", "kind"] == "control"
+    dice = curve["mean"]
+    assert dice["registration (affine)"] > 0.7
+    assert dice["registration (affine)"] > dice["identity"] + 0.1
+    assert dice["registration (affine)"] > dice["aligned-identity (scale+shift)"]
+    # every atlas registered onto every query once (cached), and the note says how long one took
+    assert len(list(tmp_path.glob("*.tfm"))) == 4
+    assert "multi-atlas (linear label vote)" in res.notes["registration (affine)"]
+    assert "s per pair (4 pairs" in res.notes["registration (affine)"]
+    head = res.headline()
+    reg_rows = head[head["method"] == "registration (affine)"]
+    assert {"knn_dice_n1", "knn_dice_n2", "knn_fp_ml_n2"} <= set(reg_rows["metric"])
+    assert reg_rows.loc[reg_rows["metric"].str.startswith("knn_dice"), "note"].str.contains("s per pair").all()
+    assert set(reg_rows["kind"]) == {"control"}
+    fp = res.false_positives()
+    assert (fp["fp_ml"] >= fp["absent_fp_ml"]).all() and (fp["n_queries"] == 2).all()
+    # the kNN verdicts test the method against the control and the shortcuts (2 queries: not testable)
+    v = res.verdicts({})
+    assert set(v["baseline"]) == {"identity", "aligned-identity (scale+shift)", "registration (affine)"}
+    assert v["verdict"].str.contains("not testable").all()

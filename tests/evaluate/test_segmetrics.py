@@ -95,3 +95,28 @@ def test_organ_set_maps_the_demo_names_to_codes_and_names_missing_organs():
     np.testing.assert_array_equal(org.encode(lab), [[[1, 0, 0, 6, 2]]])
     with pytest.raises(ValueError, match="not among the dataset's labels"):
         organ_set(names, ["liver", "heart"])
+
+
+def test_an_organ_predicted_where_the_truth_has_none_scores_zero_and_its_volume_is_a_false_positive():
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[2:6, 2:6, 2:6] = 1  # organ a present; b and c absent
+    pred = truth.copy()
+    pred[8:10, 8:10, 8:10] = 2  # b predicted in 8 voxels where the truth has none
+    s = segmentation_scores(pred, truth, ORGANS, spacing_mm=(1.0, 2.0, 2.5), surface_tolerance_mm=1.0).set_index("organ")
+    assert s.loc["b", "dice"] == 0.0 and s.loc["b", "nsd"] == 0.0  # not NaN: the false positive counts
+    assert np.isnan(s.loc["c", "dice"]) and np.isnan(s.loc["c", "nsd"])  # absent from both: not scored
+    assert s.loc["a", "dice"] == 1.0
+    voxel_ml = 1.0 * 2.0 * 2.5 / 1000.0
+    assert s.loc["b", "fp_ml"] == pytest.approx(8 * voxel_ml) and s.loc["a", "fp_ml"] == 0.0
+    # the mean over organs now counts it: (1 + 0) / 2 instead of 1
+    assert s["dice"].mean() == pytest.approx(0.5)
+
+
+def test_false_positive_volume_counts_predicted_voxels_outside_the_true_organ():
+    truth = np.zeros((10, 10, 10), np.uint8)
+    truth[2:5, 2:5, 2:5] = 1
+    pred = np.zeros_like(truth)
+    pred[3:6, 2:5, 2:5] = 1  # shifted by one voxel: 9 voxels outside the truth
+    s = segmentation_scores(pred, truth, ("a",), spacing_mm=(2.0, 2.0, 2.0))
+    assert s.loc[0, "fp_ml"] == pytest.approx(9 * 8 / 1000.0)
+    assert np.isnan(segmentation_scores(pred, truth, ("a",))["fp_ml"].iloc[0])  # no spacing: no volume

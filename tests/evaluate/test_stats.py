@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medssl.evaluate.stats import holm, paired_tests, pvalue_matrix
+from medssl.evaluate.stats import (
+    MIN_UNITS,
+    compare_to_baselines,
+    comparisons,
+    family_verdicts,
+    holm,
+    min_wilcoxon_p,
+    paired_tests,
+    pvalue_matrix,
+)
 
 AUC = {
     "isimed": np.array([0.81, 0.84, 0.79, 0.88, 0.83, 0.80, 0.86, 0.82, 0.85, 0.87]),
@@ -42,10 +51,20 @@ def test_holm_columns_are_added_over_all_pairs():
     assert "t_pvalue_holm" not in paired_tests(AUC, correction=None)
 
 
-def test_identical_methods_give_p_one_instead_of_an_error():
-    t = paired_tests({"a": AUC["isimed"], "b": AUC["isimed"].copy()})
-    r = t.iloc[0]
-    assert r["t_pvalue"] == 1.0 and r["wilcoxon_pvalue"] == 1.0 and r["mean_diff"] == 0.0
+def test_differences_without_variance_are_not_testable_instead_of_p_zero():
+    """A constant non-zero difference gave t = inf, p = 0 (and identical values p = 1): neither is evidence."""
+    for offset in (0.0, 0.05, -0.3):
+        t = paired_tests({"a": AUC["isimed"] + offset, "b": AUC["isimed"].copy()}).iloc[0]
+        assert np.isnan(t["t_pvalue"]) and np.isnan(t["t_stat"]) and np.isnan(t["wilcoxon_pvalue"])
+        assert "do not vary" in t["not_testable"]
+        assert t["mean_diff"] == pytest.approx(offset)
+    # the fold-corrected t-test too
+    t = paired_tests({"a": AUC["isimed"] + 0.1, "b": AUC["isimed"]}, fold_sizes=(90.0, 10.0)).iloc[0]
+    assert np.isnan(t["t_pvalue"])
+    v = compare_to_baselines({"m": AUC["isimed"] + 0.1, "random-init[x]": AUC["isimed"]},
+                             {"m": "method", "random-init[x]": "baseline"}, {"m": "random-init[x]"}, metric="AUC")
+    assert v["not_testable"].iloc[0] and np.isnan(v["t_pvalue_holm"].iloc[0])
+    assert "not testable" in v["verdict"].iloc[0] and "p =" not in v["verdict"].iloc[0]
 
 
 def test_folds_with_nan_are_dropped_for_every_pair():
@@ -68,3 +87,67 @@ def test_pvalue_matrix_is_symmetric():
     assert list(m.index) == list(AUC)
     np.testing.assert_allclose(m.to_numpy(), m.to_numpy().T)
     assert np.isnan(np.diag(m.to_numpy())).all()
+
+
+# ---------------------------------------------------------------------------- method x baseline families
+
+ROWS = {
+    "isimed": ("method", 0.80), "simclr": ("method", 0.70), "reg2d": ("method", 0.60),
+    "random-init[smallcnn]": ("baseline", 0.60), "xavier": ("baseline", 0.55),
+    "identity": ("baseline", 0.65), "raw-intensity": ("baseline", 0.62), "registration (affine)": ("control", 0.90),
+}
+TWINS = {"isimed": "random-init[smallcnn]", "simclr": "random-init[smallcnn]", "reg2d": "xavier"}
+
+
+def _units(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: mean + rng.normal(0, 0.03, n) for name, (_, mean) in ROWS.items()}
+
+
+def test_each_method_is_compared_with_its_own_twin_the_shortcuts_and_the_control_only():
+    kinds = {name: kind for name, (kind, _) in ROWS.items()}
+    pairs = comparisons(kinds, TWINS)
+    by_method = {m: [b for mm, b in pairs if mm == m] for m in TWINS}
+    assert by_method["isimed"] == ["random-init[smallcnn]", "identity", "raw-intensity", "registration (affine)"]
+    assert by_method["reg2d"] == ["xavier", "identity", "raw-intensity", "registration (affine)"]
+    assert not any(b == "xavier" for m, b in pairs if m != "reg2d")  # another method's twin is not compared
+
+
+def test_the_holm_family_is_methods_times_baselines_and_stated_in_every_verdict():
+    kinds = {name: kind for name, (kind, _) in ROWS.items()}
+    v = compare_to_baselines(_units(8), kinds, TWINS, metric="AUC")
+    n_methods, n_baselines = 3, 4  # twin + identity + raw-intensity + control, for every method
+    assert len(v) == n_methods * n_baselines
+    assert (v["family_size"] == n_methods * n_baselines).all()
+    assert all(f"Holm over {n_methods * n_baselines} comparisons" in s for s in v["verdict"])
+    # Holm over exactly this family: the adjusted p-values from the raw ones of the same pairs
+    raw = paired_tests({k: u for k, u in _units(8).items()}, correction=None).set_index(["method_a", "method_b"])
+    p = [raw.loc[(m, b), "t_pvalue"] if (m, b) in raw.index else raw.loc[(b, m), "t_pvalue"]
+         for m, b in zip(v["method"], v["baseline"])]
+    np.testing.assert_allclose(v["t_pvalue_holm"], holm(np.array(p)))
+    # the smallest attainable adjusted Wilcoxon p is printed with each verdict
+    floor = min(1.0, 12 * min_wilcoxon_p(8))
+    assert np.allclose(v["min_wilcoxon_p_holm"], floor)
+    assert all(f"smallest attainable {floor:.3g}" in s for s in v["verdict"])
+    # words follow direction and significance (isimed is far above its twin, far below the control)
+    said = v.set_index(["method", "baseline"])["verdict"]
+    assert said[("isimed", "random-init[smallcnn]")].startswith("isimed beats random-init[smallcnn]")
+    assert said[("isimed", "registration (affine)")].startswith("isimed stays below the control")
+
+
+def test_errors_lower_is_better_flip_the_words():
+    units = {"m": np.array([5.0, 6.0, 4.0, 5.5, 6.5, 5.2]), "identity": np.array([9.0, 10.0, 9.5, 8.0, 11.0, 9.9])}
+    v = compare_to_baselines(units, {"m": "method", "identity": "baseline"}, {}, higher_is_better=False,
+                             metric="median error (mm)")
+    assert v["verdict"].iloc[0].startswith("m beats identity") and v["mean_diff"].iloc[0] < 0
+
+
+def test_fewer_than_five_units_are_not_testable_but_stay_in_the_family():
+    kinds = {name: kind for name, (kind, _) in ROWS.items()}
+    v = compare_to_baselines(_units(MIN_UNITS - 1), kinds, TWINS, metric="AUC")
+    assert len(v) == 12 and v["t_pvalue_holm"].isna().all()
+    assert all("not testable: 4 units < 5" in s for s in v["verdict"])
+    # and from a paired_tests table too (the probe's headline reads one)
+    tests = paired_tests(_units(MIN_UNITS - 1), correction=None)
+    fv = family_verdicts(tests, comparisons(kinds, TWINS))
+    assert fv["t_pvalue_holm"].isna().all() and (fv["family_size"] == 12).all()

@@ -9,8 +9,8 @@ import pytest
 
 from tests.helpers import tiny_checkpoints
 
-PARAMS = ("run", "methods", "source", "n_patches_per_volume", "stride_vox", "n_corr_points", "seed", "cohort_seed",
-          "fit_split", "score_split", "umap", "viewer")
+PARAMS = ("run", "methods", "source", "n_patches_per_volume", "stride_vox", "n_corr_points", "n_corr_partners",
+          "registration", "body_alignment", "seed", "cohort_seed", "fit_split", "score_split", "umap", "viewer")
 
 
 def test_20_latent_space_notebook_follows_the_notebook_conventions(check_notebook_conventions):
@@ -35,16 +35,16 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     params = {
         "methods": ["isimed", "simclr", "barlowtwins"],  # barlowtwins has no checkpoint: reported, skipped
         "n_subjects": 12, "target_spacing_mm": 6.0, "n_patches_per_volume": 12, "stride_vox": 8,
-        "n_corr_points": 30, "n_corr_pairs": 2, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
+        "n_corr_points": 30, "n_corr_partners": 1, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
     }  # fmt: skip
     res = run_notebook("20_latent_space.ipynb", params, run="nb20")
     out = res.run_dir / "20_latent_space"
-    expected = ["isimed", "simclr", "random-init"]
+    expected = ["isimed", "simclr", "random-init[smallcnn]"]  # the two SmallCNN methods share one untrained twin
 
     fid = pd.read_csv(out / "fidelity.csv")
     assert list(fid["method"]) == expected and (fid["split"] == "test").all()
     assert fid.loc[fid.method == "isimed", "abs_err_median_mm"].notna().all()  # ISImed has a metric latent
-    assert fid.loc[fid.method == "random-init", "abs_err_median_mm"].isna().all()  # untrained: no metric latent
+    assert fid.loc[fid.method == "random-init[smallcnn]", "abs_err_median_mm"].isna().all()  # untrained: no metric latent
     assert fid["spearman"].between(-1, 1).all()
     dec = pd.read_csv(out / "decoding.csv")
     assert set(dec["method"]) == set(expected) and set(dec["axis"]) == {"x", "y", "z", "xyz"}
@@ -54,8 +54,19 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     assert set(pd.read_csv(out / "pc_axis_correlation.csv")["method"]) == set(expected)
 
     corr = pd.read_csv(out / "correspondence.csv")
-    assert list(corr["method"]) == [*expected, "identity", "aligned-identity", "chance", "grid_floor"]
-    assert (corr["n_pairs"] == 2).all() and (corr["median_error_mm"] > 0).all()
+    assert list(corr["method"]) == [*expected, "identity", "aligned-identity (scale+shift)",
+                                    "aligned-identity (body affine)", "registration (affine)", "chance", "grid_floor"]
+    assert (corr["n_pairs"] == 2).all() and (corr["n_subjects"] == 2).all() and (corr["median_error_mm"] > 0).all()
+    kinds = corr.set_index("method")["kind"]
+    assert kinds["registration (affine)"] == "control" and kinds["aligned-identity (body affine)"] == "baseline"
+    assert "s per pair (2 pairs" in corr.set_index("method").loc["registration (affine)", "note"]
+    assert len(list((res.run_dir / "eval" / "registration").glob("*.tfm"))) == 4  # 2 ordered pairs x (body, image)
+    verdicts = pd.read_csv(out / "correspondence_verdicts.csv")
+    assert set(verdicts["method"]) == {"isimed", "simclr"}
+    assert set(verdicts.loc[verdicts.method == "isimed", "baseline"]) == {
+        "random-init[smallcnn]", "identity", "aligned-identity (scale+shift)", "aligned-identity (body affine)",
+        "registration (affine)"}
+    assert (verdicts["family_size"] == 10).all() and verdicts["verdict"].str.contains("not testable").all()
     floor = corr.set_index("method").loc["grid_floor", "median_error_mm"]
     assert floor < corr.set_index("method").loc["chance", "median_error_mm"]
 
@@ -73,7 +84,8 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     head = pd.read_csv(out / "headline.csv")
     assert {"distance_spearman", "decoding_r2", "correspondence_median_mm", "effective_rank"} <= set(head.metric)
     assert (head["split"] == "test").all()
-    assert set(head[head.kind == "baseline"].method) >= {"random-init", "identity", "aligned-identity"}
+    assert set(head[head.kind == "baseline"].method) >= {"random-init[smallcnn]", "identity", "aligned-identity (scale+shift)"}
+    assert set(head[head.kind == "control"].method) == {"registration (affine)"}
     assert (out / "key_figures.json").is_file()
 
     pngs = {p.name for p in out.glob("*.png")}
@@ -84,5 +96,6 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     text = res.text_outputs()
     assert "SYNTHETIC" in text  # provenance stated
     assert "barlowtwins: no checkpoint" in text  # missing method reported
+    assert "positive control registration (affine)" in text  # the control is said in words
     assert text.count("VBox") >= 2  # niivue viewer and point-query widget built without blocking
     assert (res.output).is_file()

@@ -12,7 +12,7 @@ PARAMS = ("run", "methods", "source", "stride_vox", "case_a", "case_b", "project
 # 20_latent_space at tiny parameters, as its own smoke test runs it
 TINY_20 = {
     "n_subjects": 12, "target_spacing_mm": 6.0, "n_patches_per_volume": 12, "stride_vox": 8, "n_corr_points": 30,
-    "n_corr_pairs": 2, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
+    "n_corr_partners": 1, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
 }  # fmt: skip
 
 

@@ -56,7 +56,7 @@ def test_30_linear_probe_notebook_writes_tables_skips_untrained_methods_and_stat
     out = res.run_dir / "30_linear_probe" / "lesion"
 
     summary = pd.read_csv(out / "probe_summary.csv")
-    baselines = {"random-init", "raw-intensity", "position-linear", "position-cubic"}
+    baselines = {"random-init[smallcnn]", "raw-intensity", "position-linear", "position-cubic"}
     assert set(summary["method"]) == {"isimed", "simclr"} | baselines
     assert set(summary["metric"]) == {"auc", "accuracy", "f1", "sensitivity", "specificity"}
     assert (summary["split"] == "test").all()
@@ -74,7 +74,7 @@ def test_30_linear_probe_notebook_writes_tables_skips_untrained_methods_and_stat
 
     # the shared patch set and the embedding cache live in runs/<run>/eval/
     assert len(list((res.run_dir / "eval" / "patchsets").glob("probe_lesion_seed0_*.npz"))) == 1
-    assert len(list((res.run_dir / "eval" / "embeddings").glob("*.npy"))) == 3  # isimed, simclr, random-init
+    assert len(list((res.run_dir / "eval" / "embeddings").glob("*.npy"))) == 3  # isimed, simclr, their twin random-init[smallcnn]
 
     text = res.text_outputs()
     assert "barlowtwins: no checkpoint" in text and "corresponding" in text  # the negative rule is stated

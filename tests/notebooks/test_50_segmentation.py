@@ -13,7 +13,8 @@ def test_50_segmentation_notebook_follows_the_notebook_conventions(check_noteboo
     nb = check_notebook_conventions("50_segmentation.ipynb")
     params = next(c for c in nb.cells if c.cell_type == "code").source
     for name in ("run", "methods", "cohort_seed", "seed", "stride_vox", "n_atlases", "n_draws", "k_candidates",
-                 "finetune_methods", "finetune_n", "finetune_steps", "freeze_encoder"):
+                 "registration", "registration_vote", "body_alignment", "finetune_methods", "finetune_n",
+                 "finetune_steps", "freeze_encoder"):
         assert f"{name} = " in params
     assert 'methods = []' in params  # every trained method of the run by default
 
@@ -50,19 +51,27 @@ def test_50_segmentation_notebook_writes_knn_and_finetuning_tables_with_baseline
 
     curve = pd.read_csv(out / "knn_curve.csv")
     rows = set(curve["method"])
-    assert {"isimed", "simclr", "random-init", "raw-intensity", "identity", "aligned-identity"} == rows
+    shortcuts = ["random-init[smallcnn]", "raw-intensity", "identity", "aligned-identity (scale+shift)",
+                 "aligned-identity (body affine)"]
+    assert {"isimed", "simclr", "registration (affine)", *shortcuts} == rows
     kinds = curve.drop_duplicates("method").set_index("method")["kind"]
-    assert kinds[["random-init", "raw-intensity", "identity", "aligned-identity"]].eq("baseline").all()
+    assert kinds[shortcuts].eq("baseline").all() and kinds["registration (affine)"] == "control"
     assert kinds[["isimed", "simclr"]].eq("method").all()
     assert set(curve["n_atlases"]) == {1, 2} and curve["mean"].between(0, 1).all()
     assert set(pd.read_csv(out / "knn_k_choice_val.csv")["k"]) == {3, 5}  # k chosen on validation subjects
     assert set(pd.read_csv(out / "knn_scores.csv")["split"]) == {"test"}
 
     table = pd.read_csv(out / "finetune_table.csv", index_col=0)
-    assert set(table.index) == {"random-init", "isimed"}  # "demo": random-init and ISImed (no SimSiam here)
+    assert set(table.index) == {"random-init[smallcnn]", "isimed"}  # "demo": ISImed and its twin (no SimSiam here)
+    verdicts = pd.read_csv(out / "knn_verdicts.csv")
+    assert set(verdicts.loc[verdicts.method == "isimed", "baseline"]) == {"registration (affine)", *shortcuts}
+    assert (verdicts["family_size"] == 2 * 6).all()  # 2 methods x (twin, 4 shortcuts, control)
+    fp = pd.read_csv(out / "knn_false_positives.csv")
+    assert {"fp_ml", "absent_fp_ml"} <= set(fp.columns) and (fp["fp_ml"] >= 0).all()
     assert (out / "finetune" / "isimed" / "n1" / "metrics.jsonl").is_file()
     head = pd.read_csv(out / "headline.csv")
-    assert {"knn_dice_n1", "knn_dice_n2", "finetune_dice_n1"} <= set(head["metric"])
+    assert {"knn_dice_n1", "knn_dice_n2", "knn_fp_ml_n2", "finetune_dice_n1", "finetune_fp_ml_n1"} <= set(head["metric"])
+    assert set(head.loc[head["method"] == "registration (affine)", "kind"]) == {"control"}
     assert set(head.loc[head["method"] == "identity", "kind"]) == {"baseline"}
     figures = json.loads((out / "key_figures.json").read_text())
     assert len(figures) == 4 and all((res.run_dir / f["file"]).stat().st_size > 5_000 for f in figures)

@@ -12,7 +12,7 @@ TINY = {
     "00_data.show_subjects": 1,
     "10_pretrain.preset": "tiny",
     "20_latent_space.n_patches_per_volume": 12, "20_latent_space.stride_vox": 8, "20_latent_space.n_corr_points": 30,
-    "20_latent_space.n_corr_pairs": 2, "20_latent_space.n_map_train_subjects": 1, "20_latent_space.umap": False,
+    "20_latent_space.n_corr_partners": 1, "20_latent_space.n_map_train_subjects": 1, "20_latent_space.umap": False,
     "20_latent_space.batch_size": 64,
     "25_latent_viewer.stride_vox": 8, "25_latent_viewer.max_scatter_points": 200, "25_latent_viewer.batch_size": 64,
     "30_linear_probe.n_per_class": 12, "30_linear_probe.patch_size_vox": 16,
@@ -42,7 +42,8 @@ def test_demo_plan_runs_every_notebook_in_order_and_writes_the_html_report(tmp_p
               "30_linear_probe/liver/probe_summary.csv", "50_segmentation/knn_curve.csv", "40_report/40_report.ipynb"]:
         assert (run / f).is_file(), f
     table = pd.read_csv(run / "40_report" / "comparison.csv")
-    assert {"isimed", "simclr", "random-init", "identity", "aligned-identity", "position-cubic"} <= set(table["method"])
+    assert {"isimed", "simclr", "random-init[smallcnn]", "identity", "aligned-identity (scale+shift)", "position-cubic",
+            "registration (affine)"} <= set(table["method"])
     assert {"20_latent_space: distance_spearman (test)", "20_latent_space: decoding_r2 (test)",
             "20_latent_space: correspondence_median_mm (test)", "30_linear_probe/lesion: auc (test)",
             "30_linear_probe/liver: auc (test)", "50_segmentation: knn_dice_n2 (test)",
