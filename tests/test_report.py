@@ -142,7 +142,7 @@ def test_compare_runs_lines_up_two_runs_and_marks_better_worse_beyond_spread_and
                             "(0.9).")
     assert changed.startswith("20_latent_space · correspondence_median_mm (test): in seed0 the best method, isimed (14), "
                               "beats every shortcut row; in seed1 the best method, isimed (22), does NOT beat "
-                              "aligned-identity (20)")
+                              "aligned-identity (scale+shift) (20)")
     assert comp.settings == ["isimed: train.seed: 0 vs 1", "simclr: train.seed: 0 vs 1"]
     assert "2 are better in B" not in comp.summary() and "1 are better in B, 1 worse" in comp.summary()
 

@@ -18,7 +18,7 @@ def test_40_report_with_compare_with_shows_both_runs_and_writes_the_comparison(r
     text = res.text_outputs() + "\n".join(  # the comparison's sentences are Markdown and HTML outputs
         "".join(out.get("data", {}).get(kind, "")) for cell in res.notebook.cells for out in cell.get("outputs", [])
         for kind in ("text/markdown", "text/html"))
-    assert "Run A = seed0, run B = seed1" in text and "does NOT beat aligned-identity (20)" in text
+    assert "Run A = seed0, run B = seed1" in text and "does NOT beat aligned-identity (scale+shift) (20)" in text
     assert "settings: isimed: train.seed: 0 vs 1" in text and "#f8d7d7" in text  # the styled table, red cell
     assert (res.run_dir / "40_report" / "compare_seed1.csv").is_file()
     report = (res.run_dir / "40_report" / "report.html").read_text(encoding="utf-8")
