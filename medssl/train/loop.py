@@ -263,8 +263,8 @@ class _Trainer:
                         disable=not (self.progress and self.is_main))
         if self.val_set is not None and self.step == 0:
             record = self._evaluate() | self._when()
-            asked = self.log.write(record)
-            self.stop = any_rank(asked or self._watch(record), self.device)
+            asked, watched = self.log.write(record), self._watch(record)  # both: early stopping counts every validation
+            self.stop = any_rank(asked or watched, self.device)
             if self.early is not None:  # the untrained state is the first "best": best.pt always exists
                 self.save(epoch_file=False)
         if not self.method.trains:  # an untrained baseline: its initial state is the result
@@ -328,8 +328,8 @@ class _Trainer:
         last = self.step == self.total_steps
         if self.val_set is not None and (epochs_done % self.config.eval_every_epochs == 0 or last):
             record = self._evaluate() | self._when()
-            asked = self.log.write(record)
-            self.stop = any_rank(asked or self._watch(record) or self.stop, self.device)
+            asked, watched = self.log.write(record), self._watch(record)  # both: early stopping counts every validation
+            self.stop = any_rank(asked or watched or self.stop, self.device)
         if last and not self.stop_reason:
             self.stop_reason = f"reached the cap of {self.total_steps} steps ({self.config.epochs} epochs)"
         self.save(epoch_file=epochs_done % self.config.checkpoint_every_epochs == 0 or last or self.stop)
