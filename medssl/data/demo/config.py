@@ -37,6 +37,7 @@ class CohortConfig:
     lesion_edge: float = 0.15
     lesion_organs: tuple[str, ...] = ("liver", "spleen", "kidney_left", "kidney_right")
     background_hu: float = -1024.0
+    variability: dict | None = None  # inter-subject variability settings (medssl.data.demo.variability), None: plain
 
     def __post_init__(self) -> None:
         if self.n_subjects < 3:
