@@ -89,8 +89,9 @@ STUDY_PLANS: dict[str, dict[str, Any]] = {
         "lr_at_cap": 0.05,
         "data_notebook": True,
         "evaluations": [
+            # every ordered pair of the 8 test subjects: each is a query subject (the paired-test unit) 7 times
             {"notebook": "20_latent_space.ipynb",
-             "parameters": {"umap": False, "umap_3d": False, "stride_vox": 6, "n_corr_pairs": 8}},
+             "parameters": {"umap": False, "umap_3d": False, "stride_vox": 6, "n_corr_pairs": 56}},
             {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
             {"notebook": "30_linear_probe.ipynb", "name": "30_linear_probe_organ",
              "parameters": {"task": "organ", "organ": "liver"}},

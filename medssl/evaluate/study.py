@@ -37,7 +37,7 @@ import pandas as pd
 from medssl.rundir import RunDir
 
 __all__ = ["BLENDOWSKI_TABLE2", "QUESTIONS", "THESIS_DSC", "collect_headlines", "collect_units", "context_ordering",
-           "head_to_head", "learning_curves", "metric_groups", "paired_comparisons", "seed_runs", "settings_table",
+           "head_to_head", "keep_rows", "learning_curves", "metric_groups", "paired_comparisons", "seed_runs", "settings_table",
            "study_table", "table_cells", "twins_of", "unit_budget", "write_study_report"]
 
 # Blendowski et al., MICCAI 2019, Table 2: mean Dice of the few-shot segmentation from each descriptor (%)
@@ -139,6 +139,13 @@ def _correspondence_units(rd: RunDir) -> pd.DataFrame | None:
     return pd.DataFrame({"metric": "correspondence_median_mm", "method": q["method"],
                          "kind": [kinds.get(m) for m in q["method"]], "unit": q["case_a"].astype(str),
                          "value": q["error_mm"], "higher_is_better": False, "split": "test"})
+
+
+def keep_rows(table: pd.DataFrame, methods: Sequence[str] | None) -> pd.DataFrame:
+    """``table`` with only the listed trained methods; baseline, control and reference rows always stay."""
+    if not methods or table is None or table.empty:
+        return table
+    return table[(table["kind"] != "method") | table["method"].isin(list(methods))]
 
 
 def collect_headlines(run: "str | os.PathLike | RunDir", seeds: Sequence[int] | None = None) -> pd.DataFrame:
@@ -409,11 +416,12 @@ def learning_curves(run: "str | os.PathLike | RunDir", seeds: Sequence[int] | No
             es_file = rd.method_dir(m) / "early_stopping.json"
             es = json.loads(es_file.read_text()) if es_file.is_file() else {}
             try:
-                measure, mode = es.get("measure"), es.get("mode")
-                if not measure:
-                    measure, mode = get_method_class(m).val_measure
+                cls = get_method_class(m)
             except KeyError:
                 continue
+            if not cls.trains:  # an untrained baseline has no curve
+                continue
+            measure, mode = es.get("measure") or cls.val_measure[0], es.get("mode") or cls.val_measure[1]
             log = read_metrics(rd.method_dir(m))
             if log.empty or "split" not in log or measure not in log:
                 continue
@@ -549,6 +557,9 @@ def iou_interval_figure(table: pd.DataFrame, metrics: Sequence[str]):
             ax.errorbar(i, mean, yerr=np.nan_to_num(err), fmt="o-", capsize=3)
         ax.set_xticks(range(len(xs)), xs, rotation=30)
         ax.set(title=metric, xlabel="IoU interval of the positive pairs")
+        if metric.startswith("finetune_dice"):
+            ax.annotate("thesis (fine-tuned DSC): [0.3, 0.6] 0.853, [0, 1] 0.824", (0.02, 0.02), xycoords="axes fraction",
+                        fontsize=7, color="0.3")
     fig.suptitle("SimSiam: downstream score per IoU interval (mean over seeds, 95 % bootstrap over test subjects)")
     fig.tight_layout()
     return fig

@@ -61,7 +61,10 @@ class CohortConfig:
         return ["train"] * train + ["val"] * val + ["test"] * test
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        data = json.loads(json.dumps(asdict(self)))
+        if data.get("variability") is None:  # a plain cohort's record stays what it was before the field existed
+            data.pop("variability", None)
+        return data
 
 
 def _config_from_json(data: dict) -> CohortConfig:
