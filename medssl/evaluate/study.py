@@ -195,7 +195,7 @@ def study_table(units: pd.DataFrame, headlines: pd.DataFrame | None = None, *, n
     """
     rows = []
     if units is not None and not units.empty:
-        per_seed = units.groupby(["metric", "method", "seed"], sort=False)["value"].mean()
+        per_seed = units.groupby(["metric", "method", "seed"])["value"].mean().sort_index()
         for (metric, method), g in seed_averaged(units).groupby(["metric", "method"], sort=False):
             lo, hi = bootstrap_interval(g["value"].to_numpy(), n_boot, level, seed)
             seeds = per_seed.loc[(metric, method)]
