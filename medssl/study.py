@@ -246,10 +246,12 @@ def train_settings(settings: dict[str, Any], method: str) -> tuple[dict[str, Any
     """``(method overrides, TrainConfig overrides)`` of one method in a study (on top of ``settings["preset"]``).
 
     Epochs of ``steps_per_validation`` steps, one validation per epoch, early stopping with the plan's
-    patience and the method's measure's min_delta, the cap in steps rounded up to whole epochs, and a
-    per-epoch learning-rate decay that reaches ``lr_at_cap`` at the cap.
+    patience and the method's measure's min_delta (never before a method's curriculum is complete: the
+    context methods' ``curriculum_steps``), the cap in steps rounded up to whole epochs, and a per-epoch
+    learning-rate decay that reaches ``lr_at_cap`` at the cap.
     """
     from medssl.methods import get_method_class
+    from medssl.presets import preset
 
     cls = get_method_class(method)
     n = int(settings["steps_per_validation"])
@@ -265,9 +267,14 @@ def train_settings(settings: dict[str, Any], method: str) -> tuple[dict[str, Any
     overrides = settings["train_overrides"]
     train.update(copy.deepcopy(overrides.get("*", {})))
     train.update(copy.deepcopy(overrides.get(method, {})))
+    m_over = {**settings["method_overrides"].get("*", {}), **settings["method_overrides"].get(method, {})}
     if not cls.trains:
         train.pop("early_stopping", None)  # nothing is optimised: the initial state is the result
-    m_over = {**settings["method_overrides"].get("*", {}), **settings["method_overrides"].get(method, {})}
+    elif "early_stopping" in train:
+        # a curriculum (the context methods' offset range) must be complete before the measure can judge the run
+        curriculum = {**preset(method, settings["preset"])[0], **m_over}.get("curriculum_steps")
+        if curriculum is not None:
+            train["early_stopping"] = {**train["early_stopping"], "min_steps": min(int(curriculum), cap)}
     return m_over, train
 
 
