@@ -402,7 +402,9 @@ def run_study(
             elif u.kind == "report":
                 _run_notebook_unit(u, root.parent, root.name, notebooks_dir, progress,
                                    extra={"run": root.name, "seeds": settings["seeds"], "methods": u.settings["methods"],
-                                          "publish_dir": settings["publish_dir"]})
+                                          "publish_dir": ""})
+                if settings["publish_dir"]:  # after the notebook is written in full
+                    u.message = f"published {len(publish(root, settings['publish_dir']))} files to {settings['publish_dir']}"
             else:
                 run_name = root.name if u.kind == "data" else _seed_name(u.seed)
                 runs_dir = root.parent if u.kind == "data" else root
@@ -599,7 +601,8 @@ def _describe(u: StudyUnit) -> str:
         es = t.get("early_stopping")
         cap = t["epochs"] * t["steps_per_epoch"]
         stop = (f"early stopping every {t['steps_per_epoch']} steps, patience {es['patience']}, min_delta "
-                f"{es['min_delta']:g}" if es else "untrained: initial state only")
+                f"{es['min_delta']:g}" + (f", not before step {es['min_steps']}" if es.get("min_steps") else "")
+                if es else "untrained: initial state only")
         return f"cap {cap} steps; {stop}"
     return json.dumps(u.settings.get("parameters", {}), default=str)
 

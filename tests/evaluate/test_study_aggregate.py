@@ -29,8 +29,11 @@ def _knn_rows(seed: int, method: str, kind: str, base: float, rng) -> list[dict]
 
 @pytest.fixture
 def fake_study(tmp_path):
+    return make_fake_study(tmp_path / "s")
+
+
+def make_fake_study(root):
     """Two seeds; ISImed beats its twin (random-init) by 0.1 Dice on every subject; identity is a baseline."""
-    root = tmp_path / "s"
     rng = np.random.default_rng(0)
     for seed in (0, 1):
         d = root / f"seed{seed}"
