@@ -422,6 +422,8 @@ def learning_curves(run: "str | os.PathLike | RunDir", seeds: Sequence[int] | No
             if not cls.trains:  # an untrained baseline has no curve
                 continue
             measure, mode = es.get("measure") or cls.val_measure[0], es.get("mode") or cls.val_measure[1]
+            if not rd.files(m).metrics.is_file():
+                continue
             log = read_metrics(rd.method_dir(m))
             if log.empty or "split" not in log or measure not in log:
                 continue

@@ -55,6 +55,10 @@ def make_fake_study(root):
             (d / m / "checkpoints" / "last.pt").write_bytes(b"")
             (d / m / "config.json").write_text(json.dumps({"method_config": {"backbone": backbone},
                                                            "resolved": {"trains": m != "xavier"}}))
+        val = [{"split": "val", "step": k, "abs_err_mm": e} for k, e in ((0, 50.0), (20, 30.0 + seed), (40, 31.0))]
+        (d / "isimed" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+        (d / "isimed" / "early_stopping.json").write_text(json.dumps(
+            {"measure": "abs_err_mm", "mode": "min", "best_step": 20, "stop_reason": "early stopping at step 40"}))
     return root
 
 
@@ -147,3 +151,13 @@ def test_the_report_is_one_html_file_with_the_tables(fake_study, tmp_path):
                                                                          ("Curve", [st.knn_curve_figure(table)])])
     html = path.read_text()
     assert "knn_dice@3" in html and "data:image/png;base64" in html and "<script" not in html
+
+
+def test_learning_curves_read_the_validation_measure_of_every_trained_unit(fake_study):
+    curves = st.learning_curves(fake_study)
+    assert set(curves.method) == {"isimed"}  # reg2d has no metrics here; xavier never trains
+    one = curves[curves.seed == 1]
+    assert one.step.tolist() == [0, 20, 40] and one.value.tolist() == [50.0, 31.0, 31.0]
+    assert (curves.best_step == 20).all() and (curves.measure == "abs_err_mm").all()
+    fig = st.learning_curve_figure(curves)
+    assert fig.axes[0].get_title() == "isimed: val abs_err_mm (min)"
