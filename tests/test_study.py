@@ -53,7 +53,9 @@ def test_dry_run_lists_every_method_seed_unit_with_its_cap_and_early_stopping(ca
             line = next(ln for ln in out.splitlines() if ln.startswith(f"seed{seed}/{m} "))
             assert "pretrain" in line and str(tmp_path / "study" / f"seed{seed}" / m) in line
             if m in trained:
-                assert "cap 600 steps; early stopping every 20 steps, patience 5" in line
+                cap = {"isimed": 600, "reg2d": 600, "heatmap": 600, "doersch": 600, "simsiam-iou-0-0": 200,
+                       "simsiam-iou-0.0001-0.3": 200, "simsiam-iou-0.6-1": 200}.get(m, 400)
+                assert f"cap {cap} steps; early stopping every 20 steps, patience 5" in line
             else:
                 assert "untrained" in line
         assert f"seed{seed}/50_segmentation " in out
@@ -64,7 +66,8 @@ def test_dry_run_lists_every_method_seed_unit_with_its_cap_and_early_stopping(ca
 
 def test_overrides_change_settings_or_go_to_the_notebooks_and_bad_plans_are_refused(tmp_path):
     settings, nb = load_study("study", {"caps_steps.isimed": 800, "seeds": [0, 1, 2, 3], "stride_vox": 4})
-    assert settings["caps_steps"] == {"default": 600, "isimed": 800} and settings["seeds"] == [0, 1, 2, 3]
+    assert settings["caps_steps"]["isimed"] == 800 and settings["caps_steps"]["default"] == 400
+    assert settings["seeds"] == [0, 1, 2, 3]
     assert nb == {"stride_vox": 4}
     m_over, t_over = train_settings(settings, "isimed")
     assert t_over["epochs"] * t_over["steps_per_epoch"] == 800 and t_over["eval_every_epochs"] == 1
