@@ -522,6 +522,7 @@ def knn_curve_figure(table: pd.DataFrame, title: str = ""):
     for method, g in t.groupby("method", sort=False):
         g = g.sort_values("n")
         _band_plot(ax, g["n"], g["mean"], g["ci_low"], g["ci_high"], method, dashed=g["kind"].iloc[0] != "method")
+    ax.set_xticks(sorted(t["n"].unique()))
     ax.set(xlabel="number of labelled atlases", ylabel="mean Dice (test subjects)", title=title or
            "kNN label transfer: mean over seeds, 95 % bootstrap band over test subjects (baselines dashed)")
     ax.legend(fontsize=7, ncol=2)
