@@ -39,7 +39,9 @@ of a mapping, ``-p caps_steps.isimed 800``; other ``-p`` names go to the noteboo
   ``caps_steps`` (per method, ``"default"`` for the rest) set early stopping and the cap;
   ``lr_at_cap``: the per-epoch learning-rate decay is chosen so that the rate has fallen to this
   share of its start at the cap (the demo's schedule, stretched).
-- ``evaluations``: pipeline steps run on every seed; ``data_notebook``/``report``: the first and
+- ``evaluations``: pipeline steps run on every seed; ``later_seed_parameters``: replaces those of their
+  parameters that do not depend on the seed, for every seed after the first (the registration controls
+  are computed once); ``data_notebook``/``report``: the first and
   last units; ``publish_dir``: where the report, tables and executed study notebook are copied
   (relative to the repository; kept small, no checkpoints).
 """
@@ -92,25 +94,32 @@ STUDY_PLANS: dict[str, dict[str, Any]] = {
         "lr_at_cap": 0.05,
         "data_notebook": True,
         "evaluations": [
-            # every ordered pair of the 8 test subjects: each is a query subject (the paired-test unit) 7 times
+            # every test subject a query subject (the paired-test unit): n_corr_partners other subjects each (the
+            # notebook of issue 16 on); n_corr_pairs, every ordered pair, for the notebook before it
             {"notebook": "20_latent_space.ipynb",
-             "parameters": {"umap": False, "umap_3d": False, "stride_vox": 6, "n_corr_pairs": 56}},
+             "parameters": {"umap": False, "umap_3d": False, "stride_vox": 6, "n_corr_pairs": 56,
+                            "n_corr_partners": 3, "registration": "affine", "body_alignment": True}},
             {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
             {"notebook": "30_linear_probe.ipynb", "name": "30_linear_probe_organ",
              "parameters": {"task": "organ", "organ": "liver"}},
             {"notebook": "50_segmentation.ipynb",
              "parameters": {"stride_vox": 6, "atlas_pool": 9, "n_atlases": [1, 3, 9], "n_draws": 3, "n_queries": 0,
+                            "registration": "affine", "body_alignment": True,
                             "finetune_methods": ["isimed", "simclr", "barlowtwins", "simsiam", "simsiam-iou-0-1"],
                             "finetune_n": [4], "finetune_steps": 100, "finetune_test_subjects": 0,
                             "finetune_val_subjects": 0}},
         ],
+        # what does not depend on the seed is computed on the first seed only: the registration controls and the
+        # body-affine shortcut (same images, same pairs); the study tables average each row over the seeds that have it
+        "later_seed_parameters": {"registration": "", "body_alignment": False},
         "report": True,
         "publish_dir": "docs/study",
     },
 }
 
 _SETTINGS = ("seeds", "methods", "data", "preset", "method_overrides", "train_overrides", "steps_per_validation",
-             "patience", "min_delta", "caps_steps", "lr_at_cap", "data_notebook", "evaluations", "report", "publish_dir")
+             "patience", "min_delta", "caps_steps", "lr_at_cap", "data_notebook", "evaluations", "later_seed_parameters",
+             "report", "publish_dir")
 _DATA_PARAMS = ("source", "n_subjects", "cohort_seed", "target_spacing_mm")
 
 
@@ -304,6 +313,8 @@ def plan_units(settings: dict[str, Any], run: str, *, runs_root: Path | None = N
         for step in settings["evaluations"]:
             name = step.get("name", Path(step["notebook"]).stem)
             params = {**data, **step.get("parameters", {}), "seed": seed}
+            if seed != settings["seeds"][0]:
+                params.update({k: v for k, v in settings["later_seed_parameters"].items() if k in params})
             for key, value in (notebook_overrides or {}).items():
                 target, _, param = key.rpartition(".")
                 if not target or target in (name, Path(step["notebook"]).stem):

@@ -77,6 +77,12 @@ def test_overrides_change_settings_or_go_to_the_notebooks_and_bad_plans_are_refu
     units = plan_units(settings, "s", runs_root=tmp_path, notebook_overrides=nb)
     latent = next(u for u in units if u.id == "seed3/20_latent_space")
     assert latent.settings["parameters"]["stride_vox"] == 4 and latent.settings["parameters"]["seed"] == 3
+    # the registration control does not depend on the seed: computed on the first seed only
+    first = next(u for u in units if u.id == "seed0/50_segmentation").settings["parameters"]
+    later = next(u for u in units if u.id == "seed2/50_segmentation").settings["parameters"]
+    assert first["registration"] == "affine" and later["registration"] == "" and later["body_alignment"] is False
+    probe = next(u for u in units if u.id == "seed2/30_linear_probe").settings["parameters"]
+    assert "registration" not in probe  # only the parameters a step has are replaced
     with pytest.raises(ValueError, match="unknown settings"):
         load_study({**TINY_STUDY, "sedes": [1]})
     with pytest.raises(ValueError, match="seeds"):
