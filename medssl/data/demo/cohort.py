@@ -42,9 +42,11 @@ if TYPE_CHECKING:  # pragma: no cover
 # --------------------------------------------------------------------------- the cohort
 
 
-def default_cohort_dir(n_subjects: int = 48, seed: int = 0, spacing_mm: float = 3.0) -> Path:
-    """``paths.data_dir()/demo/cohort-seed<seed>-n<n>`` (plus ``-<spacing>mm`` if not 3 mm)."""
+def default_cohort_dir(n_subjects: int = 48, seed: int = 0, spacing_mm: float = 3.0,
+                       variability: str | None = None) -> Path:
+    """``paths.data_dir()/demo/cohort-seed<seed>-n<n>`` (plus ``-<spacing>mm`` if not 3 mm, ``-<variability>``)."""
     suffix = "" if float(spacing_mm) == 3.0 else f"-{float(spacing_mm):g}mm"
+    suffix += f"-{variability}" if variability not in (None, "", "none") else ""
     return paths.data_dir() / "demo" / f"cohort-seed{seed}-n{n_subjects}{suffix}"
 
 
@@ -59,6 +61,7 @@ def build_demo_cohort(
     *,
     examples_dir: str | os.PathLike | None = None,
     n_workers: int | None = None,
+    variability: str | None = None,
 ) -> "DemoCohort":
     """Build (or reuse) the synthetic demo cohort; see the module docstring for the model.
 
@@ -73,20 +76,27 @@ def build_demo_cohort(
         lesions_per_subject: (min, max) lesions per subject.
         examples_dir: the fetched TotalSegmentator examples (fetched if None).
         n_workers: processes for synthesis (default: up to 4 cores for >= 8 subjects, else 1).
+        variability: ``"study"`` for subjects that differ in organ sizes and shapes, stronger warps,
+            intensities and noise (:mod:`medssl.data.demo.variability`); None: the plain demo cohort.
 
     A complete cohort with the same settings and source is returned untouched.
     Otherwise it is built in a temporary folder next to ``out_dir`` and moved
     into place at the end (an older cohort there is replaced only then).
     """
+    from medssl.data.demo.variability import cohort_overrides, variability_settings
+
+    varied = variability_settings(variability)
     cfg = CohortConfig(
         n_subjects=int(n_subjects),
         split_counts=tuple(int(c) for c in split_counts),
         seed=int(seed),
         spacing_mm=float(spacing_mm),
         lesions_per_subject=tuple(int(v) for v in lesions_per_subject),
+        **({**cohort_overrides(varied), "variability": varied.to_json()} if varied is not None else {}),
     )
     examples = Path(examples_dir) if examples_dir is not None else fetch_totalseg_examples(progress=progress)
-    root = Path(out_dir).expanduser() if out_dir is not None else default_cohort_dir(n_subjects, seed, spacing_mm)
+    root = Path(out_dir).expanduser() if out_dir is not None else default_cohort_dir(
+        n_subjects, seed, spacing_mm, varied.name if varied is not None else None)
     if _cohort_complete(root, cfg):
         return DemoCohort(root)
     start = time.perf_counter()
@@ -271,7 +281,9 @@ class DemoCohort:
                 if not path.is_file():
                     raise KeyError(f"{case_id!r} has no deformation in {self.root} (external cases other than "
                                    "'totalseg-ct' are other patients; their correspondence is unknown)")  # fmt: skip
-                self._deformations[case_id] = SubjectDeformation.load(path)
+                from medssl.data.demo.variability import load_deformation  # with the organ warp where there is one
+
+                self._deformations[case_id] = load_deformation(path)
         return self._deformations[case_id]
 
     def to_template_mm(self, case_id: str, points_mm: np.ndarray) -> np.ndarray:

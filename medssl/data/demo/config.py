@@ -37,6 +37,7 @@ class CohortConfig:
     lesion_edge: float = 0.15
     lesion_organs: tuple[str, ...] = ("liver", "spleen", "kidney_left", "kidney_right")
     background_hu: float = -1024.0
+    variability: dict | None = None  # inter-subject variability settings (medssl.data.demo.variability), None: plain
 
     def __post_init__(self) -> None:
         if self.n_subjects < 3:
@@ -60,7 +61,10 @@ class CohortConfig:
         return ["train"] * train + ["val"] * val + ["test"] * test
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        data = json.loads(json.dumps(asdict(self)))
+        if data.get("variability") is None:  # a plain cohort's record stays what it was before the field existed
+            data.pop("variability", None)
+        return data
 
 
 def _config_from_json(data: dict) -> CohortConfig:

@@ -164,6 +164,10 @@ def _synthesize_subject(job: dict) -> dict:
     shape, affine = _subject_grid(t["ct"].shape, t["affine"], cfg.spacing_mm)
     centre_mm = t["affine"][:3, :3] @ ((np.asarray(t["ct"].shape) - 1) / 2) + t["affine"][:3, 3]
     deformation = _draw_deformation(rng, cfg, shape, affine, centre_mm)
+    if cfg.variability:  # organ sizes and shapes (its own rng stream): medssl.data.demo.variability
+        from medssl.data.demo import variability
+
+        deformation, var_rng, var_record = variability.compose(job, cfg, deformation, t, shape, affine)
 
     template_mm = deformation(_world_centres(shape, affine))  # (N, 3)
     t_inv = np.linalg.inv(t["affine"])
@@ -174,6 +178,8 @@ def _synthesize_subject(job: dict) -> dict:
     min_jac = _min_jacobian_det(template_mm.reshape(shape + (3,)), np.linalg.norm(affine[:3, :3], axis=0))
     min_jac *= np.sign(np.linalg.det(affine[:3, :3]))
     del template_mm, coords
+    if cfg.variability:  # per-organ attenuation and a smooth shading, before the global scale and shift
+        image = variability.vary_intensities(var_rng, image, label, affine, cfg, t["names"], var_record)
 
     scale = rng.uniform(1 - cfg.intensity_scale, 1 + cfg.intensity_scale)
     shift = rng.uniform(-cfg.intensity_shift_hu, cfg.intensity_shift_hu)
@@ -203,6 +209,7 @@ def _synthesize_subject(job: dict) -> dict:
         "n_labels": int(len(np.unique(label)) - 1),
         "lesions": lesions,
         "lesion_voxels": int(np.count_nonzero(lesion_map)),
+        **({"variability": var_record} if cfg.variability else {}),
     }
 
 
