@@ -96,7 +96,8 @@ STUDY_PLANS: dict[str, dict[str, Any]] = {
         "evaluations": [
             # every test subject a query subject (the paired-test unit), n_corr_partners other subjects each
             {"notebook": "20_latent_space.ipynb",
-             "parameters": {"umap": False, "umap_3d": False, "stride_vox": 6, "n_corr_partners": 3, "registration": "affine", "body_alignment": True}},
+             "parameters": {"umap": False, "umap_3d": False, "stride_vox": 6, "n_corr_partners": 3,
+                            "registration": "affine", "body_alignment": True}},
             {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
             {"notebook": "30_linear_probe.ipynb", "name": "30_linear_probe_organ",
              "parameters": {"task": "organ", "organ": "liver"}},
