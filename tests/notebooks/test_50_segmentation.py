@@ -38,7 +38,8 @@ def test_50_segmentation_notebook_writes_knn_and_finetuning_tables_with_baseline
     from medssl import paths
 
     run = "nb50"
-    _train_tiny_run(paths.runs_dir() / run, ["isimed", "simclr"])
+    trained = ["isimed", "simclr", "simsiam", "reg2d"]  # SimSiam and a 2.5D context method through kNN too
+    _train_tiny_run(paths.runs_dir() / run, trained)
     params = {
         "n_subjects": 6, "target_spacing_mm": 6.0, "stride_vox": 6, "atlas_pool": 2, "n_atlases": [1, 2],
         "n_draws": 2, "k_candidates": [3, 5], "n_val_queries": 1, "raw_patch_vox": 8, "raw_pooled_vox": 2,
@@ -50,16 +51,17 @@ def test_50_segmentation_notebook_writes_knn_and_finetuning_tables_with_baseline
 
     curve = pd.read_csv(out / "knn_curve.csv")
     rows = set(curve["method"])
-    assert {"isimed", "simclr", "random-init", "raw-intensity", "identity", "aligned-identity"} == rows
+    assert {*trained, "random-init", "raw-intensity", "identity", "aligned-identity"} == rows
     kinds = curve.drop_duplicates("method").set_index("method")["kind"]
     assert kinds[["random-init", "raw-intensity", "identity", "aligned-identity"]].eq("baseline").all()
-    assert kinds[["isimed", "simclr"]].eq("method").all()
+    assert kinds[trained].eq("method").all()
     assert set(curve["n_atlases"]) == {1, 2} and curve["mean"].between(0, 1).all()
     assert set(pd.read_csv(out / "knn_k_choice_val.csv")["k"]) == {3, 5}  # k chosen on validation subjects
     assert set(pd.read_csv(out / "knn_scores.csv")["split"]) == {"test"}
 
     table = pd.read_csv(out / "finetune_table.csv", index_col=0)
-    assert set(table.index) == {"random-init", "isimed"}  # "demo": random-init and ISImed (no SimSiam here)
+    assert set(table.index) == {"random-init", "isimed", "simsiam"}  # "demo": random-init, ISImed and SimSiam
+    assert (out / "finetune" / "simsiam" / "n1" / "metrics.jsonl").is_file()
     assert (out / "finetune" / "isimed" / "n1" / "metrics.jsonl").is_file()
     head = pd.read_csv(out / "headline.csv")
     assert {"knn_dice_n1", "knn_dice_n2", "finetune_dice_n1"} <= set(head["metric"])
