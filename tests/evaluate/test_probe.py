@@ -188,10 +188,14 @@ def test_split_protocol_chooses_C_on_validation_subjects_only_and_scores_each_te
     splits = np.where(np.isin(g, np.unique(g)[: len(np.unique(g)) // 2]), "val", "test")
     seen = []
     original = probe._fit_path
-    monkeypatch.setattr(probe, "_fit_path", lambda xx, yy, Cs, seed: seen.append(len(xx)) or original(xx, yy, Cs, seed))
+    monkeypatch.setattr(probe, "_fit_path", lambda xx, yy, Cs, seed: seen.append(np.array(xx)) or original(xx, yy, Cs, seed))
     r = probe.linear_probe(x, y, g, splits, Cs=FEW_CS, seed=0)
-    n_val = int(np.sum(splits == "val"))
-    assert seen and max(seen) == n_val  # no fit ever sees a test patch
+    rows = {row.tobytes(): k for k, row in enumerate(x)}  # every feature row is distinct (continuous noise)
+    assert len(rows) == len(x)
+    fitted = [np.array([rows[row.tobytes()] for row in xx]) for xx in seen]
+    assert seen and all(np.all(splits[idx] == "val") for idx in fitted)  # no fit ever sees a test patch, by identity
+    assert sorted(fitted[-1]) == list(np.flatnonzero(splits == "val"))  # the final fit: every validation patch once
+    assert len(fitted) > 1 and all(len(set(g[idx])) < len(set(g[splits == "val"])) for idx in fitted[:-1])  # inner folds
     assert r.unit == "subject" and sorted(r.per_unit.unit) == sorted(np.unique(g[splits == "test"]))
     for _, row in r.per_unit.iterrows():  # each subject's metrics from that subject's predictions alone
         pred = r.predictions[r.predictions.unit == row.unit]
