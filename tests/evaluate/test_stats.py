@@ -151,3 +151,86 @@ def test_fewer_than_five_units_are_not_testable_but_stay_in_the_family():
     tests = paired_tests(_units(MIN_UNITS - 1), correction=None)
     fv = family_verdicts(tests, comparisons(kinds, TWINS))
     assert fv["t_pvalue_holm"].isna().all() and (fv["family_size"] == 12).all()
+
+
+# ---------------------------------------------------------------------------- every verdict word, Holm across the family
+
+N_UNITS = 10
+_Z = np.random.default_rng(7).normal(size=N_UNITS)
+Z = (_Z - _Z.mean()) / _Z.std(ddof=1)  # mean 0, sd 1: a difference mu + s * Z has t = mu * sqrt(n) / s exactly
+METHOD = 0.70 + 0.05 * np.random.default_rng(8).normal(size=N_UNITS)
+# method - baseline = mu + s * Z per unit: (mu, s, kind, the word when the family is all of these rows)
+DESIGN = {
+    "random-init[cnn]": (0.20, 0.03, "baseline", "beats"),  # its twin, far below
+    "identity": (-0.20, 0.03, "baseline", "is worse than"),  # a shortcut far above
+    "position": (0.005, 0.03, "baseline", "is not distinguishable from"),  # a hair above, noise
+    "aligned identity": (-0.005, 0.03, "baseline", "does not beat"),  # a hair below, noise
+    "raw-intensity": (0.028, 0.0316, "baseline", "is not distinguishable from"),  # raw p ~ 0.02: beats alone, not x5
+    "registration": (-0.005, 0.03, "control", "does not reach"),
+    "gvdiff": (0.30, 0.03, "baseline", "cannot be compared with"),  # only 4 finite units: not testable
+}
+
+
+def _design_units(sign: float = 1.0) -> dict[str, np.ndarray]:
+    units = {"m": METHOD.copy()}
+    for name, (mu, s, _, _) in DESIGN.items():
+        units[name] = METHOD - (mu + s * Z)
+    units["gvdiff"][4:] = np.nan
+    return {k: sign * v for k, v in units.items()}
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_every_verdict_word_and_holm_over_the_whole_family_with_untestable_pairs_counted(higher_is_better):
+    """beats / is worse than / is not distinguishable from / does not beat / does not reach / cannot be compared
+    with, decided by the Holm-adjusted paired t-test over the 7 comparisons, the untestable one counted as p = 1.
+    Errors (lower is better): the same design negated gives the same words."""
+    sign = 1.0 if higher_is_better else -1.0
+    units = _design_units(sign)
+    kinds = {"m": "method", **{name: kind for name, (_, _, kind, _) in DESIGN.items()}}
+    v = compare_to_baselines(units, kinds, {"m": "random-init[cnn]"}, higher_is_better=higher_is_better,
+                             metric="Dice", what="(kNN, n = 5 atlases)", unit="query subject").set_index("baseline")
+    assert sorted(v.index) == sorted(DESIGN) and (v["family_size"] == len(DESIGN)).all()
+    for name, (_, _, kind, word) in DESIGN.items():
+        control = "the control " if kind == "control" else ""
+        assert v.loc[name, "verdict"].startswith(f"m {word} {control}{name} (kNN, n = 5 atlases): Dice "), name
+        assert v.loc[name, "kind_baseline"] == kind
+    # the raw p-values from scipy on the same units; the untestable pair enters Holm as p = 1
+    testable_rows = [n for n in DESIGN if n != "gvdiff"]
+    raw = np.array([stats.ttest_rel(units["m"], units[n]).pvalue for n in testable_rows])
+    np.testing.assert_allclose(v.loc[testable_rows, "t_pvalue_holm"], holm(np.append(raw, 1.0))[:-1], rtol=1e-9)
+    assert not np.allclose(holm(np.append(raw, 1.0))[:-1], holm(raw))  # the 7th comparison does change the others
+    # the design does what it says: raw-intensity is significant alone and not after Holm over 7
+    p_raw = raw[testable_rows.index("raw-intensity")]
+    assert 0.01 < p_raw < 0.05 and v.loc["raw-intensity", "t_pvalue_holm"] > 0.05
+    # the untestable pair: no p-value, says why and on how many units
+    g = v.loc["gvdiff"]
+    assert g["n"] == 4 and np.isnan(g["t_pvalue_holm"]) and np.isnan(g["wilcoxon_pvalue_holm"])
+    assert "not testable: 4 units < 5 (4 query subjects)" in g["verdict"] and "p =" not in g["verdict"]
+    assert (v.loc[testable_rows, "n"] == N_UNITS).all()
+    # mean_diff is method - baseline in the metric's own units, whatever the direction
+    for name in testable_rows:
+        assert v.loc[name, "mean_diff"] == pytest.approx(np.mean(units["m"] - units[name]))
+
+
+def test_the_same_comparison_alone_beats_so_the_family_decides():
+    units = _design_units()
+    alone = compare_to_baselines({"m": units["m"], "raw-intensity": units["raw-intensity"]},
+                                 {"m": "method", "raw-intensity": "baseline"}, {}, metric="Dice").iloc[0]
+    assert alone["family_size"] == 1
+    assert alone["t_pvalue_holm"] == pytest.approx(stats.ttest_rel(units["m"], units["raw-intensity"]).pvalue)
+    assert alone["verdict"].startswith("m beats raw-intensity: Dice ")
+
+
+def test_family_verdicts_reads_pairs_stored_either_way_round_and_refuses_missing_ones():
+    units = _design_units()
+    # paired_tests stores (identity, m): identity first, so its mean_diff is identity - m
+    tests = paired_tests({"identity": units["identity"], "m": units["m"], "position": units["position"]},
+                         correction=None)
+    v = family_verdicts(tests, [("m", "identity"), ("m", "position")], metric="Dice").set_index("baseline")
+    assert v.loc["identity", "mean_diff"] == pytest.approx(np.mean(units["m"] - units["identity"]))
+    assert v.loc["identity", "mean_diff"] < 0
+    assert v.loc["identity", "mean_method"] == pytest.approx(units["m"].mean())
+    assert v.loc["identity", "verdict"].startswith("m is worse than identity")
+    assert v.loc["position", "verdict"].startswith("m is not distinguishable from position")
+    with pytest.raises(KeyError, match="lack the comparisons"):
+        family_verdicts(tests, [("m", "registration")])
