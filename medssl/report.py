@@ -73,7 +73,7 @@ def _row_order(head: pd.DataFrame, methods: Sequence[str]) -> list[str]:
     seen = list(dict.fromkeys(head["method"]))
     first = [m for m in methods if m in seen]
     rest = [m for m in seen if m not in first]
-    rank = {"method": 0, "baseline": 1, "reference": 2}
+    rank = {"method": 0, "baseline": 1, "control": 2, "reference": 3}
     return first + sorted(rest, key=lambda m: (rank.get(kinds.get(m, "method"), 0), seen.index(m)))
 
 

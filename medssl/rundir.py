@@ -40,7 +40,9 @@ from medssl import paths
 __all__ = ["RunDir", "MethodFiles", "method_files", "HEADLINE_COLUMNS", "ROW_KINDS", "InvalidRunNameError"]
 
 HEADLINE_COLUMNS = ["step", "method", "kind", "metric", "value", "std", "n", "split", "higher_is_better", "note"]
-ROW_KINDS = ("method", "baseline", "reference")  # baseline: a shortcut a method must beat; reference: chance/floor
+# baseline: a shortcut a method must beat; control: trained with the labels (can the task be passed?);
+# reference: chance/floor
+ROW_KINDS = ("method", "baseline", "control", "reference")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _EVAL = "eval"
 _HEADLINE = "headline.csv"

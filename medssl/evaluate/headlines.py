@@ -15,6 +15,7 @@ import pandas as pd
 
 from medssl.evaluate.correspondence import BASELINES as CORR_BASELINES
 from medssl.evaluate.correspondence import REFERENCES as CORR_REFERENCES
+from medssl.evaluate.probe import CONTROL as PROBE_CONTROL
 from medssl.evaluate.runs import RANDOM_INIT
 from medssl.evaluate.stats import min_wilcoxon_p
 
@@ -22,16 +23,20 @@ __all__ = ["SHORTCUT_BASELINES", "kind_of", "latent_space_headline", "probe_head
 
 # names of shortcut-baseline rows across evaluations
 SHORTCUT_BASELINES = (RANDOM_INIT, "raw-intensity", "position-linear", "position-cubic", *CORR_BASELINES)
+# rows trained with the labels: they show that a task can be passed (the probe's supervised CNN)
+POSITIVE_CONTROLS = (PROBE_CONTROL,)
 
 
 def kind_of(name: str) -> str:
-    """``"baseline"``, ``"reference"`` or ``"method"`` for a row name.
+    """``"baseline"``, ``"control"``, ``"reference"`` or ``"method"`` for a row name.
 
     Registered methods that never train (Xavier, GVDiff: descriptors a method must beat) are baselines in
     every table, as in the segmentation tables.
     """
     if name in SHORTCUT_BASELINES:
         return "baseline"
+    if name in POSITIVE_CONTROLS:
+        return "control"
     if name in CORR_REFERENCES:
         return "reference"
     from medssl.methods import list_methods

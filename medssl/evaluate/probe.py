@@ -19,6 +19,15 @@ Shortcut baselines come with every probe: raw intensities (:func:`raw_intensity_
 and **position only** (:func:`position_features`, the patch centre in mm, linear and cubic).
 A method that does not beat the position-only rows has not shown more than "where the patch is".
 
+**Positive control** (:func:`supervised_control`, row ``supervised-cnn``, kind ``control``):
+a small 3D CNN trained *with the labels* on patches of the training subjects (drawn by the
+same rule), its epoch chosen by AUC on the probe's validation patches, scored once on the
+same test patches and units as every probe. It shows whether the task can be passed at all:
+a table whose control sits near chance measures nothing (:func:`control_verdict`).
+
+:func:`auc_by_stratum` splits the pooled test AUC by a property of the positives, e.g. the
+lesion's share of the patch (:func:`share_strata`).
+
 Metrics at threshold 0.5 on the predicted probability: AUC, accuracy and F1 from
 scikit-learn; sensitivity (recall of class 1) and specificity (recall of class 0) from the
 confusion counts.
@@ -27,6 +36,7 @@ confusion counts.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -47,6 +57,7 @@ from medssl.evaluate.latent import z_slab_groups
 from medssl.evaluate.patchsets import PatchSet
 
 __all__ = [
+    "CONTROL",
     "METRICS",
     "ProbeResult",
     "ProbeComparison",
@@ -58,11 +69,16 @@ __all__ = [
     "probe_frozen_backbone",
     "raw_intensity_features",
     "position_features",
+    "supervised_control",
+    "control_verdict",
+    "share_strata",
+    "auc_by_stratum",
 ]
 
 METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity")
 DEFAULT_CS = np.logspace(-4, 2, 7)
 THRESHOLD = 0.5
+CONTROL = "supervised-cnn"  # the positive control's row name (kind "control")
 
 
 def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = THRESHOLD) -> dict[str, float]:
@@ -124,6 +140,8 @@ class ProbeResult:
         pooled: the metrics over all scored patches at once (validation -> test protocol).
         folds: the ``(fit_idx, score_idx)`` index pairs (one for the split protocol).
         inner_folds: per fold, the inner ``(train_idx, val_idx)`` pairs that chose ``C``.
+        info: what else the scorer records (the positive control: its training curve, chosen
+            epoch, patch counts and seconds).
     """
 
     per_unit: pd.DataFrame
@@ -132,6 +150,7 @@ class ProbeResult:
     inner_folds: list[list[tuple[np.ndarray, np.ndarray]]] = field(repr=False)
     unit: str = "fold"
     pooled: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> pd.DataFrame:
         """``metric, mean, std, n`` over units (std with ddof=1; NaN units are skipped)."""
@@ -327,6 +346,19 @@ class ProbeComparison:
         r = next(iter(self.results.values())).per_unit
         return float(r["n_train"].mean()), float(r["n_test"].mean())
 
+    def with_result(self, name: str, result: ProbeResult) -> "ProbeComparison":
+        """A new comparison with ``result`` (scored on the same units, e.g. :func:`supervised_control`) added as ``name``."""
+        if name in self.results:
+            raise ValueError(f"the comparison already has a row {name!r}")
+        results = {**self.results, name: result}
+        _check_same_units(results)
+        if result.unit != self.unit:
+            raise ValueError(f"{name!r} is scored per {result.unit}, the comparison per {self.unit}")
+        table = pd.concat([self.table, result.summary().assign(method=name)[list(self.table.columns)]],
+                          ignore_index=True)
+        per_unit = pd.concat([self.per_unit, result.per_unit.assign(method=name)], ignore_index=True)
+        return ProbeComparison(table=table, per_unit=per_unit, results=results, unit=self.unit)
+
     def paired_tests(self, metric: str = "auc") -> pd.DataFrame:
         """Paired tests between every pair of feature sets on the per-unit ``metric``, Holm-adjusted."""
         from medssl.evaluate.stats import paired_tests
@@ -439,3 +471,222 @@ def probe_frozen_backbone(
     feats = embed_patches(model, patch_set, batch_size=batch_size, **embed_kw)
     return linear_probe(feats, patch_set.labels, patch_set.groups, patch_set.splits, n_splits=n_splits,
                         inner_splits=inner_splits, Cs=Cs, seed=seed)
+
+
+# --------------------------------------------------------------------------- positive control
+
+
+class _ControlCNN(nn.Module):
+    """Three conv blocks (3^3 conv, BatchNorm, ReLU, 2x max-pool), then global mean and max pooling and a linear logit.
+
+    Written here rather than taken from MONAI: its classifiers are deeper than this control
+    needs, and the control must train in seconds on a CPU. Global max pooling lets it find a
+    small target anywhere in the patch; mean pooling, a large one.
+    """
+
+    def __init__(self, in_channels: int, width: int = 8) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for c_out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True),
+                       nn.MaxPool3d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(2 * c_in, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return self.head(torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)).squeeze(1)
+
+
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        out = [torch.sigmoid(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    return torch.cat(out).double().numpy()
+
+
+def supervised_control(
+    train_set: PatchSet,
+    patch_set: PatchSet,
+    select_split: str = "val",
+    score_split: str = "test",
+    max_epochs: int = 15,
+    patience: int = 4,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    width: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> ProbeResult:
+    """The probe's positive control: a small supervised 3D CNN, trained with the labels.
+
+    Fit on ``train_set`` (labelled patches of the *training* subjects, drawn by the same rule as
+    the probe's set); after every epoch its AUC on the ``select_split`` patches of ``patch_set``
+    is measured, training stops after ``patience`` epochs without improvement, and the weights
+    of the best epoch score the ``score_split`` patches **once**, per subject and pooled, on
+    exactly the probe's units (so it joins :meth:`ProbeComparison.with_result` and the paired
+    tests). Inputs are standardised with the training patches' mean and s.d.; each batch is
+    flipped at random along each axis (labels do not depend on orientation). Adam, binary
+    cross-entropy; deterministic for a ``seed`` (torch's global random state is left as it was).
+
+    Returns:
+        :class:`ProbeResult` with ``unit="subject"``, ``folds=[(select_idx, score_idx)]`` (indices
+        into ``patch_set``) and ``info``: ``history`` (epoch, train_loss, select_auc), ``best_epoch``,
+        ``select_auc``, ``n_train``, ``n_select``, ``train_subjects``, ``seconds``.
+    """
+    for name, ps in (("train_set", train_set), ("patch_set", patch_set)):
+        if ps.labels is None:
+            raise ValueError(f"supervised_control: {name} has no labels (draw it with draw_labelled_patch_set)")
+    if patch_set.splits is None:
+        raise ValueError("supervised_control: patch_set records no splits; it needs a selection and a scoring split")
+    if train_set.patch_size_vox != patch_set.patch_size_vox or train_set.patches.shape[1] != patch_set.patches.shape[1]:
+        raise ValueError(f"supervised_control: train patches {train_set.patches.shape[1:]} and probe patches "
+                         f"{patch_set.patches.shape[1:]} differ in shape")
+    sp = patch_set.splits
+    select_idx, score_idx = np.flatnonzero(sp == select_split), np.flatnonzero(sp == score_split)
+    for split, idx in ((select_split, select_idx), (score_split, score_idx)):
+        if idx.size == 0 or len(np.unique(patch_set.labels[idx])) < 2:
+            raise ValueError(f"supervised_control: the {split!r} patches must hold both classes")
+    y_train = np.asarray(train_set.labels).astype(int)
+    if len(np.unique(y_train)) < 2:
+        raise ValueError("supervised_control: the training patches must hold both classes")
+    shared = set(train_set.groups) & set(patch_set.groups[np.r_[select_idx, score_idx]])
+    if shared:
+        raise ValueError(f"supervised_control: subjects {sorted(shared)} are both in the training patches and in the "
+                         f"{select_split!r}/{score_split!r} patches")
+
+    start = time.perf_counter()
+    x_train = torch.as_tensor(np.asarray(train_set.patches, dtype=np.float32))
+    mean = x_train.mean(dim=(0, 2, 3, 4), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+    x_train = (x_train - mean) / std
+    x_sel = (torch.as_tensor(patch_set.patches[select_idx]) - mean) / std
+    t_train = torch.as_tensor(y_train, dtype=torch.float32)
+    y_sel = patch_set.labels[select_idx]
+
+    history, best = [], (-np.inf, 0, None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        model = _ControlCNN(x_train.shape[1], width)
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+        loss_fn = nn.BCEWithLogitsLoss()
+        for epoch in tqdm(range(1, max_epochs + 1), desc="supervised control", disable=not progress, leave=False):
+            model.train()
+            order = torch.randperm(len(x_train), generator=gen)
+            losses = []
+            for i in range(0, len(order), batch_size):
+                b = order[i : i + batch_size]
+                if len(b) < 2:  # BatchNorm needs two samples
+                    continue
+                xb = x_train[b]
+                flips = [d + 2 for d in range(3) if torch.rand(1, generator=gen).item() < 0.5]
+                if flips:
+                    xb = xb.flip(flips)
+                loss = loss_fn(model(xb), t_train[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+            sel_auc = float(roc_auc_score(y_sel, _predict(model, x_sel, 4 * batch_size)))
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "select_auc": sel_auc})
+            if sel_auc > best[0]:
+                best = (sel_auc, epoch, copy.deepcopy(model.state_dict()))
+            elif epoch - best[1] >= patience:
+                break
+        model.load_state_dict(best[2])
+        x_score = (torch.as_tensor(patch_set.patches[score_idx]) - mean) / std
+        prob = _predict(model, x_score, 4 * batch_size)  # the test split, once
+
+    g, y = patch_set.groups, patch_set.labels
+    rows = []
+    for subject in sorted(np.unique(g[score_idx])):
+        sel = g[score_idx] == subject
+        rows.append({"unit": subject, **binary_metrics(y[score_idx][sel], prob[sel]), "C": np.nan,
+                     "n_train": len(x_train), "n_test": int(sel.sum()), "test_groups": subject})
+    preds = pd.DataFrame({"index": score_idx, "unit": g[score_idx], "y": y[score_idx], "prob": prob})
+    info = {"model": f"3D CNN, widths {width}/{2 * width}/{4 * width}, global mean+max pooling",
+            "history": pd.DataFrame(history), "best_epoch": int(best[1]), "select_auc": float(best[0]),
+            "n_train": int(len(x_train)), "n_select": int(select_idx.size),
+            "train_subjects": int(len(np.unique(train_set.groups))), "fit_on": "train subjects",
+            "chosen_on": select_split, "seconds": round(time.perf_counter() - start, 2)}
+    return ProbeResult(per_unit=pd.DataFrame(rows), predictions=preds, folds=[(select_idx, score_idx)],
+                       inner_folds=[[]], unit="subject", pooled=binary_metrics(y[score_idx], prob), info=info)
+
+
+def control_verdict(table: pd.DataFrame, control: str = CONTROL,
+                    position_rows: Sequence[str] = ("position-linear", "position-cubic")) -> str:
+    """In words: can this task be passed (the control's AUC), and can position alone pass it?
+
+    ``table``: :attr:`ProbeComparison.table` (``method, metric, mean, ...``). Thresholds: the
+    control passes at AUC >= 0.9 and sits near chance below 0.7; position alone is harmless
+    at <= 0.65.
+    """
+    auc = table[table["metric"] == "auc"].set_index("method")["mean"]
+    if control not in auc.index or not np.isfinite(auc[control]):
+        return ("No positive control was run: nothing shows that this task can be passed, so a method near "
+                "chance cannot be told from a task nobody could pass.")
+    c = float(auc[control])
+    pos = [(m, float(auc[m])) for m in position_rows if m in auc.index and np.isfinite(auc[m])]
+    pos_best = max(pos, key=lambda t: t[1]) if pos else None
+    if c < 0.7:
+        text = (f"The positive control ({control}, trained with the labels) sits near chance (AUC {c:.3f}): this task "
+                "measures nothing at these settings, and no row of this table says anything about the methods.")
+    elif c < 0.9:
+        text = (f"The positive control ({control}) reaches AUC {c:.3f}, short of 0.9: the task is hard at these "
+                "settings, and differences between methods are bounded by that.")
+    else:
+        text = (f"The task can be passed: the positive control ({control}, trained with the labels) reaches AUC "
+                f"{c:.3f}. A method far below it lacks the information, or a linear read-out of it.")
+    if pos_best is not None:
+        m, v = pos_best
+        text += (f" Position alone ({m}) reaches {v:.3f}" + (": the task is partly positional, so read the method rows "
+                 "against it." if v > 0.65 else ", so position does not explain the task."))
+    return text
+
+
+def share_strata(target_share: np.ndarray, labels: np.ndarray,
+                 edges_pct: Sequence[float] = (0.1, 0.3, 1.0)) -> np.ndarray:
+    """``(N,)`` str: each positive's bin of target share of its patch (in %), ``""`` for negatives.
+
+    ``edges_pct`` split the shares into bins such as ``"< 0.1 %"``, ``"0.1-0.3 %"``, ``"0.3-1 %"``, ``">= 1 %"``.
+    """
+    share_pct = 100.0 * np.asarray(target_share, dtype=np.float64)
+    y = np.asarray(labels).astype(int)
+    edges = [float(e) for e in edges_pct]
+    names = [f"< {edges[0]:g} %"] + [f"{a:g}-{b:g} %" for a, b in zip(edges[:-1], edges[1:])] + [f">= {edges[-1]:g} %"]
+    out = np.asarray(names, dtype=object)[np.searchsorted(edges, share_pct, side="right")]
+    return np.where(y == 1, out, "").astype(str)
+
+
+def auc_by_stratum(results: Mapping[str, ProbeResult] | ProbeComparison, strata: np.ndarray,
+                   order: Sequence[str] | None = None) -> pd.DataFrame:
+    """Pooled AUC of each stratum's positives against all negatives, per feature set, on the scored patches.
+
+    Args:
+        results: ``{name: ProbeResult}`` or a :class:`ProbeComparison` (its results).
+        strata: ``(N,)`` a stratum name per patch of the probe's set (e.g. :func:`share_strata`);
+            negatives' values are ignored.
+        order: the strata in display order (default: sorted by first appearance).
+
+    Returns:
+        long table ``method, stratum, n_positives, n_negatives, auc`` (AUC NaN where a stratum
+        has no scored positive).
+    """
+    res = results.results if isinstance(results, ProbeComparison) else results
+    strata = np.asarray(strata).astype(str)
+    rows = []
+    for name, r in res.items():
+        p = r.predictions
+        idx, y, prob = p["index"].to_numpy(), p["y"].to_numpy().astype(int), p["prob"].to_numpy(dtype=float)
+        neg = y == 0
+        names = order if order is not None else list(dict.fromkeys(strata[idx][y == 1].tolist()))
+        for s in names:
+            pos = (y == 1) & (strata[idx] == s)
+            auc = (float(roc_auc_score(np.r_[np.ones(pos.sum()), np.zeros(neg.sum())], np.r_[prob[pos], prob[neg]]))
+                   if pos.any() and neg.any() else float("nan"))
+            rows.append({"method": name, "stratum": s, "n_positives": int(pos.sum()), "n_negatives": int(neg.sum()),
+                         "auc": auc})
+    return pd.DataFrame(rows)
