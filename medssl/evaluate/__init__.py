@@ -56,6 +56,7 @@ from medssl.evaluate.probe import (
     raw_intensity_features,
     share_strata,
     supervised_control,
+    target_patches,
 )
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 from medssl.evaluate.runs import RANDOM_INIT, load_run_methods, random_init_like
@@ -70,6 +71,7 @@ __all__ = [
     "METRICS", "ProbeComparison", "ProbeResult", "binary_metrics", "grouped_folds", "linear_probe", "linear_probe_cv",
     "position_features", "probe_frozen_backbone", "probe_methods", "raw_intensity_features",
     "CONTROL", "auc_by_stratum", "control_verdict", "share_strata", "supervised_control",
+    "target_patches",
     "dim_variance_fraction", "effective_rank",
     "RANDOM_INIT", "load_run_methods", "random_init_like",
     "holm", "min_wilcoxon_p", "paired_tests", "pvalue_matrix",

@@ -70,6 +70,7 @@ __all__ = [
     "raw_intensity_features",
     "position_features",
     "supervised_control",
+    "target_patches",
     "control_verdict",
     "share_strata",
     "auc_by_stratum",
@@ -477,27 +478,47 @@ def probe_frozen_backbone(
 
 
 class _ControlCNN(nn.Module):
-    """Three conv blocks (3^3 conv, BatchNorm, ReLU, 2x max-pool), then global mean and max pooling and a linear logit.
+    """A small fully convolutional 3D CNN: one logit per cell of 2^3 voxels; a patch's logit is the largest.
 
-    Written here rather than taken from MONAI: its classifiers are deeper than this control
-    needs, and the control must train in seconds on a CPU. Global max pooling lets it find a
-    small target anywhere in the patch; mean pooling, a large one.
+    3^3 convolutions with BatchNorm and ReLU: ``width`` channels at full resolution, then a
+    stride-2 convolution to ``2 * width`` and two more at that resolution (receptive field about
+    19 voxels), and a 1^3 convolution to one logit per cell. Scoring cells lets the target's mask
+    supervise every cell (a segmentation), and the maximum over cells finds a small target
+    anywhere in the patch. Written here rather than taken from MONAI: its networks are deeper
+    than this control needs, and it must train in seconds on a CPU.
     """
+
+    cell_vox = 2
 
     def __init__(self, in_channels: int, width: int = 8) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        for c_out in (width, 2 * width, 4 * width):
-            layers += [nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True),
-                       nn.MaxPool3d(2)]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(2 * c_in, 1)
+
+        def block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(c_out),
+                    nn.ReLU(inplace=True)]
+
+        w = width
+        self.features = nn.Sequential(*block(in_channels, w), *block(w, 2 * w, 2), *block(2 * w, 2 * w),
+                                      *block(2 * w, 2 * w))
+        self.cells = nn.Conv3d(2 * w, 1, 1)
+
+    def cell_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cells(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        return self.head(torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)).squeeze(1)
+        return self.cell_logits(x).amax(dim=(1, 2, 3, 4))
+
+
+def _robust_scaling(patches: np.ndarray, clip: float = 5.0):
+    """``x -> clip((x - median) / IQR, +-clip)`` per channel, fit on ``patches`` (N, C, ...) (every 7th value).
+
+    Robust rather than mean/s.d.: in a body CT most of the spread is air against tissue, and a
+    lesion's 20-60 HU would be a small fraction of one s.d.; median and IQR follow the soft tissue.
+    """
+    q = [np.percentile(patches[:, c].ravel()[::7], [25, 50, 75]) for c in range(patches.shape[1])]
+    med = torch.tensor([v[1] for v in q], dtype=torch.float32).view(1, -1, 1, 1, 1)
+    iqr = torch.tensor([max(v[2] - v[0], 1e-6) for v in q], dtype=torch.float32).view(1, -1, 1, 1, 1)
+    return lambda x: ((torch.as_tensor(np.asarray(x, dtype=np.float32)) - med) / iqr).clamp_(-clip, clip)
 
 
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
@@ -507,14 +528,38 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
     return torch.cat(out).double().numpy()
 
 
+def target_patches(patch_set: PatchSet, volumes: Sequence[Any], target: Any) -> np.ndarray:
+    """``(N, 1, *S)`` uint8: the target's mask (:func:`medssl.sampling.sets.target_mask`) in each patch's box.
+
+    What :func:`supervised_control` learns *where* from; ``volumes`` must hold every case of the set.
+    """
+    from medssl.sampling.patches import extract_patches
+    from medssl.sampling.sets import target_mask
+
+    by_id = {str(v.case_id): v for v in volumes}
+    missing = sorted(set(patch_set.case_ids.tolist()) - set(by_id))
+    if missing:
+        raise ValueError(f"target_patches needs the volumes of cases {missing}")
+    out = np.zeros((len(patch_set), 1, *patch_set.patch_size_vox), dtype=np.uint8)
+    for case in dict.fromkeys(patch_set.case_ids.tolist()):
+        rows = np.flatnonzero(patch_set.case_ids == case)
+        mask = target(by_id[case]) if callable(target) else target_mask(by_id[case], target)
+        cut = extract_patches(np.asarray(mask, np.float32)[None], patch_set.centres_vox[rows], patch_set.patch_size_vox)
+        out[rows] = cut > 0.5
+    return out
+
+
 def supervised_control(
     train_set: PatchSet,
     patch_set: PatchSet,
+    train_masks: np.ndarray | None = None,
     select_split: str = "val",
     score_split: str = "test",
-    max_epochs: int = 15,
-    patience: int = 4,
-    batch_size: int = 32,
+    max_epochs: int = 10,
+    steps_per_epoch: int = 40,
+    patience: int = 3,
+    batch_size: int = 16,
+    crop_vox: int = 16,
     lr: float = 3e-3,
     width: int = 8,
     seed: int = 0,
@@ -523,18 +568,27 @@ def supervised_control(
     """The probe's positive control: a small supervised 3D CNN, trained with the labels.
 
     Fit on ``train_set`` (labelled patches of the *training* subjects, drawn by the same rule as
-    the probe's set); after every epoch its AUC on the ``select_split`` patches of ``patch_set``
-    is measured, training stops after ``patience`` epochs without improvement, and the weights
-    of the best epoch score the ``score_split`` patches **once**, per subject and pooled, on
-    exactly the probe's units (so it joins :meth:`ProbeComparison.with_result` and the paired
-    tests). Inputs are standardised with the training patches' mean and s.d.; each batch is
-    flipped at random along each axis (labels do not depend on orientation). Adam, binary
+    the probe's set). With ``train_masks`` (``(N, 1, *S)``, the target's voxels in each training
+    patch, :func:`target_patches`) it is trained as a segmentation: on random ``crop_vox`` crops
+    (half of them from positive patches, holding a target voxel), every 2^3 cell of its output is
+    supervised by whether it holds target voxels, and the crop's label by the maximum over cells.
+    A patch label alone says *that* a lesion is there, the mask says *where*, which a small network
+    learns from a few hundred patches in seconds. Without masks it learns from the patch labels
+    only (the maximum over the whole patch's cells).
+
+    An epoch is ``steps_per_epoch`` batches; after each, the AUC on the ``select_split`` patches of
+    ``patch_set`` (whole patches, the maximum over cells) is measured, training stops after
+    ``patience`` epochs without improvement, and the weights of the best epoch score the
+    ``score_split`` patches **once**, per subject and pooled, on exactly the probe's units (so it
+    joins :meth:`ProbeComparison.with_result` and the paired tests). Inputs are scaled robustly
+    with the training patches' median and IQR and clipped (:func:`_robust_scaling`); each batch
+    is flipped at random along each axis (labels do not depend on orientation). Adam, binary
     cross-entropy; deterministic for a ``seed`` (torch's global random state is left as it was).
 
     Returns:
         :class:`ProbeResult` with ``unit="subject"``, ``folds=[(select_idx, score_idx)]`` (indices
         into ``patch_set``) and ``info``: ``history`` (epoch, train_loss, select_auc), ``best_epoch``,
-        ``select_auc``, ``n_train``, ``n_select``, ``train_subjects``, ``seconds``.
+        ``select_auc``, ``n_train``, ``n_select``, ``train_subjects``, ``supervision``, ``seconds``.
     """
     for name, ps in (("train_set", train_set), ("patch_set", patch_set)):
         if ps.labels is None:
@@ -544,6 +598,9 @@ def supervised_control(
     if train_set.patch_size_vox != patch_set.patch_size_vox or train_set.patches.shape[1] != patch_set.patches.shape[1]:
         raise ValueError(f"supervised_control: train patches {train_set.patches.shape[1:]} and probe patches "
                          f"{patch_set.patches.shape[1:]} differ in shape")
+    if train_masks is not None and tuple(np.shape(train_masks)) != (len(train_set), 1, *train_set.patch_size_vox):
+        raise ValueError(f"supervised_control: train_masks must be {(len(train_set), 1, *train_set.patch_size_vox)}, "
+                         f"got {np.shape(train_masks)}")
     sp = patch_set.splits
     select_idx, score_idx = np.flatnonzero(sp == select_split), np.flatnonzero(sp == score_split)
     for split, idx in ((select_split, select_idx), (score_split, score_idx)):
@@ -558,34 +615,30 @@ def supervised_control(
                          f"{select_split!r}/{score_split!r} patches")
 
     start = time.perf_counter()
-    x_train = torch.as_tensor(np.asarray(train_set.patches, dtype=np.float32))
-    mean = x_train.mean(dim=(0, 2, 3, 4), keepdim=True)
-    std = x_train.std(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-6)
-    x_train = (x_train - mean) / std
-    x_sel = (torch.as_tensor(patch_set.patches[select_idx]) - mean) / std
-    t_train = torch.as_tensor(y_train, dtype=torch.float32)
+    train_np = np.asarray(train_set.patches, dtype=np.float32)
+    scale = _robust_scaling(train_np)
+    x_train = scale(train_np)
+    x_sel = scale(patch_set.patches[select_idx])
     y_sel = patch_set.labels[select_idx]
+    masks = None if train_masks is None else torch.as_tensor(np.asarray(train_masks) > 0)
+    crop = min(int(crop_vox), *train_set.patch_size_vox) if masks is not None else None
 
     history, best = [], (-np.inf, 0, None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
         model = _ControlCNN(x_train.shape[1], width)
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-        loss_fn = nn.BCEWithLogitsLoss()
+        sampler = _BatchSampler(x_train, y_train, masks, crop, batch_size, model.cell_vox, rng)
         for epoch in tqdm(range(1, max_epochs + 1), desc="supervised control", disable=not progress, leave=False):
             model.train()
-            order = torch.randperm(len(x_train), generator=gen)
             losses = []
-            for i in range(0, len(order), batch_size):
-                b = order[i : i + batch_size]
-                if len(b) < 2:  # BatchNorm needs two samples
-                    continue
-                xb = x_train[b]
-                flips = [d + 2 for d in range(3) if torch.rand(1, generator=gen).item() < 0.5]
-                if flips:
-                    xb = xb.flip(flips)
-                loss = loss_fn(model(xb), t_train[b])
+            for _ in range(steps_per_epoch):
+                xb, yb, cb, pos_weight = sampler.batch()
+                logits = model.cell_logits(xb)
+                loss = nn.functional.binary_cross_entropy_with_logits(logits.amax(dim=(1, 2, 3, 4)), yb)
+                if cb is not None:
+                    loss = loss + nn.functional.binary_cross_entropy_with_logits(logits, cb, pos_weight=pos_weight)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -597,8 +650,7 @@ def supervised_control(
             elif epoch - best[1] >= patience:
                 break
         model.load_state_dict(best[2])
-        x_score = (torch.as_tensor(patch_set.patches[score_idx]) - mean) / std
-        prob = _predict(model, x_score, 4 * batch_size)  # the test split, once
+        prob = _predict(model, scale(patch_set.patches[score_idx]), 4 * batch_size)  # the test split, once
 
     g, y = patch_set.groups, patch_set.labels
     rows = []
@@ -607,13 +659,63 @@ def supervised_control(
         rows.append({"unit": subject, **binary_metrics(y[score_idx][sel], prob[sel]), "C": np.nan,
                      "n_train": len(x_train), "n_test": int(sel.sum()), "test_groups": subject})
     preds = pd.DataFrame({"index": score_idx, "unit": g[score_idx], "y": y[score_idx], "prob": prob})
-    info = {"model": f"3D CNN, widths {width}/{2 * width}/{4 * width}, global mean+max pooling",
+    info = {"model": f"fully convolutional 3D CNN, widths {width}/{2 * width}, a logit per 2^3 voxels, max over the patch",
+            "supervision": (f"target masks on {crop}^3 crops and patch labels" if masks is not None
+                            else "patch labels"),
             "history": pd.DataFrame(history), "best_epoch": int(best[1]), "select_auc": float(best[0]),
+            "steps": int(len(history) * steps_per_epoch), "batch_size": int(batch_size),
             "n_train": int(len(x_train)), "n_select": int(select_idx.size),
             "train_subjects": int(len(np.unique(train_set.groups))), "fit_on": "train subjects",
             "chosen_on": select_split, "seconds": round(time.perf_counter() - start, 2)}
     return ProbeResult(per_unit=pd.DataFrame(rows), predictions=preds, folds=[(select_idx, score_idx)],
                        inner_folds=[[]], unit="subject", pooled=binary_metrics(y[score_idx], prob), info=info)
+
+
+class _BatchSampler:
+    """Training batches for :func:`supervised_control`: balanced classes, random flips, crops around the target.
+
+    With masks: half of each batch from positive patches, each cropped to ``crop`` voxels around
+    one of its target voxels (a random position of the crop that holds it), the other half from
+    negative patches at a random position; returns the cells' targets (max-pooled mask) and the
+    positive weight that balances target cells against the others in the batch. Without masks:
+    whole patches, half of each class.
+    """
+
+    def __init__(self, x, y, masks, crop, batch_size, cell_vox, rng) -> None:
+        self.x, self.y, self.masks, self.crop, self.bs, self.cell, self.rng = x, y, masks, crop, batch_size, cell_vox, rng
+        self.pos, self.neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+        self.size = np.asarray(x.shape[2:])
+        if masks is not None:
+            self.target_vox = {int(i): np.argwhere(masks[i, 0].numpy()) for i in self.pos}
+
+    def batch(self):
+        half = self.bs // 2
+        rows = np.r_[self.rng.choice(self.pos, half), self.rng.choice(self.neg, self.bs - half)]
+        flips = [d + 2 for d in range(3) if self.rng.random() < 0.5]
+        if self.masks is None:
+            xb = self.x[rows]
+            yb = torch.as_tensor(self.y[rows], dtype=torch.float32)
+            return (xb.flip(flips) if flips else xb), yb, None, None
+        c = self.crop
+        xs, ms = [], []
+        for r in rows:
+            if self.y[r] == 1:
+                v = self.target_vox[int(r)][self.rng.integers(len(self.target_vox[int(r)]))]
+                lo, hi = np.maximum(v - c + 1, 0), np.minimum(v, self.size - c)
+            else:
+                lo, hi = np.zeros(3, int), self.size - c
+            o = lo + (self.rng.random(3) * (hi - lo + 1)).astype(int)
+            box = tuple(slice(int(a), int(a) + c) for a in o)
+            xs.append(self.x[(int(r), slice(None), *box)])
+            ms.append(self.masks[(int(r), slice(None), *box)])
+        xb, mb = torch.stack(xs), torch.stack(ms).float()
+        if flips:
+            xb, mb = xb.flip(flips), mb.flip(flips)
+        cells = nn.functional.max_pool3d(mb, self.cell)
+        yb = (cells.amax(dim=(1, 2, 3, 4)) > 0).float()
+        frac = float(cells.mean())
+        pos_weight = torch.tensor(min((1 - frac) / max(frac, 1e-6), 50.0))
+        return xb, yb, cells, pos_weight
 
 
 def control_verdict(table: pd.DataFrame, control: str = CONTROL,

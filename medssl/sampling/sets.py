@@ -23,8 +23,9 @@ These are the patch-drawing rules of the evaluation protocols (design/evaluation
   * ``"corresponding"``: the point corresponding to a positive's centre in another
     subject (through a known correspondence, e.g. the demo cohort's stored
     deformations; moved inwards to fit near the border), where that subject has no
-    target voxel in the box. Sparse targets placed at random (the demo's lesions) then
-    carry no positional signal.
+    target voxel in the box, assigned so that every subject has as many negatives as
+    positives. Sparse targets placed at random (the demo's lesions) then carry no
+    positional signal, and no subject's own look (noise, calibration) tells the label.
   * ``"same_structure"``: a centre in the same labelled structure (organ id of the
     label map at the positive's centre) of the same subject, box free of target.
   * ``"nearby"``: the target-free boxes closest to each positive, within ``shell_mm``
@@ -274,20 +275,25 @@ def draw_labelled_centres(
     counts = np.full(len(usable), n_per_class // len(usable))
     counts[rng.permutation(len(usable))[: n_per_class % len(usable)]] += 1
 
-    pos_index, pos_centres = [], []
+    pos_index, pos_centres, pos_anchors = [], [], []  # anchor: the target voxel a centred box is centred on
     for k, n in zip(usable, counts):
         if pos_rule == "centred":
             picks = _centred_positive_centres(masks[k], eligible[k], int(n), rng)
+            pos_anchors.append(picks)
             pos_centres.append(np.stack(_clamp_to_window(tuple(picks.T), masks[k].shape, size), axis=1))
-        elif need > 1:
-            pos_centres.append(np.argwhere(eligible[k])[rng.integers(0, int(np.count_nonzero(eligible[k])), int(n))])
         else:
-            pos_centres.append(_positive_centres(masks[k], size, int(n), rng))
+            if need > 1:
+                got = np.argwhere(eligible[k])[rng.integers(0, int(np.count_nonzero(eligible[k])), int(n))]
+            else:
+                got = _positive_centres(masks[k], size, int(n), rng)
+            pos_centres.append(got)
+            pos_anchors.append(got)
         pos_index.append(np.full(int(n), k, np.int64))
     pos_index_a, pos_centres_a = np.concatenate(pos_index), np.concatenate(pos_centres).astype(np.int64)
     negative_ok = {k: _negative_candidates(vols[k], masks[k], size, box_counts[k]) for k in usable}
     drawer = _NegativeDrawer(vols, usable, negative_ok, masks, size, rng, shell_mm, correspondence)
-    neg_index, neg_centres, fallbacks = drawer.draw(rule, pos_index_a, pos_centres_a)
+    neg_index, neg_centres, fallbacks = drawer.draw(rule, pos_index_a, pos_centres_a,
+                                                    np.concatenate(pos_anchors).astype(np.int64))
 
     volume = float(np.prod(size))
     pos_share = np.asarray([box_counts[k][tuple(c)] for k, c in zip(pos_index_a, pos_centres_a)], np.float64) / volume
@@ -388,9 +394,12 @@ class _NegativeDrawer:
         self.vols, self.usable, self.ok, self.masks = vols, usable, negative_ok, masks
         self.size, self.rng, self.shell_mm, self.correspondence = size, rng, float(shell_mm), correspondence
 
-    def draw(self, rule: str, pos_index: np.ndarray, pos_centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def draw(self, rule: str, pos_index: np.ndarray, pos_centres: np.ndarray,
+             pos_anchors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Negatives for the positives at ``pos_centres``; ``pos_anchors``: the target voxels they were centred on
+        (mapped by ``"corresponding"`` and then moved inwards like the positives, so both sides move alike)."""
         if rule == "corresponding":
-            return self._corresponding(pos_index, pos_centres)
+            return self._corresponding(pos_index, pos_centres, pos_centres if pos_anchors is None else pos_anchors)
         index, centres, fallbacks = [], [], 0
         for k in self.usable:
             rows = np.flatnonzero(pos_index == k)
@@ -447,21 +456,47 @@ class _NegativeDrawer:
         d = np.linalg.norm(vox_to_world(v.affine, ijk) - vox_to_world(v.affine, centre[None])[0], axis=1)
         return self._pick(flat[d <= d.min() + self.shell_mm], ok.shape)
 
-    def _corresponding(self, pos_index: np.ndarray, pos_centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """For each positive, the corresponding centre in the subject with the largest negative deficit where it is valid."""
-        deficit = {k: int(np.sum(pos_index == k)) for k in self.usable}
-        mapped = self._map_positives(pos_index, pos_centres)  # (row, b) -> centre voxel in b or None
+    def _corresponding(self, pos_index: np.ndarray, pos_centres: np.ndarray,
+                       pos_anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """For each positive, the point corresponding to its anchor in another subject where it is valid (moved
+        inwards to fit), assigned so that **every subject gets exactly as many negatives as it has positives**.
+
+        The assignment is a transportation problem (rows: positives, columns: subjects; each subject's
+        column sums to its positive count), solved exactly with scipy's ``milp`` (HiGHS): a subject
+        whose patches were over-represented in one class would let its noise level or intensity
+        calibration predict the label. A positive gets the nearest target-free box in its own subject
+        only where no assignment can do without it (counted in ``fallbacks``). Small random costs
+        break ties, so the choice among valid subjects is random for a seed.
+        """
+        mapped = self._map_positives(pos_index, pos_anchors)  # (row, b) -> centre voxel in b or None
+        n_rows = len(pos_index)
+        subjects = list(self.usable)
+        column = {b: j for j, b in enumerate(subjects)}
+        pairs = [(r, b) for (r, b), c in mapped.items() if c is not None]
+        pairs += [(r, int(pos_index[r])) for r in range(n_rows)]  # the fallback: the subject's own nearest free box
+        fallback = np.r_[np.zeros(len(pairs) - n_rows), np.ones(n_rows)]
+        cost = 1000.0 * fallback + self.rng.random(len(pairs))
+        rows_of = np.asarray([r for r, _ in pairs])
+        cols_of = np.asarray([column[b] for _, b in pairs])
+        quota = np.asarray([np.sum(pos_index == b) for b in subjects], dtype=np.float64)
+        from scipy.optimize import Bounds, LinearConstraint, milp
+        from scipy.sparse import coo_matrix
+
+        one_each = coo_matrix((np.ones(len(pairs)), (rows_of, np.arange(len(pairs)))), shape=(n_rows, len(pairs)))
+        per_subject = coo_matrix((np.ones(len(pairs)), (cols_of, np.arange(len(pairs)))), shape=(len(subjects), len(pairs)))
+        res = milp(cost, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(per_subject, quota, quota)])
+        if res.x is None:  # cannot happen: every positive may fall back to its own subject
+            raise RuntimeError(f"assigning position-matched negatives failed: {res.message}")
+        chosen = np.flatnonzero(res.x > 0.5)
         index, centres, fallbacks = [], [], 0
-        for row in self.rng.permutation(len(pos_index)):
-            a = int(pos_index[row])
-            others = [b for b in self.usable if b != a]
-            order = sorted(others, key=lambda b: (-deficit[b], self.rng.random()))
-            hit = next(((b, mapped[(row, b)]) for b in order if mapped.get((row, b)) is not None), None)
-            if hit is None:  # no subject has a target-free box there: the nearest free box in the same subject
+        for t in chosen[np.argsort(rows_of[chosen], kind="stable")]:
+            r, b = pairs[t]
+            if fallback[t]:
                 fallbacks += 1
-                hit = (a, self._nearby(a, pos_centres[row]))
-            b, c = hit
-            deficit[b] -= 1
+                c = self._nearby(b, pos_centres[r])
+            else:
+                c = mapped[(r, b)]
             index.append(b)
             centres.append(c)
         return np.asarray(index, np.int64), np.asarray(centres, np.int64).reshape(-1, 3), fallbacks

@@ -55,7 +55,7 @@ def build_demo_cohort(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     spacing_mm: float = 3.0,
-    lesions_per_subject: tuple[int, int] = (1, 3),
+    lesions_per_subject: tuple[int, int] = (2, 4),
     *,
     examples_dir: str | os.PathLike | None = None,
     n_workers: int | None = None,

@@ -34,7 +34,7 @@ class CohortConfig:
     split_counts: tuple[int, int, int] = (32, 8, 8)
     seed: int = 0
     spacing_mm: float = 3.0
-    lesions_per_subject: tuple[int, int] = (1, 3)
+    lesions_per_subject: tuple[int, int] = (2, 4)
     rotation_deg: float = 10.0
     scaling: float = 0.10
     translation_mm: float = 10.0
@@ -46,7 +46,7 @@ class CohortConfig:
     lesion_diameter_mm: tuple[float, float] = (10.0, 30.0)
     lesion_axis_ratio: float = 0.2
     lesion_organs: tuple[str, ...] = ("liver", "spleen", "kidney_left", "kidney_right")
-    lesion_organ_weights: tuple[float, ...] = (0.6, 0.2, 0.1, 0.1)
+    lesion_organ_weights: tuple[float, ...] = (0.7, 0.2, 0.05, 0.05)
     lesion_hypo_delta_hu: tuple[float, float] = (-60.0, -20.0)
     lesion_hyper_delta_hu: tuple[float, float] = (20.0, 40.0)
     liver_hyperdense_share: float = 0.2
