@@ -73,6 +73,8 @@ __all__ = [
     "target_patches",
     "control_verdict",
     "share_strata",
+    "share_bin_names",
+    "dominant_instance",
     "auc_by_stratum",
 ]
 
@@ -490,7 +492,7 @@ class _ControlCNN(nn.Module):
 
     cell_vox = 2
 
-    def __init__(self, in_channels: int, width: int = 8) -> None:
+    def __init__(self, in_channels: int, width: int = 6) -> None:
         super().__init__()
 
         def block(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -555,13 +557,13 @@ def supervised_control(
     train_masks: np.ndarray | None = None,
     select_split: str = "val",
     score_split: str = "test",
-    max_epochs: int = 10,
+    max_epochs: int = 6,
     steps_per_epoch: int = 40,
     patience: int = 3,
     batch_size: int = 16,
     crop_vox: int = 16,
     lr: float = 3e-3,
-    width: int = 8,
+    width: int = 6,
     seed: int = 0,
     progress: bool = False,
 ) -> ProbeResult:
@@ -582,8 +584,9 @@ def supervised_control(
     ``score_split`` patches **once**, per subject and pooled, on exactly the probe's units (so it
     joins :meth:`ProbeComparison.with_result` and the paired tests). Inputs are scaled robustly
     with the training patches' median and IQR and clipped (:func:`_robust_scaling`); each batch
-    is flipped at random along each axis (labels do not depend on orientation). Adam, binary
-    cross-entropy; deterministic for a ``seed`` (torch's global random state is left as it was).
+    is flipped at random along each axis (labels do not depend on orientation). Adam with a cosine
+    decay of the learning rate over ``max_epochs``, binary cross-entropy; deterministic for a
+    ``seed`` (torch's global random state is left as it was).
 
     Returns:
         :class:`ProbeResult` with ``unit="subject"``, ``folds=[(select_idx, score_idx)]`` (indices
@@ -629,6 +632,7 @@ def supervised_control(
         rng = np.random.default_rng(seed)
         model = _ControlCNN(x_train.shape[1], width)
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs * steps_per_epoch)
         sampler = _BatchSampler(x_train, y_train, masks, crop, batch_size, model.cell_vox, rng)
         for epoch in tqdm(range(1, max_epochs + 1), desc="supervised control", disable=not progress, leave=False):
             model.train()
@@ -642,6 +646,7 @@ def supervised_control(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
                 losses.append(float(loss))
             sel_auc = float(roc_auc_score(y_sel, _predict(model, x_sel, 4 * batch_size)))
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "select_auc": sel_auc})
@@ -749,18 +754,35 @@ def control_verdict(table: pd.DataFrame, control: str = CONTROL,
     return text
 
 
+def share_bin_names(edges_pct: Sequence[float] = (0.1, 0.3, 1.0)) -> list[str]:
+    """The names of the share bins cut at ``edges_pct``, in order: ``"< 0.1 %"``, ``"0.1-0.3 %"``, ..., ``">= 1 %"``."""
+    edges = [float(e) for e in edges_pct]
+    if not edges or any(b <= a for a, b in zip(edges[:-1], edges[1:])):
+        raise ValueError(f"edges_pct must be increasing and non-empty, got {list(edges_pct)}")
+    return [f"< {edges[0]:g} %"] + [f"{a:g}-{b:g} %" for a, b in zip(edges[:-1], edges[1:])] + [f">= {edges[-1]:g} %"]
+
+
 def share_strata(target_share: np.ndarray, labels: np.ndarray,
                  edges_pct: Sequence[float] = (0.1, 0.3, 1.0)) -> np.ndarray:
-    """``(N,)`` str: each positive's bin of target share of its patch (in %), ``""`` for negatives.
-
-    ``edges_pct`` split the shares into bins such as ``"< 0.1 %"``, ``"0.1-0.3 %"``, ``"0.3-1 %"``, ``">= 1 %"``.
-    """
+    """``(N,)`` str: each positive's bin of target share of its patch (in %, :func:`share_bin_names`), ``""`` for
+    negatives."""
     share_pct = 100.0 * np.asarray(target_share, dtype=np.float64)
     y = np.asarray(labels).astype(int)
-    edges = [float(e) for e in edges_pct]
-    names = [f"< {edges[0]:g} %"] + [f"{a:g}-{b:g} %" for a, b in zip(edges[:-1], edges[1:])] + [f">= {edges[-1]:g} %"]
-    out = np.asarray(names, dtype=object)[np.searchsorted(edges, share_pct, side="right")]
+    names = share_bin_names(edges_pct)
+    out = np.asarray(names, dtype=object)[np.searchsorted([float(e) for e in edges_pct], share_pct, side="right")]
     return np.where(y == 1, out, "").astype(str)
+
+
+def dominant_instance(patch_set: PatchSet, volumes: Sequence[Any], aux: str = "lesion") -> np.ndarray:
+    """``(N,)`` int64: the instance id (value of the ``aux`` map, e.g. a lesion id) with the most voxels in each
+    patch's box; 0 where the box holds none. Lets the notebook stratify positives by what their lesion is."""
+    by_id = {str(v.case_id): v for v in volumes}
+    out = np.zeros(len(patch_set), np.int64)
+    for i, (case, box) in enumerate(zip(patch_set.case_ids, patch_set.boxes_vox)):
+        m = np.asarray(by_id[case].aux[aux])[box[0] : box[3], box[1] : box[4], box[2] : box[5]]
+        ids, counts = np.unique(m[m > 0], return_counts=True)
+        out[i] = int(ids[np.argmax(counts)]) if ids.size else 0
+    return out
 
 
 def auc_by_stratum(results: Mapping[str, ProbeResult] | ProbeComparison, strata: np.ndarray,

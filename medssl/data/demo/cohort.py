@@ -269,6 +269,14 @@ class DemoCohort:
                 return s
         raise KeyError(f"{case_id!r} is not a synthetic subject of {self.root}")
 
+    def lesion_table(self) -> pd.DataFrame:
+        """One row per synthetic lesion: ``case_id, split, id, organ, kind, diameters_mm, delta_hu, cyst_hu,
+        contrast_hu, voxels, volume_ml`` (as recorded when the cohort was built)."""
+        rows = [{"case_id": s["case_id"], "split": s["split"], **r} for s in self.info["subjects"] for r in s["lesions"]]
+        cols = ["case_id", "split", "id", "organ", "kind", "diameters_mm", "delta_hu", "cyst_hu", "surround_hu",
+                "contrast_hu", "voxels", "volume_ml"]
+        return pd.DataFrame(rows).reindex(columns=cols)
+
     def deformation(self, case_id: str) -> SubjectDeformation:
         """The subject's ``T``; the template case ``totalseg-ct`` has the identity."""
         if case_id not in self._deformations:
