@@ -511,16 +511,23 @@ class _ControlCNN(nn.Module):
         return self.cell_logits(x).amax(dim=(1, 2, 3, 4))
 
 
-def _robust_scaling(patches: np.ndarray, clip: float = 5.0):
-    """``x -> clip((x - median) / IQR, +-clip)`` per channel, fit on ``patches`` (N, C, ...) (every 7th value).
+class _RobustScaling:
+    """``x -> clip((x - median) / IQR, +-clip)`` per channel, fit on ``patches`` (N, C, ...) (every 7th value),
+    then averaged down ``factor`` times per axis.
 
     Robust rather than mean/s.d.: in a body CT most of the spread is air against tissue, and a
     lesion's 20-60 HU would be a small fraction of one s.d.; median and IQR follow the soft tissue.
     """
-    q = [np.percentile(patches[:, c].ravel()[::7], [25, 50, 75]) for c in range(patches.shape[1])]
-    med = torch.tensor([v[1] for v in q], dtype=torch.float32).view(1, -1, 1, 1, 1)
-    iqr = torch.tensor([max(v[2] - v[0], 1e-6) for v in q], dtype=torch.float32).view(1, -1, 1, 1, 1)
-    return lambda x: ((torch.as_tensor(np.asarray(x, dtype=np.float32)) - med) / iqr).clamp_(-clip, clip)
+
+    def __init__(self, patches: np.ndarray, factor: int = 1, clip: float = 5.0) -> None:
+        q = [np.percentile(patches[:, c].ravel()[::7], [25, 50, 75]) for c in range(patches.shape[1])]
+        self.med = torch.tensor([v[1] for v in q], dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.iqr = torch.tensor([max(v[2] - v[0], 1e-6) for v in q], dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.factor, self.clip = int(factor), float(clip)
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        t = ((torch.as_tensor(np.asarray(x, dtype=np.float32)) - self.med) / self.iqr).clamp_(-self.clip, self.clip)
+        return nn.functional.avg_pool3d(t, self.factor, ceil_mode=True) if self.factor > 1 else t
 
 
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
@@ -562,6 +569,7 @@ def supervised_control(
     patience: int = 3,
     batch_size: int = 16,
     crop_vox: int = 16,
+    max_input_vox: int = 16,
     lr: float = 3e-3,
     width: int = 6,
     seed: int = 0,
@@ -576,14 +584,16 @@ def supervised_control(
     supervised by whether it holds target voxels, and the crop's label by the maximum over cells.
     A patch label alone says *that* a lesion is there, the mask says *where*, which a small network
     learns from a few hundred patches in seconds. Without masks it learns from the patch labels
-    only (the maximum over the whole patch's cells).
+    only (the maximum over the whole patch's cells). Patches larger than ``max_input_vox`` are
+    averaged down by the smallest integer factor that fits (a 32^3 organ patch is seen at 16^3,
+    its mask max-pooled), which keeps the control's cost the same for every task.
 
     An epoch is ``steps_per_epoch`` batches; after each, the AUC on the ``select_split`` patches of
     ``patch_set`` (whole patches, the maximum over cells) is measured, training stops after
     ``patience`` epochs without improvement, and the weights of the best epoch score the
     ``score_split`` patches **once**, per subject and pooled, on exactly the probe's units (so it
     joins :meth:`ProbeComparison.with_result` and the paired tests). Inputs are scaled robustly
-    with the training patches' median and IQR and clipped (:func:`_robust_scaling`); each batch
+    with the training patches' median and IQR and clipped (:class:`_RobustScaling`); each batch
     is flipped at random along each axis (labels do not depend on orientation). Adam with a cosine
     decay of the learning rate over ``max_epochs``, binary cross-entropy; deterministic for a
     ``seed`` (torch's global random state is left as it was).
@@ -619,12 +629,16 @@ def supervised_control(
 
     start = time.perf_counter()
     train_np = np.asarray(train_set.patches, dtype=np.float32)
-    scale = _robust_scaling(train_np)
+    factor = max(1, int(np.ceil(max(train_set.patch_size_vox) / max_input_vox)))
+    scale = _RobustScaling(train_np, factor)
     x_train = scale(train_np)
     x_sel = scale(patch_set.patches[select_idx])
     y_sel = patch_set.labels[select_idx]
-    masks = None if train_masks is None else torch.as_tensor(np.asarray(train_masks) > 0)
-    crop = min(int(crop_vox), *train_set.patch_size_vox) if masks is not None else None
+    masks = None
+    if train_masks is not None:  # a block holds the target if any of its voxels does
+        masks = torch.as_tensor(np.asarray(train_masks, dtype=np.float32))
+        masks = (nn.functional.max_pool3d(masks, factor, ceil_mode=True) if factor > 1 else masks) > 0
+    crop = min(int(crop_vox), *x_train.shape[2:]) if masks is not None else None
 
     history, best = [], (-np.inf, 0, None)
     with torch.random.fork_rng(devices=[]):
@@ -664,7 +678,8 @@ def supervised_control(
         rows.append({"unit": subject, **binary_metrics(y[score_idx][sel], prob[sel]), "C": np.nan,
                      "n_train": len(x_train), "n_test": int(sel.sum()), "test_groups": subject})
     preds = pd.DataFrame({"index": score_idx, "unit": g[score_idx], "y": y[score_idx], "prob": prob})
-    info = {"model": f"fully convolutional 3D CNN, widths {width}/{2 * width}, a logit per 2^3 voxels, max over the patch",
+    info = {"model": (f"fully convolutional 3D CNN, widths {width}/{2 * width}, a logit per 2^3 voxels, max over the patch"
+                      + (f"; input averaged {factor}x per axis" if factor > 1 else "")),
             "supervision": (f"target masks on {crop}^3 crops and patch labels" if masks is not None
                             else "patch labels"),
             "history": pd.DataFrame(history), "best_epoch": int(best[1]), "select_auc": float(best[0]),

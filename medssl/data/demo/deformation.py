@@ -71,6 +71,37 @@ class SubjectDeformation:
             object.__setattr__(self, "_coeffs", cached)  # a cache, not a field: frozen dataclass
         return cached
 
+    def on_grid(self, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+        """``T`` at every voxel centre of a grid (``affine``: voxel -> world mm), ``(N, 3)`` in C order.
+
+        Equal to ``self(world centres)`` (to 1e-9 mm; tested). Where the grid's axes are the world
+        axes (a diagonal ``affine``, as for every demo subject) ``u`` is evaluated as a tensor
+        product of 1D cubic B-spline weights on the same coefficients ``map_coordinates`` uses,
+        which is far cheaper than interpolating a million points one by one; any other grid takes
+        the general path.
+        """
+        shape = tuple(int(n) for n in shape)
+        affine = np.asarray(affine, np.float64)
+        m = affine[:3, :3]
+        if not np.allclose(m, np.diag(np.diag(m))):
+            ijk = np.indices(shape, dtype=np.float64).reshape(3, -1)
+            return self((m @ ijk + affine[:3, 3:4]).T)
+        axes_mm = [affine[d, d] * np.arange(n) + affine[d, 3] for d, n in enumerate(shape)]  # world mm per voxel axis
+        coeffs = self._spline_coefficients()
+        weights = [_bspline_weights((a - self.grid_origin_mm[d]) / self.grid_spacing_mm[d] + _PAD, coeffs[0].shape[d])
+                   for d, a in enumerate(axes_mm)]  # fmt: skip
+        along = [np.reshape(a - self.centre_mm[d], [-1 if k == d else 1 for k in range(3)]) for d, a in enumerate(axes_mm)]
+        out = np.empty((*shape, 3))
+        for c, coeff in enumerate(coeffs):
+            u = np.tensordot(weights[0], coeff, axes=(1, 0))  # (X, Gy, Gz)
+            u = np.tensordot(u, weights[1], axes=(1, 1))  # (X, Gz, Y)
+            u = np.tensordot(u, weights[2], axes=(1, 1))  # (X, Y, Z)
+            u += self.centre_mm[c] + self.translation_mm[c]
+            for d in range(3):  # the affine part, one axis at a time
+                u += self.matrix[c, d] * along[d]
+            out[..., c] = u
+        return out.reshape(-1, 3)
+
     def __call__(self, points_mm: np.ndarray) -> np.ndarray:
         """``T(x)``: subject world mm (N, 3) -> template world mm (N, 3)."""
         p = _as_points(points_mm)
@@ -106,6 +137,25 @@ class SubjectDeformation:
 
 
 _PAD = 12  # control points of edge padding before the spline filter (what scipy pads for mode "nearest")
+
+
+def _bspline_weights(coords: np.ndarray, n_coeff: int) -> np.ndarray:
+    """``(len(coords), n_coeff)``: cubic B-spline weights of each coefficient at each coordinate (coefficient units).
+
+    The weights ``map_coordinates(order=3)`` applies to prefiltered coefficients: the 4 knots from
+    ``floor(x) - 1``, ``beta3(x - k)``; coordinates lie inside the padded grid, so no boundary rule applies.
+    """
+    x = np.asarray(coords, np.float64)
+    out = np.zeros((len(x), n_coeff))
+    start = np.floor(x).astype(np.int64) - 1
+    rows = np.arange(len(x))
+    for j in range(4):
+        k = start + j
+        t = np.abs(x - k)
+        w = np.where(t < 1, 2 / 3 - t**2 + t**3 / 2, np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
+        ok = (k >= 0) & (k < n_coeff)
+        out[rows[ok], k[ok]] = w[ok]
+    return out
 
 
 def _as_points(points_mm: Any) -> np.ndarray:

@@ -203,7 +203,7 @@ def _synthesize_subject(job: dict) -> dict:
     centre_mm = t["affine"][:3, :3] @ ((np.asarray(t["ct"].shape) - 1) / 2) + t["affine"][:3, 3]
     deformation = _draw_deformation(rng, cfg, shape, affine, centre_mm)
 
-    template_mm = deformation(_world_centres(shape, affine))  # (N, 3)
+    template_mm = deformation.on_grid(shape, affine)  # (N, 3), T at every voxel centre
     t_inv = np.linalg.inv(t["affine"])
     coords = t_inv[:3, :3] @ template_mm.T + t_inv[:3, 3:4]  # (3, N) template voxel coordinates
     image = ndi.map_coordinates(t["ct"], coords, order=1, mode="constant", cval=cfg.background_hu).reshape(shape)
