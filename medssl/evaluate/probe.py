@@ -508,7 +508,12 @@ class _ControlCNN(nn.Module):
         return self.cells(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cell_logits(x).amax(dim=(1, 2, 3, 4))
+        return self.patch_logit(self.cell_logits(x))
+
+    @staticmethod
+    def patch_logit(cells: torch.Tensor) -> torch.Tensor:
+        """The largest mean over 2^3 neighbouring cells: one noisy cell does not make a patch positive."""
+        return nn.functional.avg_pool3d(cells, 2, stride=1).amax(dim=(1, 2, 3, 4))
 
 
 class _RobustScaling:
@@ -593,8 +598,8 @@ def supervised_control(
     ``patience`` epochs without improvement, and the weights of the best epoch score the
     ``score_split`` patches **once**, per subject and pooled, on exactly the probe's units (so it
     joins :meth:`ProbeComparison.with_result` and the paired tests). Inputs are scaled robustly
-    with the training patches' median and IQR and clipped (:class:`_RobustScaling`); each batch
-    is flipped at random along each axis (labels do not depend on orientation). Adam with a cosine
+    with the training patches' median and IQR and clipped (:class:`_RobustScaling`); training crops
+    are flipped, their axes permuted and their intensities jittered (:class:`_BatchSampler`). Adam with a cosine
     decay of the learning rate over ``max_epochs``, binary cross-entropy; deterministic for a
     ``seed`` (torch's global random state is left as it was).
 
@@ -652,11 +657,11 @@ def supervised_control(
             model.train()
             losses = []
             for _ in range(steps_per_epoch):
-                xb, yb, cb, pos_weight = sampler.batch()
+                xb, yb, cb = sampler.batch()
                 logits = model.cell_logits(xb)
-                loss = nn.functional.binary_cross_entropy_with_logits(logits.amax(dim=(1, 2, 3, 4)), yb)
+                loss = nn.functional.binary_cross_entropy_with_logits(model.patch_logit(logits), yb)
                 if cb is not None:
-                    loss = loss + nn.functional.binary_cross_entropy_with_logits(logits, cb, pos_weight=pos_weight)
+                    loss = loss + nn.functional.binary_cross_entropy_with_logits(logits, cb)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -696,9 +701,10 @@ class _BatchSampler:
 
     With masks: half of each batch from positive patches, each cropped to ``crop`` voxels around
     one of its target voxels (a random position of the crop that holds it), the other half from
-    negative patches at a random position; returns the cells' targets (max-pooled mask) and the
-    positive weight that balances target cells against the others in the batch. Without masks:
-    whole patches, half of each class.
+    negative patches at a random position, flipped and with the axes in a random order (the 48
+    symmetries of a cube), and each crop's intensities scaled by 1 +- 0.1 and shifted by +- 0.2
+    (robust units); returns the cells' targets (max-pooled mask). Without masks: whole patches,
+    half of each class, flipped.
     """
 
     def __init__(self, x, y, masks, crop, batch_size, cell_vox, rng) -> None:
@@ -715,7 +721,7 @@ class _BatchSampler:
         if self.masks is None:
             xb = self.x[rows]
             yb = torch.as_tensor(self.y[rows], dtype=torch.float32)
-            return (xb.flip(flips) if flips else xb), yb, None, None
+            return (xb.flip(flips) if flips else xb), yb, None
         c = self.crop
         xs, ms = [], []
         for r in rows:
@@ -731,11 +737,15 @@ class _BatchSampler:
         xb, mb = torch.stack(xs), torch.stack(ms).float()
         if flips:
             xb, mb = xb.flip(flips), mb.flip(flips)
+        perm = [int(a) + 2 for a in self.rng.permutation(3)]  # cubic crops: any order of the axes
+        xb, mb = xb.permute(0, 1, *perm), mb.permute(0, 1, *perm)
+        # each subject has its own intensity calibration: jitter scale and offset per crop
+        gain = torch.as_tensor(1 + 0.1 * self.rng.uniform(-1, 1, (len(rows), 1, 1, 1, 1)), dtype=torch.float32)
+        offset = torch.as_tensor(0.2 * self.rng.uniform(-1, 1, (len(rows), 1, 1, 1, 1)), dtype=torch.float32)
+        xb = xb * gain + offset
         cells = nn.functional.max_pool3d(mb, self.cell)
         yb = (cells.amax(dim=(1, 2, 3, 4)) > 0).float()
-        frac = float(cells.mean())
-        pos_weight = torch.tensor(min((1 - frac) / max(frac, 1e-6), 50.0))
-        return xb, yb, cells, pos_weight
+        return xb, yb, cells
 
 
 def control_verdict(table: pd.DataFrame, control: str = CONTROL,
