@@ -222,6 +222,22 @@ def test_second_build_with_the_same_parameters_is_a_noop_and_other_parameters_re
 
 
 @pytest.mark.network
+def test_a_cohort_from_an_older_synthesis_is_refused_by_name_and_rebuilt(cohort, examples, tmp_path):
+    from medssl.data.demo.synthesis import SYNTHESIS_VERSION
+
+    old = tmp_path / "old"
+    shutil.copytree(cohort.root, old)
+    info = json.loads((old / "cohort.json").read_text())
+    assert info["synthesis_version"] == SYNTHESIS_VERSION
+    info["synthesis_version"] = SYNTHESIS_VERSION - 1  # an old cache: other lesions for the same settings
+    (old / "cohort.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"cohort\.json.*version .*rebuilds it"):
+        DemoCohort(old)
+    rebuilt = build_demo_cohort(n_subjects=3, seed=0, spacing_mm=6.0, out_dir=old, progress=False, examples_dir=examples)
+    assert rebuilt.info["synthesis_version"] == SYNTHESIS_VERSION  # rebuilt, not reused
+
+
+@pytest.mark.network
 def test_cohort_manifest_has_splits_groups_and_the_real_volumes_as_external_cases(cohort):
     m = cohort.manifest
     assert list(m.loc[m["split"] != "external", "split"]) == ["train", "val", "test"]
