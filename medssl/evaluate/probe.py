@@ -71,6 +71,7 @@ __all__ = [
     "position_features",
     "supervised_control",
     "target_patches",
+    "has_target",
     "control_verdict",
     "share_strata",
     "share_bin_names",
@@ -540,6 +541,17 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
     with torch.no_grad():
         out = [torch.sigmoid(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
     return torch.cat(out).double().numpy()
+
+
+def has_target(volume: Any, target: Any) -> bool:
+    """Whether ``volume`` holds any voxel of ``target`` (:func:`medssl.sampling.sets.target_mask`); False where it
+    cannot say (no such aux map or label name)."""
+    from medssl.sampling.sets import target_mask
+
+    try:
+        return bool(np.any(target(volume) if callable(target) else target_mask(volume, target)))
+    except ValueError:
+        return False
 
 
 def target_patches(patch_set: PatchSet, volumes: Sequence[Any], target: Any) -> np.ndarray:

@@ -241,7 +241,7 @@ def draw_labelled_centres(
     uniformly among those that contain it and fit (large structures are sampled more often,
     per voxel); with ``min_share > 0``, a box position uniformly among those that hold enough.
     ``"centred"`` positives: a connected component of the target chosen uniformly among those
-    with an eligible voxel (its box fits and holds ``min_share``), then an eligible voxel of it.
+    with an eligible voxel (its box, moved inwards to fit, holds ``min_share``), then an eligible voxel of it.
     Volumes without any eligible positive are skipped (``meta["skipped_cases"]``); the others
     give equal numbers of positives. Negative boxes never contain a target voxel (checked
     exactly) and their centres lie on the body.
