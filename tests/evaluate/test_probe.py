@@ -219,7 +219,7 @@ def test_position_features_are_the_centres_or_their_monomials():
 # --------------------------------------------------------------------------- positive control, strata
 
 
-def _blob_set(n_subjects: int, n_per: int, split: str, seed: int, size: int = 12, contrast: float = -1.0):
+def _blob_set(n_subjects: int, n_per: int, split: str, seed: int, size: int = 8, contrast: float = -1.0):
     """Patches of noise around a tissue level; positives hold a ball of ``contrast`` somewhere (its mask is returned)."""
     rng = np.random.default_rng(seed)
     n = n_subjects * n_per
@@ -229,7 +229,7 @@ def _blob_set(n_subjects: int, n_per: int, split: str, seed: int, size: int = 12
     masks = np.zeros(x.shape, np.uint8)
     grid = np.indices((size,) * 3).transpose(1, 2, 3, 0)
     for i in np.flatnonzero(y):
-        ball = np.linalg.norm(grid - rng.uniform(2, size - 3, 3), axis=-1) <= rng.uniform(1.5, 2.5)
+        ball = np.linalg.norm(grid - rng.uniform(1.5, size - 2.5, 3), axis=-1) <= rng.uniform(1.2, 2.0)
         x[i, 0][ball] += contrast
         masks[i, 0][ball] = 1
     ps = PatchSet(patches=x, centres_mm=rng.normal(0, 30, (n, 3)), boxes_vox=np.zeros((n, 6)), case_ids=groups,
@@ -252,9 +252,10 @@ def test_supervised_control_learns_a_visible_target_and_scores_only_the_test_sub
     seen = []
     real = probe._predict
     monkeypatch.setattr(probe, "_predict", lambda model, x, bs: seen.append(len(x)) or real(model, x, bs))
-    state = torch.random.get_rng_state()
-    r = probe.supervised_control(train, ps, train_masks=masks, max_epochs=3, steps_per_epoch=15, seed=0)
+    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    r = probe.supervised_control(train, ps, train_masks=masks, max_epochs=3, steps_per_epoch=10, seed=0)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is left alone
+    assert torch.get_num_threads() == threads  # and so is the thread count
     n_val, n_test = int(np.sum(ps.splits == "val")), int(np.sum(ps.splits == "test"))
     epochs = len(r.info["history"])
     assert seen == [n_val] * epochs + [n_test]  # selection on validation every epoch, the test split once
@@ -264,7 +265,7 @@ def test_supervised_control_learns_a_visible_target_and_scores_only_the_test_sub
     for _, row in r.per_unit.iterrows():  # each subject's metrics from that subject's predictions alone
         pred = r.predictions[r.predictions.unit == row.unit]
         assert row.auc == pytest.approx(probe.binary_metrics(pred.y, pred.prob)["auc"])
-    again = probe.supervised_control(train, ps, train_masks=masks, max_epochs=3, steps_per_epoch=15, seed=0)
+    again = probe.supervised_control(train, ps, train_masks=masks, max_epochs=3, steps_per_epoch=10, seed=0)
     np.testing.assert_array_equal(again.predictions.prob, r.predictions.prob)  # deterministic for a seed
 
 
