@@ -581,7 +581,7 @@ def supervised_control(
     train_masks: np.ndarray | None = None,
     select_split: str = "val",
     score_split: str = "test",
-    max_epochs: int = 6,
+    max_epochs: int = 8,
     steps_per_epoch: int = 40,
     patience: int = 3,
     batch_size: int = 16,
