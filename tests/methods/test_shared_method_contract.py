@@ -214,3 +214,62 @@ def test_configure_optimizers_holds_every_trainable_parameter_once_and_its_step_
     lrs = [g["lr"] for g in optimizer.param_groups]
     scheduler.step()  # once per epoch: a schedule, never a growing or broken lr
     assert all(math.isfinite(g["lr"]) and 0 <= g["lr"] <= lr for g, lr in zip(optimizer.param_groups, lrs))
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("name", METHODS)
+def test_the_10_pretrain_steps_at_the_tiny_preset_train_validate_summarise_and_reload_the_method(
+        name, tmp_path, notebook_data_dir, monkeypatch):
+    """What ``10_pretrain.ipynb`` does, without a kernel (its notebook test runs one method through papermill):
+    the ``tiny`` preset, the demo cohort cut for the method's input size, ``fit`` with validation, the
+    training figures, the validation summary and the checkpoint, for every registered method and variant."""
+    import matplotlib.pyplot as plt
+
+    from medssl.data.source import open_data
+    from medssl.evaluate.summary import pretraining_summary
+    from medssl.methods import method_info
+    from medssl.presets import build_run
+    from medssl.train import fit, load_method, read_metrics
+    from medssl.viz.training import pretraining_figures
+
+    monkeypatch.setenv("MEDSSL_DATA", str(notebook_data_dir))
+    monkeypatch.delenv("MEDSSL_CACHE", raising=False)
+    info = method_info(name)
+    model, train_config = build_run(name, "tiny", train_overrides={"epochs": 2, "steps_per_epoch": 2})
+    data = open_data("demo", n_subjects=4, target_spacing_mm=6.0, patch_size_vox=model.input_size_vox, progress=False)
+    out = tmp_path / "run" / name
+    fit(model, data.volumes("train"), train_config, out, val_volumes=data.volumes("val"), progress=False)
+
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["method"] == name and config["base_method"] == info["base"]
+    assert config["train"]["epochs"] == 2 and config["resolved"]["steps_per_epoch"] == 2
+    metrics = read_metrics(out)
+    train, val = metrics[metrics["split"] == "train"], metrics[metrics["split"] == "val"]
+    if info["trains"]:  # 2 epochs x 2 steps, each logged; validated before training and after each epoch
+        assert list(train["step"]) == [1, 2, 3, 4] and list(val["step"]) == [0, 2, 4]
+    else:  # an untrained baseline logs its validation step only
+        assert train.empty and list(val["step"]) == [0]
+    assert metrics["loss"].notna().all() and np.isfinite(metrics["loss"].to_numpy(float)).all()
+    measure = info["val_measure"][0]  # what early stopping and the sweep read
+    assert np.isfinite(val[measure].to_numpy(float)).all(), (name, measure)
+
+    iou_pairs = info["base"] == "simsiam"  # SimSiam and its IoU-interval variants log collapse and realised IoU
+    figures = pretraining_figures(metrics, title=name)
+    titles = [title for title, _ in figures]
+    assert titles == ["Loss curves", *(["Collapse coefficient"] if iou_pairs else []), "Effective rank (val)",
+                      *(["Realised IoU and fallback rate"] if iou_pairs else [])], titles
+    for _, fig in figures:
+        plt.close(fig)
+
+    summary = pretraining_summary(model, data.volumes("val"), seed=0, run_dir=out).iloc[0]
+    assert summary["method"] == name and summary["n_volumes"] == len(data.volumes("val")) and summary["n_patches"] > 0
+    assert -1 <= summary["spearman"] <= 1 and summary["effective_rank"] >= 1
+    metric = type(model).metric_latent is not Method.metric_latent  # ISImed's mm latent: errors in mm
+    assert np.isfinite(summary["abs_err_median_mm"]) == metric, name
+
+    loaded = load_method(out / "checkpoints" / "last.pt")
+    assert loaded.registry_name == name and loaded.config == model.config
+    # the checkpoint says how open_data prepared the training volumes (issue 21): 6 mm, cut for this method
+    assert loaded.preprocessing["config"]["target_spacing_mm"] == [6.0, 6.0, 6.0]
+    assert loaded.preprocessing["patch_size_vox"] == list(model.patch_size_vox)
+    assert list(out.glob("events.out.tfevents.*"))  # live curves for TensorBoard beside metrics.jsonl

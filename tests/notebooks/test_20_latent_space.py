@@ -7,8 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import tiny_checkpoints
-
 PARAMS = ("run", "methods", "source", "n_patches_per_volume", "stride_vox", "n_corr_points", "n_corr_partners",
           "registration", "body_alignment", "seed", "cohort_seed", "fit_split", "score_split", "umap", "viewer")
 
@@ -21,35 +19,22 @@ def test_20_latent_space_notebook_follows_the_notebook_conventions(check_noteboo
     assert 'viewer = "niivue"' in params and "umap = True" in params and "methods = []" in params
 
 
-TRAINED = ["isimed", "simclr", "simsiam", "reg2d"]
-
-
 def col_finite(table: pd.DataFrame, column: str) -> bool:
     return bool(np.isfinite(table[column].to_numpy(dtype=float)).all())
 
 
 @pytest.mark.network
 @pytest.mark.slow
-def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_affine(run_notebook, monkeypatch):
-    from medssl import paths
-
-    # One intra-op thread in the kernel: with other tests sharing the 2 cores, torch's
-    # 2-thread convolutions spin-wait and run ~10x slower (measured 600 vs 5800 patches/s).
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-    run_dir = paths.runs_dir() / "nb20"  # (the fixture points MEDSSL_RUNS at the test's tmp folder)
-    # SimSiam and a context method (Reg2D: 2.5D planes, its own cut_inputs) through the evaluation too
-    tiny_checkpoints(run_dir, TRAINED)
-    params = {
-        "methods": [*TRAINED, "barlowtwins"],  # barlowtwins has no checkpoint: reported, skipped
-        "n_subjects": 12, "target_spacing_mm": 6.0, "n_patches_per_volume": 12, "stride_vox": 8,
-        "n_corr_points": 30, "n_corr_partners": 1, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
-    }  # fmt: skip
-    res = run_notebook("20_latent_space.ipynb", params, run="nb20")
+@pytest.mark.xdist_group("latent_space")
+def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_affine(latent_space_run):
+    res = latent_space_run.result  # executed once per session (conftest.py), 25's test opens the same run
+    # ISImed, SimCLR, SimSiam and a context method (Reg2D: 2.5D planes, its own cut_inputs)
+    trained = latent_space_run.methods
+    assert trained == ["isimed", "simclr", "simsiam", "reg2d"]
     out = res.run_dir / "20_latent_space"
     twins = [m for m in pd.read_csv(out / "fidelity.csv")["method"] if m.startswith("random-init[")]
     assert "random-init[smallcnn]" in twins  # isimed and simclr share one untrained SmallCNN twin
-    expected = [*TRAINED, *twins]
+    expected = [*trained, *twins]
 
     fid = pd.read_csv(out / "fidelity.csv")
     assert list(fid["method"]) == expected and (fid["split"] == "test").all()
@@ -73,7 +58,7 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     assert "s per pair (2 pairs" in corr.set_index("method").loc["registration (affine)", "note"]
     assert len(list((res.run_dir / "eval" / "registration").glob("*.tfm"))) == 4  # 2 ordered pairs x (body, image)
     verdicts = pd.read_csv(out / "correspondence_verdicts.csv")
-    assert set(verdicts["method"]) == set(TRAINED)
+    assert set(verdicts["method"]) == set(trained)
     assert set(verdicts.loc[verdicts.method == "isimed", "baseline"]) == {
         "random-init[smallcnn]", "identity", "aligned-identity (scale+shift)", "aligned-identity (body affine)",
         "registration (affine)"}

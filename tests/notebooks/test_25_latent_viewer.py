@@ -5,15 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tests.helpers import tiny_checkpoints
-
 PARAMS = ("run", "methods", "source", "stride_vox", "case_a", "case_b", "projection", "max_scatter_points", "seed")
-
-# 20_latent_space at tiny parameters, as its own smoke test runs it
-TINY_20 = {
-    "n_subjects": 12, "target_spacing_mm": 6.0, "n_patches_per_volume": 12, "stride_vox": 8, "n_corr_points": 30,
-    "n_corr_partners": 1, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
-}  # fmt: skip
 
 
 def _files(folder) -> dict[str, tuple[int, int, int]]:
@@ -32,27 +24,23 @@ def test_25_latent_viewer_notebook_follows_the_notebook_conventions(check_notebo
 
 @pytest.mark.network
 @pytest.mark.slow
-def test_25_latent_viewer_reads_the_runs_maps_and_cached_embeddings_of_every_trained_method(run_notebook, monkeypatch):
-    from medssl import paths
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see test_20: 2-thread convolutions spin-wait beside other tests
-    run_dir = paths.runs_dir() / "nb25"
-    tiny_checkpoints(run_dir, ["isimed", "simclr"])
-    run_notebook("20_latent_space.ipynb", {"methods": ["isimed", "simclr"], **TINY_20}, run="nb25")
+@pytest.mark.xdist_group("latent_space")
+def test_25_latent_viewer_reads_the_runs_maps_and_cached_embeddings_of_every_trained_method(latent_space_run):
+    run_dir = latent_space_run.result.run_dir  # 20_latent_space, executed once per session (conftest.py)
     dense_cache = _files(run_dir / "eval" / "dense")
     assert any(name.endswith(".npy") for name in dense_cache)
 
     params = {"n_subjects": 12, "target_spacing_mm": 6.0, "stride_vox": 8, "max_scatter_points": 200,
               "n_neighbours": 10, "viewer_height": 300, "batch_size": 64}  # fmt: skip
-    res = run_notebook("25_latent_viewer.ipynb", params, run="nb25")  # methods = []: every trained method
+    res = latent_space_run.run_notebook("25_latent_viewer.ipynb", params, run=run_dir.name)  # methods = []: all
     out = res.run_dir / "25_latent_viewer"
 
     table = pd.read_csv(out / "point_query_centre.csv")
-    assert list(table["method"]) == ["isimed", "simclr"]  # found in the run, random-init not asked for
+    assert list(table["method"]) == latent_space_run.methods  # found in the run, random-init not asked for
     assert table["error_mm"].notna().all() and (table["error_mm"] >= 0).all()  # the demo cohort knows the truth
     assert (table["latent_distance"] >= 0).all()
     names = {p.name for p in out.iterdir()}
-    assert {"point_query_isimed.png", "point_query_simclr.png"} <= names
+    assert {f"point_query_{m}.png" for m in latent_space_run.methods} <= names
     assert {"latent_scatter_z_mm.html", "latent_scatter_organ.html"} <= names
     # the embeddings came from 20's cache: nothing was recomputed, rewritten or replaced (same inodes, mtimes, sizes)
     assert _files(run_dir / "eval" / "dense") == dense_cache
