@@ -28,22 +28,14 @@ from medssl.evaluate import (
     target_patches,
 )
 
-pytestmark = [pytest.mark.network, pytest.mark.slow]
+pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.xdist_group("lesion_cohort")]
 
 BINS = (1.0, 3.0, 10.0)
 
 
 @pytest.fixture(scope="module")
-def lesion_probe(notebook_data_dir, tmp_path_factory):
-    from medssl.data.demo import build_demo_cohort, fetch_totalseg_examples
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDSSL_DATA", str(notebook_data_dir))
-        mp.delenv("MEDSSL_CACHE", raising=False)
-        cohort = build_demo_cohort(n_subjects=24, split_counts=(14, 4, 6), seed=0, spacing_mm=3.0,
-                                   out_dir=tmp_path_factory.mktemp("lesions") / "cohort", progress=False,
-                                   examples_dir=fetch_totalseg_examples(progress=False))  # fmt: skip
-        vols = {s: cohort.volumes(s, progress=False) for s in ("train", "val", "test")}
+def lesion_probe(lesion_cohort):
+    cohort, vols = lesion_cohort  # built once per session (conftest.py), also read by test_position_confound.py
     ps = draw_by_split({"val": vols["val"], "test": vols["test"]}, draw_labelled_patch_set, seed=0, target="lesion",
                        n_per_class=60, patch_size_vox=16, correspondence=cohort.correspondence)
     train = draw_labelled_patch_set(vols["train"], "lesion", 150, 16, seed=1, correspondence=cohort.correspondence)
