@@ -1,6 +1,8 @@
 """The ``medssl`` command: sub-commands that call the same functions the notebooks call.
 
-Adding a command is one builder function registered under its name::
+``cli`` is the top of the package: it imports the modules that implement the commands, never the other
+way round. A command is a parser builder, here (``@register_command``) or in the module that implements
+it (``add_cli_parser(subparsers)``, listed in ``_COMMAND_MODULES``)::
 
     @register_command("pipeline")
     def _add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
@@ -8,8 +10,9 @@ Adding a command is one builder function registered under its name::
         p.add_argument("--plan", default="demo")
         p.set_defaults(func=_run_pipeline)   # func(args) -> exit code
 
-Builders may also live in other modules, as long as the module is imported
-before :func:`main` builds the parser (see ``_COMMAND_MODULES``).
+A module in ``_COMMAND_MODULES`` that fails to import is an error of ``medssl`` itself (its command would
+vanish from ``--help`` otherwise). Those modules import only what their parsers need at the top, so that
+``medssl --help`` stays fast (no scikit-learn, SciPy, MONAI or training loop).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ __all__ = ["main", "build_parser", "register_command"]
 
 CommandBuilder = Callable[["argparse._SubParsersAction"], None]
 _COMMANDS: dict[str, CommandBuilder] = {}
-# Modules that register further commands when imported (missing ones are skipped).
-_COMMAND_MODULES: tuple[str, ...] = ("medssl.viz.mapping", "medssl.export", "medssl.report")  # map, export, report
+# Commands whose parser the implementing module builds: name -> module with `add_cli_parser(subparsers)`.
+_COMMAND_MODULES: dict[str, str] = {"map": "medssl.viz.mapping", "export": "medssl.export", "report": "medssl.report"}
 
 
 def register_command(name: str) -> Callable[[CommandBuilder], CommandBuilder]:
@@ -35,6 +38,8 @@ def register_command(name: str) -> Callable[[CommandBuilder], CommandBuilder]:
     def deco(builder: CommandBuilder) -> CommandBuilder:
         if name in _COMMANDS and _COMMANDS[name] is not builder:
             raise ValueError(f"medssl command {name!r} is already registered")
+        if name in _COMMAND_MODULES:
+            raise ValueError(f"medssl command {name!r} is already registered (by {_COMMAND_MODULES[name]})")
         _COMMANDS[name] = builder
         return builder
 
@@ -115,7 +120,18 @@ def _run_data_demo(args: argparse.Namespace) -> int:
 def _add_pipeline_parser(sub: "argparse._SubParsersAction") -> None:
     from medssl.pipeline import add_cli_parser  # the pipeline module owns its arguments
 
-    add_cli_parser(sub)
+    add_cli_parser(sub).set_defaults(func=pipeline_main)
+
+
+def pipeline_main(args: argparse.Namespace) -> int:
+    """``medssl pipeline``: a notebook plan (:mod:`medssl.pipeline`), or the reference study's resumable units
+    (``--plan study``, :mod:`medssl.study`, which itself runs its evaluation notebooks through the pipeline)."""
+    from medssl import pipeline, study
+
+    if study.is_study_plan(args.plan):
+        args.run = args.run or "study"
+        return study.cli_main(args)
+    return pipeline.cli_main(args)
 
 
 # --------------------------------------------------------------------------- medssl train ...
@@ -264,11 +280,6 @@ def _presets_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    for module in _COMMAND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
     parser = argparse.ArgumentParser(
         prog="medssl",
         description="Self-supervised learning from the intrinsic spatial information of 3D medical images.",
@@ -281,9 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(sorted(_COMMANDS)) + "}")
     sub.required = True
-    for name in sorted(_COMMANDS):
-        _COMMANDS[name](sub)
+    builders = {**{name: _module_builder(module) for name, module in _COMMAND_MODULES.items()}, **_COMMANDS}
+    for name in sorted(builders):
+        builders[name](sub)
     return parser
+
+
+def _module_builder(module: str) -> CommandBuilder:
+    return lambda sub: importlib.import_module(module).add_cli_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

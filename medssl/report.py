@@ -34,7 +34,6 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from medssl.cli import register_command
 from medssl.rundir import RunDir
 
 __all__ = ["PROTOCOL", "RunResults", "RunComparison", "best_vs_shortcuts", "collect_results", "compare_runs",
@@ -521,8 +520,8 @@ def write_comparison(run_a: "str | os.PathLike | RunDir", run_b: "str | os.PathL
 # --------------------------------------------------------------------------- medssl report ...
 
 
-@register_command("report")
-def _add_report_parser(sub: "argparse._SubParsersAction") -> None:
+def add_cli_parser(sub: "argparse._SubParsersAction") -> None:
+    """Add ``medssl report`` to the ``medssl`` command's subparsers (:mod:`medssl.cli`)."""
     p = sub.add_parser(
         "report",
         help="the HTML report of a run, or two runs' headline tables side by side",

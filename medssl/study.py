@@ -64,7 +64,7 @@ from medssl._files import atomic_write_text
 from medssl.rundir import RunDir
 
 __all__ = ["STUDY_PLANS", "StudyError", "StudyUnit", "is_study_plan", "load_study", "plan_units", "run_study",
-           "study_methods", "train_settings", "publish"]
+           "study_methods", "train_settings", "publish", "write_study_report"]
 
 STUDY_FILE = "study.json"
 REPORT_STEP = "60_study"
@@ -551,6 +551,16 @@ def _pid_alive(pid: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------- publishing
+
+
+def write_study_report(run: "str | os.PathLike | RunDir", out_dir: str | os.PathLike, *,
+                       sections: Sequence[tuple[str, Sequence[Any]]], provenance: str | None = None) -> Path:
+    """The study's self-contained HTML report (``out_dir/report.html``; the tables and figures come from
+    :mod:`medssl.evaluate.study`, the writer from :mod:`medssl.viz.html`)."""
+    from medssl.viz.html import write_html_report
+
+    return write_html_report(Path(out_dir) / "report.html", f"medssl reference study: {RunDir(run).name}", sections,
+                             provenance=provenance)
 
 
 def publish(run: "str | os.PathLike | RunDir", dest: str | os.PathLike, *, max_file_mb: float = 20.0) -> list[Path]:

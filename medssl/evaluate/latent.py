@@ -24,7 +24,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medssl.evaluate.rank import collapse_coefficient, dim_variance_fraction, effective_rank
+from medssl.capacity import collapse_coefficient, dim_variance_fraction, effective_rank
 
 __all__ = [
     "z_slab_groups",

@@ -38,7 +38,7 @@ from medssl.rundir import RunDir
 
 __all__ = ["BLENDOWSKI_TABLE2", "QUESTIONS", "THESIS_DSC", "collect_headlines", "collect_units", "context_ordering",
            "head_to_head", "keep_rows", "learning_curves", "metric_groups", "paired_comparisons", "seed_runs", "settings_table",
-           "study_table", "table_cells", "twins_of", "unit_budget", "write_study_report"]
+           "study_table", "table_cells", "twins_of", "unit_budget"]
 
 # Blendowski et al., MICCAI 2019, Table 2: mean Dice of the few-shot segmentation from each descriptor (%)
 BLENDOWSKI_TABLE2 = {"heatmap": 64.2, "reg2d": 60.0, "doersch": 55.2, "gvdiff": 50.4, "xavier": 28.4}
@@ -619,15 +619,3 @@ def context_ordering_figure(ordering: pd.DataFrame):
     ax.set(ylabel="Dice", title="Context methods: the paper's ordering and this study's")
     ax.legend(fontsize=8)
     return fig
-
-
-# ---------------------------------------------------------------------------- the report
-
-
-def write_study_report(run: "str | os.PathLike | RunDir", out_dir: str | os.PathLike, *,
-                       sections: Sequence[tuple[str, Sequence[Any]]], provenance: str | None = None) -> Path:
-    """The study's self-contained HTML report (``out_dir/report.html``)."""
-    from medssl.viz.html import write_html_report
-
-    return write_html_report(Path(out_dir) / "report.html", f"medssl reference study: {RunDir(run).name}", sections,
-                             provenance=provenance)

@@ -42,7 +42,14 @@ from medssl.losses.context import (
     OffsetL1Loss,
     heatmap_offsets,
 )
-from medssl.methods.base import Method, MethodConfig, StepOutput, backbone_from_config, register_method
+from medssl.methods.base import (
+    Method,
+    MethodConfig,
+    OptimizerSettings,
+    StepOutput,
+    backbone_from_config,
+    register_method,
+)
 from medssl.models.backbones import build_backbone
 from medssl.models.context_nets import HeatmapHead, SixNeighbourHead, TriplanarDescriptor, TwoParamHead, xavier_init_
 from medssl.sampling.base import PatchBatch
@@ -56,7 +63,6 @@ from medssl.sampling.context import (
     curriculum_range,
     triplanar_patches,
 )
-from medssl.train.config import TrainConfig
 
 __all__ = ["PAPER", "DoerschConfig", "PlanarContextConfig", "PlanarContextMethod", "paper_adam"]
 
@@ -74,7 +80,7 @@ def _tuples(config: Any) -> None:
             object.__setattr__(config, f.name, tuple(value))
 
 
-def paper_adam(method: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+def paper_adam(method: nn.Module, config: OptimizerSettings) -> tuple[torch.optim.Optimizer, Any]:
     """Adam at ``config.lr`` (paper: 5e-5), without weight decay, at a constant rate (the paper states no
     schedule); ``TrainConfig.weight_decay`` and ``lr_decay_per_epoch`` are not used."""
     optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=config.lr)
@@ -174,7 +180,7 @@ class PlanarContextMethod(Method):
 
     # ------------------------------------------------------------------ training
 
-    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    def configure_optimizers(self, config: OptimizerSettings) -> tuple[torch.optim.Optimizer, Any]:
         return paper_adam(self, config)
 
     def curriculum_progress(self) -> float:
@@ -383,7 +389,7 @@ class Doersch(Method):
         """Distinct cubes per step: every pair's anchor and partner."""
         return self.sampler.cubes_per_pair * int(self.config.volumes_per_batch) * int(self.config.patches_per_volume)
 
-    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    def configure_optimizers(self, config: OptimizerSettings) -> tuple[torch.optim.Optimizer, Any]:
         return paper_adam(self, config)
 
     def training_step(self, batch: PatchBatch) -> StepOutput:

@@ -1,7 +1,8 @@
 """Backbones: ``(B, C, *spatial) -> (B, D)`` with an ``embed_dim`` attribute.
 
 ``build_backbone(name, in_channels=1, spatial_dims=3, **kw)`` is the one entry
-point the methods use; the registry below names every backbone.
+point the methods use; the registry below names every backbone. MONAI is imported when a network is
+built, not with this module, so that the method registry (``import medssl.methods``) loads without it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from monai.networks.blocks import Convolution
-from monai.networks.nets import DenseNet121
 from torch import nn
 
 __all__ = ["SmallCNN", "DenseNet121Backbone", "build_backbone", "fp32", "list_backbones", "register_backbone"]
@@ -65,6 +64,8 @@ class SmallCNN(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(channels) != len(strides) or not channels:
             raise ValueError(f"channels {tuple(channels)} and strides {tuple(strides)} need the same non-zero length")
+        from monai.networks.blocks import Convolution
+
         blocks = []
         c_in = in_channels
         for c_out, s in zip(channels, strides):
@@ -111,6 +112,8 @@ class DenseNet121Backbone(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, spatial_dims: int = 3, embed_dim: int | None = None, **kw) -> None:
+        from monai.networks.nets import DenseNet121
+
         super().__init__()
         self.embed_dim = int(embed_dim or 1024)
         self.net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=self.embed_dim, **kw)

@@ -45,8 +45,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medssl._files import atomic_write_bytes
+from medssl.capacity import dim_variance_fraction, effective_rank
 from medssl.distributed import is_distributed, rank, world_size
-from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 from medssl.provenance import record_fit_provenance
 from medssl.rundir import method_files
 from medssl.train.checkpoint import (

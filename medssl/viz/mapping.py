@@ -38,8 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from medssl.cli import register_command
-
 __all__ = ["ScanMap", "load_frame", "map_scan", "resample_grid_to_scan", "save_frame"]
 
 # Voxels per resampling chunk: bounds the memory of the coordinate arrays on large scans.
@@ -255,8 +253,8 @@ def map_scan(
 # --------------------------------------------------------------------------- medssl map ...
 
 
-@register_command("map")
-def _add_map_parser(sub: "argparse._SubParsersAction") -> None:
+def add_cli_parser(sub: "argparse._SubParsersAction") -> None:
+    """Add ``medssl map`` to the ``medssl`` command's subparsers (:mod:`medssl.cli`)."""
     p = sub.add_parser(
         "map",
         help="latent coordinate map of any scan (NIfTI/NRRD/DICOM) with a trained checkpoint",
