@@ -143,18 +143,16 @@ def _add_train_parser(sub: "argparse._SubParsersAction") -> None:
         "train",
         help="pretrain one method headlessly (also under torchrun for DDP)",
         description="Pretrain one registered method on a data source, writing runs/<run>/<method>/ exactly as "
-        "10_pretrain.ipynb does. Under `torchrun --nproc-per-node N -m medssl.cli train --run-name R ...` every rank samples "
-        "its own volumes and batch-level losses gather across ranks (gloo on CPU, NCCL on GPU).",
+        "10_pretrain.ipynb does (both call medssl.pretraining.pretrain). Under "
+        "`torchrun --nproc-per-node N -m medssl.cli train --run-name R ...` every rank samples its own "
+        "volumes and batch-level losses gather across ranks (gloo on CPU, NCCL on GPU).",
     )
     p.add_argument("--method", required=True, help=f"a registered method: {_methods_help()}")
     p.add_argument("--preset", default="demo", help=f"one of {_presets_help()}")
     # (--run-name: torchrun's own parser rejects `--run` as an ambiguous prefix of its --run-path)
     p.add_argument("--run", "--run-name", dest="run", default="cli", help="outputs go to runs/<run>/<method>/")
-    p.add_argument("--source", default="demo", help='"demo" or a folder of volumes')
-    p.add_argument("--n-subjects", type=int, default=48, help="demo cohort size")
-    p.add_argument("--target-spacing-mm", type=float, default=3.0)
+    _add_data_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="initialisation and training seed")
-    p.add_argument("--cohort-seed", type=int, default=0, help="demo cohort seed (which synthetic subjects exist)")
     p.add_argument("-m", "--method-param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="method config override (VALUE parsed as YAML), e.g. -m patches_per_volume 8")
     p.add_argument("-t", "--train-param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -168,36 +166,24 @@ def _train_main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     import yaml
 
-    from medssl.data.source import open_data
-    from medssl.evaluate.summary import pretraining_summary
-    from medssl.presets import build_run
-    from medssl.rundir import RunDir
-    from medssl.train import fit
+    from medssl.pretraining import Pretraining
+    from medssl.train.precision import check_device
 
-    # Everything a run needs is checked before any data is built or any step is trained.
-    rd = RunDir(args.run)  # refuses names that would leave the runs folder
     method_overrides = {k: yaml.safe_load(v) for k, v in args.method_param}
     train_overrides = {k: yaml.safe_load(v) for k, v in args.train_param}
-    model, train_config = build_run(args.method, args.preset, seed=args.seed, method_overrides=method_overrides,
-                                    train_overrides=train_overrides)  # unknown names and wrong types raise here
-    _check_device(train_config.device)
+    check_device(str(train_overrides.get("device", "auto")), "-t device")  # before any data is built
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        data = open_data(args.source, n_subjects=args.n_subjects, cohort_seed=args.cohort_seed,
-                         target_spacing_mm=args.target_spacing_mm, progress=False, patch_size_vox=model.input_size_vox)
-        train, val = data.volumes("train"), (data.volumes("val") if "val" in data.splits else [])
-        if not train:
-            raise ValueError(f"{args.source}: no training volumes (splits found: {data.splits})")
-        run_dir = rd.method_dir(args.method)
-        result = fit(model, train, train_config, run_dir, val_volumes=val or None, resume=not args.no_resume)
+        # Everything is checked (run name, overrides, device, every case against the input size) before any step.
+        job = Pretraining(args.run, args.method, args.preset, _data_settings(args), method_overrides=method_overrides,
+                          train_overrides=train_overrides, seed=args.seed, progress=False)
+        result = job.run(resume=not args.no_resume)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(data.provenance)
-            print(f"\n{args.method}: {result.step} steps, last checkpoint {result.checkpoint_path}")
-            if val:
-                summary = pretraining_summary(model, val, seed=args.seed, run_dir=run_dir).assign(split="val")
-                summary.to_csv(rd.files(args.method).summary, index=False)
-                print(summary.to_string(index=False))
+            print(job.data.provenance)
+            print(f"\n{args.method}: {result.steps} steps, last checkpoint {result.fit.checkpoint_path}")
+            if result.summary is not None:
+                print(result.summary.to_string(index=False))
             else:
                 print("no validation split: the validation summary was skipped")
     finally:
@@ -206,27 +192,16 @@ def _train_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device(device: str) -> None:
-    """``-t device ...`` must name a device this machine has, before any data is built (torch's own message
-    comes only when the model moves there: "Torch not compiled with CUDA enabled")."""
-    import torch
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="demo", help='"demo" or a folder of volumes')
+    p.add_argument("--n-subjects", type=int, default=48, help="demo cohort size")
+    p.add_argument("--target-spacing-mm", type=float, default=3.0)
+    p.add_argument("--cohort-seed", type=int, default=0, help="demo cohort seed (which synthetic subjects exist)")
 
-    if str(device) == "auto":
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"-t device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA support" if torch.version.cuda is None else \
-                "no CUDA GPU is visible on this machine"
-            raise ValueError(f"-t device {device}: {why}; use -t device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"-t device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
-    elif dev.type not in ("cpu", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
-        raise ValueError(f"-t device {device}: not available here; use auto, cpu or cuda")
+
+def _data_settings(args: argparse.Namespace) -> dict:
+    return {"source": args.source, "n_subjects": args.n_subjects, "cohort_seed": args.cohort_seed,
+            "target_spacing_mm": args.target_spacing_mm}
 
 
 # --------------------------------------------------------------------------- medssl sweep ...
@@ -248,6 +223,7 @@ def _add_sweep_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--run", default="sweep")
     p.add_argument("--metric", default="spearman", help="validation column to choose by (higher is better)")
     p.add_argument("--seed", type=int, default=0)
+    _add_data_arguments(p)
     p.set_defaults(func=_sweep_main)
 
 
@@ -257,7 +233,8 @@ def _sweep_main(args: argparse.Namespace) -> int:
     from medssl.select import choose, sweep
 
     values = [yaml.safe_load(v) for v in args.values]
-    table = sweep(args.method, args.param, values, preset=args.preset, run=args.run, seed=args.seed)
+    table = sweep(args.method, args.param, values, preset=args.preset, run=args.run, seed=args.seed,
+                  data=_data_settings(args))
     cols = [c for c in ("value", "split", "spearman", "abs_err_median_mm", "effective_rank", "steps") if c in table]
     print(table[cols].to_string(index=False))
     print(f"\nbest {args.param} on the validation split by {args.metric}: {choose(table, args.metric)}")

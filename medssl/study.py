@@ -15,8 +15,8 @@ each run once and recorded in ``runs/<run>/study.json``::
         20_latent_space/ ...          unit "seed<k>/<step>": the evaluation notebooks, executed with papermill
       60_study/                       unit "60_study": tables over seeds with intervals, figures, report.html
 
-Pretraining units run in this process (``fit`` with the plan's settings; what ``10_pretrain.ipynb``
-does, without the notebook); evaluation units are the demo's notebooks run by the pipeline
+Pretraining units run in this process (:func:`medssl.pretraining.pretrain` with the plan's settings, the
+function ``10_pretrain.ipynb`` calls); evaluation units are the demo's notebooks run by the pipeline
 on ``seed<k>`` (``MEDSSL_RUNS`` pointing at the study folder); the last unit aggregates
 (:mod:`medssl.evaluate.study`, ``60_study.ipynb``).
 
@@ -405,7 +405,7 @@ def run_study(
         t0 = time.perf_counter()
         try:
             if u.kind == "pretrain":
-                u.message = _run_pretrain(u, data_cache, progress)
+                u.message = _run_pretrain(u, RunDir(root).seed_run(u.seed), data_cache, progress)
                 for other in units:  # this seed's evaluations must see the new weights
                     if other.kind == "evaluate" and other.seed == u.seed and other.status == "done":
                         other.status = "pending"
@@ -457,24 +457,16 @@ def _open(data: dict[str, Any], cache: dict[str, Any]) -> Any:
     return cache[key]
 
 
-def _run_pretrain(u: StudyUnit, data_cache: dict[str, Any], progress: bool) -> str:
-    """Train one (method, seed) unit (resuming from its last.pt), then summarise it on the validation subjects."""
-    from medssl.evaluate.summary import pretraining_summary
-    from medssl.presets import build_run
-    from medssl.train import fit, load_method
+def _run_pretrain(u: StudyUnit, seed_run: RunDir, data_cache: dict[str, Any], progress: bool) -> str:
+    """Train one (method, seed) unit (resuming from its last.pt) with :func:`medssl.pretraining.pretrain`, which
+    also summarises it on the validation subjects (the best state where early stopping kept one)."""
+    from medssl.pretraining import pretrain
 
     s = u.settings
-    model, config = build_run(s["method"], s["preset"], method_overrides=s["method_overrides"],
-                              train_overrides=s["train_overrides"], seed=s["seed"])
-    data = _open(s["data"], data_cache)
-    result = fit(model, data.volumes("train"), config, u.output, val_volumes=data.volumes("val"), progress=progress,
-                 tensorboard=False)
-    files = RunDir(Path(u.output).parent).files(Path(u.output).name)
-    evaluated = load_method(RunDir(Path(u.output).parent).eval_checkpoint(Path(u.output).name))
-    summary = pretraining_summary(evaluated, data.volumes("val"), seed=s["seed"], run_dir=u.output)
-    summary = summary.assign(split="val", steps=result.step, best_step=result.best_step, stop_reason=result.stop_reason)
-    atomic_write_text(files.summary, summary.to_csv(index=False))
-    return result.stop_reason
+    result = pretrain(seed_run, s["method"], s["preset"], _open(s["data"], data_cache), seed=s["seed"],
+                      method_overrides=s["method_overrides"], train_overrides=s["train_overrides"], progress=progress,
+                      tensorboard=False)
+    return result.fit.stop_reason
 
 
 def _run_notebook_unit(u: StudyUnit, runs_root: Path, run_name: str, notebooks_dir: Path, progress: bool, *,

@@ -231,7 +231,7 @@ def test_the_pretraining_summary_cuts_each_methods_own_input(tmp_path):
     for name, overrides in (("reg2d", PLANAR_TINY), ("gvdiff", {"patch_size_vox": 12})):
         torch.manual_seed(0)
         table = pretraining_summary(create_method(name, **overrides), _volumes(2, shape=(26, 24, 20)), n_per_volume=8,
-                                    run_dir=tmp_path / name)
+                                    run=tmp_path / name)
         assert table.n_patches.item() == 16 and np.isfinite(table.effective_rank.item())
 
 
