@@ -167,17 +167,21 @@ def _train_main(args: argparse.Namespace) -> int:
     import yaml
 
     from medssl.pretraining import Pretraining
-    from medssl.train.precision import check_device
+    from medssl.train.precision import check_device, resolve_device
 
     method_overrides = {k: yaml.safe_load(v) for k, v in args.method_param}
     train_overrides = {k: yaml.safe_load(v) for k, v in args.train_param}
     check_device(str(train_overrides.get("device", "auto")), "-t device")  # before any data is built
+    # Everything is checked (run name, overrides, device) before any data is opened; the data (every case against
+    # the method's input size) before any step is trained.
+    job = Pretraining(args.run, args.method, args.preset, _data_settings(args), method_overrides=method_overrides,
+                      train_overrides=train_overrides, seed=args.seed, progress=False)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = resolve_device(job.train_config.device)  # NCCL for CUDA training only (-t device cpu: gloo)
+        if device.type == "cuda":  # each rank on its own GPU before NCCL starts (else every rank uses cuda:0)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        # Everything is checked (run name, overrides, device, every case against the input size) before any step.
-        job = Pretraining(args.run, args.method, args.preset, _data_settings(args), method_overrides=method_overrides,
-                          train_overrides=train_overrides, seed=args.seed, progress=False)
         result = job.run(resume=not args.no_resume)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(job.data.provenance)

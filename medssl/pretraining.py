@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -93,7 +94,8 @@ class Pretraining:
         seed: initialisation, sampling and the validation summary's patch set.
         name: the folder in the run (default: the method's name).
 
-    Building the model and checking every setting happens here; :meth:`run` trains.
+    Building the model and checking every setting happens here; the data are opened on first use
+    (:attr:`data`, or :meth:`run`, which also checks every case against the input size before the first step).
     """
 
     def __init__(
@@ -122,11 +124,23 @@ class Pretraining:
                                                   train_overrides=dict(train_overrides or {}))
         self.train_config: "TrainConfig"
         check_device(self.train_config.device)  # before any data is built
-        self.data = self._open(data)
-        self.train_volumes = self.data.volumes("train")
-        self.val_volumes = self.data.volumes("val") if "val" in self.data.splits else []
-        if not self.train_volumes:
+        self._data_arg = data
+
+    @cached_property
+    def data(self) -> "DataSource":
+        """The data, opened on first use (the command line starts DDP between building the model and this)."""
+        return self._open(self._data_arg)
+
+    @cached_property
+    def train_volumes(self) -> list:
+        volumes = self.data.volumes("train")
+        if not volumes:
             raise ValueError(f"{self.data.source}: no training volumes (splits found: {self.data.splits})")
+        return volumes
+
+    @cached_property
+    def val_volumes(self) -> list:
+        return self.data.volumes("val") if "val" in self.data.splits else []
 
     def _open(self, data: Any) -> "DataSource":
         from medssl.data.source import DataSource, open_data

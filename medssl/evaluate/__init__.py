@@ -28,8 +28,10 @@ _EXPORTS = {
     "latent": "collapse_coefficient collapse_stats decode_coordinates pc_axis_correlation pca_frame umap_frame",
     "patchsets": "PatchSet draw_by_split draw_labelled_patch_set draw_pair_set draw_uniform_patch_set get_or_draw "
                  "target_mask",
-    "probe": "METRICS ProbeComparison ProbeResult binary_metrics grouped_folds linear_probe linear_probe_cv "
-             "position_features probe_frozen_backbone probe_methods raw_intensity_features",
+    "probe": "CONTROL METRICS ProbeComparison ProbeResult auc_by_stratum binary_metrics control_verdict "
+             "dominant_instance grouped_folds has_target linear_probe linear_probe_cv position_features "
+             "probe_frozen_backbone probe_methods raw_intensity_features share_bin_names share_strata "
+             "supervised_control target_patches",
     "runs": "RANDOM_INIT load_run_methods random_init_like",
     "stats": "holm min_wilcoxon_p paired_tests pvalue_matrix",
 }

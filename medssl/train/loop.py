@@ -192,6 +192,8 @@ class _Trainer:
         self.ckpt_dir, self.last_path = checkpoint_paths(run_dir)
         self.is_main = rank() == 0
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this rank's GPU is the current one (NCCL object collectives use it)
         self.precision = resolve_precision(config.precision, self.device)
         volumes_per_batch = int(getattr(method.config, "volumes_per_batch", 1))
         self.steps_per_epoch = config.steps_per_epoch or math.ceil(len(train_volumes) / (volumes_per_batch * world_size()))
@@ -356,7 +358,9 @@ class _Trainer:
         torch_rngs = all_ranks_gather(torch.get_rng_state())
         if not self.is_main:
             return
-        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        # this rank's GPU's generator (get_rng_state() without a device reads the current device's)
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" and torch.cuda.is_initialized() \
+            else None
         state = training_state(self.method, self.config, self.optimizer, self.scheduler, self.scaler, self.step,
                                self.steps_per_epoch, self._elapsed_s(), numpy_rngs, torch_rngs, cuda_rng,
                                preprocessing=self.preprocessing)

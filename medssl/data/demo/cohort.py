@@ -31,7 +31,7 @@ from medssl.data.demo.fetch import (
     fetch_totalseg_examples,
     load_example_label_names,
 )
-from medssl.data.demo.synthesis import _init_worker, _synthesize_subject
+from medssl.data.demo.synthesis import SYNTHESIS_VERSION, _init_worker, _synthesize_subject
 from medssl.data.errors import MedsslDataError
 from medssl.provenance import DEMO_PROVENANCE
 
@@ -57,7 +57,7 @@ def build_demo_cohort(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     spacing_mm: float = 3.0,
-    lesions_per_subject: tuple[int, int] = (1, 3),
+    lesions_per_subject: tuple[int, int] = (2, 4),
     *,
     examples_dir: str | os.PathLike | None = None,
     n_workers: int | None = None,
@@ -202,6 +202,7 @@ def _write_cohort_files(cfg: CohortConfig, examples: Path, tmp: Path, root: Path
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     info = {
         "format_version": 1,
+        "synthesis_version": SYNTHESIS_VERSION,
         "config": cfg.to_json(),
         "seed": cfg.seed,
         "source": {"package": f"TotalSegmentator {TOTALSEG_VERSION}", "archive_sha256": source["archive_sha256"],
@@ -224,7 +225,9 @@ def _cohort_complete(root: Path, cfg: CohortConfig) -> bool:
         info = json.loads((root / "cohort.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    if info.get("config") != cfg.to_json() or info.get("source", {}).get("archive_sha256") != TOTALSEG_SDIST_SHA256:
+    if info.get("synthesis_version", 1) != SYNTHESIS_VERSION or info.get("config") != cfg.to_json():
+        return False
+    if info.get("source", {}).get("archive_sha256") != TOTALSEG_SDIST_SHA256:
         return False
     for rel, size in info.get("files", {}).items():
         p = root / rel
@@ -250,6 +253,11 @@ class DemoCohort:
 
         self.root = Path(root)
         self.info: dict = json.loads((self.root / "cohort.json").read_text(encoding="utf-8"))
+        version = self.info.get("synthesis_version", 1)
+        if version != SYNTHESIS_VERSION:
+            raise ValueError(f"{self.root / 'cohort.json'}: the cohort was synthesised by version {version} of the "
+                             f"demo synthesis, this medssl makes version {SYNTHESIS_VERSION} (other lesions); "
+                             "build_demo_cohort(...) with the same settings rebuilds it")
         self.manifest: pd.DataFrame = read_manifest(self.root / "manifest.csv")
         raw = json.loads((self.root / "label_names.json").read_text(encoding="utf-8"))
         self.label_names: dict[int, str] = {int(k): v for k, v in raw.items()}
@@ -270,6 +278,14 @@ class DemoCohort:
             if s["case_id"] == case_id:
                 return s
         raise KeyError(f"{case_id!r} is not a synthetic subject of {self.root}")
+
+    def lesion_table(self) -> pd.DataFrame:
+        """One row per synthetic lesion: ``case_id, split, id, organ, kind, diameters_mm, delta_hu, cyst_hu,
+        contrast_hu, voxels, volume_ml`` (as recorded when the cohort was built)."""
+        rows = [{"case_id": s["case_id"], "split": s["split"], **r} for s in self.info["subjects"] for r in s["lesions"]]
+        cols = ["case_id", "split", "id", "organ", "kind", "diameters_mm", "delta_hu", "cyst_hu", "surround_hu",
+                "contrast_hu", "voxels", "volume_ml"]
+        return pd.DataFrame(rows).reindex(columns=cols)
 
     def deformation(self, case_id: str) -> SubjectDeformation:
         """The subject's ``T``; the template case ``totalseg-ct`` has the identity."""
