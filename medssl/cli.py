@@ -109,6 +109,11 @@ def _run_data_demo(args: argparse.Namespace) -> int:
     for name, fig in figures:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
+    if args.out_dir is None and args.cohort_dir is None:  # the run's data, for its notebooks (as 00_data records it)
+        from medssl.data.spec import DataSpec
+
+        spec = DataSpec(source="demo", n_subjects=args.n_subjects, cohort_seed=args.seed, target_spacing_mm=args.spacing_mm)
+        print(f"data spec of run {args.run}: {RunDir(args.run).write_data_spec(spec)}")
     print(f"\nwrote {out / 'cohort_summary.csv'} and {len(figures)} figure(s) to {out}")
     return 0
 
@@ -197,15 +202,20 @@ def _train_main(args: argparse.Namespace) -> int:
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="demo", help='"demo" or a folder of volumes')
-    p.add_argument("--n-subjects", type=int, default=48, help="demo cohort size")
-    p.add_argument("--target-spacing-mm", type=float, default=3.0)
-    p.add_argument("--cohort-seed", type=int, default=0, help="demo cohort seed (which synthetic subjects exist)")
+    g = p.add_argument_group("data", "Default: the run's data (runs/<run>/00_data/data_spec.json, written by 00_data "
+                             "or by the first medssl train of the run), else the demo cohort (48 subjects, 3 mm). A flag "
+                             "overrides that one setting.")
+    g.add_argument("--source", default=None, help='"demo" or a folder of volumes')
+    g.add_argument("--n-subjects", type=int, default=None, help="demo cohort size (default 48)")
+    g.add_argument("--target-spacing-mm", type=float, default=None, help="isotropic voxel size (default 3 mm)")
+    g.add_argument("--cohort-seed", type=int, default=None, help="demo cohort seed (which synthetic subjects exist)")
 
 
 def _data_settings(args: argparse.Namespace) -> dict:
-    return {"source": args.source, "n_subjects": args.n_subjects, "cohort_seed": args.cohort_seed,
-            "target_spacing_mm": args.target_spacing_mm}
+    """The data flags given on the command line (overrides of the run's data spec)."""
+    given = {"source": args.source, "n_subjects": args.n_subjects, "cohort_seed": args.cohort_seed,
+             "target_spacing_mm": args.target_spacing_mm}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- medssl sweep ...

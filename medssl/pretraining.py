@@ -85,10 +85,12 @@ class Pretraining:
         run: run name (``runs/<run>/``), a path, or a :class:`RunDir`.
         method: a registered method or variant.
         preset: ``"demo"``, ``"paper"``, ``"tiny"`` (:mod:`medssl.presets`).
-        data: a :class:`~medssl.data.source.DataSource` (used as it is), or a mapping of
-            :func:`medssl.data.source.open_data` settings (``source``, ``n_subjects``, ``cohort_seed``,
-            ``target_spacing_mm``, ...), or None (the demo cohort). The data are opened with the method's
-            input size, so a case smaller than a patch is reported before any step is trained.
+        data: a :class:`~medssl.data.source.DataSource` (used as it is), or None for the run's data
+            (:meth:`medssl.rundir.RunDir.data_spec`: what ``00_data`` recorded, else the demo's defaults),
+            or a mapping of :class:`~medssl.data.spec.DataSpec` fields that override it (``source``,
+            ``n_subjects``, ``target_spacing_mm``, ...). The data are opened with the method's input size,
+            so a case smaller than a patch is reported before any step is trained; a run without a
+            recorded spec gets this one (so its evaluation notebooks open the same data).
         method_overrides, train_overrides: on top of the preset (unknown names and wrong types raise here,
             before any data is opened).
         seed: initialisation, sampling and the validation summary's patch set.
@@ -143,12 +145,16 @@ class Pretraining:
         return self.data.volumes("val") if "val" in self.data.splits else []
 
     def _open(self, data: Any) -> "DataSource":
-        from medssl.data.source import DataSource, open_data
+        from medssl.data.source import DataSource
+        from medssl.distributed import rank
 
         if isinstance(data, DataSource):
             return data
-        settings = {"source": "demo", "target_spacing_mm": 3.0, **dict(data or {})}
-        return open_data(**settings, progress=self.progress, patch_size_vox=self.model.input_size_vox)
+        spec = self.run_dir.data_spec(data)
+        opened = spec.open(progress=self.progress, patch_size_vox=self.model.input_size_vox)
+        if not self.run_dir.data_spec_file.is_file() and rank() == 0:
+            self.run_dir.write_data_spec(spec)
+        return opened
 
     def describe(self) -> "pd.DataFrame":
         """What the registry knows about the method, its data budget per step and its forward passes per step."""

@@ -533,7 +533,8 @@ def add_cli_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("runs", nargs="*", metavar="RUN", help="one or two run names (or run folders)")
     p.add_argument("-o", "--out", type=Path, default=None, help="HTML file to write")
     p.add_argument("--methods", nargs="*", default=None, help="method rows to keep (default all)")
-    p.add_argument("--source", default=None, help="data source of the run(s), for the provenance statement")
+    p.add_argument("--source", default=None, help="data source of the run(s), for the provenance statement "
+                   "(default: the run's data spec, runs/<run>/00_data/data_spec.json)")
     # the README's results block (medssl.readme_results): generated from a run, checked against the CSV it cites
     p.add_argument("--markdown", action="store_true", help="print the README results table of the run")
     p.add_argument("--export-csv", metavar="CSV",
@@ -558,8 +559,10 @@ def _run_report(args: argparse.Namespace) -> int:
         raise ValueError("medssl report: name a run (or two to compare), or use --check-readme README")
     if len(args.runs) > 2:
         raise ValueError(f"medssl report takes one run or two to compare, got {len(args.runs)}: {args.runs}")
-    provenance = provenance_statement(args.source) if args.source else None
     runs = [_run_arg(r) for r in args.runs]
+    spec_file = RunDir(runs[0]).data_spec_file  # the run's data (00_data), unless --source names it
+    source = args.source or (RunDir(runs[0]).data_spec().source if spec_file.is_file() else None)
+    provenance = provenance_statement(source) if source else None
     if len(runs) == 1:
         out = write_report(runs[0], out_path=args.out, provenance=provenance, methods=args.methods)
         print(f"report: {out}")

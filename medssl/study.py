@@ -230,6 +230,9 @@ def _validate(s: dict[str, Any]) -> None:
     missing = [k for k in _DATA_PARAMS if k not in data]
     if missing:
         raise ValueError(f"study data settings lack {missing}")
+    from medssl.data.spec import DataSpec
+
+    DataSpec().with_overrides(data)  # unknown names and wrong types raise, naming the field
     for step in s["evaluations"]:
         if not isinstance(step, dict) or "notebook" not in step or set(step) - {"notebook", "name", "parameters"}:
             raise ValueError(f"study evaluation steps are {{notebook, name, parameters}} mappings, got {step!r}")
@@ -297,7 +300,7 @@ def plan_units(settings: dict[str, Any], run: str, *, runs_root: Path | None = N
     root = RunDir(run, runs_root).path
     names = list(methods) if methods else study_methods(settings["methods"])
     study_methods(names)
-    data = {k: settings["data"][k] for k in _DATA_PARAMS}
+    data = dict(settings["data"])
     units: list[StudyUnit] = []
     if settings["data_notebook"]:
         units.append(StudyUnit("00_data", "data", str(root / "00_data" / "00_data.ipynb"),
@@ -311,7 +314,7 @@ def plan_units(settings: dict[str, Any], run: str, *, runs_root: Path | None = N
                                              "method_overrides": m_over, "train_overrides": t_over}))
         for step in settings["evaluations"]:
             name = step.get("name", Path(step["notebook"]).stem)
-            params = {**data, **step.get("parameters", {}), "seed": seed}
+            params = {"data_overrides": dict(data), **step.get("parameters", {}), "seed": seed}
             if seed != settings["seeds"][0]:
                 params.update({k: v for k, v in settings["later_seed_parameters"].items() if k in params})
             for key, value in (notebook_overrides or {}).items():
@@ -448,12 +451,11 @@ def _select(units: list[StudyUnit], only: Iterable[str] | None) -> list[StudyUni
 
 def _open(data: dict[str, Any], cache: dict[str, Any]) -> Any:
     """The study's data source, opened once per process (the cohort and the volume cache are built on first use)."""
-    from medssl.data.source import open_data
+    from medssl.data.spec import DataSpec
 
     key = json.dumps(data, sort_keys=True)
     if key not in cache:
-        cache[key] = open_data(data["source"], n_subjects=data["n_subjects"], cohort_seed=data["cohort_seed"],
-                               target_spacing_mm=data["target_spacing_mm"], progress=False)
+        cache[key] = DataSpec().with_overrides(data).open(progress=False)
     return cache[key]
 
 

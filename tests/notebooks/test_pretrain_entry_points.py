@@ -29,8 +29,8 @@ def _keys(method_dir) -> dict[str, set[str]]:
 @pytest.mark.network
 @pytest.mark.slow
 def test_medssl_train_and_sweep_write_what_10_pretrain_writes(run_notebook, capsys):
-    nb = run_notebook("10_pretrain.ipynb", {"method": "isimed", "preset": "tiny", "n_subjects": 4,
-                                            "target_spacing_mm": 6.0}, run="nb")
+    nb = run_notebook("10_pretrain.ipynb", {"method": "isimed", "preset": "tiny",
+                                            "data_overrides": {"n_subjects": 4, "target_spacing_mm": 6.0}}, run="nb")
     runs = nb.run_dir.parent
     assert main(["train", "--method", "isimed", "--run", "cli", *TINY]) == 0
     # a sweep over one value of a setting the tiny preset already has: the same training under another folder name
