@@ -264,7 +264,7 @@ def train_settings(settings: dict[str, Any], method: str) -> tuple[dict[str, Any
     context methods' ``curriculum_steps``), the cap in steps rounded up to whole epochs, and a per-epoch
     learning-rate decay that reaches ``lr_at_cap`` at the cap.
     """
-    from medssl.methods import get_method_class
+    from medssl.methods import get_method_class, make_config
     from medssl.presets import preset
 
     cls = get_method_class(method)
@@ -286,7 +286,8 @@ def train_settings(settings: dict[str, Any], method: str) -> tuple[dict[str, Any
         train.pop("early_stopping", None)  # nothing is optimised: the initial state is the result
     elif "early_stopping" in train:
         # a curriculum (the context methods' offset range) must be complete before the measure can judge the run
-        curriculum = {**preset(method, settings["preset"])[0], **m_over}.get("curriculum_steps")
+        config = make_config(method, **{**preset(method, settings["preset"])[0], **m_over})
+        curriculum = getattr(config, "curriculum_steps", None)  # a preset names only what differs from the class
         if curriculum is not None:
             train["early_stopping"] = {**train["early_stopping"], "min_steps": min(int(curriculum), cap)}
     return m_over, train
