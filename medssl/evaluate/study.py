@@ -253,8 +253,12 @@ def twins_of(run: "str | os.PathLike | RunDir", seed: int | None = None) -> dict
         matched_twins = None
     if matched_twins is not None:
         from medssl.evaluate.runs import load_run_methods
+        from medssl.train.checkpoint import CheckpointError
 
-        return dict(matched_twins(load_run_methods(rd, None, include_random_init=True, seed=k, verbose=False)))
+        try:
+            return dict(matched_twins(load_run_methods(rd, None, include_random_init=True, seed=k, verbose=False)))
+        except CheckpointError as err:  # a replicate copied without its weights: the configs still name the twins
+            print(f"twins from the methods' configs ({err})")
     out = {}
     for m in rd.trained_methods():
         cfg = rd.files(m).config

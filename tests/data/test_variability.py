@@ -183,6 +183,13 @@ def test_composed_deformation_saves_loads_and_inverts(tmp_path):
     np.testing.assert_allclose(loaded.inverse(loaded(x)), x, atol=1e-3)
     base.save(tmp_path / "plain.npz")
     assert type(load_deformation(tmp_path / "plain.npz")) is SubjectDeformation
+    # the synthesis evaluates T on the subject's grid (diagonal and oblique grids take different paths)
+    for grid in (np.diag([4.0, 5.0, 7.0, 1.0]) + np.array([[0, 0, 0, -40.0], [0, 0, 0, -30.0], [0, 0, 0, -20.0], [0, 0, 0, 0]]),
+                 oblique_affine((4.0, 5.0, 7.0), (5.0, 0.0, 12.0), (-40.0, -30.0, -20.0))):
+        shape = (9, 7, 6)
+        ijk = np.indices(shape, dtype=np.float64).reshape(3, -1)
+        centres = (grid[:3, :3] @ ijk + grid[:3, 3:4]).T
+        np.testing.assert_allclose(d.on_grid(shape, grid), d(centres), atol=1e-9)
 
 
 def test_open_data_names_the_variability_in_the_source_and_the_folder(monkeypatch, study):
