@@ -337,7 +337,9 @@ def _run_export(args: argparse.Namespace) -> int:
     ckpt = args.checkpoint
     out = args.out
     if out is None:
-        name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.stem
+        from medssl.rundir import method_dir_of
+
+        name = method_dir_of(ckpt).name if method_dir_of(ckpt) is not None else ckpt.stem
         out = Path.cwd() / f"{name}_encoder"
     res = export_encoder(ckpt, out, to=args.to, overwrite=args.overwrite)
     info = res.info

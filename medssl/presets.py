@@ -5,7 +5,7 @@ CPU) and ``tiny`` (seconds, for smoke tests).
 
     overrides, train_config = preset("isimed", "demo")
     method = create_method("isimed", **overrides)
-    fit(method, volumes, train_config, run_dir)
+    fit(method, volumes, train_config, RunDir(run).method_dir("isimed"))
 
 Values are plain Python literals, so a papermill parameters cell can name a preset and
 override single values on top.

@@ -237,7 +237,9 @@ def record_fit_provenance(method_dir: str | os.PathLike, start_step: int) -> Pat
     path = d / PROVENANCE_FILE
     old = _read_json(path) or {}
     version = code_version()
-    cfg = d / "config.json"
+    from medssl.rundir import method_files
+
+    cfg = method_files(d).config
     session = {"started_utc": _now(), "start_step": int(start_step), "commit": version["commit"],
                "dirty": version["dirty"], "changed": version["changed"]}
     sessions = [s for s in old.get("sessions", []) if int(s.get("start_step", 0)) < int(start_step)] + [session]

@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from medssl.data.source import DataSource
     from medssl.data.spec import DataSpec
 
-__all__ = ["RunDir", "MethodFiles", "method_files", "HEADLINE_COLUMNS", "PROVENANCE_COLUMNS", "ROW_KINDS",
+__all__ = ["RunDir", "MethodFiles", "method_files", "method_dir_of", "HEADLINE_COLUMNS", "PROVENANCE_COLUMNS", "ROW_KINDS",
            "InvalidRunNameError", "read_headline_csv"]
 
 PROVENANCE_COLUMNS = ["commit", "config_hash"]  # last, so that readers of the older columns are unaffected
@@ -83,6 +83,13 @@ def method_files(method_dir: str | os.PathLike) -> MethodFiles:
     return MethodFiles(dir=d, checkpoints=d / "checkpoints", last=d / "checkpoints" / "last.pt",
                        metrics=d / "metrics.jsonl", config=d / "config.json", summary=d / "summary.csv",
                        curves=d / "loss_curves.png", best=d / "checkpoints" / "best.pt")
+
+
+def method_dir_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The method folder a checkpoint file lies in (``<run>/<method>/checkpoints/<file>``), or None when the file
+    lies elsewhere (a copied or downloaded checkpoint)."""
+    p = Path(checkpoint)
+    return p.parent.parent if p.parent.name == method_files(p.parent.parent).checkpoints.name else None
 
 
 class InvalidRunNameError(ValueError):

@@ -486,12 +486,15 @@ def finetune(
     out = Path(out_dir) if out_dir is not None else None
     log = None
     if out is not None:
+        from medssl.rundir import method_files
+
+        files = method_files(out)  # the same file names as a pretrained method's folder
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        files.metrics.unlink(missing_ok=True)
         info = {"method": name, "subjects": [str(v.case_id) for v in train_volumes], "organs": list(organs.names),
                 "adapter": getattr(net, "adapter", ""), "precision": precision, **asdict(config)}
-        (out / "config.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-        log = MetricsLog(out / "metrics.jsonl", enabled=True, callbacks=[])
+        files.config.write_text(json.dumps(info, indent=1), encoding="utf-8")
+        log = MetricsLog(files.metrics, enabled=True, callbacks=[])
     history: list[dict[str, Any]] = []
 
     def _record(rec: dict[str, Any]) -> None:

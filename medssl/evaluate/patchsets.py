@@ -495,7 +495,7 @@ def get_or_draw(
 
     Example::
 
-        ps = get_or_draw(run_dir / "eval", "probe_lesion", 0, draw_labelled_patch_set,
+        ps = get_or_draw(RunDir(run).eval_dir, "probe_lesion", 0, draw_labelled_patch_set,
                          volumes=test_volumes, target="lesion", n_per_class=200, patch_size_vox=32)
     """
     spec = {"draw": getattr(draw, "__qualname__", str(draw))}

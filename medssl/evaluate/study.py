@@ -94,7 +94,7 @@ def _read(path: Path) -> pd.DataFrame | None:
 
 
 def _knn_units(rd: RunDir) -> pd.DataFrame | None:
-    s = _read(rd.path / "50_segmentation" / "knn_scores.csv")
+    s = _read(rd.step_dir("50_segmentation", create=False) / "knn_scores.csv")
     if s is None or s.empty:
         return None
     keys = ["method", "kind", "n_atlases", "query"]
@@ -106,7 +106,7 @@ def _knn_units(rd: RunDir) -> pd.DataFrame | None:
 
 
 def _finetune_units(rd: RunDir) -> pd.DataFrame | None:
-    s = _read(rd.path / "50_segmentation" / "finetune_scores.csv")
+    s = _read(rd.step_dir("50_segmentation", create=False) / "finetune_scores.csv")
     if s is None or s.empty:
         return None
     q = s.groupby(["method", "n_subjects", "query"], sort=False)["dice"].mean().reset_index()
@@ -117,7 +117,7 @@ def _finetune_units(rd: RunDir) -> pd.DataFrame | None:
 
 def _probe_units(rd: RunDir) -> pd.DataFrame | None:
     frames = []
-    for f in sorted((rd.path / "30_linear_probe").glob("*/probe_per_subject.csv")):
+    for f in sorted(rd.step_dir("30_linear_probe", create=False).glob("*/probe_per_subject.csv")):
         p = pd.read_csv(f)
         if p.empty or "auc" not in p:
             continue
@@ -128,7 +128,7 @@ def _probe_units(rd: RunDir) -> pd.DataFrame | None:
 
 
 def _correspondence_units(rd: RunDir) -> pd.DataFrame | None:
-    p = _read(rd.path / "20_latent_space" / "correspondence_points.csv")
+    p = _read(rd.step_dir("20_latent_space", create=False) / "correspondence_points.csv")
     if p is None or p.empty:
         return None
     from medssl.evaluate.correspondence import REFERENCES
