@@ -261,7 +261,7 @@ class _Trainer:
             self.method_dir.mkdir(parents=True, exist_ok=True)
             keep_metrics_up_to(method_files(self.method_dir).metrics, self.step)
             self._write_config_json()
-            record_fit_provenance(self.method_dir, self.step)  # commit, dirty tree, packages, config sha256
+            record_fit_provenance(self.method_dir, self.step, method_files(self.method_dir).config)  # commit, config sha
         # on resume, TensorBoard hides the events after the checkpoint's step, as keep_metrics_up_to drops their lines
         tb = TensorBoardLog(self.method_dir, purge_step=self.step + 1 if self.step else None) \
             if self.is_main and self.tensorboard else None
