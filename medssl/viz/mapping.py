@@ -241,7 +241,7 @@ def map_scan(
         import matplotlib.pyplot as plt
 
         from medssl.rundir import method_dir_of
-        from medssl.viz.maps import plot_latent_map_slices
+        from medssl.viz.map_figures import plot_latent_map_slices
 
         method_dir = method_dir_of(checkpoint)
         source = f"run {method_dir.parent.name}" if method_dir is not None else checkpoint.name

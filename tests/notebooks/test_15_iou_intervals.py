@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from medssl.data.source import open_data
-from medssl.evaluate.pairs import iou_interval_pairs, shared_label_summary, study_intervals
+from medssl.evaluate.iou_intervals import iou_interval_pairs, shared_label_summary, study_intervals
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
