@@ -1,4 +1,4 @@
-"""Evaluation: frozen embeddings and the protocols of design/evaluation.md.
+"""Evaluation: frozen embeddings and the evaluation protocols (which split chooses, which scores: ``protocol``).
 
 Pure functions over embeddings and labels that return tables (pandas DataFrames or
 dataclasses); the notebooks show and plot them. Modules:
@@ -11,6 +11,15 @@ dataclasses); the notebooks show and plot them. Modules:
 - ``stats``: paired t-test / Wilcoxon between methods on the same folds.
 - ``runs``: loading a run's trained methods (the layout is :class:`medssl.rundir.RunDir`).
 - ``dense``, ``correspondence``, ``maps``: dense grids, correspondence, latent maps.
+- ``registration``: intensity registration between subjects (the positive control of correspondence and kNN).
+- ``knn_seg``: kNN few-shot organ label transfer from dense descriptors.
+- ``finetune``: segmentation fine-tuning from a pretrained encoder (networks: :mod:`medssl.models.segmentation`).
+- ``segmetrics``: foreground-only per-volume Dice and surface Dice.
+- ``iou_intervals``: what IoU-interval crop pairs contain, and the IoU-interval methods' training (notebook 15).
+- ``protocol``: which subjects an evaluation chooses on and which it scores.
+- ``headlines``: the long headline tables every step writes for the report.
+- ``summary``: a short summary of a pretraining run on held-out subjects.
+- ``study``: a study's tables over seeds, with intervals and paired comparisons.
 
 (Effective rank and collapse live in :mod:`medssl.capacity`, which methods and training use too.)
 """

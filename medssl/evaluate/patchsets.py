@@ -1,6 +1,6 @@
 """Seeded evaluation patch sets: drawn once per seed, saved in the run directory, reused by every method.
 
-Every evaluation compares methods on *identical* inputs (design/evaluation.md). A
+Every evaluation compares methods on *identical* inputs. A
 :class:`PatchSet` holds the patches together with their geometry (centres in world
 millimetres from each volume's affine, voxel boxes), the case and patient (group)
 of every patch, optional labels and the seed it was drawn from. It is saved as an
