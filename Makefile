@@ -37,7 +37,7 @@ $(STAMP): requirements.txt pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check medssl tests benchmarks
+	$(BIN)/ruff check medssl tests benchmarks notebooks
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=15 tests
 
 demo: $(STAMP)

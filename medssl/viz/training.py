@@ -19,7 +19,7 @@ def loss_curves(metrics: pd.DataFrame, title: str = "", smooth: int = 10):
     """Static matplotlib figure: training loss terms (raw + running mean), val loss, lr and effective rank.
 
     Args:
-        metrics: the frame from ``medssl.train.read_metrics(run_dir)``; rows with
+        metrics: the frame from ``medssl.train.read_metrics(method_dir)``; rows with
             ``split == "val"`` are evaluation records, the rest training steps.
         smooth: window of the running mean drawn over the raw curve.
     """

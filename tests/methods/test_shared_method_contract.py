@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from medssl.data.volume import Volume
-from medssl.methods import create_method, get_method_class, list_methods, make_config
+from medssl.methods import MethodConfig, create_method, get_method_class, list_methods, make_config
 from medssl.methods.base import Method
+from medssl.presets import PRESETS, list_presets, preset
 from medssl.sampling.base import PatchBatch
 from tests.helpers import oblique_affine
 
+# MethodConfig's defaults: the ISImed paper's (DenseNet121, 32^3, 16 patches x 64 volumes); a method's Config
+# keeps them unless its paper fixes another value, which the presets then leave alone (below).
 COMMON_FIELDS = {
     "backbone": "densenet121",
     "patch_size_vox": 32,
@@ -28,16 +31,6 @@ COMMON_FIELDS = {
     "in_channels": 1,
     "foreground_only": False,
     "embed_dim": None,
-}
-# Methods whose paper fixes other defaults for some common fields (Blendowski et al.: Table 1's networks,
-# 42 x 42 planar / 25^3 patches, batch 8 as one anchor from each of 8 volumes, anchors on the body).
-_CONTEXT = {"volumes_per_batch": 8, "patches_per_volume": 1, "foreground_only": True}
-PAPER_DEFAULTS = {
-    "reg2d": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
-    "heatmap": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
-    "xavier": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
-    "doersch": {**_CONTEXT, "backbone": "d3d", "patch_size_vox": 25},
-    "gvdiff": {**_CONTEXT, "backbone": "gvdiff", "patch_size_vox": 42},
 }
 TINY = {"backbone": "smallcnn", "patch_size_vox": 16, "volumes_per_batch": 2, "patches_per_volume": 4}
 TINY_OVERRIDES = {"gvdiff": {"backbone": "gvdiff"}}  # a handcrafted descriptor has no network to swap
@@ -75,14 +68,35 @@ def test_the_four_isimed_paper_methods_are_registered():
     assert {"isimed", "regisimed", "simclr", "barlowtwins"} <= set(METHODS)
 
 
+def test_the_common_defaults_are_the_isimed_papers():
+    assert {f.name: f.default for f in fields(MethodConfig)} == COMMON_FIELDS
+
+
 @pytest.mark.parametrize("name", METHODS)
-def test_config_is_frozen_with_the_common_fields_and_paper_defaults(name):
+def test_config_is_frozen_with_the_common_fields(name):
     cfg = get_method_class(name).Config()
-    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    for key, default in {**COMMON_FIELDS, **PAPER_DEFAULTS.get(name, {})}.items():
-        assert values[key] == default, f"{name}.Config.{key}"
+    assert {f.name for f in fields(MethodConfig)} <= {f.name for f in fields(cfg)}
     with pytest.raises(FrozenInstanceError):
         cfg.patch_size_vox = 8  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("preset_name", [p for p in list_presets() if not PRESETS[p].get("for_every_method")])
+@pytest.mark.parametrize("name", METHODS)
+def test_a_shared_preset_never_overwrites_a_methods_own_default(name, preset_name):
+    """A shared preset value applies where the method keeps the common default; where its class (its paper) says
+    otherwise, the class's value stands unless the method's own preset names the field."""
+    own = get_method_class(name).presets.get(preset_name, {}).get("method", {})
+    defaults = asdict(make_config(name))
+    config = asdict(make_config(name, **preset(name, preset_name)[0]))
+    common = {f.name: f.default for f in fields(MethodConfig)}
+    for key, shared in PRESETS[preset_name]["method"].items():
+        if key in own:
+            expected = own[key]
+        elif defaults[key] != common[key]:
+            expected = defaults[key]
+        else:
+            expected = shared
+        assert config[key] == expected, (name, preset_name, key)
 
 
 @pytest.mark.parametrize("name", METHODS)

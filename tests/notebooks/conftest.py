@@ -3,7 +3,7 @@
 Usage in a test::
 
     def test_my_notebook_runs(run_notebook):
-        res = run_notebook("10_pretrain.ipynb", {"n_subjects": 4, "target_spacing_mm": 6.0}, run="t")
+        res = run_notebook("10_pretrain.ipynb", {"data_overrides": {"n_subjects": 4}}, run="t")
         assert (res.run_dir / "isimed" / "config.json").is_file()
 
 The kernel sees ``MEDSSL_RUNS=<tmp_path>/runs`` and a per-session ``MEDSSL_DATA``

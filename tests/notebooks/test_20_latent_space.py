@@ -9,8 +9,8 @@ import pytest
 
 from tests.helpers import tiny_checkpoints
 
-PARAMS = ("run", "methods", "source", "n_patches_per_volume", "stride_vox", "n_corr_points", "n_corr_partners",
-          "registration", "body_alignment", "seed", "cohort_seed", "fit_split", "score_split", "umap", "viewer")
+PARAMS = ("run", "methods", "data_overrides", "n_patches_per_volume", "stride_vox", "n_corr_points", "n_corr_partners",
+          "registration", "body_alignment", "seed", "fit_split", "score_split", "umap", "viewer")
 
 
 def test_20_latent_space_notebook_follows_the_notebook_conventions(check_notebook_conventions):
@@ -42,7 +42,7 @@ def test_20_latent_space_notebook_writes_tables_and_latent_maps_with_the_image_a
     tiny_checkpoints(run_dir, TRAINED)
     params = {
         "methods": [*TRAINED, "barlowtwins"],  # barlowtwins has no checkpoint: reported, skipped
-        "n_subjects": 12, "target_spacing_mm": 6.0, "n_patches_per_volume": 12, "stride_vox": 8,
+        "data_overrides": {"n_subjects": 12, "target_spacing_mm": 6.0}, "n_patches_per_volume": 12, "stride_vox": 8,
         "n_corr_points": 30, "n_corr_partners": 1, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
     }  # fmt: skip
     res = run_notebook("20_latent_space.ipynb", params, run="nb20")

@@ -7,11 +7,12 @@ import pytest
 
 from tests.helpers import tiny_checkpoints
 
-PARAMS = ("run", "methods", "source", "stride_vox", "case_a", "case_b", "projection", "max_scatter_points", "seed")
+PARAMS = ("run", "methods", "data_overrides", "stride_vox", "case_a", "case_b", "projection", "max_scatter_points", "seed")
 
 # 20_latent_space at tiny parameters, as its own smoke test runs it
 TINY_20 = {
-    "n_subjects": 12, "target_spacing_mm": 6.0, "n_patches_per_volume": 12, "stride_vox": 8, "n_corr_points": 30,
+    "data_overrides": {"n_subjects": 12, "target_spacing_mm": 6.0}, "n_patches_per_volume": 12, "stride_vox": 8,
+    "n_corr_points": 30,
     "n_corr_partners": 1, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
 }  # fmt: skip
 
@@ -42,7 +43,7 @@ def test_25_latent_viewer_reads_the_runs_maps_and_cached_embeddings_of_every_tra
     dense_cache = _files(run_dir / "eval" / "dense")
     assert any(name.endswith(".npy") for name in dense_cache)
 
-    params = {"n_subjects": 12, "target_spacing_mm": 6.0, "stride_vox": 8, "max_scatter_points": 200,
+    params = {"data_overrides": {"n_subjects": 12, "target_spacing_mm": 6.0}, "stride_vox": 8, "max_scatter_points": 200,
               "n_neighbours": 10, "viewer_height": 300, "batch_size": 64}  # fmt: skip
     res = run_notebook("25_latent_viewer.ipynb", params, run="nb25")  # methods = []: every trained method
     out = res.run_dir / "25_latent_viewer"
