@@ -39,7 +39,7 @@ venv: $(STAMP)
 # --dist loadgroup: tests that read one notebook run shared per session (pytest.mark.xdist_group) go to one worker,
 # so each notebook is executed once (tests/notebooks/conftest.py); the other tests are spread as usual.
 test: $(STAMP)
-	$(BIN)/ruff check medssl tests benchmarks
+	$(BIN)/ruff check medssl tests benchmarks notebooks
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
 
 demo: $(STAMP)

@@ -6,7 +6,8 @@ The everyday API, loaded lazily so ``import medssl`` stays cheap (no torch until
     data = medssl.open_data("demo")                     # or a folder of scans
     model, config = medssl.build_run("isimed", "demo")  # a seeded method + its TrainConfig
     medssl.fit(model, data.volumes("train"), config, medssl.RunDir("mine").method_dir("isimed"))
-    model = medssl.load_method("runs/mine/isimed/checkpoints/last.pt")
+    medssl.pretrain("mine", "isimed", "demo")           # the same in one call, with figures and a summary
+    model = medssl.load_method(medssl.RunDir("mine").checkpoint("isimed"))
     medssl.list_methods()
 
 ``import medssl`` changes nothing in the process. The glibc allocator tuning that makes CPU
@@ -32,6 +33,7 @@ _LAZY = {
     "create_method": "medssl.methods",
     "method_info": "medssl.methods",
     "RunDir": "medssl.rundir",
+    "pretrain": "medssl.pretraining",
     "run_pipeline": "medssl.pipeline",
     "tune_malloc": "medssl._alloc",
 }

@@ -1,6 +1,8 @@
 """The ``medssl`` command: sub-commands that call the same functions the notebooks call.
 
-Adding a command is one builder function registered under its name::
+``cli`` is the top of the package: it imports the modules that implement the commands, never the other
+way round. A command is a parser builder, here (``@register_command``) or in the module that implements
+it (``add_cli_parser(subparsers)``, listed in ``_COMMAND_MODULES``)::
 
     @register_command("pipeline")
     def _add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
@@ -8,8 +10,9 @@ Adding a command is one builder function registered under its name::
         p.add_argument("--plan", default="demo")
         p.set_defaults(func=_run_pipeline)   # func(args) -> exit code
 
-Builders may also live in other modules, as long as the module is imported
-before :func:`main` builds the parser (see ``_COMMAND_MODULES``).
+A module in ``_COMMAND_MODULES`` that fails to import is an error of ``medssl`` itself (its command would
+vanish from ``--help`` otherwise). Those modules import only what their parsers need at the top, so that
+``medssl --help`` stays fast (no scikit-learn, SciPy, MONAI or training loop).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ __all__ = ["main", "build_parser", "register_command"]
 
 CommandBuilder = Callable[["argparse._SubParsersAction"], None]
 _COMMANDS: dict[str, CommandBuilder] = {}
-# Modules that register further commands when imported (missing ones are skipped).
-_COMMAND_MODULES: tuple[str, ...] = ("medssl.viz.mapping", "medssl.export", "medssl.report")  # map, export, report
+# Commands whose parser the implementing module builds: name -> module with `add_cli_parser(subparsers)`.
+_COMMAND_MODULES: dict[str, str] = {"map": "medssl.viz.mapping", "export": "medssl.export", "report": "medssl.report"}
 
 
 def register_command(name: str) -> Callable[[CommandBuilder], CommandBuilder]:
@@ -35,6 +38,8 @@ def register_command(name: str) -> Callable[[CommandBuilder], CommandBuilder]:
     def deco(builder: CommandBuilder) -> CommandBuilder:
         if name in _COMMANDS and _COMMANDS[name] is not builder:
             raise ValueError(f"medssl command {name!r} is already registered")
+        if name in _COMMAND_MODULES:
+            raise ValueError(f"medssl command {name!r} is already registered (by {_COMMAND_MODULES[name]})")
         _COMMANDS[name] = builder
         return builder
 
@@ -104,6 +109,11 @@ def _run_data_demo(args: argparse.Namespace) -> int:
     for name, fig in figures:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
+    if args.out_dir is None and args.cohort_dir is None:  # the run's data, for its notebooks (as 00_data records it)
+        from medssl.data.spec import DataSpec
+
+        spec = DataSpec(source="demo", n_subjects=args.n_subjects, cohort_seed=args.seed, target_spacing_mm=args.spacing_mm)
+        print(f"data spec of run {args.run}: {RunDir(args.run).write_data_spec(spec)}")
     print(f"\nwrote {out / 'cohort_summary.csv'} and {len(figures)} figure(s) to {out}")
     return 0
 
@@ -115,7 +125,18 @@ def _run_data_demo(args: argparse.Namespace) -> int:
 def _add_pipeline_parser(sub: "argparse._SubParsersAction") -> None:
     from medssl.pipeline import add_cli_parser  # the pipeline module owns its arguments
 
-    add_cli_parser(sub)
+    add_cli_parser(sub).set_defaults(func=pipeline_main)
+
+
+def pipeline_main(args: argparse.Namespace) -> int:
+    """``medssl pipeline``: a notebook plan (:mod:`medssl.pipeline`), or the reference study's resumable units
+    (``--plan study``, :mod:`medssl.study`, which itself runs its evaluation notebooks through the pipeline)."""
+    from medssl import pipeline, study
+
+    if study.is_study_plan(args.plan):
+        args.run = args.run or "study"
+        return study.cli_main(args)
+    return pipeline.cli_main(args)
 
 
 # --------------------------------------------------------------------------- medssl train ...
@@ -127,18 +148,16 @@ def _add_train_parser(sub: "argparse._SubParsersAction") -> None:
         "train",
         help="pretrain one method headlessly (also under torchrun for DDP)",
         description="Pretrain one registered method on a data source, writing runs/<run>/<method>/ exactly as "
-        "10_pretrain.ipynb does. Under `torchrun --nproc-per-node N -m medssl.cli train --run-name R ...` every rank samples "
-        "its own volumes and batch-level losses gather across ranks (gloo on CPU, NCCL on GPU).",
+        "10_pretrain.ipynb does (both call medssl.pretraining.pretrain). Under "
+        "`torchrun --nproc-per-node N -m medssl.cli train --run-name R ...` every rank samples its own "
+        "volumes and batch-level losses gather across ranks (gloo on CPU, NCCL on GPU).",
     )
     p.add_argument("--method", required=True, help=f"a registered method: {_methods_help()}")
     p.add_argument("--preset", default="demo", help=f"one of {_presets_help()}")
     # (--run-name: torchrun's own parser rejects `--run` as an ambiguous prefix of its --run-path)
     p.add_argument("--run", "--run-name", dest="run", default="cli", help="outputs go to runs/<run>/<method>/")
-    p.add_argument("--source", default="demo", help='"demo" or a folder of volumes')
-    p.add_argument("--n-subjects", type=int, default=48, help="demo cohort size")
-    p.add_argument("--target-spacing-mm", type=float, default=3.0)
+    _add_data_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="initialisation and training seed")
-    p.add_argument("--cohort-seed", type=int, default=0, help="demo cohort seed (which synthetic subjects exist)")
     p.add_argument("-m", "--method-param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="method config override (VALUE parsed as YAML), e.g. -m patches_per_volume 8")
     p.add_argument("-t", "--train-param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -152,40 +171,28 @@ def _train_main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     import yaml
 
-    from medssl.data.source import open_data
-    from medssl.evaluate.summary import pretraining_summary
-    from medssl.presets import build_run
-    from medssl.rundir import RunDir
-    from medssl.train import fit
-    from medssl.train.precision import resolve_device
+    from medssl.pretraining import Pretraining
+    from medssl.train.precision import check_device, resolve_device
 
-    # Everything a run needs is checked before any data is built or any step is trained.
-    rd = RunDir(args.run)  # refuses names that would leave the runs folder
     method_overrides = {k: yaml.safe_load(v) for k, v in args.method_param}
     train_overrides = {k: yaml.safe_load(v) for k, v in args.train_param}
-    model, train_config = build_run(args.method, args.preset, seed=args.seed, method_overrides=method_overrides,
-                                    train_overrides=train_overrides)  # unknown names and wrong types raise here
-    _check_device(train_config.device)
+    check_device(str(train_overrides.get("device", "auto")), "-t device")  # before any data is built
+    # Everything is checked (run name, overrides, device) before any data is opened; the data (every case against
+    # the method's input size) before any step is trained.
+    job = Pretraining(args.run, args.method, args.preset, _data_settings(args), method_overrides=method_overrides,
+                      train_overrides=train_overrides, seed=args.seed, progress=False)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        device = resolve_device(train_config.device)  # NCCL for CUDA training only (-t device cpu: gloo)
+        device = resolve_device(job.train_config.device)  # NCCL for CUDA training only (-t device cpu: gloo)
         if device.type == "cuda":  # each rank on its own GPU before NCCL starts (else every rank uses cuda:0)
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        data = open_data(args.source, n_subjects=args.n_subjects, cohort_seed=args.cohort_seed,
-                         target_spacing_mm=args.target_spacing_mm, progress=False, patch_size_vox=model.input_size_vox)
-        train, val = data.volumes("train"), (data.volumes("val") if "val" in data.splits else [])
-        if not train:
-            raise ValueError(f"{args.source}: no training volumes (splits found: {data.splits})")
-        run_dir = rd.method_dir(args.method)
-        result = fit(model, train, train_config, run_dir, val_volumes=val or None, resume=not args.no_resume)
+        result = job.run(resume=not args.no_resume)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(data.provenance)
-            print(f"\n{args.method}: {result.step} steps, last checkpoint {result.checkpoint_path}")
-            if val:
-                summary = pretraining_summary(model, val, seed=args.seed, run_dir=run_dir).assign(split="val")
-                summary.to_csv(rd.files(args.method).summary, index=False)
-                print(summary.to_string(index=False))
+            print(job.data.provenance)
+            print(f"\n{args.method}: {result.steps} steps, last checkpoint {result.fit.checkpoint_path}")
+            if result.summary is not None:
+                print(result.summary.to_string(index=False))
             else:
                 print("no validation split: the validation summary was skipped")
     finally:
@@ -194,27 +201,21 @@ def _train_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device(device: str) -> None:
-    """``-t device ...`` must name a device this machine has, before any data is built (torch's own message
-    comes only when the model moves there: "Torch not compiled with CUDA enabled")."""
-    import torch
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data", "Default: the run's data (runs/<run>/00_data/data_spec.json, written by 00_data "
+                             "or by the first medssl train of the run), else the demo cohort (48 subjects, 3 mm). A flag "
+                             "overrides that one setting.")
+    g.add_argument("--source", default=None, help='"demo" or a folder of volumes')
+    g.add_argument("--n-subjects", type=int, default=None, help="demo cohort size (default 48)")
+    g.add_argument("--target-spacing-mm", type=float, default=None, help="isotropic voxel size (default 3 mm)")
+    g.add_argument("--cohort-seed", type=int, default=None, help="demo cohort seed (which synthetic subjects exist)")
 
-    if str(device) == "auto":
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"-t device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA support" if torch.version.cuda is None else \
-                "no CUDA GPU is visible on this machine"
-            raise ValueError(f"-t device {device}: {why}; use -t device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"-t device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
-    elif dev.type not in ("cpu", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
-        raise ValueError(f"-t device {device}: not available here; use auto, cpu or cuda")
+
+def _data_settings(args: argparse.Namespace) -> dict:
+    """The data flags given on the command line (overrides of the run's data spec)."""
+    given = {"source": args.source, "n_subjects": args.n_subjects, "cohort_seed": args.cohort_seed,
+             "target_spacing_mm": args.target_spacing_mm}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- medssl sweep ...
@@ -236,6 +237,7 @@ def _add_sweep_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--run", default="sweep")
     p.add_argument("--metric", default="spearman", help="validation column to choose by (higher is better)")
     p.add_argument("--seed", type=int, default=0)
+    _add_data_arguments(p)
     p.set_defaults(func=_sweep_main)
 
 
@@ -245,7 +247,8 @@ def _sweep_main(args: argparse.Namespace) -> int:
     from medssl.select import choose, sweep
 
     values = [yaml.safe_load(v) for v in args.values]
-    table = sweep(args.method, args.param, values, preset=args.preset, run=args.run, seed=args.seed)
+    table = sweep(args.method, args.param, values, preset=args.preset, run=args.run, seed=args.seed,
+                  data=_data_settings(args))
     cols = [c for c in ("value", "split", "spearman", "abs_err_median_mm", "effective_rank", "steps") if c in table]
     print(table[cols].to_string(index=False))
     print(f"\nbest {args.param} on the validation split by {args.metric}: {choose(table, args.metric)}")
@@ -268,11 +271,6 @@ def _presets_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    for module in _COMMAND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
     parser = argparse.ArgumentParser(
         prog="medssl",
         description="Self-supervised learning from the intrinsic spatial information of 3D medical images.",
@@ -285,9 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(sorted(_COMMANDS)) + "}")
     sub.required = True
-    for name in sorted(_COMMANDS):
-        _COMMANDS[name](sub)
+    builders = {**{name: _module_builder(module) for name, module in _COMMAND_MODULES.items()}, **_COMMANDS}
+    for name in sorted(builders):
+        builders[name](sub)
     return parser
+
+
+def _module_builder(module: str) -> CommandBuilder:
+    return lambda sub: importlib.import_module(module).add_cli_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,8 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from medssl.cli import register_command
-
 if TYPE_CHECKING:  # torch is imported when an export runs, so `medssl --help` stays quick
     import torch
     from torch import nn
@@ -317,8 +315,8 @@ def load_exported(path: str | os.PathLike, **user_kwargs: Any) -> nn.Module:
 # --------------------------------------------------------------------------- medssl export ...
 
 
-@register_command("export")
-def _add_export_parser(sub: "argparse._SubParsersAction") -> None:
+def add_cli_parser(sub: "argparse._SubParsersAction") -> None:
+    """Add ``medssl export`` to the ``medssl`` command's subparsers (:mod:`medssl.cli`)."""
     p = sub.add_parser(
         "export",
         help="export a pretrained encoder's weights for MONAI (DenseNet121, SwinUNETR) or as a plain state_dict",
@@ -339,7 +337,9 @@ def _run_export(args: argparse.Namespace) -> int:
     ckpt = args.checkpoint
     out = args.out
     if out is None:
-        name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.stem
+        from medssl.rundir import method_dir_of
+
+        name = method_dir_of(ckpt).name if method_dir_of(ckpt) is not None else ckpt.stem
         out = Path.cwd() / f"{name}_encoder"
     res = export_encoder(ckpt, out, to=args.to, overwrite=args.overwrite)
     info = res.info

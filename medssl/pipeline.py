@@ -543,8 +543,9 @@ def _previous_interrupted(run_dir: Path) -> list[dict[str, Any]]:
     return stale
 
 
-def add_cli_parser(subparsers: Any) -> None:
-    """Register ``medssl pipeline`` on an argparse subparsers object."""
+def add_cli_parser(subparsers: Any) -> Any:
+    """Add ``medssl pipeline`` to an argparse subparsers object; returns its parser (``func``: :func:`cli_main`;
+    the ``medssl`` command sends ``--plan study`` to :mod:`medssl.study` instead)."""
     p = subparsers.add_parser(
         "pipeline", help="run the ordered notebooks headlessly with papermill",
         description="Run a plan's notebooks in order with papermill. Plans: " + ", ".join(
@@ -560,7 +561,8 @@ def add_cli_parser(subparsers: Any) -> None:
         help="parameter for every notebook (VALUE parsed as YAML); NAME may be '<notebook>.<param>'",
     )
     p.add_argument("--dry-run", action="store_true", help="print the notebook executions and exit")
-    p.set_defaults(func=_cli_main)
+    p.set_defaults(func=cli_main)
+    return p
 
 
 def _plan_summary(name: str) -> str:
@@ -568,14 +570,10 @@ def _plan_summary(name: str) -> str:
     return "no methods" if not spec else f"methods: {spec}" if isinstance(spec, str) else "methods: " + ", ".join(spec)
 
 
-def _cli_main(args: Any) -> int:
+def cli_main(args: Any) -> int:
+    """``medssl pipeline`` for a notebook plan."""
     import yaml
 
-    from medssl import study
-
-    if study.is_study_plan(args.plan):  # the reference study: resumable (method, seed) units (medssl/study.py)
-        args.run = args.run or "study"
-        return study.cli_main(args)
     args.run = args.run or "demo"
     overrides = {k: yaml.safe_load(v) for k, v in args.param}
     if args.dry_run:

@@ -5,7 +5,7 @@ CPU) and ``tiny`` (seconds, for smoke tests).
 
     overrides, train_config = preset("isimed", "demo")
     method = create_method("isimed", **overrides)
-    fit(method, volumes, train_config, run_dir)
+    fit(method, volumes, train_config, RunDir(run).method_dir("isimed"))
 
 Values are plain Python literals, so a papermill parameters cell can name a preset and
 override single values on top.
@@ -21,8 +21,12 @@ from medssl.train.config import TrainConfig
 
 __all__ = ["PRESETS", "preset", "list_presets", "build_run"]
 
-# Shared settings per preset. A method adds its own on top through its class attribute
-# ``Method.presets`` (e.g. ISImed's demo scale), so a new method needs no edit here.
+# Shared settings per preset. A shared method setting applies only to methods that keep the common default of that
+# field (MethodConfig's): a method whose paper fixes another value (the context methods' 42^3 planes, batch 8) keeps
+# it unless its own ``Method.presets`` entry says otherwise; so a method's defaults come from its class, and a
+# method's preset lists only what differs from them. "tiny" (smoke tests) is the exception: its sizes apply to every
+# method that has the field (``for_every_method``). A method adds its own settings on top through ``Method.presets``
+# (e.g. ISImed's demo scale), so a new method needs no edit here.
 PRESETS: dict[str, dict[str, Any]] = {
     # ISImed paper (sec. 2-3): DenseNet121, 32^3, 16 patches x 64 volumes, AdamW 1e-3, x0.9 per epoch, 50 epochs.
     "paper": {
@@ -52,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Smoke tests: 16^3 patches, 2 volumes x 4 patches, 2 epochs x 2 steps; fp32 so runs are
     # deterministic (and because bf16 conv3d gradients on 2^3 feature maps are flaky on this CPU).
     "tiny": {
+        "for_every_method": True,
         "method": {"backbone": "smallcnn", "patch_size_vox": 16, "volumes_per_batch": 2, "patches_per_volume": 4},
         "train": {
             "epochs": 2,
@@ -72,20 +77,30 @@ def list_presets() -> list[str]:
 def preset(method: str, name: str) -> tuple[dict[str, Any], TrainConfig]:
     """``(method_overrides, TrainConfig)`` of preset ``name`` for ``method`` (the argument order of :func:`build_run`).
 
-    The shared preset, then the method class's own ``presets[name]``. Shared method settings
-    are kept only where the method's Config has that field (a method without, say,
-    ``patches_per_volume`` just ignores it); per-method settings
-    are applied as given, so a typo there fails in ``create_method``.
+    The shared preset, then the method class's own ``presets[name]``. A shared method setting is kept only
+    where the method's Config has that field and keeps its common default (:class:`MethodConfig`'s): a
+    method whose own default differs (its paper's) keeps that one, except in a preset marked
+    ``for_every_method`` (``tiny``). Per-method settings are applied as given, so a typo there fails in
+    ``create_method``.
     """
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
     spec = PRESETS[name]
     own = _method_preset(method, name)
-    known = _config_fields(method)
-    overrides = {k: v for k, v in spec["method"].items() if known is None or k in known}
+    defaults = _config_defaults(method)
+    common = {f.name: f.default for f in fields(_method_config())}
+    every = bool(spec.get("for_every_method", False))
+    overrides = {k: v for k, v in spec["method"].items()
+                 if defaults is None or (k in defaults and (every or k not in common or defaults[k] == common[k]))}
     overrides.update(own.get("method", {}))
     train = replace(TrainConfig(), **{**spec["train"], **own.get("train", {})})
     return overrides, train
+
+
+def _method_config() -> type:
+    from medssl.methods.base import MethodConfig
+
+    return MethodConfig
 
 
 def _method_preset(method: str, name: str) -> dict[str, Any]:
@@ -97,13 +112,15 @@ def _method_preset(method: str, name: str) -> dict[str, Any]:
         return {}
 
 
-def _config_fields(method: str) -> set[str] | None:
-    from medssl.methods.base import get_method_class
+def _config_defaults(method: str) -> dict[str, Any] | None:
+    """The method's own defaults: its Config's, with a variant's overrides (None for an unknown method)."""
+    from medssl.methods.base import make_config
 
     try:
-        return {f.name for f in fields(get_method_class(method).Config)}
+        config = make_config(method)
     except KeyError:
         return None
+    return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
 def build_run(

@@ -227,7 +227,7 @@ def record_run_provenance(run_dir: str | os.PathLike, plan: Sequence[Mapping[str
     return _write_json(path, data)
 
 
-def record_fit_provenance(method_dir: str | os.PathLike, start_step: int) -> Path:
+def record_fit_provenance(method_dir: str | os.PathLike, start_step: int, config_file: str | os.PathLike) -> Path:
     """Write ``<method>/provenance.json`` when ``fit`` starts or resumes (atomically).
 
     Every start is a ``session`` (commit, dirty, the step it started from), so a method trained on
@@ -237,7 +237,7 @@ def record_fit_provenance(method_dir: str | os.PathLike, start_step: int) -> Pat
     path = d / PROVENANCE_FILE
     old = _read_json(path) or {}
     version = code_version()
-    cfg = d / "config.json"
+    cfg = Path(config_file)  # the method's config.json (medssl.rundir.method_files; fit passes it)
     session = {"started_utc": _now(), "start_step": int(start_step), "commit": version["commit"],
                "dirty": version["dirty"], "changed": version["changed"]}
     sessions = [s for s in old.get("sessions", []) if int(s.get("start_step", 0)) < int(start_step)] + [session]

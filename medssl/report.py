@@ -34,12 +34,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from medssl.cli import register_command
 from medssl.rundir import RunDir
 
 __all__ = ["PROTOCOL", "RunResults", "RunComparison", "best_vs_shortcuts", "collect_results", "compare_runs",
            "comparison_table", "pretraining_table", "key_figures", "write_comparison", "write_report", "table_stamps"]
 
+REPORT_STEP = "40_report"  # the report notebook's step folder (RunDir.step_dir)
 PROTOCOL = (
     "Protocol: methods are pretrained on the train split only. Every choice made from results (the ISImed "
     "latent scale, the number of steps, the probe's C, the ridge's alpha) was made on the validation split; "
@@ -190,33 +190,35 @@ def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str])
     """Per method: steps, wall time, distinct patches (and their kind) and forward passes per step, last losses,
     val summary, and ``budget``: whether its budget equals the common one (the most frequent steps, patches
     per step and patch kind of the trained methods), else what differs (e.g. 2.5D planes against cubes)."""
+    from medssl.train.metrics import read_metrics
+
     rd = RunDir(run)
     rows = []
     for m in methods:
         files = rd.files(m)
-        cfg_path, metrics_path = files.config, files.metrics
-        if not metrics_path.is_file():
+        if not files.metrics.is_file():
             continue
-        recs = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        train = [r for r in recs if r.get("split", "train") == "train"]
-        val = [r for r in recs if r.get("split") == "val"]
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        recs = read_metrics(files.metrics)  # (a torn last line, from a killed run, is skipped)
+        split = recs["split"].fillna("train") if "split" in recs else pd.Series("train", index=recs.index)
+        train, val = recs[split == "train"], recs[split == "val"]
+        cfg = json.loads(files.config.read_text(encoding="utf-8")) if files.config.is_file() else {}
         resolved = cfg.get("resolved", {})
         per_step, views = resolved.get("patches_per_step"), resolved.get("views_per_patch", 1)
         row = {
             "method": m,
             "trains": resolved.get("trains", True),
-            "steps": max((r.get("step", 0) for r in recs), default=0),
-            "train_minutes": max((r.get("time_s", 0.0) for r in recs), default=0.0) / 60.0,
+            "steps": int(recs["step"].max()) if "step" in recs and recs["step"].notna().any() else 0,
+            "train_minutes": (float(recs["time_s"].max()) if "time_s" in recs and recs["time_s"].notna().any()
+                              else 0.0) / 60.0,
             "patches_per_step": per_step,
             "patch": _patch_kind(cfg.get("method_config", {})),
             "forward_passes_per_step": None if per_step is None else per_step * views,
-            "final_train_loss": train[-1].get("loss") if train else float("nan"),
-            "val_effective_rank": val[-1].get("effective_rank") if val else float("nan"),
+            "final_train_loss": _last(train, "loss"),
+            "val_effective_rank": _last(val, "effective_rank"),
         }
         for key in ("collapse_z", "collapse_p", "collapse_h"):
-            if val and key in val[-1]:
-                row[f"val_{key}"] = val[-1][key]
+            if key in val and len(val) and pd.notna(val[key].iloc[-1]):
+                row[f"val_{key}"] = float(val[key].iloc[-1])
         summary = files.summary
         if summary.is_file():
             s = pd.read_csv(summary).iloc[0]
@@ -226,6 +228,11 @@ def pretraining_table(run: "str | os.PathLike | RunDir", methods: Sequence[str])
     if not table.empty:
         table.insert(table.columns.get_loc("patch") + 1, "budget", _budget_notes(table))
     return table
+
+
+def _last(records: pd.DataFrame, key: str) -> float:
+    """The last record's ``key`` (NaN when there is none)."""
+    return float(records[key].iloc[-1]) if key in records and len(records) else float("nan")
 
 
 def _patch_kind(method_config: dict) -> str:
@@ -302,7 +309,7 @@ def write_report(run: "str | os.PathLike | RunDir", *, out_path: str | os.PathLi
     from medssl.viz.html import write_html_report
 
     res = collect_results(run, methods)
-    out = Path(out_path) if out_path is not None else res.run_dir / "40_report" / "report.html"
+    out = Path(out_path) if out_path is not None else RunDir(res.run_dir).step_dir(REPORT_STEP) / "report.html"
     sections: list[tuple[str, list]] = [
         ("Code and configuration", [code_provenance_text(res.provenance, res.provenance.get("tables", {}))]),
         ("Protocol", [PROTOCOL]),
@@ -512,7 +519,7 @@ def write_comparison(run_a: "str | os.PathLike | RunDir", run_b: "str | os.PathL
 
     comp = compare_runs(run_a, run_b, methods)
     out = (Path(out_path) if out_path is not None
-           else RunDir(run_a).path / "40_report" / f"compare_{Path(comp.name_b).name}.html")
+           else RunDir(run_a).step_dir(REPORT_STEP) / f"compare_{Path(comp.name_b).name}.html")
     sections = [("Protocol", [PROTOCOL]), (f"{comp.name_a} vs {comp.name_b}", _comparison_items(comp))]
     return write_html_report(out, f"medssl report: run {comp.name_a} vs run {comp.name_b}", sections,
                              provenance=provenance)
@@ -521,8 +528,8 @@ def write_comparison(run_a: "str | os.PathLike | RunDir", run_b: "str | os.PathL
 # --------------------------------------------------------------------------- medssl report ...
 
 
-@register_command("report")
-def _add_report_parser(sub: "argparse._SubParsersAction") -> None:
+def add_cli_parser(sub: "argparse._SubParsersAction") -> None:
+    """Add ``medssl report`` to the ``medssl`` command's subparsers (:mod:`medssl.cli`)."""
     p = sub.add_parser(
         "report",
         help="the HTML report of a run, or two runs' headline tables side by side",
@@ -534,7 +541,8 @@ def _add_report_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("runs", nargs="*", metavar="RUN", help="one or two run names (or run folders)")
     p.add_argument("-o", "--out", type=Path, default=None, help="HTML file to write")
     p.add_argument("--methods", nargs="*", default=None, help="method rows to keep (default all)")
-    p.add_argument("--source", default=None, help="data source of the run(s), for the provenance statement")
+    p.add_argument("--source", default=None, help="data source of the run(s), for the provenance statement "
+                   "(default: the run's data spec, runs/<run>/00_data/data_spec.json)")
     # the README's results block (medssl.readme_results): generated from a run, checked against the CSV it cites
     p.add_argument("--markdown", action="store_true", help="print the README results table of the run")
     p.add_argument("--export-csv", metavar="CSV",
@@ -559,8 +567,10 @@ def _run_report(args: argparse.Namespace) -> int:
         raise ValueError("medssl report: name a run (or two to compare), or use --check-readme README")
     if len(args.runs) > 2:
         raise ValueError(f"medssl report takes one run or two to compare, got {len(args.runs)}: {args.runs}")
-    provenance = provenance_statement(args.source) if args.source else None
     runs = [_run_arg(r) for r in args.runs]
+    spec_file = RunDir(runs[0]).data_spec_file  # the run's data (00_data), unless --source names it
+    source = args.source or (RunDir(runs[0]).data_spec().source if spec_file.is_file() else None)
+    provenance = provenance_statement(source) if source else None
     if len(runs) == 1:
         out = write_report(runs[0], out_path=args.out, provenance=provenance, methods=args.methods)
         print(f"report: {out}")

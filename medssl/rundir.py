@@ -6,6 +6,7 @@
     runs/<run>/
       pipeline.json                       status of every pipeline step
       provenance.json                     commit, dirty tree, packages, machine, plan (medssl.provenance)
+      00_data/data_spec.json              the run's data (medssl.data.spec.DataSpec): every notebook opens it
       00_data/ ...                        data notebook outputs
       <method>/                           one per pretrained method (or variant)
         config.json  provenance.json  metrics.jsonl  checkpoints/last.pt  10_pretrain.ipynb  summary.csv
@@ -37,13 +38,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pandas as pd
 
 from medssl import paths
 
-__all__ = ["RunDir", "MethodFiles", "method_files", "HEADLINE_COLUMNS", "PROVENANCE_COLUMNS", "ROW_KINDS",
+if TYPE_CHECKING:  # pragma: no cover
+    from medssl.data.source import DataSource
+    from medssl.data.spec import DataSpec
+
+__all__ = ["RunDir", "MethodFiles", "method_files", "method_dir_of", "HEADLINE_COLUMNS", "PROVENANCE_COLUMNS", "ROW_KINDS",
            "InvalidRunNameError", "read_headline_csv"]
 
 PROVENANCE_COLUMNS = ["commit", "config_hash"]  # last, so that readers of the older columns are unaffected
@@ -53,6 +58,7 @@ ROW_KINDS = ("method", "baseline", "control", "reference")  # baseline: a shortc
 # positive control that shows the task can be solved (registration, supervised); reference: chance/floor
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _EVAL = "eval"
+_DATA_STEP, _DATA_SPEC = "00_data", "data_spec.json"
 _HEADLINE = "headline.csv"
 _FIGURES = "key_figures.json"
 
@@ -77,6 +83,13 @@ def method_files(method_dir: str | os.PathLike) -> MethodFiles:
     return MethodFiles(dir=d, checkpoints=d / "checkpoints", last=d / "checkpoints" / "last.pt",
                        metrics=d / "metrics.jsonl", config=d / "config.json", summary=d / "summary.csv",
                        curves=d / "loss_curves.png", best=d / "checkpoints" / "best.pt")
+
+
+def method_dir_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The method folder a checkpoint file lies in (``<run>/<method>/checkpoints/<file>``), or None when the file
+    lies elsewhere (a copied or downloaded checkpoint)."""
+    p = Path(checkpoint)
+    return p.parent.parent if p.parent.name == method_files(p.parent.parent).checkpoints.name else None
 
 
 class InvalidRunNameError(ValueError):
@@ -147,6 +160,34 @@ class RunDir:
     @property
     def pipeline_json(self) -> Path:
         return self.path / "pipeline.json"
+
+    # ------------------------------------------------------------------ the run's data
+
+    @property
+    def data_spec_file(self) -> Path:
+        """``<run>/00_data/data_spec.json``: the run's data (written by ``00_data``, :meth:`write_data_spec`)."""
+        return self.path / _DATA_STEP / _DATA_SPEC
+
+    def write_data_spec(self, spec: "DataSpec") -> Path:
+        """Record ``spec`` as the run's data (atomically): later notebooks and evaluations open it."""
+        from medssl._files import atomic_write_text
+
+        self.data_spec_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.data_spec_file, spec.to_json())
+        return self.data_spec_file
+
+    def data_spec(self, overrides: "Mapping[str, Any] | None" = None) -> "DataSpec":
+        """The run's :class:`~medssl.data.spec.DataSpec` (the defaults, the demo's, when no ``00_data`` wrote one),
+        with ``overrides`` (a notebook's or a plan's ``data_overrides``) applied."""
+        from medssl.data.spec import DataSpec
+
+        spec = DataSpec.read(self.data_spec_file) if self.data_spec_file.is_file() else DataSpec()
+        return spec.with_overrides(overrides)
+
+    def open_data(self, overrides: "Mapping[str, Any] | None" = None, **kwargs: Any) -> "DataSource":
+        """The run's data (:meth:`data_spec` with ``overrides``), opened: ``kwargs`` go to
+        :func:`~medssl.data.source.open_data` (``patch_size_vox``, ``progress``, ``on_error``)."""
+        return self.data_spec(overrides).open(**kwargs)
 
     # ------------------------------------------------------------------ methods of the run
 

@@ -7,17 +7,19 @@ module makes that the easy path::
     table = sweep("isimed", "scale_mm", [1, 10, 50, 100], preset="demo", run="scale-sweep")
     best = choose(table, "spearman")            # on val, by construction
 
-or ``medssl sweep --method isimed --param scale_mm --values 1 10 50 100``. Each value
-trains into ``runs/<run>/<method>-<param>-<value>/`` (resumable) and is summarised with
-:func:`medssl.evaluate.summary.pretraining_summary` on the validation volumes.
+or ``medssl sweep --method isimed --param scale_mm --values 1 10 50 100``. Each value is one
+:func:`medssl.pretraining.pretrain` into ``runs/<run>/<method>-<param>-<value>/`` (resumable; the same
+files as ``10_pretrain.ipynb``), summarised on the validation volumes.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
+
+from medssl._files import atomic_write_text
 
 __all__ = ["sweep", "choose"]
 
@@ -33,47 +35,48 @@ def sweep(
     *,
     preset: str = "demo",
     run: "str | os.PathLike" = "sweep",
-    source: str = "demo",
-    n_subjects: int = 48,
-    cohort_seed: int = 0,
+    data: "Mapping[str, Any] | Any | None" = None,
     seed: int = 0,
     train_overrides: dict[str, Any] | None = None,
     method_overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Train ``method`` once per value of config field ``param`` (method config, else TrainConfig); summarise on val.
+    """Pretrain ``method`` once per value of config field ``param`` (method config, else TrainConfig); summarise on val.
+
+    Each value is one :func:`medssl.pretraining.pretrain` into ``runs/<run>/<method>-<param>-<value>/``
+    (the files ``10_pretrain.ipynb`` and ``medssl train`` write; resumable), on ``data`` opened with that
+    value's input size (``data``: as in :func:`~medssl.pretraining.pretrain`).
 
     Returns one row per value: ``param``, ``value``, ``split="val"``, the summary columns
     (``spearman``, ``pearson``, ``abs_err_median_mm``, ``effective_rank``, ...), ``steps``
-    and ``run_dir``. The test split is never loaded.
+    and ``method_dir``. The test split is never loaded.
     """
     from dataclasses import fields
 
-    from medssl.data.source import open_data
-    from medssl.evaluate.summary import pretraining_summary
     from medssl.methods import get_method_class
-    from medssl.presets import build_run
+    from medssl.pretraining import pretrain
     from medssl.rundir import RunDir
-    from medssl.train import TrainConfig, fit
+    from medssl.train.config import TrainConfig
 
     in_method = param in {f.name for f in fields(get_method_class(method).Config)}
     if not in_method and param not in {f.name for f in fields(TrainConfig)}:
         raise ValueError(f"{param!r} is neither a {method} config field nor a TrainConfig field")
-    data = open_data(source, n_subjects=n_subjects, cohort_seed=cohort_seed, progress=progress)
-    train, val = data.volumes("train"), data.volumes("val")
     rd = RunDir(run)
     rows = []
     for value in values:
         m_over = {**(method_overrides or {}), **({param: value} if in_method else {})}
         t_over = {**(train_overrides or {}), **({} if in_method else {param: value})}
-        model, config = build_run(method, preset, method_overrides=m_over, train_overrides=t_over, seed=seed)
-        run_dir = rd.method_dir(f"{method}-{param}-{_slug(value)}")
-        result = fit(model, train, config, run_dir, val_volumes=val, progress=progress)
-        summary = pretraining_summary(model, val, seed=seed, run_dir=run_dir).iloc[0].to_dict()
-        rows.append({"param": param, "value": value, "split": "val", **summary, "steps": result.step,
-                     "run_dir": str(run_dir)})
+        result = pretrain(rd, method, preset, data, method_overrides=m_over, train_overrides=t_over, seed=seed,
+                          name=f"{method}-{param}-{_slug(value)}", progress=progress)
+        if result.summary is None:
+            raise ValueError(f"sweep chooses on the validation split, and the data of {rd.path} have none")
+        summary = result.summary.iloc[0].to_dict()
+        rows.append({**summary, "param": param, "value": value, "split": "val", "steps": result.steps,
+                     "method_dir": str(result.method_dir)})
     table = pd.DataFrame(rows)
-    table.to_csv(rd.step_dir("sweeps") / f"{method}-{param}.csv", index=False)
+    first = ["param", "value", "split"]
+    table = table[first + [c for c in table.columns if c not in first]]
+    atomic_write_text(rd.step_dir("sweeps") / f"{method}-{param}.csv", table.to_csv(index=False))
     return table
 
 

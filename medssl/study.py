@@ -15,8 +15,8 @@ each run once and recorded in ``runs/<run>/study.json``::
         20_latent_space/ ...          unit "seed<k>/<step>": the evaluation notebooks, executed with papermill
       60_study/                       unit "60_study": tables over seeds with intervals, figures, report.html
 
-Pretraining units run in this process (``fit`` with the plan's settings; what ``10_pretrain.ipynb``
-does, without the notebook); evaluation units are the demo's notebooks run by the pipeline
+Pretraining units run in this process (:func:`medssl.pretraining.pretrain` with the plan's settings, the
+function ``10_pretrain.ipynb`` calls); evaluation units are the demo's notebooks run by the pipeline
 on ``seed<k>`` (``MEDSSL_RUNS`` pointing at the study folder); the last unit aggregates
 (:mod:`medssl.evaluate.study`, ``60_study.ipynb``).
 
@@ -64,7 +64,7 @@ from medssl._files import atomic_write_text
 from medssl.rundir import RunDir
 
 __all__ = ["STUDY_PLANS", "StudyError", "StudyUnit", "is_study_plan", "load_study", "plan_units", "run_study",
-           "study_methods", "train_settings", "publish"]
+           "study_methods", "train_settings", "publish", "write_study_report"]
 
 STUDY_FILE = "study.json"
 REPORT_STEP = "60_study"
@@ -230,6 +230,9 @@ def _validate(s: dict[str, Any]) -> None:
     missing = [k for k in _DATA_PARAMS if k not in data]
     if missing:
         raise ValueError(f"study data settings lack {missing}")
+    from medssl.data.spec import DataSpec
+
+    DataSpec().with_overrides(data)  # unknown names and wrong types raise, naming the field
     for step in s["evaluations"]:
         if not isinstance(step, dict) or "notebook" not in step or set(step) - {"notebook", "name", "parameters"}:
             raise ValueError(f"study evaluation steps are {{notebook, name, parameters}} mappings, got {step!r}")
@@ -261,7 +264,7 @@ def train_settings(settings: dict[str, Any], method: str) -> tuple[dict[str, Any
     context methods' ``curriculum_steps``), the cap in steps rounded up to whole epochs, and a per-epoch
     learning-rate decay that reaches ``lr_at_cap`` at the cap.
     """
-    from medssl.methods import get_method_class
+    from medssl.methods import get_method_class, make_config
     from medssl.presets import preset
 
     cls = get_method_class(method)
@@ -283,7 +286,8 @@ def train_settings(settings: dict[str, Any], method: str) -> tuple[dict[str, Any
         train.pop("early_stopping", None)  # nothing is optimised: the initial state is the result
     elif "early_stopping" in train:
         # a curriculum (the context methods' offset range) must be complete before the measure can judge the run
-        curriculum = {**preset(method, settings["preset"])[0], **m_over}.get("curriculum_steps")
+        config = make_config(method, **{**preset(method, settings["preset"])[0], **m_over})
+        curriculum = getattr(config, "curriculum_steps", None)  # a preset names only what differs from the class
         if curriculum is not None:
             train["early_stopping"] = {**train["early_stopping"], "min_steps": min(int(curriculum), cap)}
     return m_over, train
@@ -297,7 +301,7 @@ def plan_units(settings: dict[str, Any], run: str, *, runs_root: Path | None = N
     root = RunDir(run, runs_root).path
     names = list(methods) if methods else study_methods(settings["methods"])
     study_methods(names)
-    data = {k: settings["data"][k] for k in _DATA_PARAMS}
+    data = dict(settings["data"])
     units: list[StudyUnit] = []
     if settings["data_notebook"]:
         units.append(StudyUnit("00_data", "data", str(root / "00_data" / "00_data.ipynb"),
@@ -311,7 +315,7 @@ def plan_units(settings: dict[str, Any], run: str, *, runs_root: Path | None = N
                                              "method_overrides": m_over, "train_overrides": t_over}))
         for step in settings["evaluations"]:
             name = step.get("name", Path(step["notebook"]).stem)
-            params = {**data, **step.get("parameters", {}), "seed": seed}
+            params = {"data_overrides": dict(data), **step.get("parameters", {}), "seed": seed}
             if seed != settings["seeds"][0]:
                 params.update({k: v for k, v in settings["later_seed_parameters"].items() if k in params})
             for key, value in (notebook_overrides or {}).items():
@@ -405,7 +409,7 @@ def run_study(
         t0 = time.perf_counter()
         try:
             if u.kind == "pretrain":
-                u.message = _run_pretrain(u, data_cache, progress)
+                u.message = _run_pretrain(u, RunDir(root).seed_run(u.seed), data_cache, progress)
                 for other in units:  # this seed's evaluations must see the new weights
                     if other.kind == "evaluate" and other.seed == u.seed and other.status == "done":
                         other.status = "pending"
@@ -448,33 +452,24 @@ def _select(units: list[StudyUnit], only: Iterable[str] | None) -> list[StudyUni
 
 def _open(data: dict[str, Any], cache: dict[str, Any]) -> Any:
     """The study's data source, opened once per process (the cohort and the volume cache are built on first use)."""
-    from medssl.data.source import open_data
+    from medssl.data.spec import DataSpec
 
     key = json.dumps(data, sort_keys=True)
     if key not in cache:
-        cache[key] = open_data(data["source"], n_subjects=data["n_subjects"], cohort_seed=data["cohort_seed"],
-                               target_spacing_mm=data["target_spacing_mm"], progress=False)
+        cache[key] = DataSpec().with_overrides(data).open(progress=False)
     return cache[key]
 
 
-def _run_pretrain(u: StudyUnit, data_cache: dict[str, Any], progress: bool) -> str:
-    """Train one (method, seed) unit (resuming from its last.pt), then summarise it on the validation subjects."""
-    from medssl.evaluate.summary import pretraining_summary
-    from medssl.presets import build_run
-    from medssl.train import fit, load_method
+def _run_pretrain(u: StudyUnit, seed_run: RunDir, data_cache: dict[str, Any], progress: bool) -> str:
+    """Train one (method, seed) unit (resuming from its last.pt) with :func:`medssl.pretraining.pretrain`, which
+    also summarises it on the validation subjects (the best state where early stopping kept one)."""
+    from medssl.pretraining import pretrain
 
     s = u.settings
-    model, config = build_run(s["method"], s["preset"], method_overrides=s["method_overrides"],
-                              train_overrides=s["train_overrides"], seed=s["seed"])
-    data = _open(s["data"], data_cache)
-    result = fit(model, data.volumes("train"), config, u.output, val_volumes=data.volumes("val"), progress=progress,
-                 tensorboard=False)
-    files = RunDir(Path(u.output).parent).files(Path(u.output).name)
-    evaluated = load_method(RunDir(Path(u.output).parent).eval_checkpoint(Path(u.output).name))
-    summary = pretraining_summary(evaluated, data.volumes("val"), seed=s["seed"], run_dir=u.output)
-    summary = summary.assign(split="val", steps=result.step, best_step=result.best_step, stop_reason=result.stop_reason)
-    atomic_write_text(files.summary, summary.to_csv(index=False))
-    return result.stop_reason
+    result = pretrain(seed_run, s["method"], s["preset"], _open(s["data"], data_cache), seed=s["seed"],
+                      method_overrides=s["method_overrides"], train_overrides=s["train_overrides"], progress=progress,
+                      tensorboard=False)
+    return result.fit.stop_reason
 
 
 def _run_notebook_unit(u: StudyUnit, runs_root: Path, run_name: str, notebooks_dir: Path, progress: bool, *,
@@ -551,6 +546,16 @@ def _pid_alive(pid: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------- publishing
+
+
+def write_study_report(run: "str | os.PathLike | RunDir", out_dir: str | os.PathLike, *,
+                       sections: Sequence[tuple[str, Sequence[Any]]], provenance: str | None = None) -> Path:
+    """The study's self-contained HTML report (``out_dir/report.html``; the tables and figures come from
+    :mod:`medssl.evaluate.study`, the writer from :mod:`medssl.viz.html`)."""
+    from medssl.viz.html import write_html_report
+
+    return write_html_report(Path(out_dir) / "report.html", f"medssl reference study: {RunDir(run).name}", sections,
+                             provenance=provenance)
 
 
 def publish(run: "str | os.PathLike | RunDir", dest: str | os.PathLike, *, max_file_mb: float = 20.0) -> list[Path]:

@@ -23,7 +23,7 @@ def _kill_at(unit: str, step: int) -> None:
 
     def optimizer_step(self, batch, sample_s):
         real(self, batch, sample_s)
-        if Path(self.run_dir).as_posix().endswith(unit) and self.step == step:
+        if Path(self.method_dir).as_posix().endswith(unit) and self.step == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
     loop._Trainer.optimizer_step = optimizer_step

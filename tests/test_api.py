@@ -24,6 +24,9 @@ def test_the_everyday_names_resolve_lazily_to_the_real_objects():
 
     assert medssl.open_data is open_data and medssl.fit is fit and medssl.load_method is load_method
     assert medssl.build_run is build_run and medssl.RunDir is RunDir and medssl.list_methods is list_methods
+    from medssl.pretraining import pretrain
+
+    assert medssl.pretrain is pretrain  # a function, not the module (which is named pretraining for that reason)
     assert set(medssl.list_methods()) >= {"isimed", "regisimed", "simclr", "barlowtwins"}
     assert "fit" in dir(medssl)
 

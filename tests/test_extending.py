@@ -80,5 +80,11 @@ print("ok")
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "toy", "tests/methods"],
         env={**env, "PYTHONPATH": str(pkg)}, capture_output=True, text=True, cwd=pkg)
     assert contract.returncode == 0, contract.stdout[-3000:] + contract.stderr[-2000:]
-    n_passed = int(contract.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
-    assert n_passed == 9, contract.stdout[-3000:]  # all nine contract tests of a trained method ran on the toy, none skipped
+    last = contract.stdout.strip().splitlines()[-1]
+    n_passed = int(last.split(" passed")[0].split()[-1])
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-k", "toy", "tests/methods"],
+        env={**env, "PYTHONPATH": str(pkg)}, capture_output=True, text=True, cwd=pkg)
+    n_toy = sum("::" in line for line in collected.stdout.splitlines())
+    # every contract test of a trained method ran on the toy and passed, none skipped (10 today)
+    assert n_toy >= 8 and n_passed == n_toy and "skipped" not in last, contract.stdout[-3000:]

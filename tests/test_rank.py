@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.evaluate.rank import dim_variance_fraction, effective_rank
+from medssl.capacity import dim_variance_fraction, effective_rank
 
 
 def _reference_rankme(z: np.ndarray, eps: float = 1e-7) -> float:
@@ -57,7 +57,7 @@ def test_dim_variance_fraction_counts_only_dimensions_above_the_relative_thresho
 
 
 def test_collapse_coefficient_is_one_for_identical_outputs_and_near_zero_for_isotropic_gaussians():
-    from medssl.evaluate.rank import collapse_coefficient
+    from medssl.capacity import collapse_coefficient
 
     rng = np.random.default_rng(4)
     identical = np.tile(rng.normal(size=(1, 64)), (500, 1))

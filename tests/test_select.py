@@ -25,7 +25,7 @@ def test_sweep_trains_one_run_per_value_and_never_loads_the_test_split(tmp_path,
     loaded = []
     original = source.DataSource.volumes
     monkeypatch.setattr(source.DataSource, "volumes", lambda self, split=None: loaded.append(split) or original(self, split))
-    table = sweep("isimed", "scale_mm", [1.0, 50.0], preset="tiny", run="sw", n_subjects=6, progress=False,
+    table = sweep("isimed", "scale_mm", [1.0, 50.0], preset="tiny", run="sw", data={"n_subjects": 6}, progress=False,
                   train_overrides={"epochs": 1, "steps_per_epoch": 1})
     assert list(table["value"]) == [1.0, 50.0] and (table["split"] == "val").all()
     assert (table["steps"] == 1).all() and table["spearman"].between(-1, 1).all()

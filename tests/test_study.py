@@ -41,7 +41,7 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def test_dry_run_lists_every_method_seed_unit_with_its_cap_and_early_stopping(capsys, tmp_path, monkeypatch):
-    from medssl.pipeline import _cli_main
+    from medssl.cli import pipeline_main as _cli_main
 
     monkeypatch.setenv("MEDSSL_RUNS", str(tmp_path))
     assert _cli_main(_args(run=None)) == 0

@@ -26,7 +26,6 @@ that was not preprocessed by medssl.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from medssl.data.errors import EmptyForegroundError
 from medssl.data.volume import Volume
@@ -108,6 +107,8 @@ def body_mask_from_intensity(
             source, f"no body voxels: nothing in the image is above {threshold:g} (modality {modality!r}); "
             "the image may be empty or constant"
         )
+    from scipy import ndimage  # here, not at import: samplers (and so the method registry) import this module
+
     opened = ndimage.binary_opening(mask, structure=np.ones((3, 3, 3), bool))
     if opened.any():  # a tiny object survives no opening: keep the unopened mask then
         mask = opened
@@ -119,6 +120,8 @@ def body_mask_from_intensity(
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
     labels, n = ndimage.label(mask)
     if n <= 1:
         return mask

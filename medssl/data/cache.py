@@ -83,7 +83,7 @@ from medssl.data.datasets import (
     read_warnings_of,
     validate_manifest,
 )
-from medssl.data.errors import DatasetScanError, MedsslDataError, TooSmallError
+from medssl.data.errors import CacheEntryError, DatasetScanError, MedsslDataError, TooSmallError
 from medssl.data.limits import max_volume_bytes
 from medssl.data.npy import LazyNpy
 from medssl.data.volume import Volume
@@ -106,10 +106,6 @@ _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 __all__ = ["VolumeCache", "CacheBuildReport", "CacheEntryError", "CacheWriteError"]
 
 Case = str | Mapping[str, Any]  # a case id, or a manifest row (dict or pandas Series)
-
-
-class CacheEntryError(MedsslDataError):
-    """A cache entry is missing, corrupt, stale, or was made with other settings or from other files."""
 
 
 class CacheWriteError(OSError):

@@ -68,3 +68,7 @@ class DatasetScanError(ValueError):
             f"{len(self.problems)} bad file(s) found; nothing was trained or cached for them:\n{lines}\n"
             "Fix or remove them, or pass on_error='skip' to skip them with a report."
         )
+
+
+class CacheEntryError(MedsslDataError):
+    """A cache entry is missing, corrupt, stale, or was made with other settings or from other files."""

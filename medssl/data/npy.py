@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from medssl.data.errors import CacheEntryError
+
 __all__ = ["LazyNpy", "MAX_OPEN_ARRAYS", "file_identity", "open_array_count"]
 
 MAX_OPEN_ARRAYS = int(os.environ.get("MEDSSL_MAX_OPEN_ARRAYS", "64"))
@@ -124,8 +126,6 @@ class LazyNpy:
         return mm
 
     def _rebuilt(self, what: str) -> None:
-        from medssl.data.cache import CacheEntryError
-
         raise CacheEntryError(
             self.owner, f"{self.path} {what}: the entry was rebuilt while in use; load it again",
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Cross-subject correspondence through the latent space (design/evaluation.md section 5).
+"""Cross-subject correspondence through the latent space.
 
 Take a point in subject A, embed the patch there, find the nearest patch
 embedding (exact Euclidean kNN, scikit-learn) on subject B's dense grid, and

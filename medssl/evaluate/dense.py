@@ -30,7 +30,7 @@ unless ``precision="fp32"`` is asked for. ``benchmarks/segmentation.py`` measure
 result against the bare network.
 
 Used by the cross-subject correspondence evaluation, the latent coordinate maps and the
-kNN label transfer (design/evaluation.md sections 4, 5 and 7).
+kNN label transfer.
 """
 
 from __future__ import annotations

@@ -4,8 +4,7 @@ Every evaluation protocol reads embeddings from :func:`embed_patches`. It switch
 model to eval mode (so BatchNorm uses, and never updates, its running statistics,
 and dropout is off), runs batches under ``torch.no_grad()``, and afterwards restores
 the train/eval flag of *every* submodule exactly as it was. The authors' probe code
-let BatchNorm statistics drift while the "frozen" backbone was probed
-(design/methods.md); this module is the one place that prevents it.
+let BatchNorm statistics drift while the "frozen" backbone was probed; this module is the one place that prevents it.
 
 :class:`EmbeddingCache` stores embeddings as ``.npy`` keyed by the model's weights
 (sha256 of the checkpoint file, or of the state_dict for untrained models) and the

@@ -1,4 +1,4 @@
-"""Distance fidelity: do latent distances equal physical distances? (ISImed Fig. 1; design/evaluation.md sec. 1)
+"""Distance fidelity: do latent distances equal physical distances? (ISImed Fig. 1)
 
 For random pairs of patches *within one volume* (world frames of different patients
 are not shared unless registered), compare

@@ -2,8 +2,7 @@
 
 Blendowski, Nickisch, Heinrich, MICCAI 2019 (Table 2, Fig. 2): describe every 4th voxel of
 n labelled atlas scans and of a query scan; label each query position by the majority vote
-of its k = 21 nearest atlas descriptors; report Dice per organ against n = 1..9
-(design/evaluation.md section 4). medssl's protocol:
+of its k = 21 nearest atlas descriptors; report Dice per organ against n = 1..9. medssl's protocol:
 
 - **Grid.** Descriptors on the dense grid of :func:`medssl.evaluate.dense.dense_embeddings`
   (stride ``stride_vox``, default 4). Grid point ``g`` describes the patch cut at its anchor

@@ -1,4 +1,4 @@
-"""The latent space against the physical axes (ISImed Fig. 2; design/evaluation.md sec. 2 and 6).
+"""The latent space against the physical axes (ISImed Fig. 2).
 
 - :func:`pca_frame`, :func:`umap_frame`: low-dimensional views of patch embeddings as
   DataFrames, with the patch centres in mm alongside so figures can colour by x, y, z.
@@ -24,7 +24,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medssl.evaluate.rank import collapse_coefficient, dim_variance_fraction, effective_rank
+from medssl.capacity import collapse_coefficient, dim_variance_fraction, effective_rank
 
 __all__ = [
     "z_slab_groups",
@@ -280,7 +280,7 @@ def pc_axis_correlation(emb: np.ndarray, centres_mm: np.ndarray, n_components: i
 
 
 def collapse_stats(emb: np.ndarray, rel_threshold: float = 1e-3) -> dict:
-    """Capacity of an embedding ``(N, D)`` (design/evaluation.md sec. 6).
+    """Capacity of an embedding ``(N, D)``.
 
     Returns ``effective_rank`` (RankMe, uncentred), ``effective_rank_centred``,
     ``collapse_coefficient`` (:func:`collapse_coefficient`),

@@ -1,6 +1,6 @@
 """Latent coordinate maps: the first 3 principal components of dense embeddings as RGB.
 
-design/evaluation.md section 7. The PCA and the per-component colour scaling are
+The PCA and the per-component colour scaling are
 fitted on TRAINING subjects only and then applied to a held-out subject, so a
 colour means the same latent position in every subject.
 

@@ -1,6 +1,6 @@
 """Seeded evaluation patch sets: drawn once per seed, saved in the run directory, reused by every method.
 
-Every evaluation compares methods on *identical* inputs (design/evaluation.md). A
+Every evaluation compares methods on *identical* inputs. A
 :class:`PatchSet` holds the patches together with their geometry (centres in world
 millimetres from each volume's affine, voxel boxes), the case and patient (group)
 of every patch, optional labels and the seed it was drawn from. It is saved as an
@@ -495,7 +495,7 @@ def get_or_draw(
 
     Example::
 
-        ps = get_or_draw(run_dir / "eval", "probe_lesion", 0, draw_labelled_patch_set,
+        ps = get_or_draw(RunDir(run).eval_dir, "probe_lesion", 0, draw_labelled_patch_set,
                          volumes=test_volumes, target="lesion", n_per_class=200, patch_size_vox=32)
     """
     spec = {"draw": getattr(draw, "__qualname__", str(draw))}

@@ -1,4 +1,4 @@
-"""Linear-probe patch classification on frozen features (ISImed Table 1; design/evaluation.md sec. 3).
+"""Linear-probe patch classification on frozen features (ISImed Table 1).
 
 **Protocol (default, ``linear_probe`` with splits):** the probe's regularisation ``C`` is
 chosen by a grouped cross-validation over the **validation** subjects only; the probe is then

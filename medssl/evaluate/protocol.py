@@ -1,6 +1,6 @@
 """Which subjects an evaluation chooses on and which it scores, and what to do with a small or unregistered cohort.
 
-The protocol (design/evaluation.md): choices on the validation split, scores once on the
+The protocol: choices on the validation split, scores once on the
 test split. Real collections are not always that tidy: a handful of scans may give no test
 split, or a single held-out subject, and scans from different patients do not share a
 world frame. :func:`evaluation_subjects` picks the best protocol the data allows and says,

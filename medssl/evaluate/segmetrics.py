@@ -17,7 +17,7 @@ of the organs), ``i`` = the i-th organ of an :class:`OrganSet`.
   tolerance in mm and the volume's voxel spacing: the fraction of both surfaces lying within
   the tolerance of the other.
 
-The seeds' code did otherwise (design/methods.md): the thesis counted background as a
+The seeds' code did otherwise: the thesis counted background as a
 class and averaged Dice over 2D slices, which inflates the score (background is easy, and
 slices without an organ count as perfect). medssl does neither.
 """

@@ -1,4 +1,4 @@
-"""Paired comparisons of methods on the same units (ISImed Table 1; design/evaluation.md sec. 3).
+"""Paired comparisons of methods on the same units (ISImed Table 1).
 
 The unit is a **test subject** (the default protocol: the probe is fit once on the
 validation split and scored per test subject; subjects are independent draws, so the

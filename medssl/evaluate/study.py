@@ -38,7 +38,7 @@ from medssl.rundir import RunDir
 
 __all__ = ["BLENDOWSKI_TABLE2", "QUESTIONS", "THESIS_DSC", "collect_headlines", "collect_units", "context_ordering",
            "head_to_head", "keep_rows", "learning_curves", "metric_groups", "paired_comparisons", "seed_runs", "settings_table",
-           "study_table", "table_cells", "twins_of", "unit_budget", "write_study_report"]
+           "study_table", "table_cells", "twins_of", "unit_budget"]
 
 # Blendowski et al., MICCAI 2019, Table 2: mean Dice of the few-shot segmentation from each descriptor (%)
 BLENDOWSKI_TABLE2 = {"heatmap": 64.2, "reg2d": 60.0, "doersch": 55.2, "gvdiff": 50.4, "xavier": 28.4}
@@ -94,7 +94,7 @@ def _read(path: Path) -> pd.DataFrame | None:
 
 
 def _knn_units(rd: RunDir) -> pd.DataFrame | None:
-    s = _read(rd.path / "50_segmentation" / "knn_scores.csv")
+    s = _read(rd.step_dir("50_segmentation", create=False) / "knn_scores.csv")
     if s is None or s.empty:
         return None
     keys = ["method", "kind", "n_atlases", "query"]
@@ -106,7 +106,7 @@ def _knn_units(rd: RunDir) -> pd.DataFrame | None:
 
 
 def _finetune_units(rd: RunDir) -> pd.DataFrame | None:
-    s = _read(rd.path / "50_segmentation" / "finetune_scores.csv")
+    s = _read(rd.step_dir("50_segmentation", create=False) / "finetune_scores.csv")
     if s is None or s.empty:
         return None
     q = s.groupby(["method", "n_subjects", "query"], sort=False)["dice"].mean().reset_index()
@@ -117,7 +117,7 @@ def _finetune_units(rd: RunDir) -> pd.DataFrame | None:
 
 def _probe_units(rd: RunDir) -> pd.DataFrame | None:
     frames = []
-    for f in sorted((rd.path / "30_linear_probe").glob("*/probe_per_subject.csv")):
+    for f in sorted(rd.step_dir("30_linear_probe", create=False).glob("*/probe_per_subject.csv")):
         p = pd.read_csv(f)
         if p.empty or "auc" not in p:
             continue
@@ -128,7 +128,7 @@ def _probe_units(rd: RunDir) -> pd.DataFrame | None:
 
 
 def _correspondence_units(rd: RunDir) -> pd.DataFrame | None:
-    p = _read(rd.path / "20_latent_space" / "correspondence_points.csv")
+    p = _read(rd.step_dir("20_latent_space", create=False) / "correspondence_points.csv")
     if p is None or p.empty:
         return None
     from medssl.evaluate.correspondence import REFERENCES
@@ -623,15 +623,3 @@ def context_ordering_figure(ordering: pd.DataFrame):
     ax.set(ylabel="Dice", title="Context methods: the paper's ordering and this study's")
     ax.legend(fontsize=8)
     return fig
-
-
-# ---------------------------------------------------------------------------- the report
-
-
-def write_study_report(run: "str | os.PathLike | RunDir", out_dir: str | os.PathLike, *,
-                       sections: Sequence[tuple[str, Sequence[Any]]], provenance: str | None = None) -> Path:
-    """The study's self-contained HTML report (``out_dir/report.html``)."""
-    from medssl.viz.html import write_html_report
-
-    return write_html_report(Path(out_dir) / "report.html", f"medssl reference study: {RunDir(run).name}", sections,
-                             provenance=provenance)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -23,15 +22,15 @@ def pretraining_summary(
     *,
     seed: int = 0,
     n_per_volume: int = 64,
-    run_dir: str | os.PathLike | None = None,
+    run: "str | os.PathLike | RunDir | None" = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """One-row table: distance fidelity and collapse statistics of ``method`` on ``volumes``.
 
     ``volumes`` should be the **validation** subjects: this summary is what one looks at to
     choose settings (scale, steps), so it must not touch the test split. The patch set is seeded and,
-    when ``run_dir`` (``runs/<run>/<method>``) is given, saved once in ``runs/<run>/eval/``
-    so every method of the run is summarised on identical patches.
+    when ``run`` (a run name, folder or :class:`~medssl.rundir.RunDir`) is given, saved once in the run's
+    ``eval/`` folder so every method of the run is summarised on identical patches.
 
     Columns: ``method``, ``n_volumes``, ``n_patches``, ``spearman``, ``pearson`` (latent vs
     physical distance over within-volume pairs), ``abs_err_median_mm``/``abs_err_p90_mm``
@@ -41,9 +40,8 @@ def pretraining_summary(
         raise ValueError("pretraining_summary needs at least one held-out volume")
     kwargs = dict(volumes=list(volumes), n_per_volume=n_per_volume,
                   patch_size_vox=method.patch_size_vox, foreground_only=True)
-    if run_dir is not None:
-        patches = get_or_draw(RunDir(Path(run_dir).parent).eval_dir, "summary_uniform", seed, draw_uniform_patch_set,
-                              **kwargs)
+    if run is not None:
+        patches = get_or_draw(RunDir(run).eval_dir, "summary_uniform", seed, draw_uniform_patch_set, **kwargs)
     else:
         patches = draw_uniform_patch_set(seed=seed, **kwargs)
     emb = embed_patches(method, patches, progress=progress, volumes=volumes)  # a method may cut its own input

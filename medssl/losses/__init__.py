@@ -1,4 +1,8 @@
-"""Pure loss modules (no I/O, logging or device choice)."""
+"""Pure loss modules (no I/O, logging or device choice).
+
+``isimed`` (distance loss), ``barlow_twins``, ``ntxent`` (SimCLR), ``simsiam`` (negative cosine with
+stop-gradient) and ``context`` (context-prediction losses).
+"""
 
 from medssl.losses.barlow_twins import BarlowTwinsLoss
 from medssl.losses.isimed import IsimedDistanceLoss

@@ -14,7 +14,7 @@ The trainer only calls ``configure_optimizers``, ``sample``, ``training_step`` a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -26,13 +26,13 @@ from medssl.models.backbones import build_backbone
 from medssl.sampling.base import PatchBatch
 from medssl.sampling.patches import extract_patches
 from medssl.sampling.uniform import UniformPatchSampler
-from medssl.train.config import TrainConfig
 
 __all__ = [
     "FAMILIES",
     "cuts_cubes",
     "Method",
     "MethodConfig",
+    "OptimizerSettings",
     "StepOutput",
     "backbone_from_config",
     "create_method",
@@ -69,6 +69,16 @@ class MethodConfig:
     in_channels: int = 1
     foreground_only: bool = False  # patch centres on the body (the intensity body mask, medssl.data.body)
     embed_dim: int | None = None  # None = the backbone's default width (1024 for DenseNet121)
+
+
+class OptimizerSettings(Protocol):
+    """What ``configure_optimizers`` may read of the training configuration (:class:`medssl.train.config.TrainConfig`
+    has these fields). Methods sit below ``train`` and never import it: the trainer passes its config in."""
+
+    lr: float
+    weight_decay: float
+    lr_decay_per_epoch: float
+    epochs: int
 
 
 @dataclass
@@ -158,7 +168,7 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    def configure_optimizers(self, config: OptimizerSettings) -> tuple[torch.optim.Optimizer, Any]:
         """``(optimizer, scheduler)``; the scheduler's ``step()`` is called once after every epoch.
 
         Default (the ISImed paper): AdamW over every trainable parameter with ``config.lr``

@@ -42,7 +42,14 @@ from medssl.losses.context import (
     OffsetL1Loss,
     heatmap_offsets,
 )
-from medssl.methods.base import Method, MethodConfig, StepOutput, backbone_from_config, register_method
+from medssl.methods.base import (
+    Method,
+    MethodConfig,
+    OptimizerSettings,
+    StepOutput,
+    backbone_from_config,
+    register_method,
+)
 from medssl.models.backbones import build_backbone
 from medssl.models.context_nets import HeatmapHead, SixNeighbourHead, TriplanarDescriptor, TwoParamHead, xavier_init_
 from medssl.sampling.base import PatchBatch
@@ -56,7 +63,6 @@ from medssl.sampling.context import (
     curriculum_range,
     triplanar_patches,
 )
-from medssl.train.config import TrainConfig
 
 __all__ = ["PAPER", "DoerschConfig", "PlanarContextConfig", "PlanarContextMethod", "paper_adam"]
 
@@ -74,7 +80,7 @@ def _tuples(config: Any) -> None:
             object.__setattr__(config, f.name, tuple(value))
 
 
-def paper_adam(method: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+def paper_adam(method: nn.Module, config: OptimizerSettings) -> tuple[torch.optim.Optimizer, Any]:
     """Adam at ``config.lr`` (paper: 5e-5), without weight decay, at a constant rate (the paper states no
     schedule); ``TrainConfig.weight_decay`` and ``lr_decay_per_epoch`` are not used."""
     optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=config.lr)
@@ -174,7 +180,7 @@ class PlanarContextMethod(Method):
 
     # ------------------------------------------------------------------ training
 
-    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    def configure_optimizers(self, config: OptimizerSettings) -> tuple[torch.optim.Optimizer, Any]:
         return paper_adam(self, config)
 
     def curriculum_progress(self) -> float:
@@ -263,24 +269,21 @@ _PLANAR_DEMO_STEPS = 30 * 7  # the whole run; see the demo preset below
 # 1e-3 for all three (20x the paper's rate, for 1/3800 of its 800,000 steps).
 DEMO_LR = 1e-3
 PLANAR_PRESETS: dict[str, dict[str, Any]] = {
-    # Blendowski et al. sec. 3: D2D-CNN, 42 x 42 x 3, batch 8, Adam 5e-5, 800,000 batches; the pretext task's
-    # geometry is the config's default (the paper's, in half-widths).
-    "paper": {
-        "method": {"backbone": "d2d", "patch_size_vox": 42, "volumes_per_batch": 8, "patches_per_volume": 1,
-                   "foreground_only": True, "curriculum_steps": PAPER_STEPS},
-        "train": {"epochs": 800, "steps_per_epoch": 1000, "lr": 5e-5},
-    },
+    # Blendowski et al. sec. 3: D2D-CNN, 42 x 42 x 3, batch 8, Adam 5e-5, 800,000 batches: the config's defaults
+    # (the shared paper preset's ISImed sizes do not apply to fields whose default is the paper's own).
+    "paper": {"train": {"epochs": 800, "steps_per_epoch": 1000, "lr": 5e-5}},
     # 2-core CPU: the paper's pretext task, D2D-CNN and patches (126 x 126 x 9 mm on the demo's 3 mm grid); the
     # budget of the cube methods: 210 steps (30 x 7) with the whole curriculum, and 32 anchors per step (one from
     # each of 32 volumes) = 192 distinct planar patches (3 orientations x anchor and partner), the cube methods'
     # count of distinct patches (each 42 x 42 x 3 = 5,292 voxels against a 32^3 cube's 32,768: 2.5D planes cannot
     # match cubes in content; the pretraining table says so). Adam's lr was chosen on validation (LR_SWEEP).
     "demo": {
-        "method": {"backbone": "d2d", "patch_size_vox": 42, "volumes_per_batch": 32, "patches_per_volume": 1,
-                   "foreground_only": True, "curriculum_steps": _PLANAR_DEMO_STEPS},
+        "method": {"volumes_per_batch": 32, "curriculum_steps": _PLANAR_DEMO_STEPS},
         "train": {"epochs": 30, "steps_per_epoch": 7, "lr": DEMO_LR, "val_batches": 2},  # val: 64 anchors = 192 pairs
     },
 }
+
+
 @register_method("reg2d")
 class Reg2D(_OffsetPrediction):
     """Reg2D: 2.5D planar context pairs, the 2-Param CNN regresses the in-plane offset (L1)."""
@@ -352,19 +355,15 @@ class Doersch(Method):
     paper = PAPER
     val_measure = ("accuracy", "max")  # the pretext task: which of the 6 neighbours, val pairs
     presets = {
-        "paper": {
-            "method": {"backbone": "d3d", "patch_size_vox": 25, "volumes_per_batch": 8, "patches_per_volume": 1,
-                       "foreground_only": True},
-            "train": {"epochs": 800, "steps_per_epoch": 1000, "lr": 5e-5},
-        },
+        # the paper's D3D-CNN, 25^3 cubes, batch 8 are the config's defaults
+        "paper": {"train": {"epochs": 800, "steps_per_epoch": 1000, "lr": 5e-5}},
         # 2-core CPU: the D3D-CNN costs ~360 MFLOP per cube, which makes dense evaluation grids (tens of
         # thousands of points per volume) take minutes per volume here. The demo uses the SmallCNN at 25^3
         # with a 192-d output instead (0.45 M parameters, like the paper's ~0.4 M per descriptor network;
         # the ISImed demo swaps DenseNet121 for it the same way). The cube methods' budget: 210 steps of
         # 96 pairs (8 from each of 12 volumes) = 192 distinct cubes. Adam's lr was chosen on validation (LR_SWEEP).
         "demo": {
-            "method": {"backbone": "smallcnn", "embed_dim": 192, "patch_size_vox": 25, "volumes_per_batch": 12,
-                       "patches_per_volume": 8, "foreground_only": True},
+            "method": {"backbone": "smallcnn", "embed_dim": 192, "volumes_per_batch": 12, "patches_per_volume": 8},
             "train": {"epochs": 30, "steps_per_epoch": 7, "lr": DEMO_LR, "val_batches": 2},  # val: 192 pairs
         },
     }
@@ -383,7 +382,7 @@ class Doersch(Method):
         """Distinct cubes per step: every pair's anchor and partner."""
         return self.sampler.cubes_per_pair * int(self.config.volumes_per_batch) * int(self.config.patches_per_volume)
 
-    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    def configure_optimizers(self, config: OptimizerSettings) -> tuple[torch.optim.Optimizer, Any]:
         return paper_adam(self, config)
 
     def training_step(self, batch: PatchBatch) -> StepOutput:

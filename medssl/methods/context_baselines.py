@@ -46,7 +46,7 @@ class Xavier(PlanarContextMethod):
     family = "untrained baseline"
     trains = False
     planes_per_anchor = 3  # its (validation) batches hold the anchors' three planes, no partners
-    presets = {name: {"method": dict(spec["method"])} for name, spec in PLANAR_PRESETS.items()}
+    presets = {name: {"method": dict(spec["method"])} for name, spec in PLANAR_PRESETS.items() if "method" in spec}
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)  # the D2D-CNNs, Xavier-initialised (PlanarContextMethod)
@@ -122,11 +122,8 @@ class GVDiff(Method):
     family = "untrained baseline"
     paper = PAPER
     trains = False
-    presets = {
-        **{name: {"method": {"backbone": "gvdiff", "patch_size_vox": 42, "volumes_per_batch": 8, "patches_per_volume": 1,
-                             "foreground_only": True}} for name in ("paper", "demo")},
-        "tiny": {"method": {"backbone": "gvdiff"}},  # the shared tiny preset's SmallCNN means nothing here
-    }
+    # paper and demo: the config's defaults (42, batch 8, on the body); the shared tiny preset's SmallCNN means nothing here
+    presets = {"tiny": {"method": {"backbone": "gvdiff"}}}
 
     def __init__(self, config: GVDiffConfig) -> None:
         super().__init__(config)

@@ -47,7 +47,7 @@ class RegIsimed(TwoViewMethod):
     Weighting: the paper applies lambda = 1e3 "as a scalar coefficient to the
     BarlowTwins loss" and chose it so that both terms contribute about equally. That
     BarlowTwins value was the authors' per-dimension one (divided by the embedding size,
-    see design/methods.md), so to keep the paper's balance with our standard BT loss we
+    as the authors' code does), so to keep the paper's balance with our standard BT loss we
     apply lambda to ``BT / barlow_head_dim``: ``loss = isimed + lambda * BT / 2048``
     (an effective weight of ~0.49 on the standard BT loss). Both raw terms are logged.
     ``embed`` returns the backbone output (1024-d for DenseNet121), as the paper.

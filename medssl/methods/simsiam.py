@@ -8,7 +8,7 @@ only. Here: the IoU-pair sampler (:class:`medssl.sampling.iou_pairs.IoUPairSampl
 symmetric negative-cosine loss with stop-gradient, SGD with the thesis's schedule, and the
 collapse coefficients (below) logged with the realised IoU histogram and the sampler's fallback rate.
 
-**Collapse coefficients** (:func:`medssl.evaluate.rank.collapse_coefficient`, 0 = spread, 1 = one direction):
+**Collapse coefficients** (:func:`medssl.capacity.collapse_coefficient`, 0 = spread, 1 = one direction):
 
 - ``collapse_p`` on the predictor output p (the thesis's measure), every step;
 - ``collapse_h`` on the backbone output h (the representation every evaluation uses), every step: the
@@ -42,13 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from medssl.augment_thesis import ThesisViewAugment
+from medssl.capacity import collapse_coefficient
 from medssl.data.volume import Volume
 from medssl.distributed import world_size
-from medssl.evaluate.rank import collapse_coefficient
 from medssl.losses.simsiam import SimSiamLoss
 from medssl.methods.base import (
     Method,
     MethodConfig,
+    OptimizerSettings,
     StepOutput,
     backbone_from_config,
     register_method,
@@ -58,7 +59,6 @@ from medssl.models.heads import ProjectionHead, mlp_blocks
 from medssl.sampling.base import PatchBatch
 from medssl.sampling.iou_pairs import IoUPairSampler, iou_histogram_logs
 from medssl.sampling.patches import extract_patches
-from medssl.train.config import TrainConfig
 
 __all__ = ["SimSiam", "SimSiamConfig", "IOU_STUDY", "simsiam_param_groups"]
 
@@ -205,7 +205,7 @@ class SimSiam(Method):
         with torch.autocast(device_type=z.device.type, enabled=False):
             return self.predictor(z.float())
 
-    def configure_optimizers(self, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    def configure_optimizers(self, config: OptimizerSettings) -> tuple[torch.optim.Optimizer, Any]:
         """SGD (momentum 0.9), lr = ``config.lr`` x pairs per step (all ranks) / ``lr_reference_batch``.
 
         Cosine decay per epoch to ``final_lr_fraction`` of that lr, except the predictor, whose lr stays

@@ -1,7 +1,8 @@
 """Backbones: ``(B, C, *spatial) -> (B, D)`` with an ``embed_dim`` attribute.
 
 ``build_backbone(name, in_channels=1, spatial_dims=3, **kw)`` is the one entry
-point the methods use; the registry below names every backbone.
+point the methods use; the registry below names every backbone. MONAI is imported when a network is
+built, not with this module, so that the method registry (``import medssl.methods``) loads without it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from monai.networks.blocks import Convolution
-from monai.networks.nets import DenseNet121
 from torch import nn
 
 __all__ = ["SmallCNN", "DenseNet121Backbone", "build_backbone", "fp32", "list_backbones", "register_backbone"]
@@ -34,7 +33,7 @@ class SmallCNN(nn.Module):
 
     The default strides ``(2, 2, 1, 2, 1, 2)`` downsample in the FIRST conv: on this
     project's 2-core CPU that runs at ~900 training patches/s at 32^3 versus ~110 for
-    strides ``(1, 2, 1, 2, 1, 2)`` (design/environment.md), because the full-resolution
+    strides ``(1, 2, 1, 2, 1, 2)``, because the full-resolution
     16-channel activations dominate the cost. GroupNorm rather than BatchNorm because
     batches are built from few volumes (16 patches per volume), so batch statistics are
     strongly correlated and behave differently in train and eval mode.
@@ -65,6 +64,8 @@ class SmallCNN(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(channels) != len(strides) or not channels:
             raise ValueError(f"channels {tuple(channels)} and strides {tuple(strides)} need the same non-zero length")
+        from monai.networks.blocks import Convolution
+
         blocks = []
         c_in = in_channels
         for c_out, s in zip(channels, strides):
@@ -111,6 +112,8 @@ class DenseNet121Backbone(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, spatial_dims: int = 3, embed_dim: int | None = None, **kw) -> None:
+        from monai.networks.nets import DenseNet121
+
         super().__init__()
         self.embed_dim = int(embed_dim or 1024)
         self.net = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=self.embed_dim, **kw)

@@ -35,7 +35,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import ADN, Convolution
 from torch import nn
 
 from medssl.models.backbones import fp32, register_backbone
@@ -56,13 +55,17 @@ GROUPS = 4  # GroupNorm groups (not stated in the paper; divides every width of 
 LEAKY_SLOPE = 0.01
 
 
-def _norm_act(spatial_dims: int, channels: int) -> ADN:
+def _norm_act(spatial_dims: int, channels: int) -> nn.Module:
+    from monai.networks.blocks import ADN  # imported when a network is built: `import medssl.methods` stays light
+
     return ADN(ordering="NA", in_channels=channels, norm=("group", {"num_groups": GROUPS}), norm_dim=spatial_dims,
                act=("leakyrelu", {"negative_slope": LEAKY_SLOPE}))
 
 
 def _conv(spatial_dims: int, c_in: int, c_out: int, kernel: int, dilation: int = 1, transposed: bool = False) -> nn.Module:
     """A valid (unpadded) convolution, or a transposed one (``in + dilation * (kernel - 1)`` outputs)."""
+    from monai.networks.blocks import Convolution
+
     return Convolution(spatial_dims, c_in, c_out, kernel_size=kernel, dilation=dilation, padding=0, conv_only=True,
                        is_transposed=transposed, output_padding=0 if transposed else None)
 

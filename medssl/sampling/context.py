@@ -11,7 +11,7 @@ the tensor layout of every planar patch, the partner's shift and the regression 
 - offset target ``(Delta1, Delta2)``: the partner's shift along the first and second in-plane axis.
 
 The authors' code mixed these up for two of the three axes (their "through-plane" offset moved the
-patch in-plane), so Reg2D and Heatmap were trained on different targets (design/methods.md);
+patch in-plane), so Reg2D and Heatmap were trained on different targets;
 ``tests/sampling/test_context.py`` proves, on an oblique anisotropic grid, that a shift in world mm
 appears as the intended ``(Delta1, Delta2)`` and moves the patch content along the intended tensor axes.
 

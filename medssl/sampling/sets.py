@@ -1,6 +1,6 @@
 """Evaluation sets: which centre voxels of which volumes, drawn once per seed.
 
-These are the patch-drawing rules of the evaluation protocols (design/evaluation.md);
+These are the patch-drawing rules of the evaluation protocols;
 :mod:`medssl.evaluate.patchsets` stores what they draw (patches, geometry, provenance).
 
 - :func:`draw_uniform_centres`: centres uniformly over the body (or anywhere the patch fits).

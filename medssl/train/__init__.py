@@ -1,25 +1,46 @@
 """Training: one ``fit`` for every method, atomic checkpoints, resume, optimisation config.
 
+- ``config``: :class:`TrainConfig` and :class:`~medssl.train.config.EarlyStopping`.
 - ``loop``: :func:`fit` (a short loop over named steps) and its batch source.
 - ``checkpoint``: pickle-free atomic checkpoints, the resume state, :func:`load_method`.
-- ``metrics``: ``metrics.jsonl`` records and :func:`read_metrics`.
+- ``metrics``: ``metrics.jsonl`` records, TensorBoard events and :func:`read_metrics`.
 - ``precision``: device and autocast choice.
+- ``determinism``: deterministic kernels and the bf16 conv3d guard.
 - ``ddp``: the DDP-wrapped training step and the decisions ranks must share.
+- ``preprocessing``: the training volumes' preprocessing record every checkpoint carries.
+
+The names below load on first use, so that ``from medssl.train.config import TrainConfig`` (presets, the
+command line's help) does not load the training loop.
 """
 
-from medssl.train.checkpoint import CheckpointError, load_checkpoint, load_method, save_checkpoint
-from medssl.train.config import TrainConfig
-from medssl.train.loop import FitResult, NonFiniteLossError, fit
-from medssl.train.metrics import read_metrics
+from __future__ import annotations
 
-__all__ = [
-    "TrainConfig",
-    "fit",
-    "FitResult",
-    "NonFiniteLossError",
-    "read_metrics",
-    "load_method",
-    "load_checkpoint",
-    "save_checkpoint",
-    "CheckpointError",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TrainConfig": "config",
+    "fit": "loop",
+    "FitResult": "loop",
+    "NonFiniteLossError": "loop",
+    "read_metrics": "metrics",
+    "load_method": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medssl.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"medssl.train.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | set(globals()))

@@ -57,9 +57,9 @@ class CheckpointError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
-def checkpoint_paths(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+def checkpoint_paths(method_dir: str | os.PathLike) -> tuple[Path, Path]:
     """``(checkpoints dir, last.pt path)`` for a run directory."""
-    files = method_files(run_dir)
+    files = method_files(method_dir)
     return files.checkpoints, files.last
 
 
@@ -294,7 +294,7 @@ def check_resumable(state: dict, method: "Method", config: Any, path: Path) -> N
         raise CheckpointError(
             path,
             f"was trained by {state['method']!r} with config {state['method_config']}, which differs from the "
-            f"method given ({method.name!r}, {config_to_json(method.config)}); use another run_dir to train it",
+            f"method given ({method.name!r}, {config_to_json(method.config)}); use another method_dir to train it",
         )
     saved = json.loads(state.get("train_config", "{}"))
     changed = {k: (saved.get(k), v) for k, v in asdict(config).items() if k != "epochs" and saved.get(k) != v}

@@ -6,7 +6,8 @@ autocast, the non-finite guard, backward, clipping), log; after every epoch step
 schedule, evaluate on a fixed validation patch set and write an atomic checkpoint. Each of
 those is a named method of :class:`_Trainer`.
 
-Run directory (``run_dir``)::
+The method's folder (``method_dir``: ``runs/<run>/<method>/``, :meth:`medssl.rundir.RunDir.method_dir`;
+its file names come from :func:`medssl.rundir.method_files`)::
 
     config.json            method config + train config (asdict) + resolved settings
     provenance.json        commit (dirty?), package versions, machine, config sha256 per start/resume
@@ -45,8 +46,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medssl._files import atomic_write_bytes
+from medssl.capacity import dim_variance_fraction, effective_rank
 from medssl.distributed import is_distributed, rank, world_size
-from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 from medssl.provenance import record_fit_provenance
 from medssl.rundir import method_files
 from medssl.train.checkpoint import (
@@ -94,7 +95,7 @@ class NonFiniteLossError(FloatingPointError):
 class FitResult:
     """What ``fit`` returns. ``epoch`` is the number of completed epochs."""
 
-    run_dir: Path
+    method_dir: Path
     checkpoint_path: Path
     step: int
     epoch: int
@@ -105,14 +106,14 @@ class FitResult:
     best_checkpoint_path: Path | None = None
 
     def metrics(self) -> pd.DataFrame:
-        return read_metrics(self.run_dir)
+        return read_metrics(self.method_dir)
 
 
 def fit(
     method: "Method",
     train_volumes: Sequence["Volume"],
     config: TrainConfig,
-    run_dir: str | os.PathLike,
+    method_dir: str | os.PathLike,
     *,
     val_volumes: Sequence["Volume"] | None = None,
     resume: bool = True,
@@ -121,7 +122,7 @@ def fit(
     preprocessing: "PreprocessConfig | None" = None,
     tensorboard: bool = True,
 ) -> FitResult:
-    """Train ``method`` on ``train_volumes``, writing logs and checkpoints to ``run_dir``.
+    """Train ``method`` on ``train_volumes``, writing logs and checkpoints to ``method_dir``.
 
     Args:
         method: a registered Method (moved to the training device in place). Its
@@ -130,11 +131,11 @@ def fit(
             state is validated and written as ``last.pt`` so evaluations find it like any other.
         train_volumes: the pool ``method.sample`` draws each batch from.
         config: optimisation settings.
-        run_dir: the method's run directory, e.g. ``runs/demo/isimed``.
+        method_dir: the method's folder, e.g. ``RunDir("demo").method_dir("isimed")`` (``runs/demo/isimed``).
         val_volumes: if given, a fixed seeded patch set is drawn from them once and, every
             ``eval_every_epochs`` (and before the first step), the val loss and the effective
             rank of its embeddings are logged with ``split="val"``.
-        resume: continue from ``run_dir/checkpoints/last.pt`` when it exists. With
+        resume: continue from ``method_dir/checkpoints/last.pt`` when it exists. With
             ``resume=False`` an existing checkpoint is an error (nothing is overwritten).
         progress: show a tqdm progress bar.
         callbacks: called with every record written to ``metrics.jsonl``; a callback that
@@ -152,7 +153,7 @@ def fit(
             (``meta["preprocess_config"]``, set by ``open_data`` and the cache); either way it is
             recorded in every checkpoint (:mod:`medssl.train.preprocessing`). A config that
             contradicts the volumes' own is a ValueError.
-        tensorboard: also write the records as TensorBoard event files in ``run_dir``.
+        tensorboard: also write the records as TensorBoard event files in ``method_dir``.
 
     Raises:
         NonFiniteLossError: the loss became non-finite on any rank, or the gradient norm did
@@ -161,9 +162,9 @@ def fit(
             stops, and the previous checkpoint is left untouched.
     """
     if config.early_stopping is not None and method.trains and not val_volumes:
-        raise ValueError(f"{run_dir}: early_stopping watches a validation measure and needs val_volumes; none given")
+        raise ValueError(f"{method_dir}: early_stopping watches a validation measure and needs val_volumes; none given")
     with deterministic_algorithms(resolve_device(config.device), config.deterministic):
-        t = _Trainer(method, train_volumes, config, Path(run_dir), val_volumes, list(callbacks or []), progress)
+        t = _Trainer(method, train_volumes, config, Path(method_dir), val_volumes, list(callbacks or []), progress)
         t.record_preprocessing(preprocessing)
         t.tensorboard = tensorboard
         try:
@@ -184,12 +185,12 @@ def fit(
 class _Trainer:
     """The state of one ``fit`` call and its named steps."""
 
-    def __init__(self, method, train_volumes, config: TrainConfig, run_dir: Path, val_volumes, callbacks, progress):
+    def __init__(self, method, train_volumes, config: TrainConfig, method_dir: Path, val_volumes, callbacks, progress):
         if len(train_volumes) == 0:
             raise ValueError("fit got no training volumes")
-        self.method, self.config, self.run_dir = method, config, run_dir
+        self.method, self.config, self.method_dir = method, config, method_dir
         self.train_volumes, self.val_volumes = train_volumes, val_volumes
-        self.ckpt_dir, self.last_path = checkpoint_paths(run_dir)
+        self.ckpt_dir, self.last_path = checkpoint_paths(method_dir)
         self.is_main = rank() == 0
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
@@ -224,7 +225,7 @@ class _Trainer:
             return
         if not resume:
             raise FileExistsError(
-                f"{self.last_path} exists; pass resume=True to continue that run, or choose a new run_dir "
+                f"{self.last_path} exists; pass resume=True to continue that run, or choose a new method_dir "
                 "(nothing was overwritten)"
             )
         state = load_checkpoint(self.last_path, map_location=self.device)
@@ -257,14 +258,14 @@ class _Trainer:
     def start(self) -> None:
         """Write config.json, drop log records of lost steps, draw the fixed val set, log the first val record."""
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            keep_metrics_up_to(method_files(self.run_dir).metrics, self.step)
+            self.method_dir.mkdir(parents=True, exist_ok=True)
+            keep_metrics_up_to(method_files(self.method_dir).metrics, self.step)
             self._write_config_json()
-            record_fit_provenance(self.run_dir, self.step)  # commit, dirty tree, packages, config sha256
+            record_fit_provenance(self.method_dir, self.step, method_files(self.method_dir).config)  # commit, config sha
         # on resume, TensorBoard hides the events after the checkpoint's step, as keep_metrics_up_to drops their lines
-        tb = TensorBoardLog(self.run_dir, purge_step=self.step + 1 if self.step else None) \
+        tb = TensorBoardLog(self.method_dir, purge_step=self.step + 1 if self.step else None) \
             if self.is_main and self.tensorboard else None
-        self.log = MetricsLog(method_files(self.run_dir).metrics, enabled=self.is_main, callbacks=self.callbacks,
+        self.log = MetricsLog(method_files(self.method_dir).metrics, enabled=self.is_main, callbacks=self.callbacks,
                               tensorboard=tb)
         self.val_set = self._draw_val_set() if self.val_volumes else None
         self.t_start = time.perf_counter()
@@ -374,7 +375,7 @@ class _Trainer:
         save_checkpoint(state, *paths, self.last_path)
         prune_epoch_checkpoints(self.ckpt_dir, self.config.keep_last)
         if self.early is not None:
-            atomic_write_bytes(self.run_dir / EARLY_STOPPING_FILE,
+            atomic_write_bytes(self.method_dir / EARLY_STOPPING_FILE,
                                json.dumps({**self.early.state(), "step": self.step, "cap_steps": self.total_steps,
                                            "stop_reason": self.stop_reason}, indent=1).encode())
 
@@ -391,7 +392,7 @@ class _Trainer:
     def result(self) -> FitResult:
         reason = self.stop_reason or ("a callback asked to stop" if self.step < self.total_steps else "")
         best = self.ckpt_dir / BEST_CHECKPOINT
-        return FitResult(run_dir=self.run_dir, checkpoint_path=self.last_path, step=self.step,
+        return FitResult(method_dir=self.method_dir, checkpoint_path=self.last_path, step=self.step,
                          epoch=self.step // self.steps_per_epoch, final_loss=self.last_loss,
                          stopped_early=self.step < self.total_steps, stop_reason=reason,
                          best_step=self.early.best_step if self.early is not None else None,
@@ -489,7 +490,7 @@ class _Trainer:
             "world_size": world_size(),
             "torch_version": str(torch.__version__),
         }
-        atomic_write_bytes(method_files(self.run_dir).config, json.dumps(content, indent=2).encode())
+        atomic_write_bytes(method_files(self.method_dir).config, json.dumps(content, indent=2).encode())
 
     def _non_finite_message(self, what: str, value: float, logs: dict, step: int | None = None) -> str:
         step = self.step if step is None else step
@@ -611,7 +612,7 @@ class _EarlyStopper:
     def load(self, state: dict[str, Any], path: Path) -> None:
         if (state.get("measure"), state.get("mode")) != (self.measure, self.mode):
             raise ValueError(f"{path}: was early-stopped on {state.get('measure')!r} ({state.get('mode')}), this run "
-                             f"watches {self.measure!r} ({self.mode}); use another run_dir")
+                             f"watches {self.measure!r} ({self.mode}); use another method_dir")
         self.best = state.get("best")
         self.best_step = state.get("best_step")
         self.bad = int(state.get("bad_validations", 0))

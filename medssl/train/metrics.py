@@ -160,14 +160,14 @@ def _parse(line: str) -> dict | None:
     return r if isinstance(r, dict) else None
 
 
-def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """``metrics.jsonl`` of a run (or the file itself) as a DataFrame, one row per record.
+def read_metrics(method_dir: str | os.PathLike) -> pd.DataFrame:
+    """``metrics.jsonl`` of a method's folder (or the file itself) as a DataFrame, one row per record.
 
     Columns include ``split`` ("train"/"val"), ``step``, ``epoch``, ``loss``, ``lr``,
     ``time_s``, ``samples_per_s``, ``effective_rank`` (val) and the method's own logs.
     A torn last line (crash mid-write) is skipped.
     """
-    path = Path(run_dir)
+    path = Path(method_dir)
     if path.is_dir():
         path = method_files(path).metrics
     if not path.exists():

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-__all__ = ["resolve_device", "resolve_precision", "autocast"]
+__all__ = ["check_device", "resolve_device", "resolve_precision", "autocast"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -22,6 +22,28 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def check_device(device: str, setting: str = "device") -> None:
+    """``device`` (``TrainConfig.device``) must name a device this machine has: checked before any data is built
+    (torch's own message comes only when the model moves there: "Torch not compiled with CUDA enabled").
+    ``setting``: how the caller's user spells it, for the message (``"-t device"`` on the command line)."""
+    if str(device) == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{setting} {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else \
+                "no CUDA GPU is visible on this machine"
+            raise ValueError(f"{setting} {device}: {why}; use {setting} cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{setting} {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
+    elif dev.type not in ("cpu", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
+        raise ValueError(f"{setting} {device}: not available here; use auto, cpu or cuda")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -13,7 +13,7 @@
 The logic behind the clicks lives in :mod:`medssl.viz.query` (pure, unit-tested); this
 module only wires it to widgets. Widgets need a live kernel and do not survive an HTML
 export: the notebooks also show :func:`latent_scatter_figure` (plotly) and the
-matplotlib point-query figure of :mod:`medssl.viz.maps`. Nothing here blocks a headless
+matplotlib point-query figure of :mod:`medssl.viz.map_figures`. Nothing here blocks a headless
 (papermill) kernel: the widgets are built, their callbacks just never fire.
 """
 

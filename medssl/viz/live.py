@@ -4,7 +4,7 @@ In ``10_pretrain.ipynb``::
 
     live = LiveCurves(title="isimed (demo preset)")
     display(live.widget)
-    fit(model, train, config, run_dir, callbacks=[live])
+    fit(model, train, config, method_dir, callbacks=[live])
 
 Every record ``fit`` writes to ``metrics.jsonl`` is passed to the callback (:mod:`medssl.train.loop`),
 which appends it to the figure: the training loss and the method's own loss terms, the

@@ -38,8 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from medssl.cli import register_command
-
 __all__ = ["ScanMap", "load_frame", "map_scan", "resample_grid_to_scan", "save_frame"]
 
 # Voxels per resampling chunk: bounds the memory of the coordinate arrays on large scans.
@@ -242,9 +240,11 @@ def map_scan(
         png = out_path.with_name(_stem(out_path) + ".png") if png_path is True else Path(png_path)
         import matplotlib.pyplot as plt
 
-        from medssl.viz.maps import plot_latent_map_slices
+        from medssl.rundir import method_dir_of
+        from medssl.viz.map_figures import plot_latent_map_slices
 
-        source = f"run {checkpoint.parents[2].name}" if checkpoint.parent.name == "checkpoints" else checkpoint.name
+        method_dir = method_dir_of(checkpoint)
+        source = f"run {method_dir.parent.name}" if method_dir is not None else checkpoint.name
         fig = plot_latent_map_slices(volume, latent, title=f"{volume.case_id}: latent map of {method.name} ({source})")
         png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(png, dpi=100)
@@ -255,8 +255,8 @@ def map_scan(
 # --------------------------------------------------------------------------- medssl map ...
 
 
-@register_command("map")
-def _add_map_parser(sub: "argparse._SubParsersAction") -> None:
+def add_cli_parser(sub: "argparse._SubParsersAction") -> None:
+    """Add ``medssl map`` to the ``medssl`` command's subparsers (:mod:`medssl.cli`)."""
     p = sub.add_parser(
         "map",
         help="latent coordinate map of any scan (NIfTI/NRRD/DICOM) with a trained checkpoint",
@@ -320,7 +320,10 @@ def _run_map(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # the CLI never opens windows
     out = args.out
     if out is None:
-        method = args.checkpoint.parent.parent.name if args.checkpoint.parent.name == "checkpoints" else "latent"
+        from medssl.rundir import method_dir_of
+
+        method_dir = method_dir_of(args.checkpoint)
+        method = method_dir.name if method_dir is not None else "latent"
         out = Path.cwd() / f"{_stem(args.scan)}_{method}_map.nii.gz"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

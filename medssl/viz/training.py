@@ -19,7 +19,7 @@ def loss_curves(metrics: pd.DataFrame, title: str = "", smooth: int = 10):
     """Static matplotlib figure: training loss terms (raw + running mean), val loss, lr and effective rank.
 
     Args:
-        metrics: the frame from ``medssl.train.read_metrics(run_dir)``; rows with
+        metrics: the frame from ``medssl.train.read_metrics(method_dir)``; rows with
             ``split == "val"`` are evaluation records, the rest training steps.
         smooth: window of the running mean drawn over the raw curve.
     """
@@ -75,8 +75,9 @@ def collapse_curves(metrics: pd.DataFrame, title: str = "", smooth: int = 10):
 
     train, val = _split(metrics)
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for col, colour, label in (("collapse_z", "C0", "z (projector, SimSiam paper)"),
-                               ("collapse_p", "C1", "p (predictor, thesis)")):
+    for col, colour, label in (("collapse_z", "C0", "z (projector, before its last BatchNorm; SimSiam paper)"),
+                               ("collapse_p", "C1", "p (predictor, thesis)"),
+                               ("collapse_h", "C2", "h (encoder output)")):
         if _has(train, col):
             y = train[col].astype(float)
             ax.plot(train["step"], y, color=colour, alpha=0.3, lw=0.8)
@@ -135,14 +136,14 @@ def pretraining_figures(metrics: pd.DataFrame, title: str = "") -> list[tuple[st
     """The figures ``10_pretrain`` shows for any method, as ``[(title, matplotlib figure), ...]``.
 
     Always the loss curves (:func:`loss_curves`); then, when ``metrics`` has the columns: the
-    collapse coefficient of z and p (``collapse_z``/``collapse_p``), the effective rank on the
+    collapse coefficient of z, p and h (``collapse_z``/``collapse_p``/``collapse_h``, train or val), the effective rank on the
     validation patches (``effective_rank``), and the realised IoU histogram with the fallback rate
     (``iou_hist_*``, ``fallback_rate``: IoU-pair methods).
     """
     train, val = _split(metrics)
     prefix = f"{title}: " if title else ""
     figures: list[tuple[str, object]] = [("Loss curves", loss_curves(metrics, title=title))]
-    if _has(train, "collapse_z") or _has(train, "collapse_p"):
+    if any(_has(part, c) for part in (train, val) for c in ("collapse_z", "collapse_p", "collapse_h")):
         figures.append(("Collapse coefficient", collapse_curves(metrics, title=f"{prefix}collapse coefficient")))
     if _has(val, "effective_rank"):
         figures.append(("Effective rank (val)", effective_rank_curve(metrics, title=f"{prefix}effective rank (val)")))

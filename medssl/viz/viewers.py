@@ -10,7 +10,7 @@
 
 Every builder returns a widget and never blocks a headless kernel; widgets don't
 survive a static HTML export, so notebooks also show the static figures of
-:mod:`medssl.viz.maps`.
+:mod:`medssl.viz.map_figures`.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def point_query_widget(
     import matplotlib.pyplot as plt
 
     from medssl.geometry import vox_to_world, world_to_vox
-    from medssl.viz.maps import plot_point_query
+    from medssl.viz.map_figures import plot_point_query
 
     shape = volume_a.shape_vox
     start = (

@@ -56,7 +56,7 @@ TINY_PIPELINE = [
 ]  # fmt: skip
 TINY_VIEWER = {"max_scatter_points": 600, "n_neighbours": 20, "viewer_height": 360}
 # 25's parameters that must equal what 20_latent_space ran with (same cohort, same dense cache)
-SHARED_WITH_20 = ("source", "n_subjects", "target_spacing_mm", "seed", "stride_vox", "batch_size")
+SHARED_WITH_20 = ("data_overrides", "seed", "stride_vox", "batch_size")  # the data itself: the run's data spec
 
 
 # the scatter's second trace: latent neighbours of the last click in the image

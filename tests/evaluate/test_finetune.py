@@ -9,6 +9,7 @@ import torch
 from medssl.data.volume import Volume
 from medssl.evaluate import finetune as ft
 from medssl.evaluate.segmetrics import OrganSet
+from medssl.models import segmentation as seg
 from tests.helpers import oblique_affine
 
 ORGANS = OrganSet(names=("a", "b"), label_ids=(1, 2))
@@ -124,35 +125,31 @@ def test_densenet121_gets_a_unet_decoder_over_its_five_resolutions():
     from medssl.methods import create_method
 
     m = create_method("isimed", backbone="densenet121", patch_size_vox=32)
-    net = ft.segmentation_net(m, 3, crop_size_vox=32)
-    assert isinstance(net, ft.CnnUNet) and net.total_stride == 32
+    net = seg.segmentation_net(m, 3, crop_size_vox=32)
+    assert isinstance(net, seg.CnnUNet) and net.total_stride == 32
     names = [name for name, _ in net.encoder.named_children()]
     assert [names[i] for i in net.taps] == ["relu0", "denseblock1", "denseblock2", "denseblock3", "norm5"]
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
     with pytest.raises(ValueError, match="multiple of the encoder's total stride"):
-        ft.segmentation_net(m, 3, crop_size_vox=48)
+        seg.segmentation_net(m, 3, crop_size_vox=48)
 
 
 def test_smallcnn_unet_keeps_the_input_size():
     from medssl.methods import create_method
 
-    net = ft.segmentation_net(create_method("isimed", backbone="smallcnn", patch_size_vox=16), 4, crop_size_vox=32)
+    net = seg.segmentation_net(create_method("isimed", backbone="smallcnn", patch_size_vox=16), 4, crop_size_vox=32)
     assert net.total_stride == 16 and len(net.taps) == 4
     with torch.no_grad():
         assert net.eval()(torch.zeros(2, 1, 32, 32, 32)).shape == (2, 4, 32, 32, 32)
 
 
 def test_a_swin_backbone_becomes_a_swinunetr_with_the_same_encoder_weights():
-    from medssl.models.backbones import list_backbones
-
-    if "swin" not in list_backbones():
-        pytest.skip("no 'swin' backbone registered on this branch (the SimSiam work adds it)")
     from medssl.methods import create_method
 
     m = create_method("isimed", backbone="swin", patch_size_vox=32)
-    net = ft.segmentation_net(m, 3, crop_size_vox=64)
-    assert isinstance(net, ft.SwinSegmenter)
+    net = seg.segmentation_net(m, 3, crop_size_vox=64)
+    assert isinstance(net, seg.SwinSegmenter)
     prefix = net.encoder_key_prefix
     for k, v in m.backbone.state_dict().items():
         if k.startswith(prefix):
@@ -167,8 +164,8 @@ def test_backbones_without_a_segmentation_network_are_refused_by_name():
             super().__init__()
             self.backbone = nn.Linear(3, 2)
 
-    with pytest.raises(ft.UnsupportedBackboneError, match="no segmentation network for backbone Linear"):
-        ft.segmentation_net(Planar(), 3)
+    with pytest.raises(seg.UnsupportedBackboneError, match="no segmentation network for backbone Linear"):
+        seg.segmentation_net(Planar(), 3)
 
 
 def test_finetuning_subjects_are_nested_seeded_training_subjects_and_never_the_held_out_ones(checkpoint):
@@ -185,7 +182,6 @@ def test_finetuning_subjects_are_nested_seeded_training_subjects_and_never_the_h
 
 def test_the_swin_adapter_builds_a_swinunetr_whose_swinvit_holds_the_backbone_transformer():
     """Independent of the registered backbones: any module holding a MONAI SwinTransformer."""
-    pytest.importorskip("einops", reason="MONAI's SwinTransformer needs einops (the Swin backbone work adds it)")
     from types import SimpleNamespace
 
     from monai.networks.nets.swin_unetr import SwinTransformer
@@ -199,11 +195,11 @@ def test_the_swin_adapter_builds_a_swinunetr_whose_swinvit_holds_the_backbone_tr
 
     torch.manual_seed(3)
     method = SimpleNamespace(backbone=TinySwinBackbone(), config=SimpleNamespace(in_channels=1), name="fake-swin")
-    net = ft.segmentation_net(method, 3, crop_size_vox=64)
-    assert isinstance(net, ft.SwinSegmenter) and net.encoder_key_prefix == "encoder." and net.total_stride == 32
+    net = seg.segmentation_net(method, 3, crop_size_vox=64)
+    assert isinstance(net, seg.SwinSegmenter) and net.encoder_key_prefix == "encoder." and net.total_stride == 32
     for k, v in method.backbone.encoder.state_dict().items():
         assert torch.equal(net.encoder.state_dict()[k], v), k
     with torch.no_grad():
         assert net.eval()(torch.zeros(1, 1, 64, 64, 64)).shape == (1, 3, 64, 64, 64)
     with pytest.raises(ValueError, match="too small"):
-        ft.segmentation_net(method, 3, crop_size_vox=32)
+        seg.segmentation_net(method, 3, crop_size_vox=32)

@@ -127,7 +127,7 @@ def test_latent_figures_build_in_both_backends_and_reject_missing_position_colum
 
     from medssl.evaluate.fidelity import distance_fidelity
     from medssl.evaluate.stats import paired_tests, pvalue_matrix
-    from medssl.viz import latent as vz
+    from medssl.viz import latent_figures as vz
 
     centres, groups = _points(n_subjects=4, n_per=20)
     frame = pca_frame(centres, 3, centres_mm=centres, case_ids=groups)

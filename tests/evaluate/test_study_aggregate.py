@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from medssl.evaluate import study as st
+from medssl.study import write_study_report
 
 SUBJECTS = [f"demo-s{40 + i:03d}" for i in range(8)]
 ORGANS = ["liver", "spleen"]
@@ -147,7 +148,7 @@ def test_context_ordering_ranks_the_study_next_to_the_paper():
 def test_the_report_is_one_html_file_with_the_tables(fake_study, tmp_path):
     units = st.collect_units(fake_study)
     table = st.study_table(units, n_boot=200)
-    path = st.write_study_report(fake_study, tmp_path / "out", sections=[("Table", [st.table_cells(table).reset_index()]),
+    path = write_study_report(fake_study, tmp_path / "out", sections=[("Table", [st.table_cells(table).reset_index()]),
                                                                          ("Curve", [st.knn_curve_figure(table)])])
     html = path.read_text()
     assert "knn_dice@3" in html and "data:image/png;base64" in html and "<script" not in html

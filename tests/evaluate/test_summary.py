@@ -39,7 +39,7 @@ def _coordinate_volumes(n=3):
 def test_summary_of_a_perfect_metric_latent_has_zero_error_and_unit_spearman(tmp_path):
     vols = _coordinate_volumes()
     out = pretraining_summary(_CoordinateEmbedder(scale_mm=2.5), vols, seed=1, n_per_volume=20,
-                              run_dir=tmp_path / "run" / "coords")
+                              run=tmp_path / "run")
     row = out.iloc[0]
     assert row["n_patches"] == 60 and row["n_volumes"] == 3
     assert row["spearman"] > 0.999 and row["pearson"] > 0.999

@@ -10,7 +10,7 @@ import torch
 
 from medssl.evaluate.dense import dense_embeddings
 from medssl.evaluate.summary import pretraining_summary
-from medssl.methods import create_method, method_info
+from medssl.methods import create_method, make_config, method_info
 from medssl.presets import build_run, preset
 from medssl.sampling.context import triplanar_patches
 from medssl.train import TrainConfig, fit, load_checkpoint, load_method, read_metrics
@@ -51,9 +51,9 @@ def test_registry_lists_the_five_with_their_families_and_which_train():
 def test_paper_presets_use_adam_at_5e_5_batch_8_and_the_table_1_networks():
     for name, backbone in (("reg2d", "d2d"), ("heatmap", "d2d"), ("doersch", "d3d")):
         overrides, cfg = preset(name, "paper")
-        assert overrides["backbone"] == backbone and cfg.lr == 5e-5
-        method = create_method(name, **overrides)
-        assert overrides["volumes_per_batch"] * overrides["patches_per_volume"] == 8  # batch 8 (anchors or pairs)
+        method = create_method(name, **overrides)  # the paper's networks and batch are the Config's defaults
+        assert method.config.backbone == backbone and cfg.lr == 5e-5
+        assert method.config.volumes_per_batch * method.config.patches_per_volume == 8  # batch 8 (anchors or pairs)
         assert method.patches_per_step == (48 if name != "doersch" else 16)  # distinct patches: planes or cubes
         optimizer, scheduler = method.configure_optimizers(cfg)
         assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["weight_decay"] == 0
@@ -61,7 +61,8 @@ def test_paper_presets_use_adam_at_5e_5_batch_8_and_the_table_1_networks():
             optimizer.step()
             scheduler.step()
         assert optimizer.param_groups[0]["lr"] == 5e-5  # constant: the paper states no schedule
-    assert preset("reg2d", "paper")[0]["curriculum_steps"] == 800_000 == preset("reg2d", "paper")[1].epochs * 1000
+    assert make_config("reg2d", **preset("reg2d", "paper")[0]).curriculum_steps == 800_000 == \
+        preset("reg2d", "paper")[1].epochs * 1000
 
 
 TASK_FIELDS = ("patch_size_vox", "n_slices", "normal_gap_hw", "offset_start", "offset_end", "foreground_only")
@@ -231,7 +232,7 @@ def test_the_pretraining_summary_cuts_each_methods_own_input(tmp_path):
     for name, overrides in (("reg2d", PLANAR_TINY), ("gvdiff", {"patch_size_vox": 12})):
         torch.manual_seed(0)
         table = pretraining_summary(create_method(name, **overrides), _volumes(2, shape=(26, 24, 20)), n_per_volume=8,
-                                    run_dir=tmp_path / name)
+                                    run=tmp_path / name)
         assert table.n_patches.item() == 16 and np.isfinite(table.effective_rank.item())
 
 

@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from medssl.data.volume import Volume
-from medssl.methods import create_method, get_method_class, list_methods, make_config
+from medssl.methods import MethodConfig, create_method, get_method_class, list_methods, make_config
 from medssl.methods.base import Method
+from medssl.presets import PRESETS, list_presets, preset
 from medssl.sampling.base import PatchBatch
 from tests.helpers import oblique_affine
 
+# MethodConfig's defaults: the ISImed paper's (DenseNet121, 32^3, 16 patches x 64 volumes); a method's Config
+# keeps them unless its paper fixes another value, which the presets then leave alone (below).
 COMMON_FIELDS = {
     "backbone": "densenet121",
     "patch_size_vox": 32,
@@ -28,16 +31,6 @@ COMMON_FIELDS = {
     "in_channels": 1,
     "foreground_only": False,
     "embed_dim": None,
-}
-# Methods whose paper fixes other defaults for some common fields (Blendowski et al.: Table 1's networks,
-# 42 x 42 planar / 25^3 patches, batch 8 as one anchor from each of 8 volumes, anchors on the body).
-_CONTEXT = {"volumes_per_batch": 8, "patches_per_volume": 1, "foreground_only": True}
-PAPER_DEFAULTS = {
-    "reg2d": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
-    "heatmap": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
-    "xavier": {**_CONTEXT, "backbone": "d2d", "patch_size_vox": 42},
-    "doersch": {**_CONTEXT, "backbone": "d3d", "patch_size_vox": 25},
-    "gvdiff": {**_CONTEXT, "backbone": "gvdiff", "patch_size_vox": 42},
 }
 TINY = {"backbone": "smallcnn", "patch_size_vox": 16, "volumes_per_batch": 2, "patches_per_volume": 4}
 TINY_OVERRIDES = {"gvdiff": {"backbone": "gvdiff"}}  # a handcrafted descriptor has no network to swap
@@ -75,14 +68,35 @@ def test_the_four_isimed_paper_methods_are_registered():
     assert {"isimed", "regisimed", "simclr", "barlowtwins"} <= set(METHODS)
 
 
+def test_the_common_defaults_are_the_isimed_papers():
+    assert {f.name: f.default for f in fields(MethodConfig)} == COMMON_FIELDS
+
+
 @pytest.mark.parametrize("name", METHODS)
-def test_config_is_frozen_with_the_common_fields_and_paper_defaults(name):
+def test_config_is_frozen_with_the_common_fields(name):
     cfg = get_method_class(name).Config()
-    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    for key, default in {**COMMON_FIELDS, **PAPER_DEFAULTS.get(name, {})}.items():
-        assert values[key] == default, f"{name}.Config.{key}"
+    assert {f.name for f in fields(MethodConfig)} <= {f.name for f in fields(cfg)}
     with pytest.raises(FrozenInstanceError):
         cfg.patch_size_vox = 8  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("preset_name", [p for p in list_presets() if not PRESETS[p].get("for_every_method")])
+@pytest.mark.parametrize("name", METHODS)
+def test_a_shared_preset_never_overwrites_a_methods_own_default(name, preset_name):
+    """A shared preset value applies where the method keeps the common default; where its class (its paper) says
+    otherwise, the class's value stands unless the method's own preset names the field."""
+    own = get_method_class(name).presets.get(preset_name, {}).get("method", {})
+    defaults = asdict(make_config(name))
+    config = asdict(make_config(name, **preset(name, preset_name)[0]))
+    common = {f.name: f.default for f in fields(MethodConfig)}
+    for key, shared in PRESETS[preset_name]["method"].items():
+        if key in own:
+            expected = own[key]
+        elif defaults[key] != common[key]:
+            expected = defaults[key]
+        else:
+            expected = shared
+        assert config[key] == expected, (name, preset_name, key)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -221,25 +235,24 @@ def test_configure_optimizers_holds_every_trainable_parameter_once_and_its_step_
 def test_the_10_pretrain_steps_at_the_tiny_preset_train_validate_summarise_and_reload_the_method(
         name, tmp_path, notebook_data_dir, monkeypatch):
     """What ``10_pretrain.ipynb`` does, without a kernel (its notebook test runs one method through papermill):
-    the ``tiny`` preset, the demo cohort cut for the method's input size, ``fit`` with validation, the
-    training figures, the validation summary and the checkpoint, for every registered method and variant."""
+    :class:`medssl.pretraining.Pretraining` at the ``tiny`` preset on the demo cohort (opened for the method's
+    input size), trained with validation, its training figures, validation summary and checkpoint, for every
+    registered method and variant."""
     import matplotlib.pyplot as plt
 
-    from medssl.data.source import open_data
-    from medssl.evaluate.summary import pretraining_summary
     from medssl.methods import method_info
-    from medssl.presets import build_run
-    from medssl.train import fit, load_method, read_metrics
-    from medssl.viz.training import pretraining_figures
+    from medssl.pretraining import Pretraining
+    from medssl.train import load_method, read_metrics
 
     monkeypatch.setenv("MEDSSL_DATA", str(notebook_data_dir))
     monkeypatch.delenv("MEDSSL_CACHE", raising=False)
     info = method_info(name)
-    model, train_config = build_run(name, "tiny", train_overrides={"epochs": 1, "steps_per_epoch": 2})  # 2 epochs: 10's test
-    data = open_data("demo", n_subjects=4, target_spacing_mm=6.0, patch_size_vox=model.input_size_vox, progress=False)
-    out = tmp_path / "run" / name
-    fit(model, data.volumes("train"), train_config, out, val_volumes=data.volumes("val"), progress=False)
-
+    job = Pretraining(tmp_path / "run", name, "tiny", {"n_subjects": 4, "target_spacing_mm": 6.0},
+                      train_overrides={"epochs": 1, "steps_per_epoch": 2}, progress=False)  # 2 epochs: 10's test
+    model = job.model
+    result = job.run(keep_figures=True)
+    out = result.method_dir
+    assert out == tmp_path / "run" / name
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["method"] == name and config["base_method"] == info["base"]
     assert config["train"]["epochs"] == 1 and config["resolved"]["steps_per_epoch"] == 2
@@ -254,15 +267,16 @@ def test_the_10_pretrain_steps_at_the_tiny_preset_train_validate_summarise_and_r
     assert np.isfinite(val[measure].to_numpy(float)).all(), (name, measure)
 
     iou_pairs = info["base"] == "simsiam"  # SimSiam and its IoU-interval variants log collapse and realised IoU
-    figures = pretraining_figures(metrics, title=name)
+    figures = result.figures
     titles = [title for title, _ in figures]
     assert titles == ["Loss curves", *(["Collapse coefficient"] if iou_pairs else []), "Effective rank (val)",
                       *(["Realised IoU and fallback rate"] if iou_pairs else [])], titles
     for _, fig in figures:
         plt.close(fig)
 
-    summary = pretraining_summary(model, data.volumes("val"), seed=0, run_dir=out).iloc[0]
-    assert summary["method"] == name and summary["n_volumes"] == len(data.volumes("val")) and summary["n_patches"] > 0
+    assert [p.name for p in result.figure_files][0] == "loss_curves.png" and all(p.is_file() for p in result.figure_files)
+    summary = result.summary.iloc[0]
+    assert summary["method"] == name and summary["n_volumes"] == len(job.data.volumes("val")) and summary["n_patches"] > 0
     assert -1 <= summary["spearman"] <= 1 and summary["effective_rank"] >= 1
     metric = type(model).metric_latent is not Method.metric_latent  # ISImed's mm latent: errors in mm
     assert np.isfinite(summary["abs_err_median_mm"]) == metric, name

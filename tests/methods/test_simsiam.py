@@ -122,7 +122,7 @@ def test_a_rank_1_backbone_reads_as_collapsed_where_no_batchnorm_hides_it():
     assert collapsed_train["collapse_h"] == pytest.approx(1.0, abs=1e-6)  # the backbone's own output
     assert healthy_train["collapse_h"] < 0.7
     assert "collapse_z" not in collapsed_train  # z after its BatchNorm read ~0 here: the curve is gone
-    from medssl.evaluate.rank import collapse_coefficient
+    from medssl.capacity import collapse_coefficient
 
     x = batch.extras["views"]
     h = m.backbone(x)

@@ -3,7 +3,7 @@
 Usage in a test::
 
     def test_my_notebook_runs(run_notebook):
-        res = run_notebook("10_pretrain.ipynb", {"n_subjects": 4, "target_spacing_mm": 6.0}, run="t")
+        res = run_notebook("10_pretrain.ipynb", {"data_overrides": {"n_subjects": 4}}, run="t")
         assert (res.run_dir / "isimed" / "config.json").is_file()
 
 A notebook that several tests read is executed once per session by a session fixture
@@ -98,7 +98,7 @@ def run_notebook(tmp_path, notebook_data_dir, monkeypatch):
 LATENT_SPACE_METHODS = ["isimed", "simclr", "simsiam", "reg2d"]  # SimSiam and a 2.5D context method (own cut_inputs)
 LATENT_SPACE_PARAMS = {
     "methods": [*LATENT_SPACE_METHODS, "barlowtwins"],  # barlowtwins has no checkpoint: reported, skipped
-    "n_subjects": 12, "target_spacing_mm": 6.0, "n_patches_per_volume": 12, "stride_vox": 8,
+    "data_overrides": {"n_subjects": 12, "target_spacing_mm": 6.0}, "n_patches_per_volume": 12, "stride_vox": 8,
     "n_corr_points": 30, "n_corr_partners": 1, "n_map_train_subjects": 1, "umap": False, "batch_size": 64,
 }  # fmt: skip
 

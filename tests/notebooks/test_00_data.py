@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -9,7 +11,8 @@ import pytest
 def test_00_data_notebook_follows_the_notebook_conventions(check_notebook_conventions):
     nb = check_notebook_conventions("00_data.ipynb")
     params = next(c for c in nb.cells if c.cell_type == "code").source
-    for name in ("run", "source", "layout", "target_spacing_mm", "n_subjects", "cohort_seed", "show_subjects"):
+    for name in ("run", "source", "layout", "target_spacing_mm", "n_subjects", "cohort_seed", "split_seed", "registered",
+                 "show_subjects"):
         assert f"{name} = " in params
 
 
@@ -27,6 +30,9 @@ def test_00_data_notebook_writes_summary_figures_and_provenance_into_the_run_dir
     assert (synthetic["lesion_voxels"] > 0).all() and (synthetic["n_labels"] > 40).all()
     external = set(summary.loc[summary["split"] == "external", "case_id"])
     assert external == {"totalseg-ct", "totalseg-mr", "totalseg-dicom"}
+    # the run's data spec: what every later notebook of the run opens (issue 19 item 4)
+    spec = json.loads((out / "data_spec.json").read_text())
+    assert spec["n_subjects"] == 4 and spec["target_spacing_mm"] == 6.0 and spec["source"] == "demo"
 
     pngs = {p.name for p in out.glob("*.png")}
     train_ids = sorted(synthetic.loc[synthetic["split"] == "train", "case_id"])

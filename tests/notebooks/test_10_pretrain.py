@@ -14,8 +14,7 @@ from medssl.train import load_method
 def test_10_pretrain_notebook_follows_the_notebook_conventions(check_notebook_conventions):
     nb = check_notebook_conventions("10_pretrain.ipynb")
     params = next(c for c in nb.cells if c.cell_type == "code").source
-    for name in ("run", "method", "preset", "source", "method_overrides", "train_overrides", "seed", "cohort_seed",
-                 "resume"):
+    for name in ("run", "method", "preset", "data_overrides", "method_overrides", "train_overrides", "seed", "resume"):
         assert f"{name} = " in params
 
 
@@ -28,7 +27,7 @@ def test_10_pretrain_notebook_trains_a_method_at_tiny_parameters_and_leaves_a_co
     and SimCLR through this notebook."""
     method = "simsiam"
     res = run_notebook("10_pretrain.ipynb", {
-        "method": method, "preset": "tiny", "n_subjects": 4, "target_spacing_mm": 6.0,
+        "method": method, "preset": "tiny", "data_overrides": {"n_subjects": 4, "target_spacing_mm": 6.0},
         "train_overrides": {"epochs": 2, "steps_per_epoch": 2},
     }, run="nb10")
     out = res.run_dir / method

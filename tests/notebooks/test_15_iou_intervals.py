@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from medssl.data.source import open_data
-from medssl.evaluate.pairs import iou_interval_pairs, shared_label_summary, study_intervals
+from medssl.evaluate.iou_intervals import iou_interval_pairs, shared_label_summary, study_intervals
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -20,7 +20,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 def test_15_iou_intervals_notebook_follows_the_notebook_conventions(check_notebook_conventions):
     nb = check_notebook_conventions("15_iou_intervals.ipynb")
     params = next(c for c in nb.cells if c.cell_type == "code").source
-    for name in ("run", "source", "cohort_seed", "methods", "intervals", "split", "crop_size_vox", "seed"):
+    for name in ("run", "data_overrides", "methods", "intervals", "split", "crop_size_vox", "seed"):
         assert f"{name} = " in params
 
 
@@ -70,7 +70,7 @@ def test_15_iou_intervals_notebook_measures_the_intervals_and_reads_the_trained_
     fit(model, data.volumes("train"), train, tmp_path / "runs" / "nb15" / "simsiam-iou-0-1",
         val_volumes=data.volumes("val"), progress=False)
     res = run_notebook("15_iou_intervals.ipynb", {
-        "n_subjects": 4, "target_spacing_mm": 6.0, "crop_size_vox": 16, "pairs_per_volume": 10,
+        "data_overrides": {"n_subjects": 4, "target_spacing_mm": 6.0}, "crop_size_vox": 16, "pairs_per_volume": 10,
     }, run="nb15")
     out = res.run_dir / "15_iou_intervals"
     summary = pd.read_csv(out / "shared_organ_fraction.csv")

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-PARAMS = ("run", "methods", "source", "n_patches_per_volume", "stride_vox", "n_corr_points", "n_corr_partners",
-          "registration", "body_alignment", "seed", "cohort_seed", "fit_split", "score_split", "umap", "viewer")
+PARAMS = ("run", "methods", "data_overrides", "n_patches_per_volume", "stride_vox", "n_corr_points", "n_corr_partners",
+          "registration", "body_alignment", "seed", "fit_split", "score_split", "umap", "viewer")
 
 
 def test_20_latent_space_notebook_follows_the_notebook_conventions(check_notebook_conventions):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-PARAMS = ("run", "methods", "source", "stride_vox", "case_a", "case_b", "projection", "max_scatter_points", "seed")
+PARAMS = ("run", "methods", "data_overrides", "stride_vox", "case_a", "case_b", "projection", "max_scatter_points", "seed")
 
 
 def _files(folder) -> dict[str, tuple[int, int, int]]:
@@ -30,7 +30,7 @@ def test_25_latent_viewer_reads_the_runs_maps_and_cached_embeddings_of_every_tra
     dense_cache = _files(run_dir / "eval" / "dense")
     assert any(name.endswith(".npy") for name in dense_cache)
 
-    params = {"n_subjects": 12, "target_spacing_mm": 6.0, "stride_vox": 8, "max_scatter_points": 200,
+    params = {"data_overrides": {"n_subjects": 12, "target_spacing_mm": 6.0}, "stride_vox": 8, "max_scatter_points": 200,
               "n_neighbours": 10, "viewer_height": 300, "batch_size": 64}  # fmt: skip
     res = latent_space_run.run_notebook("25_latent_viewer.ipynb", params, run=run_dir.name)  # methods = []: all
     out = res.run_dir / "25_latent_viewer"

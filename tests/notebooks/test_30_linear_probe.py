@@ -13,7 +13,7 @@ def test_30_linear_probe_notebook_follows_the_notebook_conventions(check_noteboo
     nb = check_notebook_conventions("30_linear_probe.ipynb")
     params = next(c for c in nb.cells if c.cell_type == "code").source
     for name in ("run", "methods", "task", "organ", "n_per_class", "fit_split", "score_split", "negatives", "seed",
-                 "cohort_seed", "source", "positives", "lesion_patch_size_vox", "control", "control_epochs"):
+                 "data_overrides", "positives", "lesion_patch_size_vox", "control", "control_epochs"):
         assert f"{name} = " in params
 
 
@@ -46,8 +46,7 @@ def test_30_linear_probe_notebook_writes_tables_skips_untrained_methods_and_stat
 
     params = {
         "methods": [*trained, "barlowtwins"],  # barlowtwins has no checkpoint in this run
-        "n_subjects": 12,  # 8 train / 2 val / 2 test
-        "target_spacing_mm": 6.0,
+        "data_overrides": {"n_subjects": 12, "target_spacing_mm": 6.0},  # 8 train / 2 val / 2 test
         "patch_size_vox": 16,
         "lesion_patch_size_vox": 8,  # 48 mm at 6 mm, as the demo's 16 at 3 mm
         "n_per_class": 12,

@@ -14,7 +14,7 @@ def test_40_report_with_compare_with_shows_both_runs_and_writes_the_comparison(r
     runs.mkdir(exist_ok=True)
     for rd in (a, b):
         shutil.copytree(rd.path, runs / rd.name)
-    res = run_notebook("40_report.ipynb", {"compare_with": "seed1", "source": "demo"}, run="seed0")
+    res = run_notebook("40_report.ipynb", {"compare_with": "seed1"}, run="seed0")
     text = res.text_outputs() + "\n".join(  # the comparison's sentences are Markdown and HTML outputs
         "".join(out.get("data", {}).get(kind, "")) for cell in res.notebook.cells for out in cell.get("outputs", [])
         for kind in ("text/markdown", "text/html"))

@@ -12,7 +12,7 @@ import torch
 def test_50_segmentation_notebook_follows_the_notebook_conventions(check_notebook_conventions):
     nb = check_notebook_conventions("50_segmentation.ipynb")
     params = next(c for c in nb.cells if c.cell_type == "code").source
-    for name in ("run", "methods", "cohort_seed", "seed", "stride_vox", "n_atlases", "n_draws", "k_candidates",
+    for name in ("run", "methods", "data_overrides", "seed", "stride_vox", "n_atlases", "n_draws", "k_candidates",
                  "registration", "registration_vote", "body_alignment", "finetune_methods", "finetune_n",
                  "finetune_steps", "freeze_encoder"):
         assert f"{name} = " in params
@@ -42,7 +42,7 @@ def test_50_segmentation_notebook_writes_knn_and_finetuning_tables_with_baseline
     trained = ["isimed", "simclr", "simsiam", "reg2d"]  # SimSiam and a 2.5D context method through kNN too
     _train_tiny_run(paths.runs_dir() / run, trained)
     params = {
-        "n_subjects": 6, "target_spacing_mm": 6.0, "stride_vox": 6, "atlas_pool": 2, "n_atlases": [1, 2],
+        "data_overrides": {"n_subjects": 6, "target_spacing_mm": 6.0}, "stride_vox": 6, "atlas_pool": 2, "n_atlases": [1, 2],
         "n_draws": 2, "k_candidates": [3, 5], "n_val_queries": 1, "raw_patch_vox": 8, "raw_pooled_vox": 2,
         "finetune_n": [1], "finetune_steps": 2, "finetune_crop_vox": 32, "finetune_methods": "demo",
         "batch_size": 64, "surface_tolerance_mm": 6.0,

@@ -38,3 +38,19 @@ def test_every_method_gets_loss_curves_and_simsiam_also_collapse_rank_and_iou_fi
     assert heights[4:7].sum() == 1.0  # [0.3, 0.6] lands in bins 0.3-0.4, 0.4-0.5, 0.5-0.6 (after '0' and 0.0-0.1 ...)
     for _, f in plain + figs:
         plt.close(f)
+
+
+def test_collapse_measured_only_on_validation_is_plotted_for_z_and_h():
+    """SimSiam logs collapse_z (before the projector's last BatchNorm) and collapse_h on val only: still a figure."""
+    import matplotlib.pyplot as plt
+
+    metrics = _metrics(False)
+    metrics.loc[metrics.split == "val", "collapse_z"] = [0.9, 0.5, 0.2]
+    metrics.loc[metrics.split == "val", "collapse_h"] = [1.0, 0.6, 0.3]
+    figs = pretraining_figures(metrics)
+    assert [t for t, _ in figs] == ["Loss curves", "Collapse coefficient", "Effective rank (val)"]
+    ax = figs[1][1].axes[0]
+    plotted = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert plotted["z on val"] == [0.9, 0.5, 0.2] and plotted["h on val"] == [1.0, 0.6, 0.3]
+    for _, f in figs:
+        plt.close(f)

@@ -18,7 +18,7 @@ from medssl.evaluate.dense import dense_embeddings
 from medssl.evaluate.maps import fit_latent_rgb, latent_map, save_latent_map
 from medssl.geometry import vox_to_world
 from medssl.viz import viewers
-from medssl.viz.maps import (
+from medssl.viz.map_figures import (
     correspondence_figure,
     latent_map_scatter3d,
     plot_correspondence_errors,

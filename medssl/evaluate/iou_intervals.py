@@ -165,7 +165,8 @@ def iou_methods_table(run, methods: Sequence[str] | None = None) -> pd.DataFrame
     rd = RunDir(run)
     rows = []
     for name in rd.resolve_methods(methods):
-        config_path = rd.method_dir(name) / "config.json"
+        files = rd.files(name)
+        config_path = files.config
         if not config_path.is_file():
             continue
         cfg = json.loads(config_path.read_text(encoding="utf-8")).get("method_config", {})
@@ -173,7 +174,7 @@ def iou_methods_table(run, methods: Sequence[str] | None = None) -> pd.DataFrame
             continue
         row = {"method": name, "iou_min": cfg["iou_min"], "iou_max": cfg["iou_max"],
                "interval": interval_name(cfg["iou_min"], cfg["iou_max"])}
-        metrics_path = rd.method_dir(name) / "metrics.jsonl"
+        metrics_path = files.metrics
         if metrics_path.is_file():
             row.update(_training_summary(read_metrics(metrics_path)))
         rows.append(row)

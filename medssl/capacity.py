@@ -3,8 +3,8 @@
 The ISImed paper notes that plain ISImed may collapse into a few informative dimensions
 and that regISImed counters it; these numbers show whether that happens. The SimSiam
 collapse coefficient (:func:`collapse_coefficient`) is logged by methods every training
-step and reported by the evaluations, so it lives here, next to the rank, where both can
-import it (numpy or torch input).
+step, by the training loop on its validation patches and by the evaluations, so it lives in this
+base module (numpy and torch only) that methods, ``train`` and ``evaluate`` can all import.
 """
 
 from __future__ import annotations
