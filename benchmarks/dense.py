@@ -50,14 +50,84 @@ from medssl.train.precision import autocast, resolve_precision
 STRIDE = 4
 
 
-def _method(name: str) -> torch.nn.Module:
+def _method(name: str, preset: str = "demo") -> torch.nn.Module:
     torch.manual_seed(0)
-    if name == "isimed":
+    if name == "isimed" and preset == "demo":
         return create_method("isimed", backbone="smallcnn", patch_size_vox=32).eval()  # the demo ISImed network
     from medssl.presets import build_run
 
-    model, _ = build_run(name, "demo")
+    model, _ = build_run(name, preset)
     return model.eval()
+
+
+def bench_volume(size: int, seed: int = 1) -> Volume:
+    """A ``size^3`` random volume with a ball as its cached body mask (as cohort volumes carry one)."""
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=(1, size, size, size)).astype(np.float32)
+    ijk = np.indices(data.shape[1:]) / (size - 1) * 2 - 1
+    body = ((ijk**2).sum(0) <= 0.9).astype(np.uint8)
+    return Volume(data=data, affine=np.eye(4), case_id="bench", aux={"body": body})
+
+
+def compare(method: torch.nn.Module, vol: Volume, precisions: list[str], rounds: int = 3, batch: int = 256,
+            device: torch.device | None = None) -> dict[str, dict[str, float]]:
+    """Median seconds of the bare network and of ``dense_embeddings`` per precision, rounds alternating.
+
+    ``device``: where both run (the method is moved there; the bare network's pre-made batch lives there,
+    ``dense_embeddings`` gathers on the CPU and moves each batch, as it does in use). Returns
+    ``{precision: {"bare": s, "dense": s, "ratio": dense / bare, "n": patches}}``.
+    """
+    dev = torch.device(device or "cpu")
+    method = method.to(dev).eval()
+    patch = getattr(method, "input_size_vox", None) or method.patch_size_vox
+    n = int(np.prod([len(a) for a in dense_grid(vol.shape_vox, STRIDE, patch)[0]]))
+    rng = np.random.default_rng(2)
+    if cuts_cubes(method):
+        item = (vol.data.shape[0], *tuple(np.broadcast_to(patch, 3)))
+        x = torch.from_numpy(rng.normal(size=(batch, *item)).astype(np.float32))
+    else:  # the method's own inputs (e.g. 2.5D planes), cut once at random anchors
+        vox = rng.integers(0, min(vol.shape_vox), size=(batch, 3))
+        x = torch.from_numpy(np.asarray(method.cut_inputs(vol.data, vox), dtype=np.float32))
+    x = x.to(dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def bare(precision: str) -> float:
+        sync()
+        t0 = time.perf_counter()
+        with frozen(method), autocast(dev, precision):
+            for s in range(0, n, batch):
+                method.embed(x[: min(batch, n - s)]).float().cpu()  # the result leaves the device, as in dense
+        sync()
+        return time.perf_counter() - t0
+
+    def dense(precision: str) -> float:
+        sync()
+        t0 = time.perf_counter()
+        dense_embeddings(method, vol, STRIDE, batch_size=batch, precision=precision, progress=False)
+        sync()
+        return time.perf_counter() - t0
+
+    bare(precisions[-1])  # warm-up (oneDNN / cuDNN primitive caches, allocator)
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for prec in precisions:
+            times.setdefault(("bare", prec), []).append(bare(prec))
+            times.setdefault(("dense", prec), []).append(dense(prec))
+    out = {}
+    for prec in precisions:
+        b, d = float(np.median(times[("bare", prec)])), float(np.median(times[("dense", prec)]))
+        out[prec] = {"bare": b, "dense": d, "ratio": d / b, "n": n}
+    return out
+
+
+def print_comparison(result: dict[str, dict[str, float]]) -> None:
+    for prec, r in result.items():
+        n = r["n"]
+        print(f"  {prec}: bare network {r['bare']:6.2f} s ({n / r['bare']:6.0f}/s)   dense_embeddings "
+              f"{r['dense']:6.2f} s ({n / r['dense']:6.0f}/s)   ratio {r['ratio']:4.2f}x (target <= 1.10x)")
 
 
 def main() -> None:
@@ -75,51 +145,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           "timings on a shared machine vary by 10-30 % or more")
-    method = _method(args.method)
-    rng = np.random.default_rng(1)
-    data = rng.normal(size=(1, args.size, args.size, args.size)).astype(np.float32)
-    ijk = np.indices(data.shape[1:]) / (args.size - 1) * 2 - 1
-    body = ((ijk ** 2).sum(0) <= 0.9).astype(np.uint8)  # a ball: the cached body mask of a cohort volume
-    vol = Volume(data=data, affine=np.eye(4), case_id="bench", aux={"body": body})
-    patch = getattr(method, "input_size_vox", None) or method.patch_size_vox
-    n = int(np.prod([len(a) for a in dense_grid(vol.shape_vox, STRIDE, patch)[0]]))
-    if cuts_cubes(method):
-        item = (1, *tuple(np.broadcast_to(patch, 3)))
-        batch = torch.from_numpy(rng.normal(size=(args.batch, *item)).astype(np.float32))
-    else:  # the method's own inputs (e.g. 2.5D planes), cut once at random anchors
-        vox = rng.integers(0, args.size, size=(args.batch, 3))
-        batch = torch.from_numpy(np.asarray(method.cut_inputs(vol.data, vox), dtype=np.float32))
     precisions = ["fp32"]
     if resolve_precision("auto", dev) == "bf16" or args.bf16:
         precisions.append("bf16")
     else:
         print("bf16 skipped: this CPU has no native bf16 (resolve_precision('auto') picks fp32); --bf16 forces it")
-
-    def bare(precision: str) -> float:
-        t0 = time.perf_counter()
-        with frozen(method), autocast(dev, precision):
-            for s in range(0, n, args.batch):
-                method.embed(batch[: min(args.batch, n - s)]).float()
-        return time.perf_counter() - t0
-
-    def dense(precision: str) -> float:
-        t0 = time.perf_counter()
-        dense_embeddings(method, vol, STRIDE, batch_size=args.batch, precision=precision, progress=False)
-        return time.perf_counter() - t0
-
-    bare(precisions[-1])  # warm-up (oneDNN primitive caches, allocator)
-    times: dict[tuple[str, str], list[float]] = {}
-    for _ in range(args.rounds):
-        for prec in precisions:
-            times.setdefault(("bare", prec), []).append(bare(prec))
-            times.setdefault(("dense", prec), []).append(dense(prec))
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    result = compare(_method(args.method), bench_volume(args.size), precisions, args.rounds, args.batch, dev)
+    n = next(iter(result.values()))["n"]
     print(f"\ndense descriptors: {args.size}^3 volume at stride {STRIDE} = {n} patches, {args.method} "
           f"(demo preset), batches of {args.batch}, median of {args.rounds} alternating rounds")
-    for prec in precisions:
-        b, d = med[("bare", prec)], med[("dense", prec)]
-        print(f"  {prec}: bare network {b:6.2f} s ({n / b:6.0f}/s)   dense_embeddings {d:6.2f} s ({n / d:6.0f}/s)   "
-              f"ratio {d / b:4.2f}x (target <= 1.10x)")
+    print_comparison(result)
 
 
 if __name__ == "__main__":
