@@ -56,19 +56,25 @@ tensorboard: $(STAMP)
 
 # Browser tests (CI runs them after `make test`, see .ci/run): Debian's chromium (apt-get, when it
 # can be installed) and PyPI's playwright in a separate venv, so the project environment stays as
-# CI builds it. Where either cannot be installed, the tests are collected and skipped with the reason.
+# CI builds it. Where either cannot be installed, the tests are collected and skipped with the reason,
+# except under CI (CI=true), where that is an error: there a skip would pass for a run.
 # A real run at tiny parameters is made inside the test (or set MEDSSL_BROWSER_RUN=runs/<run>).
 BROWSER_VENV ?= .venv-browser
 BROWSER_SHOTS ?= runs/browser
+CHROMIUM ?= /usr/bin/chromium
+APT_GET ?= apt-get
+BROWSER_MISSING = if [ "$(CI)" = true ] || [ "$(CI)" = 1 ]; then echo "browser-test: CI=true and $(1) could not be installed: failing (a skip would pass unseen)" >&2; exit 1; fi; \
+	  echo "browser-test: $(1) could not be installed; the browser tests will be skipped"
 browser-test: $(STAMP)
-	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
-	  || echo "browser-test: chromium could not be installed; the browser tests will be skipped"
+	@test -x $(CHROMIUM) || ($(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq chromium) \
+	  || { $(call BROWSER_MISSING,chromium); }
 	@test -x $(BROWSER_VENV)/bin/python || $(PYTHON) -m venv $(BROWSER_VENV) || true
 	@$(BROWSER_VENV)/bin/python -m pip install --quiet playwright pytest \
-	  || echo "browser-test: playwright could not be installed; the browser tests will be skipped"
+	  || { $(call BROWSER_MISSING,playwright); }
 	@mkdir -p $(BROWSER_SHOTS)
 	@PY=$(BROWSER_VENV)/bin/python; $$PY -c "import pytest" 2>/dev/null || PY=$(BIN)/python; \
-	  MEDSSL_BROWSER_TESTS=1 MEDSSL_BROWSER_SCREENSHOTS=$(abspath $(BROWSER_SHOTS)) MEDSSL_PROJECT_PYTHON=$(abspath $(BIN))/python \
+	  MEDSSL_BROWSER_TESTS=1 MEDSSL_CHROMIUM=$(CHROMIUM) MEDSSL_BROWSER_SCREENSHOTS=$(abspath $(BROWSER_SHOTS)) \
+	  MEDSSL_PROJECT_PYTHON=$(abspath $(BIN))/python \
 	  $$PY -m pytest -p no:cacheprovider --confcutdir tests/browser tests/browser -v -rs --durations=5
 
 clean-runs:

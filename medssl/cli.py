@@ -157,6 +157,7 @@ def _train_main(args: argparse.Namespace) -> int:
     from medssl.presets import build_run
     from medssl.rundir import RunDir
     from medssl.train import fit
+    from medssl.train.precision import resolve_device
 
     # Everything a run needs is checked before any data is built or any step is trained.
     rd = RunDir(args.run)  # refuses names that would leave the runs folder
@@ -166,7 +167,10 @@ def _train_main(args: argparse.Namespace) -> int:
                                     train_overrides=train_overrides)  # unknown names and wrong types raise here
     _check_device(train_config.device)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = resolve_device(train_config.device)  # NCCL for CUDA training only (-t device cpu: gloo)
+        if device.type == "cuda":  # each rank on its own GPU before NCCL starts (else every rank uses cuda:0)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         data = open_data(args.source, n_subjects=args.n_subjects, cohort_seed=args.cohort_seed,
                          target_spacing_mm=args.target_spacing_mm, progress=False, patch_size_vox=model.input_size_vox)

@@ -550,8 +550,9 @@ def add_cli_parser(subparsers: Any) -> None:
         description="Run a plan's notebooks in order with papermill. Plans: " + ", ".join(
             f"{name} ({_plan_summary(name)})" for name in PLANS) + ".",
     )
-    p.add_argument("--plan", default="demo", help=f"a plan name ({', '.join(PLANS)}) or a YAML/JSON plan file")
-    p.add_argument("--run", default="demo", help="run name: outputs go to runs/<run>/")
+    p.add_argument("--plan", default="demo", help=f"a plan name ({', '.join(PLANS)}), 'study' (the reference study: "
+                   "resumable (method, seed) units, medssl/study.py) or a YAML/JSON plan file")
+    p.add_argument("--run", default=None, help="run name: outputs go to runs/<run>/ (default: demo; study for --plan study)")
     p.add_argument("--methods", nargs="+", default=None, help="override the plan's methods")
     p.add_argument("--only", nargs="+", default=None, help="only notebooks starting with these, e.g. 00 10")
     p.add_argument(
@@ -570,6 +571,12 @@ def _plan_summary(name: str) -> str:
 def _cli_main(args: Any) -> int:
     import yaml
 
+    from medssl import study
+
+    if study.is_study_plan(args.plan):  # the reference study: resumable (method, seed) units (medssl/study.py)
+        args.run = args.run or "study"
+        return study.cli_main(args)
+    args.run = args.run or "demo"
     overrides = {k: yaml.safe_load(v) for k, v in args.param}
     if args.dry_run:
         plan = load_plan(args.plan)

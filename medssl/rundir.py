@@ -9,6 +9,8 @@
       00_data/ ...                        data notebook outputs
       <method>/                           one per pretrained method (or variant)
         config.json  provenance.json  metrics.jsonl  checkpoints/last.pt  10_pretrain.ipynb  summary.csv
+                                          (+ checkpoints/best.pt, early_stopping.json with early stopping)
+      seed<k>/                            a study's replicates (medssl.study): each an ordinary run
       eval/                               shared evaluation artefacts (patch sets, embedding caches)
       <step>/                             one per evaluation notebook, e.g. 20_latent_space/
         headline.csv                      the step's headline numbers (the report concatenates them)
@@ -66,6 +68,7 @@ class MethodFiles:
     config: Path  # <method>/config.json
     summary: Path  # <method>/summary.csv (validation summary of 10_pretrain)
     curves: Path  # <method>/loss_curves.png
+    best: Path | None = None  # <method>/checkpoints/best.pt: the best validation state (early stopping only)
 
 
 def method_files(method_dir: str | os.PathLike) -> MethodFiles:
@@ -73,7 +76,7 @@ def method_files(method_dir: str | os.PathLike) -> MethodFiles:
     d = Path(method_dir)
     return MethodFiles(dir=d, checkpoints=d / "checkpoints", last=d / "checkpoints" / "last.pt",
                        metrics=d / "metrics.jsonl", config=d / "config.json", summary=d / "summary.csv",
-                       curves=d / "loss_curves.png")
+                       curves=d / "loss_curves.png", best=d / "checkpoints" / "best.pt")
 
 
 class InvalidRunNameError(ValueError):
@@ -158,8 +161,32 @@ class RunDir:
         return known + sorted(found - set(known))
 
     def checkpoints(self, methods: Sequence[str] | None = None) -> dict[str, Path | None]:
-        """``{method: last.pt, or None when the method has not been trained in this run}`` (None: every trained one)."""
-        return {m: (p if (p := self.checkpoint(m)).is_file() else None) for m in self.resolve_methods(methods)}
+        """``{method: the checkpoint to evaluate, or None when the method has not been trained in this run}``.
+
+        The checkpoint to evaluate is ``best.pt`` where training kept one (early stopping on
+        validation), else ``last.pt``. ``methods``: None or empty for every trained method.
+        """
+        return {m: self.eval_checkpoint(m) for m in self.resolve_methods(methods)}
+
+    def eval_checkpoint(self, method: str) -> Path | None:
+        """``best.pt`` when training early-stopped on validation kept one, else ``last.pt``; None when untrained."""
+        files = self.files(method)
+        if not files.last.is_file():
+            return None
+        return files.best if files.best is not None and files.best.is_file() else files.last
+
+    # ------------------------------------------------------------------ seeds of a study
+
+    def seed_run(self, seed: int) -> "RunDir":
+        """``<run>/seed<k>/``: replicate ``k`` of a study (an ordinary run: methods, evaluation steps)."""
+        return RunDir(self.path / f"seed{int(seed)}")
+
+    def seed_runs(self) -> dict[int, "RunDir"]:
+        """``{k: RunDir}`` of the ``seed<k>/`` replicates found here, by seed."""
+        if not self.path.is_dir():
+            return {}
+        found = [(int(d.name[4:]), d) for d in self.path.iterdir() if d.is_dir() and re.fullmatch(r"seed\d+", d.name)]
+        return {k: RunDir(d) for k, d in sorted(found)}
 
     def resolve_methods(self, methods: Sequence[str] | None) -> list[str]:
         """``methods`` as given, or every trained method of the run when it is empty or None."""

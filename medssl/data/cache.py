@@ -214,7 +214,10 @@ class VolumeCache:
 
     def _entry_of_case_id(self, case_id: str) -> Path:
         _check_case_id(case_id)
-        found = [p for p in self._entries() if p.name.rsplit("-", 1)[0] == case_id]
+        for attempt in range(8):  # a lookup that falls in a commit's swap waits for it and looks again
+            found = [p for p in self._entries() if p.name.rsplit("-", 1)[0] == case_id]
+            if found or (not self._wait_for_commits_of(case_id) and attempt > 0):
+                break
         if len(found) == 1:
             return found[0]
         if not found:
@@ -229,6 +232,28 @@ class VolumeCache:
             self.dir / case_id,
             f"{len(found)} cached cases share this id (from {sources}); pass the manifest row to say which",
         )
+
+    def _wait_for_commits_of(self, case_id: str) -> bool:
+        """Wait for commits swapping an entry of ``case_id``; True if there were any.
+
+        A commit replaces an entry by parking the old folder as ``.old-<entry>...tmp`` for a moment
+        (``replace_dir``), under the entry's exclusive lock. A lookup by case id lists the folder
+        before it can know which lock to take, so it may fall in that moment: the parked name says
+        which entry is being swapped; a shared lock on it waits for the commit to end. (A parked
+        folder left by a dead process holds no lock: this returns at once.) The entry or its parked
+        folder always exists (the new folder is in place before the parked one is deleted), so a
+        second look after a missed entry and no parked folder finds a commit that just ended.
+        """
+        prefix = f".old-{case_id}-"
+        try:
+            names = [p.name for p in self.dir.iterdir() if p.name.startswith(prefix)]
+        except OSError:
+            return False
+        entries = {n[len(".old-"): len(prefix) + 12] for n in names if n[len(prefix) + 12: len(prefix) + 13] == "."}
+        for name in sorted(entries):
+            with self._lock(self.dir / name, shared=True):
+                pass
+        return bool(entries)
 
     # ------------------------------------------------------------------ build
 

@@ -221,11 +221,13 @@ def open_data(
     target_spacing_mm: float | None = None,
     patch_size_vox: int | Sequence[int] | None = None,
     registered: bool = False,
+    variability: str | None = None,
 ) -> DataSource:
     """Open the demo cohort or a folder of images as a :class:`DataSource`.
 
     Args:
-        source: ``"demo"`` (fetch + build the synthetic cohort) or a folder.
+        source: ``"demo"`` (fetch + build the synthetic cohort), ``"demo:<variability>"`` (the same
+            as ``variability=...``, for notebook parameters: ``"demo:study"``) or a folder.
         layout: folder layout for :func:`medssl.data.adapters.manifest_from_folder`
             (``"auto"`` detects it).
         manifest: an existing manifest (file or DataFrame) to use instead of
@@ -248,6 +250,9 @@ def open_data(
         registered: a folder's subjects share one world frame (you registered them).
             Default False: real scans do not. The demo cohort is always registered (every
             subject is a warp of one template CT on its grid).
+        variability: demo only: ``"study"`` builds the cohort with inter-subject variability
+            (organ sizes and shapes, stronger warps, intensities and noise;
+            :mod:`medssl.data.demo.variability`), in its own folder.
 
     Works from a plain script too: worker processes are used only where they
     cannot re-run the script's top-level code (see :mod:`medssl._processes`).
@@ -258,8 +263,10 @@ def open_data(
 
     iso = None if target_spacing_mm is None else (float(target_spacing_mm),) * 3
     patch = _patch_tuple(patch_size_vox)
-    if str(source) == "demo":
+    if str(source) == "demo" or str(source).startswith("demo:"):
         from medssl.data.demo import build_demo_cohort
+
+        variability = str(source).partition(":")[2] or variability
 
         if target_spacing_mm is not None:
             spacing = float(target_spacing_mm)
@@ -267,7 +274,8 @@ def open_data(
             spacing = float(min(preprocess.target_spacing_mm))
         else:
             spacing = 3.0
-        cohort = build_demo_cohort(n_subjects=n_subjects, seed=cohort_seed, spacing_mm=spacing, progress=progress)
+        cohort = build_demo_cohort(n_subjects=n_subjects, seed=cohort_seed, spacing_mm=spacing, progress=progress,
+                                   variability=variability)
         config = preprocess if preprocess is not None else cohort.default_preprocess_config()
         return DataSource(
             manifest=cohort.manifest,
@@ -275,7 +283,7 @@ def open_data(
             label_names=dict(cohort.label_names),
             cohort=cohort,
             provenance=cohort.provenance,
-            source="demo",
+            source="demo" if variability in (None, "", "none") else f"demo:{variability}",
             progress=progress,
             patch_size_vox=patch,
             registered=True,

@@ -40,17 +40,26 @@ from medssl.evaluate.patchsets import (
     target_mask,
 )
 from medssl.evaluate.probe import (
+    CONTROL,
     METRICS,
     ProbeComparison,
     ProbeResult,
+    auc_by_stratum,
     binary_metrics,
+    control_verdict,
+    dominant_instance,
     grouped_folds,
+    has_target,
     linear_probe,
     linear_probe_cv,
     position_features,
     probe_frozen_backbone,
     probe_methods,
     raw_intensity_features,
+    share_bin_names,
+    share_strata,
+    supervised_control,
+    target_patches,
 )
 from medssl.evaluate.rank import dim_variance_fraction, effective_rank
 from medssl.evaluate.runs import RANDOM_INIT, load_run_methods, random_init_like
@@ -64,6 +73,9 @@ __all__ = [
     "target_mask",
     "METRICS", "ProbeComparison", "ProbeResult", "binary_metrics", "grouped_folds", "linear_probe", "linear_probe_cv",
     "position_features", "probe_frozen_backbone", "probe_methods", "raw_intensity_features",
+    "CONTROL", "auc_by_stratum", "control_verdict", "share_strata", "supervised_control",
+    "dominant_instance", "share_bin_names", "has_target",
+    "target_patches",
     "dim_variance_fraction", "effective_rank",
     "RANDOM_INIT", "load_run_methods", "random_init_like",
     "holm", "min_wilcoxon_p", "paired_tests", "pvalue_matrix",

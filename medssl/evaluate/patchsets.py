@@ -13,9 +13,10 @@ wraps them and stores the result:
 - :func:`draw_uniform_patch_set`: ``n_per_volume`` centres per volume, uniformly over the body.
 - :func:`draw_pair_set`: a uniform set plus random pairs of patches *within* a volume,
   for distance fidelity.
-- :func:`draw_labelled_patch_set`: "does this patch contain any voxel of X?" (a lesion
-  map in ``Volume.aux`` or an organ named in ``Volume.label_names``), balanced 50/50,
-  with negatives matched in position (:func:`medssl.sampling.sets.draw_labelled_centres`).
+- :func:`draw_labelled_patch_set`: "is this patch centred on a lesion?" or "does it contain
+  any voxel of organ X?" (a lesion map in ``Volume.aux`` or an organ named in
+  ``Volume.label_names``), balanced 50/50, with negatives matched in position
+  (:func:`medssl.sampling.sets.draw_labelled_centres`); each patch records its target share.
 
 A set is defined by its **centre voxels**; :meth:`PatchSet.for_size` cuts patches of
 another size around the same centres, so methods with different input sizes are still
@@ -83,6 +84,9 @@ class PatchSet:
         pairs: ``(P, 2)`` int64 indices of patch pairs (within one volume) or None.
         splits: ``(N,)`` str, the data split of each patch (``"val"``: for choices and
             fitting probes; ``"test"``: scored once), or None.
+        target_share: ``(N,)`` float64, the fraction of the labelled box's voxels that are target
+            voxels (a positive's lesion share; 0 for negatives), or None. It describes the box the
+            set was drawn with, like ``labels`` (kept by :meth:`for_size`).
         seed: the seed it was drawn with.
         description: what the set is, in words (shown in reports).
         meta: JSON-serialisable provenance (drawing parameters, skipped cases, ...).
@@ -100,6 +104,7 @@ class PatchSet:
     pairs: np.ndarray | None = None
     splits: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    target_share: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.patches)
@@ -118,7 +123,10 @@ class PatchSet:
             self.pairs = np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2)
         if self.splits is not None:
             self.splits = np.asarray(self.splits, dtype=str)
-        for name in ("centres_mm", "boxes_vox", "centres_vox", "case_ids", "groups", "labels", "splits"):
+        if self.target_share is not None:
+            self.target_share = np.asarray(self.target_share, dtype=np.float64)
+        for name in ("centres_mm", "boxes_vox", "centres_vox", "case_ids", "groups", "labels", "splits",
+                     "target_share"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"PatchSet.{name} has {len(value)} rows but there are {n} patches")
@@ -159,6 +167,8 @@ class PatchSet:
             arrays["pairs"] = self.pairs
         if self.splits is not None:
             arrays["splits"] = self.splits
+        if self.target_share is not None:
+            arrays["target_share"] = self.target_share
         with atomic_path(npz_path, ".npz") as tmp:
             np.savez(tmp, **arrays)
         info = {
@@ -197,6 +207,7 @@ class PatchSet:
             labels=arrays.get("labels"),
             pairs=arrays.get("pairs"),
             splits=arrays.get("splits"),
+            target_share=arrays.get("target_share"),
             seed=int(info["seed"]),
             description=str(info.get("description", "")),
             meta=dict(info.get("meta", {})),
@@ -222,6 +233,7 @@ class PatchSet:
             groups=self.groups[index],
             labels=None if self.labels is None else self.labels[index],
             splits=None if self.splits is None else self.splits[index],
+            target_share=None if self.target_share is None else self.target_share[index],
             seed=self.seed,
             description=self.description,
             meta=dict(self.meta),
@@ -305,7 +317,7 @@ class PatchSet:
             patches=patches, centres_mm=centres_mm, boxes_vox=boxes_for_centres(self.centres_vox, size),
             centres_vox=self.centres_vox, case_ids=self.case_ids, groups=self.groups, seed=self.seed,
             description=self.description, labels=self.labels, pairs=self.pairs, splits=self.splits,
-            meta={**self.meta, "cut_at_size_vox": list(size)},
+            target_share=self.target_share, meta={**self.meta, "cut_at_size_vox": list(size)},
         )
 
 
@@ -363,21 +375,30 @@ def draw_labelled_patch_set(
     negatives: str = "auto",
     correspondence: Callable[[str, str, np.ndarray], np.ndarray] | None = None,
     shell_mm: float = 30.0,
+    positives: str = "auto",
+    min_share: float = 0.0,
 ) -> PatchSet:
-    """Patches labelled 1 if they contain any voxel of ``target``, else 0; balanced 50/50, negatives matched in position.
+    """Patches labelled 1 if they hold ``target`` (by the ``positives`` rule), 0 if they hold none; balanced 50/50,
+    negatives matched in position.
 
-    ISImed Table 1 task ("32^3 patch contains any lesion voxel"). See
-    :func:`medssl.sampling.sets.draw_labelled_centres` for ``target``, ``negatives``
-    (``"auto"``: corresponding points in other subjects for sparse targets when
-    ``correspondence`` is given, the organ's neighbourhood for organs), ``correspondence``
-    and ``shell_mm``.
+    ISImed Table 1 task, made passable: for lesions (``positives="auto"`` -> ``"centred"``) a
+    positive is centred on a lesion voxel (the lesion chosen uniformly); for organs a positive
+    contains any voxel of the organ. See :func:`medssl.sampling.sets.draw_labelled_centres`
+    for ``target``, ``negatives`` (``"auto"``: corresponding points in other subjects for
+    sparse targets when ``correspondence`` is given, the organ's neighbourhood for organs),
+    ``correspondence``, ``shell_mm``, ``positives`` and ``min_share``. The set records each
+    patch's target share (``PatchSet.target_share``).
     """
     size = as_size(patch_size_vox)
     drawn = draw_labelled_centres(volumes, target, n_per_class, size, np.random.default_rng(seed),
-                                  negatives=negatives, correspondence=correspondence, shell_mm=shell_mm)
+                                  negatives=negatives, correspondence=correspondence, shell_mm=shell_mm,
+                                  positives=positives, min_share=min_share)
     m = drawn.meta
-    desc = (f"{size} vox patches: contains any '{m['target']}' voxel (1) or none (0); {n_per_class} per class; "
-            f"negatives: {m['negatives']}")
+    what = (f"centred on a '{m['target']}' voxel" if m["positives"] == "centred"
+            else f"contains any '{m['target']}' voxel")
+    if m["min_target_voxels"] > 1:
+        what += f" with >= {m['min_target_voxels']} of them"
+    desc = f"{size} vox patches: {what} (1) or none (0); {n_per_class} per class; negatives: {m['negatives']}"
     return assemble_patch_set(volumes, drawn, size, seed, desc)
 
 
@@ -415,6 +436,8 @@ def concat_patch_sets(sets: dict[str, PatchSet], seed: int) -> PatchSet:
         labels=None if any(lab is None for lab in labels) else np.concatenate(labels),
         pairs=np.concatenate(pairs) if len(pairs) == len(items) else None,
         splits=np.concatenate([np.full(len(ps), split) for split, ps in items]),
+        target_share=(None if any(ps.target_share is None for _, ps in items)
+                      else np.concatenate([ps.target_share for _, ps in items])),
         seed=int(seed),
         description=f"{first.description} (drawn within each split: {', '.join(k for k, _ in items)})",
         meta={**first.meta, "splits": {k: ps.meta for k, ps in items}},
@@ -430,6 +453,7 @@ def assemble_patch_set(
     order = np.argsort(drawn.volume_index, kind="stable")  # patches of one volume together
     vi, centres = drawn.volume_index[order], drawn.centres_vox[order]
     labels = None if drawn.labels is None else drawn.labels[order]
+    share = None if drawn.target_share is None else drawn.target_share[order]
     patches = np.empty((len(vi), vols[0].n_channels, *size), dtype=np.float32)
     centres_mm = np.empty((len(vi), 3))
     for k in np.unique(vi):
@@ -444,6 +468,7 @@ def assemble_patch_set(
         case_ids=np.asarray([vols[k].case_id for k in vi]),
         groups=np.asarray([vols[k].group for k in vi]),
         labels=labels,
+        target_share=share,
         seed=int(seed),
         description=description,
         meta={**drawn.meta, "cases": sorted({vols[k].case_id for k in vi})},

@@ -197,6 +197,8 @@ class PlanarContextMethod(Method):
 class _OffsetPrediction(PlanarContextMethod):
     """Reg2D and Heatmap: a head per orientation on (anchor, partner) descriptors predicts ``(Delta1, Delta2)``."""
 
+    val_measure = ("offset_err_hw", "min")  # the pretext task: offset error in patch half-widths, val pairs
+
     def __init__(self, config: PlanarContextConfig) -> None:
         super().__init__(config)
         self.heads = xavier_init_(nn.ModuleList([self._head(2 * self.backbone.orientation_dim) for _ in ORIENTATIONS]))
@@ -348,6 +350,7 @@ class Doersch(Method):
     Config = DoerschConfig
     family = "context prediction"
     paper = PAPER
+    val_measure = ("accuracy", "max")  # the pretext task: which of the 6 neighbours, val pairs
     presets = {
         "paper": {
             "method": {"backbone": "d3d", "patch_size_vox": 25, "volumes_per_batch": 8, "patches_per_volume": 1,

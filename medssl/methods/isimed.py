@@ -50,6 +50,7 @@ class Isimed(Method):
     family = "distance regression"
     paper = "Jabareen, Yuan, Lukassen: ISImed, arXiv 2410.16947"
     presets = {"demo": {"method": {"scale_mm": DEMO_SCALE_MM}}}
+    val_measure = ("abs_err_mm", "min")  # the pretext task: |latent - physical distance| in mm, val pairs
 
     def __init__(self, config: IsimedConfig) -> None:
         super().__init__(config)

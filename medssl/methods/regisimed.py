@@ -57,6 +57,7 @@ class RegIsimed(TwoViewMethod):
     family = "distance regression"
     paper = "Jabareen, Yuan, Lukassen: ISImed, arXiv 2410.16947 (sec. 2.1)"
     presets = {"demo": {"method": {"scale_mm": DEMO_SCALE_MM}}}
+    val_measure = ("abs_err_mm", "min")  # the pretext task: |latent - physical distance| in mm, val pairs
 
     def __init__(self, config: RegIsimedConfig) -> None:
         super().__init__(config)

@@ -4,15 +4,28 @@ These are the patch-drawing rules of the evaluation protocols (design/evaluation
 :mod:`medssl.evaluate.patchsets` stores what they draw (patches, geometry, provenance).
 
 - :func:`draw_uniform_centres`: centres uniformly over the body (or anywhere the patch fits).
-- :func:`draw_labelled_centres`: "does the patch contain any voxel of the target?",
-  balanced 50/50, with **negatives matched in position** so that where a patch lies
-  cannot tell its label (otherwise a linear probe on the patch centre in mm solves the
-  task, and the probe measures position, not what the features know):
+- :func:`draw_labelled_centres`: patches labelled by the target (lesions, an organ), balanced
+  50/50. **Positives** follow one of :data:`POSITIVE_RULES`:
+
+  * ``"any"``: the box holds at least one target voxel (ISImed Table 1's rule; organs).
+  * ``"centred"``: the box is centred on the target: a lesion (connected component of the
+    target) chosen uniformly, then one of its voxels as the centre, so small lesions are as
+    frequent as large ones and every positive shows its lesion whole or nearly so. Near the
+    volume's border the box moves inwards just enough to fit (it still holds that voxel).
+  * ``"auto"``: ``"centred"`` for sparse targets (lesion maps), ``"any"`` for structures.
+
+  ``min_share`` further asks each positive box to hold at least that fraction of target
+  voxels; every drawn centre records its box's target share (``DrawnCentres.target_share``).
+  Negative boxes hold no target voxel, and **negatives are matched in position** so that
+  where a patch lies cannot tell its label (otherwise a linear probe on the patch centre in
+  mm solves the task, and the probe measures position, not what the features know):
 
   * ``"corresponding"``: the point corresponding to a positive's centre in another
     subject (through a known correspondence, e.g. the demo cohort's stored
-    deformations), where that subject has no target voxel in the box. Sparse targets
-    placed at random (the demo's lesions) then carry no positional signal.
+    deformations; moved inwards to fit near the border), where that subject has no
+    target voxel in the box, assigned so that every subject has as many negatives as
+    positives. Sparse targets placed at random (the demo's lesions) then carry no
+    positional signal, and no subject's own look (noise, calibration) tells the label.
   * ``"same_structure"``: a centre in the same labelled structure (organ id of the
     label map at the positive's centre) of the same subject, box free of target.
   * ``"nearby"``: the target-free boxes closest to each positive, within ``shell_mm``
@@ -47,6 +60,7 @@ from medssl.sampling.regions import BODY, as_size, check_fits, foreground_mask, 
 __all__ = [
     "DrawnCentres",
     "NEGATIVE_RULES",
+    "POSITIVE_RULES",
     "draw_uniform_centres",
     "draw_labelled_centres",
     "within_volume_pairs",
@@ -55,6 +69,7 @@ __all__ = [
 ]
 
 NEGATIVE_RULES = ("auto", "corresponding", "same_structure", "nearby", "shell", "body")
+POSITIVE_RULES = ("auto", "any", "centred")
 Correspondence = Callable[[str, str, np.ndarray], np.ndarray]
 
 
@@ -67,12 +82,15 @@ class DrawnCentres:
         centres_vox: ``(N, 3)`` int64 centre voxels (centre-voxel rule of :mod:`medssl.geometry`).
         labels: ``(N,)`` int64 or None.
         meta: JSON-serialisable description of how they were drawn.
+        target_share: ``(N,)`` float64, the fraction of each box's voxels that are target voxels
+            (labelled sets; 0 for every negative), or None.
     """
 
     volume_index: np.ndarray
     centres_vox: np.ndarray
     labels: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    target_share: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- targets
@@ -201,8 +219,10 @@ def draw_labelled_centres(
     negatives: str = "auto",
     correspondence: Correspondence | None = None,
     shell_mm: float = 30.0,
+    positives: str = "auto",
+    min_share: float = 0.0,
 ) -> DrawnCentres:
-    """Centres labelled 1 if their box contains any target voxel, else 0; balanced 50/50.
+    """Centres labelled 1 if their box holds the target (by the ``positives`` rule), 0 if it holds none; balanced 50/50.
 
     Args:
         volumes: the subjects to draw from (one split: negatives never come from elsewhere).
@@ -213,10 +233,16 @@ def draw_labelled_centres(
         negatives: the rule for negatives (module docstring, :data:`NEGATIVE_RULES`).
         correspondence: ``(case_a, case_b, points_mm (N, 3)) -> points_mm in b``, for ``"corresponding"``.
         shell_mm: width of the neighbourhood for ``"nearby"`` and ``"shell"``.
+        positives: the rule for positives (module docstring, :data:`POSITIVE_RULES`).
+        min_share: the smallest fraction of a positive box's voxels that must be target voxels
+            (0: any; e.g. 0.001 asks a 32^3 box for at least 33 voxels).
 
-    Positives: a target voxel chosen uniformly, then a box position chosen uniformly among
-    those that contain it and fit (large structures are sampled more often, per voxel).
-    Volumes without any target voxel are skipped (``meta["skipped_cases"]``); the others
+    ``"any"`` positives: a target voxel chosen uniformly, then a box position chosen
+    uniformly among those that contain it and fit (large structures are sampled more often,
+    per voxel); with ``min_share > 0``, a box position uniformly among those that hold enough.
+    ``"centred"`` positives: a connected component of the target chosen uniformly among those
+    with an eligible voxel (its box, moved inwards to fit, holds ``min_share``), then an eligible voxel of it.
+    Volumes without any eligible positive are skipped (``meta["skipped_cases"]``); the others
     give equal numbers of positives. Negative boxes never contain a target voxel (checked
     exactly) and their centres lie on the body.
     """
@@ -225,32 +251,61 @@ def draw_labelled_centres(
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     if negatives not in NEGATIVE_RULES:
         raise ValueError(f"negatives must be one of {NEGATIVE_RULES}, got {negatives!r}")
+    if positives not in POSITIVE_RULES:
+        raise ValueError(f"positives must be one of {POSITIVE_RULES}, got {positives!r}")
+    if not 0.0 <= float(min_share) < 1.0:
+        raise ValueError(f"min_share must be in [0, 1), got {min_share}")
     vols = _checked(volumes, size)
     structure = _is_structure(vols, target)
+    pos_rule = positives if positives != "auto" else ("any" if structure else "centred")
     mask_fn = target if callable(target) else (lambda v: target_mask(v, target))
     masks = [np.asarray(mask_fn(v), dtype=bool) for v in vols]
-    usable = [k for k, m in enumerate(masks) if m.any()]
+    box_counts = [box_target_counts(m, size) if m.any() else None for m in masks]
+    need = max(1, int(np.ceil(float(min_share) * np.prod(size) - 1e-9)))  # target voxels a positive box needs
+    if pos_rule == "centred":  # target voxels whose box (moved inwards to fit) holds enough target
+        eligible = [None if c is None else m & (c[_clamp_to_window(_ALL, m.shape, size)] >= need)
+                    for m, c in zip(masks, box_counts)]  # fmt: skip
+    else:  # box centres whose box fits and holds enough target
+        eligible = [None if c is None else (c >= need) & valid_centres(v, size) for v, c in zip(vols, box_counts)]
+    usable = [k for k, e in enumerate(eligible) if e is not None and e.any()]
     if not usable:
-        raise ValueError(f"no volume contains any voxel of {_target_name(target)!r}; cannot draw positives")
+        what = f"a {size} vox box with at least {need} voxels of" if need > 1 else "any voxel of"
+        raise ValueError(f"no volume contains {what} {_target_name(target)!r}; cannot draw positives")
     rule = _resolve_rule(negatives, structure, correspondence, vols)
     counts = np.full(len(usable), n_per_class // len(usable))
     counts[rng.permutation(len(usable))[: n_per_class % len(usable)]] += 1
 
-    pos_index, pos_centres = [], []
+    pos_index, pos_centres, pos_anchors = [], [], []  # anchor: the target voxel a centred box is centred on
     for k, n in zip(usable, counts):
-        pos_centres.append(_positive_centres(masks[k], size, int(n), rng))
+        if pos_rule == "centred":
+            picks = _centred_positive_centres(masks[k], eligible[k], int(n), rng)
+            pos_anchors.append(picks)
+            pos_centres.append(np.stack(_clamp_to_window(tuple(picks.T), masks[k].shape, size), axis=1))
+        else:
+            if need > 1:
+                got = np.argwhere(eligible[k])[rng.integers(0, int(np.count_nonzero(eligible[k])), int(n))]
+            else:
+                got = _positive_centres(masks[k], size, int(n), rng)
+            pos_centres.append(got)
+            pos_anchors.append(got)
         pos_index.append(np.full(int(n), k, np.int64))
-    pos_index_a, pos_centres_a = np.concatenate(pos_index), np.concatenate(pos_centres)
-    negative_ok = {k: _negative_candidates(vols[k], masks[k], size) for k in usable}
+    pos_index_a, pos_centres_a = np.concatenate(pos_index), np.concatenate(pos_centres).astype(np.int64)
+    negative_ok = {k: _negative_candidates(vols[k], masks[k], size, box_counts[k]) for k in usable}
     drawer = _NegativeDrawer(vols, usable, negative_ok, masks, size, rng, shell_mm, correspondence)
-    neg_index, neg_centres, fallbacks = drawer.draw(rule, pos_index_a, pos_centres_a)
+    neg_index, neg_centres, fallbacks = drawer.draw(rule, pos_index_a, pos_centres_a,
+                                                    np.concatenate(pos_anchors).astype(np.int64))
 
+    volume = float(np.prod(size))
+    pos_share = np.asarray([box_counts[k][tuple(c)] for k, c in zip(pos_index_a, pos_centres_a)], np.float64) / volume
     meta = {
         "kind": "labelled",
         "target": _target_name(target),
         "target_kind": "structure" if structure else "sparse",
         "n_per_class": int(n_per_class),
         "patch_size_vox": list(size),
+        "positives": pos_rule,
+        "min_share": float(min_share),
+        "min_target_voxels": int(need),
         "negatives": rule,
         "negatives_fallback_nearby": int(fallbacks),
         "shell_mm": float(shell_mm),
@@ -261,6 +316,7 @@ def draw_labelled_centres(
         centres_vox=np.concatenate([pos_centres_a, neg_centres]).astype(np.int64),
         labels=np.r_[np.ones(len(pos_index_a), np.int64), np.zeros(len(neg_index), np.int64)],
         meta=meta,
+        target_share=np.r_[pos_share, np.zeros(len(neg_index))],
     )
 
 
@@ -294,9 +350,41 @@ def _positive_centres(mask: np.ndarray, size: tuple[int, int, int], n: int, rng:
     return starts + s // 2
 
 
-def _negative_candidates(volume: Volume, mask: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """``(X, Y, Z)`` bool: centres on the body whose box fits and holds no target voxel."""
-    return valid_centres(volume, size, foreground_mask(volume)) & (box_target_counts(mask, size) == 0)
+_ALL = None  # _clamp_to_window(_ALL, ...): the clamped centre of every voxel of the grid
+
+
+def _clamp_to_window(ijk, shape: tuple[int, ...], size: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+    """Voxel indices ``(i, j, k)`` moved to the nearest centre whose box fits (:func:`medssl.geometry.centre_window`).
+
+    ``ijk=None`` gives, for every voxel of ``shape``, its clamped centre (open-grid index arrays).
+    A box at the clamped centre always contains the original voxel.
+    """
+    window = centre_window(shape, size)
+    if ijk is None:
+        ijk = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return tuple(np.clip(a, w.start, w.stop - 1) for a, w in zip(ijk, window))
+
+
+def _centred_positive_centres(mask: np.ndarray, eligible: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` centre voxels among the ``eligible`` target voxels: a connected component of ``mask`` (a lesion)
+    uniformly among those with an eligible voxel, then one of its eligible voxels uniformly (scipy
+    ``ndimage.label``, face connectivity)."""
+    components, _ = ndimage.label(mask)
+    ok = np.flatnonzero(eligible)  # flat indices of target voxels that may centre a positive
+    comp = components.ravel()[ok]
+    ids, sizes = np.unique(comp, return_counts=True)
+    order = np.argsort(comp, kind="stable")
+    chosen = rng.integers(0, len(ids), n)  # which component, uniformly
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    picks = ok[order[offsets[chosen] + (rng.random(n) * sizes[chosen]).astype(np.int64)]]
+    return np.stack(np.unravel_index(picks, mask.shape), axis=1).astype(np.int64)
+
+
+def _negative_candidates(volume: Volume, mask: np.ndarray, size: tuple[int, int, int],
+                         counts: np.ndarray | None = None) -> np.ndarray:
+    """``(X, Y, Z)`` bool: centres on the body whose box fits and holds no target voxel (``counts``: its box counts)."""
+    counts = box_target_counts(mask, size) if counts is None else counts
+    return valid_centres(volume, size, foreground_mask(volume)) & (counts == 0)
 
 
 class _NegativeDrawer:
@@ -306,9 +394,12 @@ class _NegativeDrawer:
         self.vols, self.usable, self.ok, self.masks = vols, usable, negative_ok, masks
         self.size, self.rng, self.shell_mm, self.correspondence = size, rng, float(shell_mm), correspondence
 
-    def draw(self, rule: str, pos_index: np.ndarray, pos_centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def draw(self, rule: str, pos_index: np.ndarray, pos_centres: np.ndarray,
+             pos_anchors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Negatives for the positives at ``pos_centres``; ``pos_anchors``: the target voxels they were centred on
+        (mapped by ``"corresponding"`` and then moved inwards like the positives, so both sides move alike)."""
         if rule == "corresponding":
-            return self._corresponding(pos_index, pos_centres)
+            return self._corresponding(pos_index, pos_centres, pos_centres if pos_anchors is None else pos_anchors)
         index, centres, fallbacks = [], [], 0
         for k in self.usable:
             rows = np.flatnonzero(pos_index == k)
@@ -365,21 +456,47 @@ class _NegativeDrawer:
         d = np.linalg.norm(vox_to_world(v.affine, ijk) - vox_to_world(v.affine, centre[None])[0], axis=1)
         return self._pick(flat[d <= d.min() + self.shell_mm], ok.shape)
 
-    def _corresponding(self, pos_index: np.ndarray, pos_centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """For each positive, the corresponding centre in the subject with the largest negative deficit where it is valid."""
-        deficit = {k: int(np.sum(pos_index == k)) for k in self.usable}
-        mapped = self._map_positives(pos_index, pos_centres)  # (row, b) -> centre voxel in b or None
+    def _corresponding(self, pos_index: np.ndarray, pos_centres: np.ndarray,
+                       pos_anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """For each positive, the point corresponding to its anchor in another subject where it is valid (moved
+        inwards to fit), assigned so that **every subject gets exactly as many negatives as it has positives**.
+
+        The assignment is a transportation problem (rows: positives, columns: subjects; each subject's
+        column sums to its positive count), solved exactly with scipy's ``milp`` (HiGHS): a subject
+        whose patches were over-represented in one class would let its noise level or intensity
+        calibration predict the label. A positive gets the nearest target-free box in its own subject
+        only where no assignment can do without it (counted in ``fallbacks``). Small random costs
+        break ties, so the choice among valid subjects is random for a seed.
+        """
+        mapped = self._map_positives(pos_index, pos_anchors)  # (row, b) -> centre voxel in b or None
+        n_rows = len(pos_index)
+        subjects = list(self.usable)
+        column = {b: j for j, b in enumerate(subjects)}
+        pairs = [(r, b) for (r, b), c in mapped.items() if c is not None]
+        pairs += [(r, int(pos_index[r])) for r in range(n_rows)]  # the fallback: the subject's own nearest free box
+        fallback = np.r_[np.zeros(len(pairs) - n_rows), np.ones(n_rows)]
+        cost = 1000.0 * fallback + self.rng.random(len(pairs))
+        rows_of = np.asarray([r for r, _ in pairs])
+        cols_of = np.asarray([column[b] for _, b in pairs])
+        quota = np.asarray([np.sum(pos_index == b) for b in subjects], dtype=np.float64)
+        from scipy.optimize import Bounds, LinearConstraint, milp
+        from scipy.sparse import coo_matrix
+
+        one_each = coo_matrix((np.ones(len(pairs)), (rows_of, np.arange(len(pairs)))), shape=(n_rows, len(pairs)))
+        per_subject = coo_matrix((np.ones(len(pairs)), (cols_of, np.arange(len(pairs)))), shape=(len(subjects), len(pairs)))
+        res = milp(cost, integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(per_subject, quota, quota)])
+        if res.x is None:  # cannot happen: every positive may fall back to its own subject
+            raise RuntimeError(f"assigning position-matched negatives failed: {res.message}")
+        chosen = np.flatnonzero(res.x > 0.5)
         index, centres, fallbacks = [], [], 0
-        for row in self.rng.permutation(len(pos_index)):
-            a = int(pos_index[row])
-            others = [b for b in self.usable if b != a]
-            order = sorted(others, key=lambda b: (-deficit[b], self.rng.random()))
-            hit = next(((b, mapped[(row, b)]) for b in order if mapped.get((row, b)) is not None), None)
-            if hit is None:  # no subject has a target-free box there: the nearest free box in the same subject
+        for t in chosen[np.argsort(rows_of[chosen], kind="stable")]:
+            r, b = pairs[t]
+            if fallback[t]:
                 fallbacks += 1
-                hit = (a, self._nearby(a, pos_centres[row]))
-            b, c = hit
-            deficit[b] -= 1
+                c = self._nearby(b, pos_centres[r])
+            else:
+                c = mapped[(r, b)]
             index.append(b)
             centres.append(c)
         return np.asarray(index, np.int64), np.asarray(centres, np.int64).reshape(-1, 3), fallbacks
@@ -397,8 +514,10 @@ class _NegativeDrawer:
                     continue
                 vb = self.vols[b]
                 pts_b = np.asarray(self.correspondence(va.case_id, vb.case_id, pts_a), np.float64).reshape(-1, 3)
-                ijk = np.rint(world_to_vox(vb.affine, pts_b)).astype(np.int64)
+                ijk = np.rint(np.nan_to_num(world_to_vox(vb.affine, pts_b), nan=-1.0)).astype(np.int64)
                 inside = np.all((ijk >= 0) & (ijk < np.asarray(vb.shape_vox)), axis=1) & np.all(np.isfinite(pts_b), 1)
+                # a point near the border: the box moves inwards just enough to fit, as for centred positives
+                ijk = np.stack(_clamp_to_window(tuple(ijk.T), tuple(vb.shape_vox), self.size), axis=1)
                 for r, c, ins in zip(rows, ijk, inside):
                     out[(int(r), b)] = c if ins and self.ok[b][tuple(c)] else None
         return out

@@ -2,11 +2,63 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
-__all__ = ["TrainConfig"]
+__all__ = ["EarlyStopping", "TrainConfig"]
 
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when the validation pretext measure stops improving (``TrainConfig.early_stopping``).
+
+    ``fit`` reads the measure from every validation record (``split="val"`` in ``metrics.jsonl``:
+    at step 0 and every ``eval_every_epochs`` epochs, so ``steps_per_epoch`` x ``eval_every_epochs``
+    steps apart). A validation improves when it beats the best so far by more than ``min_delta``
+    (absolute, in the measure's unit); after ``patience`` validations in a row without improvement
+    training stops. ``epochs`` stays the cap. The best state is kept as ``checkpoints/best.pt``
+    (what evaluations read, :meth:`medssl.rundir.RunDir.checkpoints`), the stop reason and the
+    early-stopping state go into every checkpoint (a resume continues the count) and into
+    ``early_stopping.json`` beside ``metrics.jsonl``.
+
+    Attributes:
+        patience: validations without improvement before stopping (>= 1).
+        min_delta: the smallest change that counts as an improvement (>= 0).
+        measure: a key of the validation record; None: the method's ``val_measure``
+            (:attr:`medssl.methods.base.Method.val_measure`).
+        mode: ``"min"`` or ``"max"``; None: the method's.
+        min_steps: never stop before this many steps (e.g. a curriculum's warm-up).
+    """
+
+    patience: int = 5
+    min_delta: float = 0.0
+    measure: str | None = None
+    mode: str | None = None
+    min_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"early_stopping.patience must be an int >= 1, got {self.patience!r}")
+        if not self.min_delta >= 0:
+            raise ValueError(f"early_stopping.min_delta must be >= 0, got {self.min_delta!r}")
+        if self.mode not in (None, "min", "max"):
+            raise ValueError(f"early_stopping.mode must be 'min', 'max' or None, got {self.mode!r}")
+        if self.min_steps < 0:
+            raise ValueError(f"early_stopping.min_steps must be >= 0, got {self.min_steps!r}")
+
+    @classmethod
+    def from_value(cls, value: "EarlyStopping | dict[str, Any]") -> "EarlyStopping":
+        """An :class:`EarlyStopping` from itself or a dict of its fields (notebook and CLI overrides, JSON)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"early_stopping must be a dict of {[f.name for f in fields(cls)]} or None, got {value!r}")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"early_stopping has no settings {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -49,6 +101,9 @@ class TrainConfig:
             with ``warn_only``, no cuDNN benchmarking, a fixed cuBLAS workspace;
             :mod:`medssl.train.determinism`); off trades repeatability for speed. CPU runs repeat
             bit for bit either way.
+        early_stopping: None (train for ``epochs``), or an :class:`EarlyStopping` (a dict of its
+            fields is converted): stop when the validation measure stops improving; ``epochs``
+            is then the cap. Needs ``val_volumes`` in ``fit``.
     """
 
     epochs: int = 50
@@ -69,8 +124,11 @@ class TrainConfig:
     prefetch: bool = False
     sync_batchnorm: bool = False
     deterministic: bool = True
+    early_stopping: EarlyStopping | dict | None = None
 
     def __post_init__(self) -> None:
+        if self.early_stopping is not None:
+            object.__setattr__(self, "early_stopping", EarlyStopping.from_value(self.early_stopping))
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:

@@ -15,6 +15,9 @@ Run directory (``run_dir``)::
     events.out.tfevents.*  the same records as TensorBoard scalars (live curves; medssl.train.metrics)
     checkpoints/last.pt    newest state (resume point)
     checkpoints/epoch-XXXX.pt
+    checkpoints/best.pt    with ``TrainConfig.early_stopping``: the state at the best validation
+    early_stopping.json    with ``TrainConfig.early_stopping``: measure, best value and step, the
+                           validations without improvement and why training stopped
 
 Under ``torchrun`` every rank samples its own volumes (rng ``[seed, rank]``); the training
 step runs inside ``DistributedDataParallel`` (gradients all-reduced during backward); ranks
@@ -56,7 +59,7 @@ from medssl.train.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from medssl.train.config import TrainConfig
+from medssl.train.config import EarlyStopping, TrainConfig
 from medssl.train.ddp import all_ranks_gather, any_rank, first_true_rank, wrap_for_training
 from medssl.train.determinism import Bf16Conv3dGuard, deterministic_algorithms
 from medssl.train.metrics import (
@@ -97,6 +100,9 @@ class FitResult:
     epoch: int
     final_loss: float | None
     stopped_early: bool
+    stop_reason: str = ""  # why training ended: the cap, early stopping (measure, best, patience), a callback
+    best_step: int | None = None  # early stopping: the step of the best validation (its state is best_checkpoint_path)
+    best_checkpoint_path: Path | None = None
 
     def metrics(self) -> pd.DataFrame:
         return read_metrics(self.run_dir)
@@ -135,6 +141,12 @@ def fit(
             returns True stops training after the current step (``last.pt`` is written first,
             so ``fit(..., resume=True)`` continues exactly there). A notebook's live figure
             is one (:class:`medssl.viz.live.LiveCurves`).
+
+    With ``config.early_stopping`` (:class:`~medssl.train.config.EarlyStopping`) training stops
+    once the validation measure (the method's ``val_measure`` unless the setting names one) has
+    not improved for ``patience`` validations; ``epochs`` is the cap. The best state is kept as
+    ``checkpoints/best.pt``, and the early-stopping state travels in every checkpoint, so a
+    resumed run counts on where it stopped and a finished one stays finished.
         preprocessing: how the training volumes were preprocessed, for volumes that do not
             say so themselves (arrays prepared by hand). Default: read from the volumes
             (``meta["preprocess_config"]``, set by ``open_data`` and the cache); either way it is
@@ -148,6 +160,8 @@ def fit(
             skips that update and is counted in ``skipped_nonfinite_grad_steps``); every rank
             stops, and the previous checkpoint is left untouched.
     """
+    if config.early_stopping is not None and method.trains and not val_volumes:
+        raise ValueError(f"{run_dir}: early_stopping watches a validation measure and needs val_volumes; none given")
     with deterministic_algorithms(resolve_device(config.device), config.deterministic):
         t = _Trainer(method, train_volumes, config, Path(run_dir), val_volumes, list(callbacks or []), progress)
         t.record_preprocessing(preprocessing)
@@ -178,6 +192,8 @@ class _Trainer:
         self.ckpt_dir, self.last_path = checkpoint_paths(run_dir)
         self.is_main = rank() == 0
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this rank's GPU is the current one (NCCL object collectives use it)
         self.precision = resolve_precision(config.precision, self.device)
         volumes_per_batch = int(getattr(method.config, "volumes_per_batch", 1))
         self.steps_per_epoch = config.steps_per_epoch or math.ceil(len(train_volumes) / (volumes_per_batch * world_size()))
@@ -196,6 +212,9 @@ class _Trainer:
         self.autocast = autocast(self.device, self.precision)
         # oneDNN's bf16 weight gradient of thin 3D convolutions is wrong on AVX512-BF16 CPUs: those run in fp32
         self.conv_guard = Bf16Conv3dGuard(method) if self.device.type == "cpu" and self.precision == "bf16" else None
+        self.early = _EarlyStopper(config.early_stopping, method) \
+            if config.early_stopping is not None and method.trains else None
+        self.stop_reason = ""
 
     # ------------------------------------------------------------------ set up
 
@@ -229,6 +248,11 @@ class _Trainer:
             self.rng = np.random.default_rng([self.config.seed, rank(), self.step])
         if self.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        self.stop_reason = str(state.get("stop_reason", "") or "")
+        if self.early is not None and self.step > 0 and state.get("early_stopping"):
+            # (a checkpoint at step 0 carries no progress: its validation is made again below)
+            self.early.load(json.loads(state["early_stopping"]), self.last_path)
+            self.stop = self.early.stopped  # a run that stopped early stays stopped
 
     def start(self) -> None:
         """Write config.json, drop log records of lost steps, draw the fixed val set, log the first val record."""
@@ -249,7 +273,11 @@ class _Trainer:
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.method.registry_name} fit",
                         disable=not (self.progress and self.is_main))
         if self.val_set is not None and self.step == 0:
-            self.stop = any_rank(self.log.write(self._evaluate() | self._when()), self.device)
+            record = self._evaluate() | self._when()
+            asked, watched = self.log.write(record), self._watch(record)  # both: early stopping counts every validation
+            self.stop = any_rank(asked or watched, self.device)
+            if self.early is not None:  # the untrained state is the first "best": best.pt always exists
+                self.save(epoch_file=False)
         if not self.method.trains:  # an untrained baseline: its initial state is the result
             self.save(epoch_file=False)
         self.method.train()
@@ -316,8 +344,12 @@ class _Trainer:
         epochs_done = self.step // self.steps_per_epoch
         last = self.step == self.total_steps
         if self.val_set is not None and (epochs_done % self.config.eval_every_epochs == 0 or last):
-            self.stop = any_rank(self.log.write(self._evaluate() | self._when()) or self.stop, self.device)
-        self.save(epoch_file=epochs_done % self.config.checkpoint_every_epochs == 0 or last)
+            record = self._evaluate() | self._when()
+            asked, watched = self.log.write(record), self._watch(record)  # both: early stopping counts every validation
+            self.stop = any_rank(asked or watched or self.stop, self.device)
+        if last and not self.stop_reason:
+            self.stop_reason = f"reached the cap of {self.total_steps} steps ({self.config.epochs} epochs)"
+        self.save(epoch_file=epochs_done % self.config.checkpoint_every_epochs == 0 or last or self.stop)
 
     def save(self, epoch_file: bool) -> None:
         """Atomic ``last.pt`` (and ``epoch-XXXX.pt``) written by rank 0 with every rank's rng state."""
@@ -326,14 +358,25 @@ class _Trainer:
         torch_rngs = all_ranks_gather(torch.get_rng_state())
         if not self.is_main:
             return
-        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        # this rank's GPU's generator (get_rng_state() without a device reads the current device's)
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" and torch.cuda.is_initialized() \
+            else None
         state = training_state(self.method, self.config, self.optimizer, self.scheduler, self.scaler, self.step,
                                self.steps_per_epoch, self._elapsed_s(), numpy_rngs, torch_rngs, cuda_rng,
                                preprocessing=self.preprocessing)
         state["nonfinite_grad"] = {"skipped": self.skipped_steps, "streak": self.bad_grad_streak}  # logged counts
+        state["stop_reason"] = self.stop_reason
         paths = [self.ckpt_dir / f"epoch-{self.step // self.steps_per_epoch:04d}.pt"] if epoch_file else []
+        if self.early is not None:
+            state["early_stopping"] = json.dumps(self.early.state())
+            if self.early.best_step == self.step:  # this state is the best validation so far
+                paths.append(self.ckpt_dir / BEST_CHECKPOINT)
         save_checkpoint(state, *paths, self.last_path)
         prune_epoch_checkpoints(self.ckpt_dir, self.config.keep_last)
+        if self.early is not None:
+            atomic_write_bytes(self.run_dir / EARLY_STOPPING_FILE,
+                               json.dumps({**self.early.state(), "step": self.step, "cap_steps": self.total_steps,
+                                           "stop_reason": self.stop_reason}, indent=1).encode())
 
     def close(self) -> None:
         if hasattr(self, "log"):
@@ -346,9 +389,22 @@ class _Trainer:
             self.bar.close()
 
     def result(self) -> FitResult:
+        reason = self.stop_reason or ("a callback asked to stop" if self.step < self.total_steps else "")
+        best = self.ckpt_dir / BEST_CHECKPOINT
         return FitResult(run_dir=self.run_dir, checkpoint_path=self.last_path, step=self.step,
                          epoch=self.step // self.steps_per_epoch, final_loss=self.last_loss,
-                         stopped_early=self.step < self.total_steps)
+                         stopped_early=self.step < self.total_steps, stop_reason=reason,
+                         best_step=self.early.best_step if self.early is not None else None,
+                         best_checkpoint_path=best if self.early is not None and best.is_file() else None)
+
+    def _watch(self, record: dict[str, Any]) -> bool:
+        """Early stopping's verdict on a validation record: True to stop (the reason is kept)."""
+        if self.early is None:
+            return False
+        if self.early.update(record, self.step):
+            self.stop_reason = self.early.reason
+            return True
+        return False
 
     # ------------------------------------------------------------------ preprocessing record
 
@@ -501,3 +557,64 @@ class _BatchSource:
             if self._pending is not None:
                 self._pending.cancel()
             self._pool.shutdown(wait=True)
+
+
+BEST_CHECKPOINT = "best.pt"
+EARLY_STOPPING_FILE = "early_stopping.json"
+
+
+class _EarlyStopper:
+    """Patience on one validation measure (:class:`~medssl.train.config.EarlyStopping`); its state is JSON."""
+
+    def __init__(self, settings: EarlyStopping, method: "Method") -> None:
+        own_measure, own_mode = getattr(method, "val_measure", ("loss", "min"))
+        if settings.measure is not None and settings.measure != own_measure and settings.mode is None:
+            raise ValueError(f"early_stopping.measure={settings.measure!r} is not {method.registry_name}'s own "
+                             f"val_measure ({own_measure!r}); say whether it is minimised or maximised (mode)")
+        self.settings = settings
+        self.measure = settings.measure or own_measure
+        self.mode = settings.mode or own_mode
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad = 0
+        self.stopped = False
+        self.reason = ""
+        self.history: list[tuple[int, float]] = []
+
+    def update(self, record: dict[str, Any], step: int) -> bool:
+        """Count one validation; True when training should stop now."""
+        if self.measure not in record:
+            known = sorted(k for k, v in record.items() if isinstance(v, (int, float)))
+            raise KeyError(f"early stopping watches {self.measure!r}, which the validation record does not hold "
+                           f"(it has {known}); set early_stopping.measure to one of them")
+        value = float(record[self.measure])
+        self.history.append((int(step), value))
+        d = self.settings.min_delta
+        improved = math.isfinite(value) and (
+            self.best is None or (value < self.best - d if self.mode == "min" else value > self.best + d))
+        if improved:
+            self.best, self.best_step, self.bad = value, int(step), 0
+        else:
+            self.bad += 1
+        if self.bad >= self.settings.patience and step >= self.settings.min_steps and not self.stopped:
+            self.stopped = True
+            self.reason = (f"early stopping at step {step}: validation {self.measure} ({self.mode}) did not improve by "
+                           f"more than {d:g} for {self.bad} validations; best {self.best:.6g} at step {self.best_step}")
+        return self.stopped
+
+    def state(self) -> dict[str, Any]:
+        return {"measure": self.measure, "mode": self.mode, "patience": self.settings.patience,
+                "min_delta": self.settings.min_delta, "min_steps": self.settings.min_steps, "best": self.best,
+                "best_step": self.best_step, "bad_validations": self.bad, "stopped": self.stopped,
+                "reason": self.reason, "history": [list(h) for h in self.history]}
+
+    def load(self, state: dict[str, Any], path: Path) -> None:
+        if (state.get("measure"), state.get("mode")) != (self.measure, self.mode):
+            raise ValueError(f"{path}: was early-stopped on {state.get('measure')!r} ({state.get('mode')}), this run "
+                             f"watches {self.measure!r} ({self.mode}); use another run_dir")
+        self.best = state.get("best")
+        self.best_step = state.get("best_step")
+        self.bad = int(state.get("bad_validations", 0))
+        self.stopped = bool(state.get("stopped", False))
+        self.reason = str(state.get("reason", ""))
+        self.history = [(int(a), float(b)) for a, b in state.get("history", [])]

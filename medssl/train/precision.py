@@ -11,9 +11,14 @@ __all__ = ["resolve_device", "resolve_precision", "autocast"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> this rank's CUDA device when CUDA is present, else CPU; otherwise ``torch.device(device)``."""
+    """``"auto"`` -> this rank's CUDA device when CUDA is present, else CPU; otherwise ``torch.device(device)``.
+
+    This rank's CUDA device is ``cuda:$LOCAL_RANK`` (torchrun sets it; 0 without), also for a bare
+    ``"cuda"``, so that every rank of a multi-GPU run trains on its own GPU.
+    """
     if str(device) != "auto":
-        return torch.device(device)
+        d = torch.device(device)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if d.type == "cuda" and d.index is None else d
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

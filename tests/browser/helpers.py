@@ -1,8 +1,13 @@
-"""Shared pieces of the browser tests: skip rule, JupyterLab server, headless Chromium, pixel statistics.
+"""Shared pieces of the browser tests: run/skip/fail rule, JupyterLab server, headless Chromium, kernel calls.
 
 This file imports nothing from medssl or playwright at module level: the browser tests run
 from a side venv with playwright (``make browser-test``), and ``make test`` collects them
-in the project venv, where they are skipped.
+in the project venv, where they are skipped (they are opt-in).
+
+The rule (:func:`browser_verdict`, applied to every test marked ``browser`` by ``conftest.py``):
+not asked for (``MEDSSL_BROWSER_TESTS`` unset): skip; asked for and able to run: run; asked for
+but unable to (no playwright, no chromium, no project venv): skip with the reason, except under
+CI (``CI=true``, which CI systems set), where it **fails**: there a skip would read as a pass.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 CHROMIUM = Path(os.environ.get("MEDSSL_CHROMIUM", "/usr/bin/chromium"))
@@ -34,17 +40,47 @@ PROJECT_PYTHON = Path(os.environ.get("MEDSSL_PROJECT_PYTHON", REPO / ".venv" / "
 SCREENSHOT_DIR = Path(os.environ.get("MEDSSL_BROWSER_SCREENSHOTS", "/tmp/medssl-browser"))
 
 
-def skip_reason() -> str | None:
-    """Why the browser tests cannot run here (None when they can)."""
-    if os.environ.get("MEDSSL_BROWSER_TESTS") != "1":
-        return "browser tests are opt-in: set MEDSSL_BROWSER_TESTS=1 (make browser-test does)"
-    if importlib.util.find_spec("playwright") is None:
+OPT_IN = "browser tests are opt-in: set MEDSSL_BROWSER_TESTS=1 (make browser-test does)"
+
+
+def in_ci(env: Mapping[str, str] | None = None) -> bool:
+    """True under CI: ``CI`` set to true/1/yes (GitHub Actions, GitLab CI and most others set ``CI=true``)."""
+    return (os.environ if env is None else env).get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_piece(env: Mapping[str, str] | None = None, has_playwright: bool | None = None) -> str | None:
+    """What the browser tests need and this machine lacks (None when nothing is missing)."""
+    env = os.environ if env is None else env
+    if has_playwright is None:
+        has_playwright = importlib.util.find_spec("playwright") is not None
+    chromium = Path(env.get("MEDSSL_CHROMIUM", "/usr/bin/chromium"))
+    project_python = Path(env.get("MEDSSL_PROJECT_PYTHON", REPO / ".venv" / "bin" / "python"))
+    if not has_playwright:
         return "needs the PyPI package `playwright` (pip install playwright; the system chromium is used)"
-    if not CHROMIUM.exists():
-        return f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium; it could not be installed here)"
-    if not PROJECT_PYTHON.exists():
-        return f"needs the project venv's python at {PROJECT_PYTHON} (or set MEDSSL_PROJECT_PYTHON)"
+    if not chromium.exists():
+        return f"needs Debian's chromium at {chromium} (apt-get install -y chromium; it could not be installed here)"
+    if not project_python.exists():
+        return f"needs the project venv's python at {project_python} (or set MEDSSL_PROJECT_PYTHON)"
     return None
+
+
+def browser_verdict(env: Mapping[str, str] | None = None, has_playwright: bool | None = None) -> tuple[str, str]:
+    """``("run" | "skip" | "fail", reason)`` for a browser test in this environment (module docstring)."""
+    env = os.environ if env is None else env
+    if env.get("MEDSSL_BROWSER_TESTS") != "1":
+        return "skip", OPT_IN
+    missing = missing_piece(env, has_playwright)
+    if missing is None:
+        return "run", ""
+    if in_ci(env):
+        return "fail", f"CI=true and the browser test cannot run: {missing}"
+    return "skip", missing
+
+
+def skip_reason() -> str | None:
+    """Why the browser tests do not run here (None when they do); under CI a missing piece fails instead."""
+    verdict, reason = browser_verdict()
+    return None if verdict == "run" else reason
 
 
 def _free_port() -> int:
@@ -154,3 +190,30 @@ def changed_fraction(png_a: Path, png_b: Path) -> float:
     out = subprocess.run([str(PROJECT_PYTHON), "-c", code, str(png_a), str(png_b)], capture_output=True, text=True,
                          check=True)  # fmt: skip
     return float(out.stdout)
+
+
+def kernel_exec(page, code: str, timeout_ms: int = 60_000) -> str:
+    """Run ``code`` in the open notebook's kernel (JupyterLab's own kernel connection); return its stdout.
+
+    The outputs go to this call only, not into the notebook's cells. Raises ``AssertionError``
+    with the traceback when the code raises.
+    """
+    result = page.evaluate(
+        """async ([code, timeoutMs]) => {
+            const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+            const future = kernel.requestExecute({code: code, silent: false, store_history: false});
+            let out = "", err = null;
+            future.onIOPub = (msg) => {
+                const t = msg.header.msg_type;
+                if (t === "stream") out += msg.content.text;
+                else if (t === "error") err = msg.content.ename + ": " + msg.content.evalue + "\\n"
+                                               + msg.content.traceback.join("\\n");
+            };
+            const timeout = new Promise((_, reject) => setTimeout(() => reject(new Error("timed out")), timeoutMs));
+            try { await Promise.race([future.done, timeout]); } catch (e) { if (err === null) err = String(e); }
+            return {out: out, err: err};
+        }""",
+        [code, timeout_ms],
+    )
+    assert result["err"] is None, f"kernel code failed:\n{code}\n{result['err']}"
+    return result["out"]

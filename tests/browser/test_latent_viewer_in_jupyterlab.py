@@ -10,8 +10,10 @@ nothing executed) and is opened and run in JupyterLab from headless Chromium. Th
 
 - the 3D view renders (canvas not blank, with the map's colours) in "slices + 3D" and,
   after clicking the toggle, in "3D render";
-- both linked views render, and a click in view A moves view B's crosshair (B's canvas
-  changes) and reports the match, the latent distance and the error in mm;
+- both linked views render, and a click in view A moves view B's crosshair to the match:
+  B's crosshair position as NiiVue itself reports it (a location report asked for from the
+  kernel, in B's voxels) equals the match's voxel within NiiVue's half-voxel snap, away from
+  where it started; the status reports the match, the latent distance and the error in mm;
 - a click in the scatter explorer's image rings latent neighbours in the plotly scatter;
 
 and saves screenshots to ``$MEDSSL_BROWSER_SCREENSHOTS`` (``runs/browser/`` via make).
@@ -36,11 +38,11 @@ from tests.browser.helpers import (
     error_outputs,
     image_stats,
     jupyterlab_server,
+    kernel_exec,
     open_notebook_and_run_all,
-    skip_reason,
 )
 
-pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+pytestmark = pytest.mark.browser  # run, skip or (under CI) fail: conftest.py, helpers.browser_verdict
 
 NOTEBOOK = "25_latent_viewer.ipynb"
 # A real pipeline run at tiny parameters (plan-wide -p goes to the notebooks that declare the name).
@@ -203,6 +205,60 @@ def _click_until(page, canvas, done_js: str, fractions=((0.34, 0.4), (0.5, 0.5),
     raise AssertionError(f"no click in the canvas made this true: {done_js}")
 
 
+# Kernel code run beside the notebook (the LinkedQueryViews object is the notebook's ``linked_views``):
+# record every location report of B's NiiVue view, and ask NiiVue to report its crosshair.
+# ``move_crosshair_in_vox(0, 0, 0)`` runs NiiVue's moveCrosshairInVox in the browser, which snaps the
+# crosshair to its voxel and sends a location_change with NiiVue's own frac, vox and mm of it.
+WATCH_B = """
+import json as _json
+import numpy as _np
+from medssl.viz.query import NiiVueGrid as _Grid
+_b_reports = []
+linked_views.nv_b.on_location_change(lambda e: _b_reports.append(dict(e)))
+_b_grid = _Grid.from_nifti(linked_views.images[1])
+print(len(_b_reports))
+"""
+ASK_B = "linked_views.nv_b.move_crosshair_in_vox(0, 0, 0); print(len(_b_reports))"
+LAST_B = """
+_e = _b_reports[-1]
+print(_json.dumps({"n": len(_b_reports), "frac": list(_e["frac"]), "mm": list(_e["mm"][:3]),
+                   "vox": _b_grid.mm_to_vox(_np.asarray(_e["mm"][:3], dtype=float)).tolist()}))
+"""
+LAST_MATCH = """
+_m = linked_views.last_match
+_keys = ("query_mm_a", "matched_mm_b", "matched_vox_b", "frac_b")
+print(_json.dumps(None if _m is None else {k: _m.as_dict()[k] for k in _keys}))
+"""
+CLICKS_IN_A = ((0.34, 0.4), (0.5, 0.5), (0.17, 0.5), (0.8, 0.5), (0.25, 0.3))
+
+
+def _at(canvas, fx: float, fy: float) -> tuple[float, float]:
+    box = canvas.bounding_box()
+    return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
+
+
+def _niivue_crosshair_of_b(page, timeout_s: float = 30.0) -> dict:
+    """B's crosshair as NiiVue reports it: ``{"frac", "mm", "vox"}`` (vox: B's NIfTI array indices, from NiiVue's mm)."""
+    n_before = int(kernel_exec(page, ASK_B))
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:  # the report arrives as a comm message, handled between kernel requests
+        page.wait_for_timeout(500)
+        if int(kernel_exec(page, "print(len(_b_reports))")) > n_before:
+            return json.loads(kernel_exec(page, LAST_B))
+    raise AssertionError(f"NiiVue did not report B's crosshair within {timeout_s} s")
+
+
+def _new_match(page, before: str, timeout_s: float = 20.0) -> dict | None:
+    """The kernel's ``linked_views.last_match`` once it differs from ``before`` (None: the click gave no match)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        page.wait_for_timeout(500)
+        now = kernel_exec(page, LAST_MATCH)
+        if now != before:
+            return json.loads(now)
+    return None
+
+
 def test_latent_viewer_renders_3d_and_linked_views_and_a_click_in_a_moves_bs_crosshair(viewer_notebook, screenshot_dir):
     root, env = viewer_notebook
     shots = screenshot_dir
@@ -228,14 +284,27 @@ def test_latent_viewer_renders_3d_and_linked_views_and_a_click_in_a_moves_bs_cro
         canvas_a, canvas_b = _canvas(page, ".medssl-view-a"), _canvas(page, ".medssl-view-b")
         _screenshot_rendered(page, canvas_a, shots / "linked_a.png", "linked view A")
         _screenshot_rendered(page, canvas_b, shots / "linked_b_before.png", "linked view B")
-        _click_until(page, canvas_a, "!!document.querySelector('.medssl-linked-views .medssl-query-status')")
+        kernel_exec(page, WATCH_B)
+        start = _niivue_crosshair_of_b(page)  # NiiVue's own report of B's crosshair before any click
+        for fx, fy in CLICKS_IN_A:  # a click whose match lies elsewhere than B's starting crosshair
+            before = kernel_exec(page, LAST_MATCH)
+            page.mouse.click(*_at(canvas_a, fx, fy))
+            match = _new_match(page, before)
+            if match is not None and max(abs(a - b) for a, b in zip(match["matched_vox_b"], start["vox"])) > 1:
+                break
+        else:
+            raise AssertionError(f"no click in A gave a match away from B's starting crosshair {start}")
         page.wait_for_timeout(2500)  # B redraws at its new crosshair
         canvas_b.screenshot(path=str(shots / "linked_b_after.png"))
         page.locator(".medssl-linked-views").screenshot(path=str(shots / "linked_views.png"))
-        moved = changed_fraction(shots / "linked_b_before.png", shots / "linked_b_after.png")
+        # B's crosshair as NiiVue itself has it (its location report, in B's voxels) is the match, within
+        # the half voxel NiiVue's snap to a voxel centre may move it (a patch centre can be a half-integer)
+        after = _niivue_crosshair_of_b(page)
+        print(f"B's crosshair (NiiVue): before {start}, after {after}; expected match {match}")
+        assert max(abs(a - b) for a, b in zip(after["vox"], match["matched_vox_b"])) <= 0.5 + 1e-3, (after, match)
+        assert max(abs(a - b) for a, b in zip(after["vox"], start["vox"])) > 1, "B's crosshair did not move"
         status = page.locator(".medssl-linked-views .medssl-query-status").inner_text()
-        print(f"B's canvas changed in {moved:.3%} of its pixels; status: {status}")
-        assert moved > 0.002, "B's canvas did not change after the click in A: its crosshair did not move"
+        print(f"status: {status}")
         assert re.search(r"latent distance \d", status) and re.search(r"error \d+(\.\d+)? mm", status), status
         # the point we query is where NiiVue says it put A's crosshair (non-oblique demo grids: same mm)
         ours = [float(v) for v in re.search(r"\(([-\d.]+), ([-\d.]+), ([-\d.]+)\) mm", status).groups()]

@@ -1,7 +1,9 @@
 """Browser test (opt-in): the ipyniivue latent-map viewer renders in a real JupyterLab 4.
 
-Skipped unless ``MEDSSL_BROWSER_TESTS=1``, the ``playwright`` Python package is
-importable and ``/usr/bin/chromium`` exists. It needs (not in requirements.txt):
+Skipped unless ``MEDSSL_BROWSER_TESTS=1``; with it, it runs where the ``playwright`` Python
+package is importable and ``/usr/bin/chromium`` exists, and is skipped otherwise, except under
+``CI=true``, where a test that cannot run fails (``helpers.browser_verdict``). It needs (not in
+requirements.txt):
 
 - Debian: ``apt-get install -y chromium``
 - PyPI: ``pip install playwright`` (no ``playwright install``: the system Chromium is used)
@@ -33,10 +35,9 @@ from tests.browser.helpers import (
     image_stats,
     jupyterlab_server,
     open_notebook_and_run_all,
-    skip_reason,
 )
 
-pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+pytestmark = pytest.mark.browser  # run, skip or (under CI) fail: conftest.py, helpers.browser_verdict
 
 # The notebook the browser runs: data made in the kernel (project venv), then the viewer.
 SETUP_CELL = """\

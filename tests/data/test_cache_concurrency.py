@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medssl.data.cache import CacheWriteError, VolumeCache
+from medssl.data.cache import CacheEntryError, CacheWriteError, VolumeCache
 from medssl.data.preprocess import PreprocessConfig
 from tests.helpers import make_volume_file, oblique_affine
 
@@ -148,44 +148,107 @@ def test_two_builders_racing_for_the_same_entries_commit_each_once(tmp_path):
 
 _REPLACER = """
 import os, shutil, sys
-from pathlib import Path
-from medssl._files import replace_dir
 from medssl.data.cache import VolumeCache
 from medssl.data.preprocess import PreprocessConfig
 root, image, label, n = sys.argv[1:5]
 cache = VolumeCache(root, PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0)))
-entry = cache.entry_dir({"case_id": "case0", "image": image, "label": label})
+# the same files under another group: the entry never matches this row, so every commit replaces it
+row = {"case_id": "case0", "image": image, "label": label, "group": "another-group", "split": ""}
+entry = cache.entry_dir(row)
 for i in range(int(n)):
-    stage = entry.parent / f".tmp-stage.{os.getpid()}.tmp"
-    shutil.copytree(entry, stage)
-    with cache._lock(entry, shared=False):  # what a commit does
-        replace_dir(stage, entry)
+    stage = entry.parent / f".tmp-stage.{os.getpid()}.{i}.tmp"
+    shutil.copytree(entry, stage)  # a staged entry with the same arrays
+    assert cache._commit(row, stage), "the commit kept the entry"  # the cache's own commit: lock + swap
 print("done")
 """
 
 
-def test_loads_never_see_an_entry_half_replaced(tmp_path):
+@pytest.mark.parametrize("mode", ["ram", "mmap", "lazy"])
+def test_loads_never_see_an_entry_half_replaced(tmp_path, mode):
+    """Loads by case id (the entry is read as it records itself) while another process commits over it.
+
+    ``ram`` and ``mmap`` (the default) read or map every array under the entry's shared lock, so
+    each load must give the expected arrays. ``lazy`` arrays are mapped later, outside the lock: a
+    read after a swap is refused with the documented CacheEntryError ("rebuilt while in use"),
+    never other data and never a raw error.
+    """
+    raw = tmp_path / "raw"
+    v = make_volume_file(raw, name="case0", shape=(16, 14, 12), affine=oblique_affine((2.0, 2.0, 2.0)))
+    row = {"case_id": "case0", "image": str(v.image_path), "label": str(v.label_path), "group": "", "split": ""}
+    cache = VolumeCache(tmp_path / "cache", CONFIG)
+    cache.build(pd.DataFrame([row]), progress=False)
+    expected = cache.load(row, mmap=False)
+    replacer = subprocess.Popen(
+        [sys.executable, "-c", _REPLACER, str(tmp_path / "cache"), row["image"], row["label"], "300"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    errors, refused, loads = [], 0, 0
+    while replacer.poll() is None:
+        try:
+            got = cache.load("case0", mmap=mode != "ram", lazy=mode == "lazy")
+            np.testing.assert_array_equal(np.asarray(got.data), expected.data)
+            np.testing.assert_array_equal(np.asarray(got.label), expected.label)
+            loads += 1
+        except CacheEntryError as e:
+            if mode == "lazy" and "rebuilt while in use" in str(e):
+                refused += 1
+            else:
+                errors.append(repr(e))
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(e))
+    out, err = replacer.communicate()
+    assert replacer.returncode == 0 and out.strip() == "done", err[-2000:]
+    assert errors == [], (len(errors), loads, errors[:5])
+    assert loads > 0
+    print(f"{mode}: {loads} loads, {refused} refused as rebuilt while in use")
+
+
+_PARKING_COMMITTER = """
+import os, shutil, sys, time
+from pathlib import Path
+from medssl.data.cache import VolumeCache
+from medssl.data.preprocess import PreprocessConfig
+root, image, label, marker = sys.argv[1:5]
+real_replace = os.replace
+
+
+def replace_then_pause_once_parked(src, dst):  # the commit's own steps, slowed down where the entry is missing
+    real_replace(src, dst)
+    if Path(dst).name.startswith(".old-"):
+        Path(marker).touch()
+        time.sleep(2.0)
+
+
+os.replace = replace_then_pause_once_parked
+cache = VolumeCache(root, PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0)))
+row = {"case_id": "case0", "image": image, "label": label, "group": "another-group", "split": ""}
+entry = cache.entry_dir(row)
+stage = entry.parent / f".tmp-stage.{os.getpid()}.tmp"
+shutil.copytree(entry, stage)
+assert cache._commit(row, stage)
+print("done")
+"""
+
+
+def test_a_load_by_case_id_in_the_moment_a_commit_has_parked_the_old_entry_waits_for_the_new_one(tmp_path):
+    """The lookup by case id lists the folder before it knows which lock to take; mid-swap it finds no entry."""
     raw = tmp_path / "raw"
     v = make_volume_file(raw, name="case0", shape=(16, 14, 12), affine=oblique_affine((2.0, 2.0, 2.0)))
     row = {"case_id": "case0", "image": str(v.image_path), "label": str(v.label_path), "group": "", "split": ""}
     cache = VolumeCache(tmp_path / "cache", CONFIG)
     cache.build(pd.DataFrame([row]), progress=False)
     expected = cache.load(row, mmap=False).data
-    # another process replaces the entry (same content) again and again while this one loads it
-    replacer = subprocess.Popen(
-        [sys.executable, "-c", _REPLACER, str(tmp_path / "cache"), row["image"], row["label"], "200"],
+    marker = tmp_path / "parked"
+    committer = subprocess.Popen(
+        [sys.executable, "-c", _PARKING_COMMITTER, str(tmp_path / "cache"), row["image"], row["label"], str(marker)],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    errors, loads = [], 0
-    while replacer.poll() is None:
-        try:
-            np.testing.assert_array_equal(cache.load(row, mmap=False).data, expected)
-            loads += 1
-        except Exception as e:  # noqa: BLE001 - collected and reported below
-            errors.append(repr(e))
-    out, err = replacer.communicate()
-    assert replacer.returncode == 0 and out.strip() == "done", err[-2000:]
-    assert errors == [] and loads > 0
+    _wait_for(marker, committer)
+    assert not cache.entry_dir(row).exists() and [p for p in cache.dir.iterdir() if p.name.startswith(".old-case0-")]
+    got = cache.load("case0", mmap=False)  # waits for the commit instead of answering "not cached"
+    out, err = committer.communicate(timeout=120)
+    assert committer.returncode == 0 and out.strip() == "done", err[-2000:]
+    np.testing.assert_array_equal(got.data, expected)
 
 
 def test_disk_full_during_a_cache_write_names_the_file_and_commits_nothing(tmp_path):

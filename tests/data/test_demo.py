@@ -222,6 +222,22 @@ def test_second_build_with_the_same_parameters_is_a_noop_and_other_parameters_re
 
 
 @pytest.mark.network
+def test_a_cohort_from_an_older_synthesis_is_refused_by_name_and_rebuilt(cohort, examples, tmp_path):
+    from medssl.data.demo.synthesis import SYNTHESIS_VERSION
+
+    old = tmp_path / "old"
+    shutil.copytree(cohort.root, old)
+    info = json.loads((old / "cohort.json").read_text())
+    assert info["synthesis_version"] == SYNTHESIS_VERSION
+    info["synthesis_version"] = SYNTHESIS_VERSION - 1  # an old cache: other lesions for the same settings
+    (old / "cohort.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"cohort\.json.*version .*rebuilds it"):
+        DemoCohort(old)
+    rebuilt = build_demo_cohort(n_subjects=3, seed=0, spacing_mm=6.0, out_dir=old, progress=False, examples_dir=examples)
+    assert rebuilt.info["synthesis_version"] == SYNTHESIS_VERSION  # rebuilt, not reused
+
+
+@pytest.mark.network
 def test_cohort_manifest_has_splits_groups_and_the_real_volumes_as_external_cases(cohort):
     m = cohort.manifest
     assert list(m.loc[m["split"] != "external", "split"]) == ["train", "val", "test"]
@@ -273,6 +289,24 @@ def test_correspondence_round_trip_is_below_1mm_and_organ_labels_agree_at_corres
     assert agree / total > 0.9, agree / total
 
 
+def test_deformation_on_a_grid_equals_the_pointwise_map_on_axis_aligned_and_oblique_grids():
+    """The separable fast path of ``on_grid`` (diagonal affines, as every demo subject) against ``T(x)`` point by point."""
+    rng = np.random.default_rng(5)
+    d = SubjectDeformation(centre_mm=np.array([10.0, -20.0, 5.0]), matrix=np.diag([1.08, 0.93, 1.02]) @ np.eye(3),
+                           translation_mm=np.array([4.0, -7.0, 2.0]), grid_origin_mm=np.array([-60.0, -50.0, -40.0]),
+                           grid_spacing_mm=np.array([30.0, 25.0, 22.0]), displacement_mm=rng.normal(0, 5, (3, 6, 6, 6)))
+    shape = (23, 17, 19)
+    anisotropic = np.diag([3.5, -2.0, 2.5, 1.0])  # axis-aligned, one axis flipped, anisotropic
+    anisotropic[:3, 3] = [-55.0, 30.0, -35.0]
+    oblique = np.eye(4)
+    oblique[:3, :3] = np.array([[2.9, 0.5, 0.0], [-0.4, 2.1, 0.3], [0.0, -0.2, 2.6]])
+    oblique[:3, 3] = [-50.0, -40.0, -30.0]
+    for affine in (anisotropic, oblique):
+        ijk = np.indices(shape).reshape(3, -1).T.astype(float)
+        expected = d(_world(affine, ijk))  # C order, as on_grid
+        np.testing.assert_allclose(d.on_grid(shape, affine), expected, atol=1e-9)
+
+
 def test_deformation_inverse_recovers_points_of_a_strong_oblique_warp():
     rng = np.random.default_rng(3)
     angle = np.deg2rad(25)
@@ -289,17 +323,67 @@ def test_deformation_inverse_recovers_points_of_a_strong_oblique_warp():
 @pytest.mark.network
 def test_lesions_lie_inside_liver_spleen_or_kidneys_and_every_lesion_map_is_non_empty(cohort):
     names = cohort.label_names
+    lo, hi = cohort.config.lesions_per_subject
     for case in cohort.case_ids("train") + cohort.case_ids("val") + cohort.case_ids("test"):
         f = _subject_files(cohort, case)
         assert np.count_nonzero(f["lesion"]) > 0, case
         organs_under_lesions = {names[int(i)] for i in np.unique(f["label"][f["lesion"] > 0])}
         assert organs_under_lesions <= LESION_ORGANS, (case, organs_under_lesions)
         record = cohort.subject(case)
-        assert 1 <= len(record["lesions"]) <= 3
+        assert lo <= len(record["lesions"]) <= hi
         assert sorted(np.unique(f["lesion"][f["lesion"] > 0]).tolist()) == [r["id"] for r in record["lesions"]]
-        for r in record["lesions"]:
-            assert 4.0 * 0.5 <= min(r["radii_mm"]) and max(r["radii_mm"]) <= 12.0
-            assert -60.0 <= r["delta_hu"] <= 50.0 and abs(r["delta_hu"]) >= 20.0
+        for r in record["lesions"]:  # each lesion wholly inside the organ it was drawn in
+            assert set(np.unique(f["label"][f["lesion"] == r["id"]]).tolist()) == {r["organ_id"]}
+
+
+def _lesion_records(c: DemoCohort) -> list[dict]:
+    return [dict(r, case=s["case_id"], scale=s["intensity_scale"], shift=s["intensity_shift_hu"])
+            for s in c.info["subjects"] for r in s["lesions"]]
+
+
+@pytest.mark.network
+def test_lesions_are_10_to_30_mm_with_ct_like_contrast_for_their_organ(examples, tmp_path):
+    """Sizes and contrasts of every lesion of a 6-subject cohort at the demo's 3 mm, against the stated ranges.
+
+    The contrast is measured here on the written image (with its noise): the mean over the lesion's
+    voxels against the median of the same organ's voxels in a shell 1-2 lesion diameters around it.
+    """
+    c = build_demo_cohort(n_subjects=6, seed=3, spacing_mm=3.0, out_dir=tmp_path / "c", progress=False,
+                          examples_dir=examples, n_workers=1)  # fmt: skip
+    cfg = c.config
+    assert cfg.lesion_diameter_mm == (10.0, 30.0)
+    records = _lesion_records(c)
+    assert len(records) >= 6
+    kinds = {r["kind"] for r in records}
+    assert kinds <= {"hypodense", "hyperdense", "cyst"} and "hypodense" in kinds
+    voxel_ml = 27.0 / 1000
+    for r in records:
+        d = np.asarray(r["diameters_mm"])
+        assert np.all(d >= 10.0 - 1e-6) and np.all(d <= 30.0 + 1e-6), r
+        # the painted map holds the ellipsoid: pi/6 d1 d2 d3, within the voxelisation error at 3 mm
+        expected_ml = np.pi / 6 * np.prod(d) / 1000
+        assert 0.5 * expected_ml <= r["voxels"] * voxel_ml <= 1.6 * expected_ml, r
+        if r["kind"] == "cyst":
+            assert r["organ"].startswith("kidney") and 0.0 <= r["cyst_hu"] <= 15.0
+        elif r["kind"] == "hyperdense":
+            assert r["organ"] == "liver" and 20.0 <= r["delta_hu"] <= 40.0
+        else:
+            assert r["organ"] in ("liver", "spleen") and -60.0 <= r["delta_hu"] <= -20.0
+    for case in c.case_ids("train") + c.case_ids("val") + c.case_ids("test"):
+        f = _subject_files(c, case)
+        image = f["image"].astype(np.float64)
+        for r in (r for r in records if r["case"] == case):
+            inside = f["lesion"] == r["id"]
+            grown = ndi.binary_dilation(inside, iterations=int(np.ceil(max(r["diameters_mm"]) / 3.0)))
+            shell = grown & ~ndi.binary_dilation(inside, iterations=2) & (f["label"] == r["organ_id"]) & (f["lesion"] == 0)
+            if shell.sum() < 20:
+                continue
+            measured = image[inside].mean() - np.median(image[shell])
+            if r["kind"] == "cyst":  # water, in the subject's calibration, where the lesion is dense enough
+                assert abs(image[inside].mean() - (r["cyst_hu"] * r["scale"] + r["shift"])) < 25.0, (r, measured)
+            else:  # the sign of the change, and at least a third of its size once the smooth edge and noise are in
+                assert np.sign(measured) == np.sign(r["delta_hu"]) and abs(measured) >= abs(r["delta_hu"]) / 3, (
+                    r, measured)
 
 
 @pytest.mark.network

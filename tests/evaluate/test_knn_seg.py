@@ -118,7 +118,7 @@ def test_exact_search_matches_brute_force_pads_small_atlases_and_faiss_agrees():
     np.testing.assert_allclose(d1, np.sort(brute, axis=1)[:, :5], rtol=1e-4, atol=1e-4)
     d, i = knn_seg.knn_search(db[:3], q, 5)
     assert np.all(i[:, 3:] == -1) and np.all(np.isinf(d[:, 3:]))
-    pytest.importorskip("faiss", reason="faiss-cpu is optional")
+    assert knn_seg._faiss() is not None, "faiss-cpu is in requirements.txt: install it (pip install -r requirements.txt)"
     d2, i2 = knn_seg.knn_search(db, q, 5, backend="faiss")
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-4)

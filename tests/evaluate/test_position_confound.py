@@ -37,14 +37,16 @@ def _position_auc(ps) -> dict[str, float]:
 
 def test_position_only_probe_cannot_find_lesions_when_negatives_are_corresponding_points(demo):
     data, by_split = demo
+    # the lesion task's box: 48 mm (8 voxels at 6 mm), positives centred on a lesion
     matched = draw_by_split(by_split, draw_labelled_patch_set, seed=0, target="lesion", n_per_class=60,
-                            patch_size_vox=16, correspondence=data.cohort.correspondence)
+                            patch_size_vox=8, correspondence=data.cohort.correspondence)
     assert {m["negatives"] for m in matched.meta["splits"].values()} == {"corresponding"}
+    assert {m["positives"] for m in matched.meta["splits"].values()} == {"centred"}
     auc = _position_auc(matched)
     assert auc["linear"] <= 0.65 and auc["cubic"] <= 0.65, auc
     # the same task with negatives anywhere on the body: position alone "detects lesions"
     confounded = draw_by_split(by_split, draw_labelled_patch_set, seed=0, target="lesion", n_per_class=60,
-                               patch_size_vox=16, negatives="body")
+                               patch_size_vox=8, negatives="body")
     auc_body = _position_auc(confounded)
     assert auc_body["cubic"] > 0.75 and auc_body["cubic"] > auc["cubic"] + 0.15, (auc_body, auc)
 

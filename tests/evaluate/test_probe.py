@@ -4,6 +4,7 @@ the backbone stays frozen."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
@@ -188,10 +189,14 @@ def test_split_protocol_chooses_C_on_validation_subjects_only_and_scores_each_te
     splits = np.where(np.isin(g, np.unique(g)[: len(np.unique(g)) // 2]), "val", "test")
     seen = []
     original = probe._fit_path
-    monkeypatch.setattr(probe, "_fit_path", lambda xx, yy, Cs, seed: seen.append(len(xx)) or original(xx, yy, Cs, seed))
+    monkeypatch.setattr(probe, "_fit_path", lambda xx, yy, Cs, seed: seen.append(np.array(xx)) or original(xx, yy, Cs, seed))
     r = probe.linear_probe(x, y, g, splits, Cs=FEW_CS, seed=0)
-    n_val = int(np.sum(splits == "val"))
-    assert seen and max(seen) == n_val  # no fit ever sees a test patch
+    rows = {row.tobytes(): k for k, row in enumerate(x)}  # every feature row is distinct (continuous noise)
+    assert len(rows) == len(x)
+    fitted = [np.array([rows[row.tobytes()] for row in xx]) for xx in seen]
+    assert seen and all(np.all(splits[idx] == "val") for idx in fitted)  # no fit ever sees a test patch, by identity
+    assert sorted(fitted[-1]) == list(np.flatnonzero(splits == "val"))  # the final fit: every validation patch once
+    assert len(fitted) > 1 and all(len(set(g[idx])) < len(set(g[splits == "val"])) for idx in fitted[:-1])  # inner folds
     assert r.unit == "subject" and sorted(r.per_unit.unit) == sorted(np.unique(g[splits == "test"]))
     for _, row in r.per_unit.iterrows():  # each subject's metrics from that subject's predictions alone
         pred = r.predictions[r.predictions.unit == row.unit]
@@ -213,3 +218,123 @@ def test_position_features_are_the_centres_or_their_monomials():
     assert cubic.shape == (10, 19)  # 3 + 6 + 10 monomials of degree 1..3
     np.testing.assert_allclose(cubic[:, 0], c[:, 0])
     np.testing.assert_allclose(cubic[:, -1], c[:, 2] ** 3)
+
+
+# --------------------------------------------------------------------------- positive control, strata
+
+
+def _blob_set(n_subjects: int, n_per: int, split: str, seed: int, size: int = 8, contrast: float = -1.0):
+    """Patches of noise around a tissue level; positives hold a ball of ``contrast`` somewhere (its mask is returned)."""
+    rng = np.random.default_rng(seed)
+    n = n_subjects * n_per
+    groups = np.repeat([f"{split}{k}" for k in range(n_subjects)], n_per)
+    y = np.tile(np.r_[np.ones(n_per // 2), np.zeros(n_per - n_per // 2)], n_subjects).astype(int)
+    x = (rng.normal(0.0, 0.4, (n, 1, size, size, size)) + 1.0).astype(np.float32)
+    masks = np.zeros(x.shape, np.uint8)
+    grid = np.indices((size,) * 3).transpose(1, 2, 3, 0)
+    for i in np.flatnonzero(y):
+        ball = np.linalg.norm(grid - rng.uniform(1.5, size - 2.5, 3), axis=-1) <= rng.uniform(1.2, 2.0)
+        x[i, 0][ball] += contrast
+        masks[i, 0][ball] = 1
+    ps = PatchSet(patches=x, centres_mm=rng.normal(0, 30, (n, 3)), boxes_vox=np.zeros((n, 6)), case_ids=groups,
+                  groups=groups, labels=y, seed=seed, target_share=masks.reshape(n, -1).mean(1))
+    return ps, masks
+
+
+@pytest.fixture(scope="module")
+def control_sets():
+    from medssl.evaluate.patchsets import concat_patch_sets
+
+    train, masks = _blob_set(6, 20, "tr", 0)
+    val, _ = _blob_set(3, 20, "va", 1)
+    test, _ = _blob_set(4, 20, "te", 2)
+    return train, masks, concat_patch_sets({"val": val, "test": test}, seed=0)
+
+
+def test_supervised_control_learns_a_visible_target_and_scores_only_the_test_subjects_once(control_sets, monkeypatch):
+    train, masks, ps = control_sets
+    seen = []
+    real = probe._predict
+    monkeypatch.setattr(probe, "_predict", lambda model, x, bs: seen.append(len(x)) or real(model, x, bs))
+    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    r = probe.supervised_control(train, ps, train_masks=masks, max_epochs=3, steps_per_epoch=10, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is left alone
+    assert torch.get_num_threads() == threads  # and so is the thread count
+    n_val, n_test = int(np.sum(ps.splits == "val")), int(np.sum(ps.splits == "test"))
+    epochs = len(r.info["history"])
+    assert seen == [n_val] * epochs + [n_test]  # selection on validation every epoch, the test split once
+    assert r.unit == "subject" and sorted(r.per_unit.unit) == sorted(np.unique(ps.groups[ps.splits == "test"]))
+    assert r.pooled["auc"] >= 0.9 and r.per_unit["auc"].mean() >= 0.9, r.per_unit
+    assert r.info["best_epoch"] == int(r.info["history"].select_auc.idxmax()) + 1
+    for _, row in r.per_unit.iterrows():  # each subject's metrics from that subject's predictions alone
+        pred = r.predictions[r.predictions.unit == row.unit]
+        assert row.auc == pytest.approx(probe.binary_metrics(pred.y, pred.prob)["auc"])
+    again = probe.supervised_control(train, ps, train_masks=masks, max_epochs=3, steps_per_epoch=10, seed=0)
+    np.testing.assert_array_equal(again.predictions.prob, r.predictions.prob)  # deterministic for a seed
+
+
+def test_supervised_control_on_noise_sits_near_chance_and_the_verdict_says_the_task_measures_nothing(control_sets):
+    train, masks, ps = control_sets
+    rng = np.random.default_rng(9)
+    noise = PatchSet(patches=rng.normal(1.0, 0.4, ps.patches.shape).astype(np.float32), centres_mm=ps.centres_mm,
+                     boxes_vox=ps.boxes_vox, case_ids=ps.case_ids, groups=ps.groups, labels=ps.labels,
+                     splits=ps.splits, seed=0)
+    r = probe.supervised_control(train, noise, train_masks=masks, max_epochs=2, steps_per_epoch=10, seed=0)
+    assert abs(r.pooled["auc"] - 0.5) < 0.15
+    table = pd.DataFrame({"method": [probe.CONTROL, "position-linear"], "metric": "auc",
+                          "mean": [r.per_unit.auc.mean(), 0.52]})
+    words = probe.control_verdict(table)
+    assert "measures nothing" in words and "position does not explain" in words
+    passed = probe.control_verdict(table.assign(mean=[0.95, 0.7]))
+    assert "can be passed" in passed and "partly positional" in passed
+    assert "No positive control" in probe.control_verdict(table[table.method != probe.CONTROL])
+
+
+def test_supervised_control_refuses_training_subjects_that_are_also_scored(control_sets):
+    train, masks, ps = control_sets
+    leaky = PatchSet(patches=train.patches, centres_mm=train.centres_mm, boxes_vox=train.boxes_vox,
+                     case_ids=train.case_ids, groups=np.where(train.groups == "tr0", "te0", train.groups),
+                     labels=train.labels, seed=0)
+    with pytest.raises(ValueError, match="te0"):
+        probe.supervised_control(leaky, ps, train_masks=masks, max_epochs=1, steps_per_epoch=1)
+    with pytest.raises(ValueError, match="train_masks must be"):
+        probe.supervised_control(train, ps, train_masks=masks[:, :, :4], max_epochs=1, steps_per_epoch=1)
+
+
+def test_the_control_joins_the_comparison_on_the_same_units_with_kind_control(control_sets):
+    from medssl.evaluate.headlines import kind_of
+
+    train, masks, ps = control_sets
+    feats = {"position-linear": probe.position_features(ps.centres_mm)}
+    comp = probe_methods(feats, ps.labels, ps.groups, ps.splits, Cs=FEW_CS, seed=0, progress=False)
+    r = probe.supervised_control(train, ps, train_masks=masks, max_epochs=1, steps_per_epoch=5, seed=0)
+    both = comp.with_result(probe.CONTROL, r)
+    assert list(both.results) == ["position-linear", probe.CONTROL] and len(comp.results) == 1  # a new comparison
+    assert set(both.per_unit.method) == {"position-linear", probe.CONTROL}
+    assert both.table.set_index(["method", "metric"]).loc[(probe.CONTROL, "auc"), "n"] == 4
+    assert len(both.paired_tests("auc")) == 1
+    assert kind_of(probe.CONTROL) == "control"
+    with pytest.raises(ValueError, match="already has"):
+        both.with_result(probe.CONTROL, r)
+    other = probe.supervised_control(train, ps.subset(np.flatnonzero(ps.groups != "te3")), train_masks=masks,
+                                     max_epochs=1, steps_per_epoch=2, seed=0)
+    with pytest.raises(RuntimeError, match="differ"):
+        comp.with_result("fewer-units", other)
+
+
+def test_auc_by_share_stratum_scores_each_stratum_against_all_negatives():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    share = np.array([0.004, 0.02, 0.05, 0.2, 0, 0, 0, 0])
+    strata = probe.share_strata(share, y, (1, 3, 10))
+    assert strata.tolist() == ["< 1 %", "1-3 %", "3-10 %", ">= 10 %", "", "", "", ""]
+    assert probe.share_bin_names((1, 3, 10)) == ["< 1 %", "1-3 %", "3-10 %", ">= 10 %"]
+    prob = np.array([0.3, 0.6, 0.8, 0.9, 0.1, 0.5, 0.7, 0.2])
+    r = probe.ProbeResult(per_unit=pd.DataFrame(), predictions=pd.DataFrame({"index": np.arange(8), "unit": "a", "y": y,
+                          "prob": prob}), folds=[], inner_folds=[])  # fmt: skip
+    t = probe.auc_by_stratum({"m": r}, strata, order=probe.share_bin_names((1, 3, 10)))
+    assert list(t.columns) == ["method", "stratum", "n_positives", "n_negatives", "auc"]
+    assert t.stratum.tolist() == ["< 1 %", "1-3 %", "3-10 %", ">= 10 %"] and (t.n_positives == 1).all()
+    # one positive against 4 negatives: AUC = share of negatives it outranks
+    assert t.auc.tolist() == pytest.approx([2 / 4, 3 / 4, 4 / 4, 4 / 4])
+    with pytest.raises(ValueError, match="increasing"):
+        probe.share_bin_names((3, 1))

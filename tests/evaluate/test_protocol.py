@@ -51,17 +51,43 @@ def test_body_centred_positions_remove_the_scanner_offset_of_unregistered_subjec
     np.testing.assert_allclose(centred[0], centred[1], atol=1e-9)
 
 
+def _assert_contiguous_disjoint_z_slabs(z: np.ndarray, groups: np.ndarray, slabs: np.ndarray, n_slabs: int) -> None:
+    """Per subject: walking up z meets each slab as one run, in slab order; slabs share no z value; sizes ~equal."""
+    for subject in np.unique(groups):
+        sel = groups == subject
+        assert all(s.startswith(f"{subject}|slab") for s in slabs[sel])  # a slab belongs to one subject
+        zs, ks = z[sel], np.array([int(s.rsplit("slab", 1)[1]) for s in slabs[sel]])
+        order = np.argsort(zs, kind="stable")
+        runs = ks[order][np.r_[True, np.diff(ks[order]) != 0]]
+        assert runs.tolist() == list(range(n_slabs)), runs  # contiguous: one run per slab, in z order
+        for k in range(n_slabs - 1):  # disjoint: each slab ends strictly below the next one's start
+            assert zs[ks == k].max() < zs[ks == k + 1].min()
+        sizes = np.bincount(ks, minlength=n_slabs)
+        assert sizes.max() - sizes.min() <= max(2, 0.2 * sizes.mean()), sizes  # quantile bins
+
+
+def test_z_slabs_are_contiguous_and_disjoint_z_ranges_per_subject_also_with_tied_z():
+    rng = np.random.default_rng(1)
+    n = 300
+    groups = rng.choice(["a", "b", "c"], size=n)  # interleaved, not sorted by subject
+    z = rng.integers(0, 40, size=n).astype(float) * 2.5  # slice positions: many equal z values
+    centres = np.column_stack([rng.uniform(-50, 50, n), rng.uniform(-50, 50, n), z])
+    slabs = z_slab_groups(centres, groups, n_slabs=4)
+    _assert_contiguous_disjoint_z_slabs(z, groups, slabs, n_slabs=4)
+    # the helper is not a tautology: a slab holding patches from both ends of z is caught
+    broken = slabs.copy()
+    broken[np.flatnonzero(groups == "a")[np.argmax(z[groups == "a"])]] = "a|slab0"
+    with pytest.raises(AssertionError):
+        _assert_contiguous_disjoint_z_slabs(z, groups, broken, n_slabs=4)
+
+
 def test_with_fewer_than_three_subjects_decoding_and_probes_hold_out_z_slabs():
     rng = np.random.default_rng(0)
     centres = rng.uniform(-100, 100, size=(200, 3))
     groups = np.where(np.arange(200) < 100, "s0", "s1")
     slabs = z_slab_groups(centres, groups, n_slabs=5)
     assert len(np.unique(slabs)) == 10
-    for g in np.unique(slabs):  # a slab is a contiguous z range of one subject
-        sel = slabs == g
-        other = (slabs != g) & (groups == groups[sel][0])
-        z = centres[:, 2]
-        assert (z[sel].max() <= z[other & (z > z[sel].max())].min()) if (other & (z > z[sel].max())).any() else True
+    _assert_contiguous_disjoint_z_slabs(centres[:, 2], groups, slabs, n_slabs=5)
     emb = centres + rng.normal(0, 1.0, centres.shape)
     with pytest.warns(UserWarning, match="z-slabs"):
         dec = decode_coordinates(emb, centres, groups)

@@ -7,6 +7,7 @@ and tiny in-memory volumes on oblique, anisotropic grids.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import FrozenInstanceError, asdict, fields
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from medssl.data.volume import Volume
 from medssl.methods import create_method, get_method_class, list_methods, make_config
+from medssl.methods.base import Method
 from medssl.sampling.base import PatchBatch
 from tests.helpers import oblique_affine
 
@@ -153,3 +155,62 @@ def test_sample_is_reproducible_for_the_same_rng_seed(name):
     for key in a.extras:
         assert torch.equal(a.extras[key], b.extras[key]), key
     assert not torch.equal(a.boxes_vox, c.boxes_vox)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_checkpoint_rebuilds_the_method_with_equal_weights_eval_embeddings_and_metric_latent(name, tmp_path):
+    """fit writes last.pt (one step for a method that trains, the initial state for a baseline); load_method
+    rebuilds it in eval mode: same class, config and registry name, every tensor of the state dict equal, and
+    the same eval-mode embeddings and metric latent (``None``, or ``(latent (B, D'), mm per unit)``)."""
+    from medssl.train import TrainConfig, fit, load_method
+
+    method = _tiny(name)
+    config = TrainConfig(epochs=1, steps_per_epoch=1, lr=1e-2, device="cpu", precision="fp32", log_every=1)
+    result = fit(method, _volumes(), config, tmp_path, progress=False, tensorboard=False)
+    torch.manual_seed(999)  # a rebuild that kept its fresh initialisation would differ from the trained weights
+    loaded = load_method(result.checkpoint_path)
+    assert type(loaded) is type(method) and loaded.config == method.config and loaded.registry_name == name
+    assert not loaded.training and all(not m.training for m in loaded.modules())
+    want, got = method.state_dict(), loaded.state_dict()
+    assert list(got) == list(want)
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), f"{name}: {key} differs after the round trip"
+    if method.trains:  # the check can tell: the trained weights are not those of a fresh initialisation
+        fresh = _tiny(name).state_dict()
+        assert any(not torch.equal(fresh[k], v) for k, v in want.items() if v.is_floating_point()), name
+
+    centres = np.array([[5, 6, 7], [10, 10, 9], [15, 12, 4], [11, 3, 14]])
+    x = torch.from_numpy(np.asarray(method.cut_inputs(_volumes(1)[0].data, centres), dtype=np.float32))
+    method.eval()
+    e_want, e_got = method.embed(x), loaded.embed(x)
+    torch.testing.assert_close(e_got, e_want, rtol=0, atol=0)
+    m_want, m_got = method.metric_latent(e_want), loaded.metric_latent(e_got)
+    overrides = type(method).metric_latent is not Method.metric_latent
+    assert (m_want is None) == (m_got is None) == (not overrides), name  # None exactly when not overridden
+    if m_want is not None:
+        (latent, scale_mm), (latent_got, scale_got) = m_want, m_got
+        assert latent.shape[0] == len(centres) and latent.ndim == 2 and torch.isfinite(latent).all()
+        assert isinstance(scale_mm, float) and math.isfinite(scale_mm) and scale_mm > 0 and scale_got == scale_mm
+        torch.testing.assert_close(latent_got, latent, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list_methods(trains=True))
+def test_configure_optimizers_holds_every_trainable_parameter_once_and_its_step_moves_the_backbone(name):
+    from medssl.train import TrainConfig
+
+    method = _tiny(name).train()
+    optimizer, scheduler = method.configure_optimizers(TrainConfig(lr=1e-3, epochs=4))
+    ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(ids) == len(set(ids)), f"{name}: a parameter is in two groups"
+    assert set(ids) == {id(p) for p in method.parameters() if p.requires_grad}, f"{name}: parameters left out or frozen"
+    assert all(math.isfinite(g["lr"]) and g["lr"] > 0 for g in optimizer.param_groups)
+    first = _first_conv(method.backbone).weight
+    before = first.detach().clone()
+    out = method.training_step(method.sample(_volumes(), np.random.default_rng(0)))
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    assert not torch.equal(first.detach(), before), f"{name}: the optimiser step left the backbone unchanged"
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    scheduler.step()  # once per epoch: a schedule, never a growing or broken lr
+    assert all(math.isfinite(g["lr"]) and 0 <= g["lr"] <= lr for g, lr in zip(optimizer.param_groups, lrs))

@@ -34,7 +34,8 @@ def test_10_pretrain_notebook_trains_each_method_at_tiny_parameters(run_notebook
     }, run="nb10")
     out = res.run_dir / method
     config = json.loads((out / "config.json").read_text())
-    assert config["method"]["method"] == method if isinstance(config.get("method"), dict) else method in json.dumps(config)
+    assert config["method"] == method and config["base_method"] == method_info(method)["base"]
+    assert config["train"]["epochs"] == 2 and config["resolved"]["steps_per_epoch"] == 2
     metrics = pd.read_json(out / "metrics.jsonl", lines=True)
     trains = method in list_methods(trains=True)  # untrained baselines log their validation step only
     assert metrics["step"].max() == (4 if trains else 0) and metrics["loss"].notna().all()

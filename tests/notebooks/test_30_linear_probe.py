@@ -13,7 +13,7 @@ def test_30_linear_probe_notebook_follows_the_notebook_conventions(check_noteboo
     nb = check_notebook_conventions("30_linear_probe.ipynb")
     params = next(c for c in nb.cells if c.cell_type == "code").source
     for name in ("run", "methods", "task", "organ", "n_per_class", "fit_split", "score_split", "negatives", "seed",
-                 "cohort_seed", "source"):
+                 "cohort_seed", "source", "positives", "lesion_patch_size_vox", "control", "control_epochs"):
         assert f"{name} = " in params
 
 
@@ -41,14 +41,18 @@ def test_30_linear_probe_notebook_writes_tables_skips_untrained_methods_and_stat
     run = "nb30"
     run_dir = paths.runs_dir() / run  # the fixture points MEDSSL_RUNS at the test's tmp folder
     assert str(run_dir).startswith(os.environ["MEDSSL_RUNS"])
-    _train_tiny_run(run_dir, ["isimed", "simclr"])
+    trained = ["isimed", "simclr", "simsiam", "reg2d"]  # SimSiam and a 2.5D context method through the probe too
+    _train_tiny_run(run_dir, trained)
 
     params = {
-        "methods": ["isimed", "simclr", "barlowtwins"],  # barlowtwins has no checkpoint in this run
+        "methods": [*trained, "barlowtwins"],  # barlowtwins has no checkpoint in this run
         "n_subjects": 12,  # 8 train / 2 val / 2 test
         "target_spacing_mm": 6.0,
         "patch_size_vox": 16,
+        "lesion_patch_size_vox": 8,  # 48 mm at 6 mm, as the demo's 16 at 3 mm
         "n_per_class": 12,
+        "control_n_per_class": 12,
+        "control_epochs": 1,
         "inner_splits": 2,
         "raw_size_vox": 4,
     }
@@ -56,8 +60,10 @@ def test_30_linear_probe_notebook_writes_tables_skips_untrained_methods_and_stat
     out = res.run_dir / "30_linear_probe" / "lesion"
 
     summary = pd.read_csv(out / "probe_summary.csv")
-    baselines = {"random-init[smallcnn]", "raw-intensity", "position-linear", "position-cubic"}
-    assert set(summary["method"]) == {"isimed", "simclr"} | baselines
+    twins = {m for m in summary["method"] if m.startswith("random-init[")}
+    assert "random-init[smallcnn]" in twins  # isimed and simclr share one untrained SmallCNN twin
+    baselines = twins | {"raw-intensity", "position-linear", "position-cubic"}
+    assert set(summary["method"]) == set(trained) | baselines | {"supervised-cnn"}
     assert set(summary["metric"]) == {"auc", "accuracy", "f1", "sensitivity", "specificity"}
     assert (summary["split"] == "test").all()
     per_subject = pd.read_csv(out / "probe_per_subject.csv")
@@ -66,16 +72,32 @@ def test_30_linear_probe_notebook_writes_tables_skips_untrained_methods_and_stat
     assert per_subject.groupby("unit").ngroups == 2
     assert summary.loc[summary["metric"] == "auc", "mean"].between(0, 1).all()
     tests = pd.read_csv(out / "paired_tests_auc.csv")
-    assert len(tests) == 15 and tests["t_pvalue_holm"].between(0, 1).all() and (tests["min_wilcoxon_p"] == 0.5).all()
+    n_rows = len(trained) + len(baselines) + 1  # and the control
+    assert len(tests) == n_rows * (n_rows - 1) // 2
+    # 2 test subjects: fewer than 5 units, so every pair is "not testable" (its raw p is kept for reading only)
+    assert tests["not_testable"].str.startswith("not testable: 2 units").all()
+    assert tests["t_pvalue_holm"].dropna().between(0, 1).all()
+    assert (tests["min_wilcoxon_p"] == 0.5).all()
     head = pd.read_csv(out / "headline.csv")
     assert set(head[head.kind == "baseline"].method) == baselines and (head["split"] == "test").all()
+    control = head[(head.kind == "control") & (head.metric == "auc")]
+    assert control.method.tolist() == ["supervised-cnn"] and "control" in control.note.iloc[0]
+    # the positive control trained on the 8 train subjects, its epoch chosen on validation
+    history = pd.read_csv(out / "control_history.csv")
+    assert list(history.columns) == ["epoch", "train_loss", "select_auc"] and len(history) == 1
+    by_share = pd.read_csv(out / "probe_auc_by_share.csv")
+    assert set(by_share.stratum) == {"< 1 %", "1-3 %", "3-10 %", ">= 10 %"}
+    assert set(by_share.method) == set(summary.method) and (by_share.split == "test").all()
+    assert (out / "probe_auc_by_lesion_kind.csv").is_file()
     for png in ("probe_auc_per_subject.png", "paired_tests_auc.png", "probe_positions.png"):
         assert (out / png).stat().st_size > 5_000
 
     # the shared patch set and the embedding cache live in runs/<run>/eval/
     assert len(list((res.run_dir / "eval" / "patchsets").glob("probe_lesion_seed0_*.npz"))) == 1
-    assert len(list((res.run_dir / "eval" / "embeddings").glob("*.npy"))) == 3  # isimed, simclr, their twin random-init[smallcnn]
+    assert len(list((res.run_dir / "eval" / "patchsets").glob("probe_lesion_control_seed0_*.npz"))) == 1
+    assert len(list((res.run_dir / "eval" / "embeddings").glob("*.npy"))) == len(trained) + len(twins)
 
     text = res.text_outputs()
     assert "barlowtwins: no checkpoint" in text and "corresponding" in text  # the negative rule is stated
+    assert "centred" in text and "positive control" in text  # the positive rule and the control's verdict
     assert "SYNTHETIC" in text and "SYNTHETIC" in (out / "provenance.txt").read_text()

@@ -39,7 +39,8 @@ def test_50_segmentation_notebook_writes_knn_and_finetuning_tables_with_baseline
     from medssl import paths
 
     run = "nb50"
-    _train_tiny_run(paths.runs_dir() / run, ["isimed", "simclr"])
+    trained = ["isimed", "simclr", "simsiam", "reg2d"]  # SimSiam and a 2.5D context method through kNN too
+    _train_tiny_run(paths.runs_dir() / run, trained)
     params = {
         "n_subjects": 6, "target_spacing_mm": 6.0, "stride_vox": 6, "atlas_pool": 2, "n_atlases": [1, 2],
         "n_draws": 2, "k_candidates": [3, 5], "n_val_queries": 1, "raw_patch_vox": 8, "raw_pooled_vox": 2,
@@ -51,21 +52,26 @@ def test_50_segmentation_notebook_writes_knn_and_finetuning_tables_with_baseline
 
     curve = pd.read_csv(out / "knn_curve.csv")
     rows = set(curve["method"])
-    shortcuts = ["random-init[smallcnn]", "raw-intensity", "identity", "aligned-identity (scale+shift)",
-                 "aligned-identity (body affine)"]
-    assert {"isimed", "simclr", "registration (affine)", *shortcuts} == rows
+    shortcuts = ["raw-intensity", "identity", "aligned-identity (scale+shift)", "aligned-identity (body affine)"]
+    twins = sorted(m for m in rows if m.startswith("random-init["))
+    assert "random-init[smallcnn]" in twins  # isimed and simclr share one untrained SmallCNN twin
+    assert {*trained, "registration (affine)", *shortcuts, *twins} == rows
     kinds = curve.drop_duplicates("method").set_index("method")["kind"]
-    assert kinds[shortcuts].eq("baseline").all() and kinds["registration (affine)"] == "control"
-    assert kinds[["isimed", "simclr"]].eq("method").all()
+    assert kinds[[*shortcuts, *twins]].eq("baseline").all() and kinds["registration (affine)"] == "control"
+    assert kinds[trained].eq("method").all()
     assert set(curve["n_atlases"]) == {1, 2} and curve["mean"].between(0, 1).all()
     assert set(pd.read_csv(out / "knn_k_choice_val.csv")["k"]) == {3, 5}  # k chosen on validation subjects
     assert set(pd.read_csv(out / "knn_scores.csv")["split"]) == {"test"}
 
     table = pd.read_csv(out / "finetune_table.csv", index_col=0)
-    assert set(table.index) == {"random-init[smallcnn]", "isimed"}  # "demo": ISImed and its twin (no SimSiam here)
+    assert {"isimed", "simsiam"} <= set(table.index) <= {"isimed", "simsiam", *twins}  # "demo": ISImed, SimSiam, twins
+    assert "random-init[smallcnn]" in table.index
+    assert (out / "finetune" / "simsiam" / "n1" / "metrics.jsonl").is_file()
     verdicts = pd.read_csv(out / "knn_verdicts.csv")
-    assert set(verdicts.loc[verdicts.method == "isimed", "baseline"]) == {"registration (affine)", *shortcuts}
-    assert (verdicts["family_size"] == 2 * 6).all()  # 2 methods x (twin, 4 shortcuts, control)
+    assert set(verdicts.loc[verdicts.method == "isimed", "baseline"]) == {"registration (affine)", "random-init[smallcnn]",
+                                                                          *shortcuts}
+    # the Holm family is the comparisons made: each method against its own twin, the shortcuts and the control
+    assert set(verdicts["method"]) == set(trained) and (verdicts["family_size"] == len(verdicts)).all()
     fp = pd.read_csv(out / "knn_false_positives.csv")
     assert {"fp_ml", "absent_fp_ml"} <= set(fp.columns) and (fp["fp_ml"] >= 0).all()
     assert (out / "finetune" / "isimed" / "n1" / "metrics.jsonl").is_file()

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from medssl.cli import main
+from medssl.presets import preset
 
 TINY_DEMO = ["--preset", "tiny", "--n-subjects", "4", "--target-spacing-mm", "6", "-t", "epochs", "2"]
 
@@ -25,7 +26,11 @@ def test_medssl_train_writes_a_complete_run_folder(tmp_path, notebook_data_dir, 
     assert main(["train", "--method", "isimed", "--run", "c", *TINY_DEMO, "-m", "patches_per_volume", "3"]) == 0
     out = tmp_path / "runs" / "c" / "isimed"
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    assert "patches_per_volume" in json.dumps(config) and (out / "checkpoints" / "last.pt").is_file()
+    assert preset("isimed", "tiny")[0]["patches_per_volume"] != 3  # so a 3 can only come from the -m override
+    assert config["method"] == "isimed" and config["method_config"]["patches_per_volume"] == 3  # the -m override
+    assert config["train"]["epochs"] == 2 and config["resolved"]["patches_per_step"] == 3 * config["method_config"][
+        "volumes_per_batch"]
+    assert (out / "checkpoints" / "last.pt").is_file()
     assert pd.read_csv(out / "summary.csv").loc[0, "method"] == "isimed"
     assert "SYNTHETIC" in capsys.readouterr().out
 

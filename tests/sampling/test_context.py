@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from medssl.data.errors import TooSmallError
 from medssl.data.volume import Volume
@@ -239,13 +240,19 @@ def test_sampling_reaches_every_volume_of_a_40_volume_cohort_within_a_few_batche
             seen += sampler(vols, rng).case_ids
             batches += 1
         assert len(set(seen)) == 40 and batches <= 20, (type(sampler).__name__, batches)  # 5 at best; 15 and 18 here
-    counts = {}
+    counts = dict.fromkeys((v.case_id for v in vols), 0)
     rng = np.random.default_rng(7)
     sampler = ContextPairSampler(4, 1, volumes_per_batch=8, patches_per_volume=1)
-    for _ in range(120):
-        for case in sampler(vols, rng).case_ids:
-            counts[case] = counts.get(case, 0) + 1
-    assert min(counts.values()) >= 10 and max(counts.values()) <= 38  # uniform: 120 * 8 / 40 = 24 each (sd 4.4)
+    for _ in range(400):
+        batch = sampler(vols, rng).case_ids
+        assert len(set(batch)) == 8  # 8 distinct volumes per batch
+        for case in batch:
+            counts[case] += 1
+    # uniform: each volume in a batch with p = 8/40, so Binomial(400, 0.2): 80 +- 8 per volume. Every count within
+    # 3.5 sd (a volume under-drawn by more than 35 % fails) and the counts pass a chi-square test of uniformity
+    n = np.array(list(counts.values()))
+    assert n.min() >= 80 - 3.5 * 8 and n.max() <= 80 + 3.5 * 8, sorted(n)
+    assert scipy.stats.chisquare(n).pvalue > 0.01, sorted(n)
 
 
 def test_the_same_rng_state_gives_the_same_pairs(coords):

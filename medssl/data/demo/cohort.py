@@ -31,7 +31,7 @@ from medssl.data.demo.fetch import (
     fetch_totalseg_examples,
     load_example_label_names,
 )
-from medssl.data.demo.synthesis import _init_worker, _synthesize_subject
+from medssl.data.demo.synthesis import SYNTHESIS_VERSION, _init_worker, _synthesize_subject
 from medssl.data.errors import MedsslDataError
 from medssl.provenance import DEMO_PROVENANCE
 
@@ -42,9 +42,11 @@ if TYPE_CHECKING:  # pragma: no cover
 # --------------------------------------------------------------------------- the cohort
 
 
-def default_cohort_dir(n_subjects: int = 48, seed: int = 0, spacing_mm: float = 3.0) -> Path:
-    """``paths.data_dir()/demo/cohort-seed<seed>-n<n>`` (plus ``-<spacing>mm`` if not 3 mm)."""
+def default_cohort_dir(n_subjects: int = 48, seed: int = 0, spacing_mm: float = 3.0,
+                       variability: str | None = None) -> Path:
+    """``paths.data_dir()/demo/cohort-seed<seed>-n<n>`` (plus ``-<spacing>mm`` if not 3 mm, ``-<variability>``)."""
     suffix = "" if float(spacing_mm) == 3.0 else f"-{float(spacing_mm):g}mm"
+    suffix += f"-{variability}" if variability not in (None, "", "none") else ""
     return paths.data_dir() / "demo" / f"cohort-seed{seed}-n{n_subjects}{suffix}"
 
 
@@ -55,10 +57,11 @@ def build_demo_cohort(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     spacing_mm: float = 3.0,
-    lesions_per_subject: tuple[int, int] = (1, 3),
+    lesions_per_subject: tuple[int, int] = (2, 4),
     *,
     examples_dir: str | os.PathLike | None = None,
     n_workers: int | None = None,
+    variability: str | None = None,
 ) -> "DemoCohort":
     """Build (or reuse) the synthetic demo cohort; see the module docstring for the model.
 
@@ -73,20 +76,27 @@ def build_demo_cohort(
         lesions_per_subject: (min, max) lesions per subject.
         examples_dir: the fetched TotalSegmentator examples (fetched if None).
         n_workers: processes for synthesis (default: up to 4 cores for >= 8 subjects, else 1).
+        variability: ``"study"`` for subjects that differ in organ sizes and shapes, stronger warps,
+            intensities and noise (:mod:`medssl.data.demo.variability`); None: the plain demo cohort.
 
     A complete cohort with the same settings and source is returned untouched.
     Otherwise it is built in a temporary folder next to ``out_dir`` and moved
     into place at the end (an older cohort there is replaced only then).
     """
+    from medssl.data.demo.variability import cohort_overrides, variability_settings
+
+    varied = variability_settings(variability)
     cfg = CohortConfig(
         n_subjects=int(n_subjects),
         split_counts=tuple(int(c) for c in split_counts),
         seed=int(seed),
         spacing_mm=float(spacing_mm),
         lesions_per_subject=tuple(int(v) for v in lesions_per_subject),
+        **({**cohort_overrides(varied), "variability": varied.to_json()} if varied is not None else {}),
     )
     examples = Path(examples_dir) if examples_dir is not None else fetch_totalseg_examples(progress=progress)
-    root = Path(out_dir).expanduser() if out_dir is not None else default_cohort_dir(n_subjects, seed, spacing_mm)
+    root = Path(out_dir).expanduser() if out_dir is not None else default_cohort_dir(
+        n_subjects, seed, spacing_mm, varied.name if varied is not None else None)
     if _cohort_complete(root, cfg):
         return DemoCohort(root)
     start = time.perf_counter()
@@ -192,6 +202,7 @@ def _write_cohort_files(cfg: CohortConfig, examples: Path, tmp: Path, root: Path
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     info = {
         "format_version": 1,
+        "synthesis_version": SYNTHESIS_VERSION,
         "config": cfg.to_json(),
         "seed": cfg.seed,
         "source": {"package": f"TotalSegmentator {TOTALSEG_VERSION}", "archive_sha256": source["archive_sha256"],
@@ -214,7 +225,9 @@ def _cohort_complete(root: Path, cfg: CohortConfig) -> bool:
         info = json.loads((root / "cohort.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    if info.get("config") != cfg.to_json() or info.get("source", {}).get("archive_sha256") != TOTALSEG_SDIST_SHA256:
+    if info.get("synthesis_version", 1) != SYNTHESIS_VERSION or info.get("config") != cfg.to_json():
+        return False
+    if info.get("source", {}).get("archive_sha256") != TOTALSEG_SDIST_SHA256:
         return False
     for rel, size in info.get("files", {}).items():
         p = root / rel
@@ -240,6 +253,11 @@ class DemoCohort:
 
         self.root = Path(root)
         self.info: dict = json.loads((self.root / "cohort.json").read_text(encoding="utf-8"))
+        version = self.info.get("synthesis_version", 1)
+        if version != SYNTHESIS_VERSION:
+            raise ValueError(f"{self.root / 'cohort.json'}: the cohort was synthesised by version {version} of the "
+                             f"demo synthesis, this medssl makes version {SYNTHESIS_VERSION} (other lesions); "
+                             "build_demo_cohort(...) with the same settings rebuilds it")
         self.manifest: pd.DataFrame = read_manifest(self.root / "manifest.csv")
         raw = json.loads((self.root / "label_names.json").read_text(encoding="utf-8"))
         self.label_names: dict[int, str] = {int(k): v for k, v in raw.items()}
@@ -261,6 +279,14 @@ class DemoCohort:
                 return s
         raise KeyError(f"{case_id!r} is not a synthetic subject of {self.root}")
 
+    def lesion_table(self) -> pd.DataFrame:
+        """One row per synthetic lesion: ``case_id, split, id, organ, kind, diameters_mm, delta_hu, cyst_hu,
+        contrast_hu, voxels, volume_ml`` (as recorded when the cohort was built)."""
+        rows = [{"case_id": s["case_id"], "split": s["split"], **r} for s in self.info["subjects"] for r in s["lesions"]]
+        cols = ["case_id", "split", "id", "organ", "kind", "diameters_mm", "delta_hu", "cyst_hu", "surround_hu",
+                "contrast_hu", "voxels", "volume_ml"]
+        return pd.DataFrame(rows).reindex(columns=cols)
+
     def deformation(self, case_id: str) -> SubjectDeformation:
         """The subject's ``T``; the template case ``totalseg-ct`` has the identity."""
         if case_id not in self._deformations:
@@ -271,7 +297,9 @@ class DemoCohort:
                 if not path.is_file():
                     raise KeyError(f"{case_id!r} has no deformation in {self.root} (external cases other than "
                                    "'totalseg-ct' are other patients; their correspondence is unknown)")  # fmt: skip
-                self._deformations[case_id] = SubjectDeformation.load(path)
+                from medssl.data.demo.variability import load_deformation  # with the organ warp where there is one
+
+                self._deformations[case_id] = load_deformation(path)
         return self._deformations[case_id]
 
     def to_template_mm(self, case_id: str, points_mm: np.ndarray) -> np.ndarray:

@@ -15,6 +15,10 @@ from medssl.data.demo.fetch import CT_LABEL_FILE, load_example_label_names
 
 # --------------------------------------------------------------------------- subject synthesis
 
+# Bumped whenever the same CohortConfig would synthesise different subjects; a cohort built by
+# another version is rebuilt (cohort.json records it). 2: lesions 10-30 mm with organ-specific CT contrast.
+SYNTHESIS_VERSION = 2
+
 
 _TEMPLATE: dict[str, Any] = {}
 
@@ -70,67 +74,87 @@ def _draw_deformation(rng: np.random.Generator, cfg: CohortConfig, shape, affine
     )
 
 
-def _sample_lesion_delta(rng: np.random.Generator, cfg: CohortConfig) -> float:
-    lo, hi = cfg.lesion_delta_hu
-    m = cfg.lesion_min_abs_delta_hu
-    if hi <= m or (lo < -m and rng.random() < 0.5):
-        return float(rng.uniform(lo, -m))
-    return float(rng.uniform(m, hi))
+def _draw_lesion_contrast(rng: np.random.Generator, cfg: CohortConfig, organ: str) -> dict:
+    """How a lesion in ``organ`` changes the image (see :class:`CohortConfig`).
+
+    ``{"kind": "hypodense" | "hyperdense", "delta_hu": d}`` adds ``d`` to the parenchyma;
+    ``{"kind": "cyst", "cyst_hu": h}`` replaces it by ``h`` (before the subject's intensity
+    scale and shift, like the template's own values).
+    """
+    if organ.startswith("kidney"):
+        return {"kind": "cyst", "cyst_hu": float(rng.uniform(*cfg.cyst_hu))}
+    if organ == "liver" and rng.random() < cfg.liver_hyperdense_share:
+        return {"kind": "hyperdense", "delta_hu": float(rng.uniform(*cfg.lesion_hyper_delta_hu))}
+    return {"kind": "hypodense", "delta_hu": float(rng.uniform(*cfg.lesion_hypo_delta_hu))}
 
 
-def _insert_lesions(rng, image, label, affine, organ_ids: dict[str, int], cfg: CohortConfig):
-    """Paint 1-3 ellipsoid lesions into organs of ``image`` (in place). Returns (lesion map, records).
+def _draw_lesion_diameters(rng: np.random.Generator, cfg: CohortConfig) -> np.ndarray:
+    """Three diameters (mm): a size uniform in ``lesion_diameter_mm``, each axis within ``1 +- lesion_axis_ratio``
+    of it, clipped to the range."""
+    lo, hi = cfg.lesion_diameter_mm
+    size = rng.uniform(lo, hi)
+    return np.clip(size * rng.uniform(1 - cfg.lesion_axis_ratio, 1 + cfg.lesion_axis_ratio, 3), lo, hi)
 
-    Each lesion's centre is drawn among organ voxels at least its largest radius
-    away from the organ's border (and from earlier lesions), so the ellipsoid lies
-    inside the organ; radii shrink to fit when an organ is too thin. Intensity
-    changes by ``delta * w`` with ``w = (1 - tanh((r - 1) / edge)) / 2`` (``r``: the
-    ellipsoid's normalised radius), restricted to the organ: a smooth edge.
+
+def _insert_lesions(rng, image, label, affine, organ_ids: dict[str, int], cfg: CohortConfig, scale: float, shift: float):
+    """Paint ``lesions_per_subject`` ellipsoid lesions into organs of ``image`` (in place). Returns (lesion map, records).
+
+    ``image`` holds the subject's intensities before noise (after its scale and shift, which
+    a cyst's water value follows). Each lesion's centre is drawn among organ voxels at least
+    its largest radius away from the organ's border (and from earlier lesions), so the
+    ellipsoid lies inside the organ; it shrinks to fit a thin organ, never below
+    ``lesion_diameter_mm[0]``, else the draw is repeated (8 tries). The change is weighted by
+    ``w = (1 - tanh((r - 1) / edge)) / 2`` (``r``: the ellipsoid's normalised radius; 1/2 on its
+    surface), restricted to the organ: a smooth edge. The lesion map holds ``r <= 1``.
     """
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     lesion_map = np.zeros(label.shape, dtype=np.uint8)
     records = []
     n = int(rng.integers(cfg.lesions_per_subject[0], cfg.lesions_per_subject[1] + 1))
-    organs = [o for o in cfg.lesion_organs if o in organ_ids and np.any(label == organ_ids[o])]
-    r_lo, r_hi = cfg.lesion_radius_mm
+    weights = dict(zip(cfg.lesion_organs, cfg.lesion_organ_weights))
+    organs = [o for o in cfg.lesion_organs if o in organ_ids and weights[o] > 0 and np.any(label == organ_ids[o])]
+    p = np.asarray([weights[o] for o in organs], dtype=np.float64)
     for k in range(n):
         for _attempt in range(8):
             if not organs:
                 break
-            organ = organs[int(rng.integers(len(organs)))]
+            organ = organs[int(rng.choice(len(organs), p=p / p.sum()))]
             oid = organ_ids[organ]
-            radii = rng.uniform(r_lo, r_hi, 3)
-            placed = _place_one_lesion(rng, image, label, lesion_map, affine, spacing, oid, radii, k + 1, cfg)
+            radii = _draw_lesion_diameters(rng, cfg) / 2
+            contrast = _draw_lesion_contrast(rng, cfg, organ)
+            placed = _place_one_lesion(rng, image, label, lesion_map, affine, spacing, oid, radii, k + 1, cfg,
+                                       contrast, scale, shift)  # fmt: skip
             if placed is not None:
-                placed.update(organ=organ, organ_id=oid)
-                records.append(placed)
+                records.append({**placed, "organ": organ, "organ_id": oid})
                 break
     return lesion_map, records
 
 
-def _place_one_lesion(rng, image, label, lesion_map, affine, spacing, oid, radii, lesion_id, cfg):
+def _place_one_lesion(rng, image, label, lesion_map, affine, spacing, oid, radii, lesion_id, cfg, contrast, scale,
+                      shift):  # fmt: skip
+    r_min = cfg.lesion_diameter_mm[0] / 2
     organ = label == oid
     idx = np.argwhere(organ)
-    margin = int(np.ceil(cfg.lesion_radius_mm[1] * 2 / spacing.min())) + 2
+    margin = int(np.ceil(cfg.lesion_diameter_mm[1] / spacing.min())) + 2
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + margin + 1, label.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     free = organ[box] & (lesion_map[box] == 0)
     depth_mm = ndi.distance_transform_edt(free, sampling=spacing)  # distance to organ border or other lesion
-    need = radii.max() + 0.5 * spacing.max()
+    half_vox = 0.5 * spacing.max()
+    need = radii.max() + half_vox
     if depth_mm.max() < need:
-        fit = depth_mm.max() - 0.5 * spacing.max()
-        if fit < 0.75 * cfg.lesion_radius_mm[0]:
+        fit = depth_mm.max() - half_vox
+        if fit < r_min:
             return None
-        radii = radii * (fit / radii.max())
+        radii = np.maximum(radii * (fit / radii.max()), r_min)
         need = depth_mm.max() - 1e-6
     candidates = np.argwhere(depth_mm >= need)
     centre_vox = candidates[int(rng.integers(len(candidates)))] + lo
     centre_mm = affine[:3, :3] @ centre_vox + affine[:3, 3]
     rot = _random_rotation(rng)
-    delta = _sample_lesion_delta(rng, cfg)
-    # local box around the lesion, wide enough for the smooth edge
-    half = np.ceil(radii.max() * (1 + 3 * cfg.lesion_edge) / spacing).astype(int) + 1
+    # local box around the lesion, wide enough for the smooth edge and the surrounding shell
+    half = np.ceil(radii.max() * max(1 + 3 * cfg.lesion_edge, 2.5) / spacing).astype(int) + 1
     a = np.maximum(centre_vox - half, 0)
     b = np.minimum(centre_vox + half + 1, label.shape)
     local = tuple(slice(p, q) for p, q in zip(a, b))
@@ -140,17 +164,31 @@ def _place_one_lesion(rng, image, label, lesion_map, affine, spacing, oid, radii
     pts = _world_centres(sub_shape, sub_affine) - centre_mm
     r_norm = np.linalg.norm((pts @ rot) / radii, axis=1).reshape(sub_shape)  # rot columns = ellipsoid axes
     in_organ = label[local] == oid
+    free_local = in_organ & (lesion_map[local] == 0)
+    shell = free_local & (r_norm >= 1.5) & (r_norm <= 2.5)  # parenchyma around the lesion
     weight = 0.5 * (1.0 - np.tanh((r_norm - 1.0) / cfg.lesion_edge)) * in_organ
-    image[local] += (delta * weight).astype(image.dtype)
-    inside = (r_norm <= 1.0) & in_organ & (lesion_map[local] == 0)
+    before = image[local].copy()
+    if contrast["kind"] == "cyst":
+        water = np.float32(contrast["cyst_hu"] * scale + shift)
+        image[local] = before + (weight * (water - before)).astype(image.dtype)
+    else:
+        image[local] = before + (contrast["delta_hu"] * weight).astype(image.dtype)
+    inside = (r_norm <= 1.0) & free_local
     lesion_map[local][inside] = lesion_id
+    core = inside & (r_norm <= 0.5)
+    surround = float(np.median(before[shell])) if shell.any() else float("nan")
+    core_hu = float(image[local][core].mean()) if core.any() else float(image[local][inside].mean())
     return {
         "id": lesion_id,
         "centre_mm": [round(float(v), 3) for v in centre_mm],
-        "radii_mm": [round(float(v), 3) for v in radii],
+        "diameters_mm": [round(float(2 * v), 3) for v in radii],
         "axes": np.round(rot, 6).tolist(),
-        "delta_hu": round(delta, 3),
+        **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in contrast.items()},
+        # measured before noise: the lesion's core (r <= 1/2) against the parenchyma around it (1.5 <= r <= 2.5)
+        "surround_hu": round(surround, 2) if np.isfinite(surround) else None,
+        "contrast_hu": round(core_hu - surround, 2) if np.isfinite(surround) else None,
         "voxels": int(inside.sum()),
+        "volume_ml": round(float(inside.sum() * np.prod(spacing)) / 1000, 3),
     }
 
 
@@ -164,8 +202,12 @@ def _synthesize_subject(job: dict) -> dict:
     shape, affine = _subject_grid(t["ct"].shape, t["affine"], cfg.spacing_mm)
     centre_mm = t["affine"][:3, :3] @ ((np.asarray(t["ct"].shape) - 1) / 2) + t["affine"][:3, 3]
     deformation = _draw_deformation(rng, cfg, shape, affine, centre_mm)
+    if cfg.variability:  # organ sizes and shapes (its own rng stream): medssl.data.demo.variability
+        from medssl.data.demo import variability
 
-    template_mm = deformation(_world_centres(shape, affine))  # (N, 3)
+        deformation, var_rng, var_record = variability.compose(job, cfg, deformation, t, shape, affine)
+
+    template_mm = deformation.on_grid(shape, affine)  # (N, 3), T at every voxel centre
     t_inv = np.linalg.inv(t["affine"])
     coords = t_inv[:3, :3] @ template_mm.T + t_inv[:3, 3:4]  # (3, N) template voxel coordinates
     image = ndi.map_coordinates(t["ct"], coords, order=1, mode="constant", cval=cfg.background_hu).reshape(shape)
@@ -174,12 +216,14 @@ def _synthesize_subject(job: dict) -> dict:
     min_jac = _min_jacobian_det(template_mm.reshape(shape + (3,)), np.linalg.norm(affine[:3, :3], axis=0))
     min_jac *= np.sign(np.linalg.det(affine[:3, :3]))
     del template_mm, coords
+    if cfg.variability:  # per-organ attenuation and a smooth shading, before the global scale and shift
+        image = variability.vary_intensities(var_rng, image, label, affine, cfg, t["names"], var_record)
 
     scale = rng.uniform(1 - cfg.intensity_scale, 1 + cfg.intensity_scale)
     shift = rng.uniform(-cfg.intensity_shift_hu, cfg.intensity_shift_hu)
     image = image * np.float32(scale) + np.float32(shift)
     organ_ids = {name: i for i, name in t["names"].items()}
-    lesion_map, lesions = _insert_lesions(rng, image, label, affine, organ_ids, cfg)
+    lesion_map, lesions = _insert_lesions(rng, image, label, affine, organ_ids, cfg, float(scale), float(shift))
     noise_hu = rng.uniform(*cfg.noise_hu)
     image += rng.normal(0.0, noise_hu, shape).astype(np.float32)
     image = np.clip(np.rint(image), -32768, 32767).astype(np.int16)
@@ -203,6 +247,7 @@ def _synthesize_subject(job: dict) -> dict:
         "n_labels": int(len(np.unique(label)) - 1),
         "lesions": lesions,
         "lesion_voxels": int(np.count_nonzero(lesion_map)),
+        **({"variability": var_record} if cfg.variability else {}),
     }
 
 
