@@ -1,17 +1,19 @@
-"""kNN label transfer and dense descriptors: seconds per scan and descriptors per second.
+"""kNN label transfer: seconds per scan, against NumPy brute force, scikit-learn and faiss.
 
-(a) kNN labelling of one 128^3 query scan at stride 4 from 9 atlases, descriptors already
+kNN labelling of one 128^3 query scan at stride 4 from 9 atlases, descriptors already
     computed (128-d, the demo SmallCNN's width; body points only, as in
-    ``medssl.evaluate.knn_seg``): medssl's exact per-atlas search (scikit-learn, and faiss
-    ``IndexFlatL2`` when faiss-cpu is installed) plus the vote and the upsampling to the image grid, next to a brute-force
-    NumPy baseline in the same run (chunked ``|q|^2 - 2 q.a + |a|^2`` over all atlas points
-    at once, ``argpartition``, the same vote). Also: the cost of one more atlas draw once the
-    per-atlas neighbour lists exist (merge + vote + upsampling).
-(b) Dense descriptors of a 128^3 volume at stride 4 (32,768 patches of 32^3) with the demo
-    ISImed network: ``dense_embeddings`` (precision "auto": bf16 where the CPU has it, and
-    fp32) next to the bare network in eval mode (fp32, no-grad, batches of 256 pre-made
-    patches) on the same number of patches. Rounds alternate the three so that other load
-    on the machine hits them alike; the median round is reported.
+    ``medssl.evaluate.knn_seg``): medssl's exact per-atlas search (``backend="torch"``, the
+    default; ``"sklearn"``, the default before; faiss ``IndexFlatL2`` when faiss-cpu is
+    installed) plus the vote and the upsampling to the image grid, next to a brute-force NumPy
+    baseline in the same run (chunked ``|q|^2 - 2 q.a + |a|^2`` over all atlas points at once,
+    ``argpartition``, the same vote), with the share of voxels whose label equals
+    scikit-learn's. Also: the cost of one more atlas draw once the per-atlas neighbour lists
+    exist (merge + vote + upsampling).
+
+Dense descriptors against the bare network, in the same precision: ``benchmarks/dense.py``.
+
+The script sets ``OMP_WAIT_POLICY=PASSIVE`` for itself unless it is set (``benchmarks/dense.py``
+says why: spinning OpenMP threads distort timings on a loaded machine).
 
 Run: ``python benchmarks/segmentation.py [--rounds 2] [--size 128]`` (a few minutes on 2 cores).
 """
@@ -19,16 +21,16 @@ Run: ``python benchmarks/segmentation.py [--rounds 2] [--size 128]`` (a few minu
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by libgomp when torch loads it (benchmarks/dense.py)
 
 import numpy as np
 import torch
 
-from medssl.data.volume import Volume
-from medssl.evaluate.dense import DenseEmbedding, dense_embeddings, dense_grid
+from medssl.evaluate.dense import DenseEmbedding, dense_grid
 from medssl.evaluate.knn_seg import _to_grid, atlas_neighbours, labels_on_image, vote_fractions
-from medssl.methods import create_method
-from medssl.train.precision import resolve_precision
 
 D = 128
 K = 21
@@ -89,7 +91,17 @@ def _numpy_brute(query: DenseEmbedding, atlases: list[DenseEmbedding], codes: np
     return labels_on_image(query, _to_grid(query, counts / K, qi))
 
 
-def bench_knn(size: int) -> None:
+def _label_scan(query, atlases, codes, backend: str) -> tuple[float, float, np.ndarray]:
+    """Seconds for the per-atlas search and for merge + vote + upsampling (all 9 atlases), and the labels."""
+    t0 = time.perf_counter()
+    neigh = atlas_neighbours(query, atlases, [codes] * N_ATLASES, K, backend=backend)
+    t1 = time.perf_counter()
+    frac = vote_fractions(neigh, range(N_ATLASES), K, N_CLASSES)
+    labels = labels_on_image(query, _to_grid(query, frac, neigh.query_index))
+    return t1 - t0, time.perf_counter() - t1, labels
+
+
+def bench_knn(size: int, rounds: int) -> None:
     rng = np.random.default_rng(0)
     body = _body(size)
     centres = rng.normal(size=(N_CLASSES, D)).astype(np.float32)
@@ -98,67 +110,34 @@ def bench_knn(size: int) -> None:
     codes = _organ_codes(size)
     n_q = int(query.flat_foreground.sum())
     print(f"(a) kNN labelling: {size}^3 at stride {STRIDE}: {n_q} body query points x {N_ATLASES} atlases x "
-          f"{n_q} points, D = {D}, k = {K}")
-    results = {}
-    backends = ["sklearn"]
+          f"{n_q} points, D = {D}, k = {K}; median of {rounds} alternating rounds")
+    backends = ["torch", "sklearn"]
     try:
         import faiss  # noqa: F401
 
         backends.append("faiss")
     except ImportError:
-        print("    (faiss-cpu not installed: scikit-learn only)")
-    for backend in backends:
-        t0 = time.perf_counter()
-        neigh = atlas_neighbours(query, atlases, [codes] * N_ATLASES, K, backend=backend)
-        t1 = time.perf_counter()
-        frac = vote_fractions(neigh, range(N_ATLASES), K, N_CLASSES)
-        labels = labels_on_image(query, _to_grid(query, frac, neigh.query_index))
-        t2 = time.perf_counter()
-        results[backend] = (t2 - t0, t2 - t1, labels)
-    t0 = time.perf_counter()
-    brute = _numpy_brute(query, atlases, codes)
-    t_brute = time.perf_counter() - t0
-    for backend, (total, _draw, labels) in results.items():
-        agree = float((labels == brute).mean())
-        print(f"    medssl per-atlas exact kNN ({backend:7s}): {total:6.1f} s per scan  "
-              f"({t_brute / total:4.1f}x faster than NumPy brute force; labels agree on {100 * agree:.2f} % of voxels)")
-    print(f"    NumPy brute force (baseline)          : {t_brute:6.1f} s per scan")
-    print(f"    one more atlas draw (merge + vote + upsampling to {size}^3): {results['sklearn'][1]:.2f} s")
-
-
-def bench_dense(size: int, rounds: int) -> None:
-    torch.manual_seed(0)
-    method = create_method("isimed", backbone="smallcnn", patch_size_vox=32).eval()  # the demo ISImed network
-    rng = np.random.default_rng(1)
-    vol = Volume(data=rng.normal(size=(1, size, size, size)).astype(np.float32), affine=np.eye(4), case_id="bench")
-    n = int(np.prod([len(a) for a in dense_grid(vol.shape_vox, STRIDE, 32)[0]]))
-    patches = torch.from_numpy(rng.normal(size=(256, 1, 32, 32, 32)).astype(np.float32))
-    auto = resolve_precision("auto", torch.device("cpu"))
-
-    def bare() -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for s in range(0, n, 256):
-                method.embed(patches[: min(256, n - s)])
-        return time.perf_counter() - t0
-
-    def dense(precision: str) -> float:
-        t0 = time.perf_counter()
-        dense_embeddings(method, vol, STRIDE, precision=precision, progress=False)
-        return time.perf_counter() - t0
-
-    times: dict[str, list[float]] = {"bare network, fp32": [], f"dense_embeddings, {auto} (auto)": [],
-                                     "dense_embeddings, fp32": []}
+        print("    (faiss-cpu not installed: no faiss row)")
+    runs: dict[str, list[tuple[float, float, float, np.ndarray]]] = {b: [] for b in [*backends, "numpy"]}
     for _ in range(rounds):
-        times["bare network, fp32"].append(bare())
-        times[f"dense_embeddings, {auto} (auto)"].append(dense("auto"))
-        times["dense_embeddings, fp32"].append(dense("fp32"))
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    base = med["bare network, fp32"]
-    print(f"\n(b) dense descriptors: {size}^3 volume at stride {STRIDE} = {n} patches of 32^3, demo ISImed network "
-          f"(median of {rounds} alternating rounds)")
-    for k, t in med.items():
-        print(f"    {k:34s}: {t:6.1f} s  {n / t:7.0f} descriptors/s  {t / base:4.2f}x the bare network's time")
+        for backend in backends:
+            c0 = time.process_time()
+            search, vote, labels = _label_scan(query, atlases, codes, backend)
+            runs[backend].append((search + vote, vote, time.process_time() - c0, labels))
+        t0, c0 = time.perf_counter(), time.process_time()
+        brute = _numpy_brute(query, atlases, codes)
+        runs["numpy"].append((time.perf_counter() - t0, 0.0, time.process_time() - c0, brute))
+    med = {b: (float(np.median([r[0] for r in v])), float(np.median([r[1] for r in v])),
+               float(np.median([r[2] for r in v])), v[0][3]) for b, v in runs.items()}
+    t_brute = med["numpy"][0]
+    ref = med["sklearn"][3]  # the previous default: the labels must not change
+    names = {"torch": "medssl exact (torch, default)", "sklearn": "scikit-learn brute (before)",
+             "faiss": "faiss IndexFlatL2", "numpy": "NumPy brute force (baseline)"}
+    for b, (total, _vote, cpu, labels) in med.items():
+        print(f"    {names[b]:30s}: {total:6.2f} s per scan (CPU {cpu:5.1f} s)  {t_brute / total:4.1f}x NumPy brute "
+              f"force  labels equal to scikit-learn's on {100 * float((labels == ref).mean()):.3f} % of voxels")
+    print(f"    merge + vote + upsampling to {size}^3 (one more atlas draw once the neighbour lists exist): "
+          f"{med['torch'][1]:.2f} s")
 
 
 def main() -> None:
@@ -167,15 +146,12 @@ def main() -> None:
     medssl.tune_malloc()  # as the CLI and the notebooks' kernels (Makefile) do
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=128, help="volume edge in voxels")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the dense benchmark")
-    p.add_argument("--only", choices=["knn", "dense"], default=None)
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of each benchmark")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; timings on a shared machine vary by 10-30 % or more\n")
-    if args.only in (None, "knn"):
-        bench_knn(args.size)
-    if args.only in (None, "dense"):
-        bench_dense(args.size, args.rounds)
+          f"{torch.backends.cpu.get_cpu_capability()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          "timings on a shared machine vary by 10-30 % or more\n")
+    bench_knn(args.size, args.rounds)
 
 
 if __name__ == "__main__":

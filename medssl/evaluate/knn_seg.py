@@ -191,31 +191,37 @@ def check_disjoint(atlases: Sequence[Volume], queries: Sequence[Volume]) -> None
 # ---------------------------------------------------------------------------- exact kNN
 
 
-def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str = "sklearn") -> tuple[np.ndarray, np.ndarray]:
+def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str = "torch") -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by squared Euclidean distance.
 
     Args:
         database: ``(M, D)``; queries: ``(N, D)``.
         k: neighbours per query (``min(k, M)`` are real; the rest are padded with
             distance ``inf`` and index ``-1``).
-        backend: ``"sklearn"`` (``NearestNeighbors(algorithm="brute")``, the default), ``"faiss"``
-            (``IndexFlatL2``, needs ``pip install faiss-cpu``), or ``"auto"`` (faiss when installed).
+        backend: ``"torch"`` (the default, :func:`_exact_knn`: a float32 matrix product and
+            ``torch.topk`` pick candidates, float64 distances rank them, with a per-row
+            certificate that the result is exact), ``"sklearn"`` (``NearestNeighbors(algorithm="brute")``),
+            ``"faiss"`` (``IndexFlatL2``, needs ``pip install faiss-cpu``), or ``"auto"`` (faiss when
+            installed, else torch).
 
     Returns:
-        ``(sqdist (N, k) float32, index (N, k) int64)``, nearest first.
+        ``(sqdist (N, k) float32, index (N, k) int64)``, nearest first; ``"torch"`` breaks exact
+        ties by the smaller database index.
     """
     db = np.ascontiguousarray(database, dtype=np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if db.ndim != 2 or q.ndim != 2 or db.shape[1] != q.shape[1]:
         raise ValueError(f"database (M, D) and queries (N, D) must share D; got {db.shape} and {q.shape}")
     if backend == "auto":
-        backend = "faiss" if _faiss() is not None else "sklearn"
+        backend = "faiss" if _faiss() is not None else "torch"
     kk = min(int(k), len(db))
     dist = np.full((len(q), int(k)), np.inf, dtype=np.float32)
     index = np.full((len(q), int(k)), -1, dtype=np.int64)
     if kk == 0 or len(q) == 0:
         return dist, index
-    if backend == "faiss":
+    if backend == "torch":
+        d, i = _exact_knn(db, q, kk)
+    elif backend == "faiss":
         faiss = _faiss()
         if faiss is None:
             raise ImportError("backend='faiss' needs the faiss-cpu package (pip install faiss-cpu)")
@@ -232,9 +238,90 @@ def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str =
             d, i = NearestNeighbors(n_neighbors=kk, algorithm="brute").fit(db).kneighbors(q)
         d = d.astype(np.float32) ** 2
     else:
-        raise ValueError(f"backend must be 'auto', 'faiss' or 'sklearn', got {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'torch', 'faiss' or 'sklearn', got {backend!r}")
     dist[:, :kk], index[:, :kk] = d, i
     return dist, index
+
+
+# Rows of queries per block of the exact search: a (rows, M) float32 block of a 128^3 atlas at stride 4
+# (~10,000 body points) is ~10 MB at 256 rows, written by the matrix product and read by top-k while in cache.
+_KNN_ROWS = 256
+# Extra candidates per row beyond k, ranked in float64: the certificate needs the gap between the k-th
+# neighbour and the last candidate to exceed the float32 error bound.
+_KNN_MARGIN = 8
+
+
+def _exact_knn(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sqdist (N, k) float32, index (N, k) int64)``: the exact k nearest of each query, nearest first.
+
+    Written here rather than taken from scikit-learn (``NearestNeighbors``: float64 distance blocks and
+    one thread, as it was run here: on this project's loaded 2-core machine its two OpenMP threads
+    spun against other processes) or faiss (optional; both timed in ``benchmarks/segmentation.py``).
+    Everything is computed on vectors centred on the database mean (distances do not change; the
+    float32 rounding errors scale with the spread of the descriptors rather than their distance from
+    the origin). Per block of query rows:
+
+    1. ``v = |a|^2 - 2 q.a`` in float32, one ``torch.addmm`` on torch's threads (``|q|^2`` is the
+       same along a row, so it is left out of the ranking);
+    2. ``torch.topk`` of ``c = k + _KNN_MARGIN`` candidates;
+    3. the candidates' distances in float64, ranked, ties by the smaller index.
+
+    **Certificate.** ``|v - v_exact| <= err`` for every database point, with ``err`` bounded per row
+    from the rounding of the inputs to float32 (``|q - q~| |a| + |q~| |a - a~|``, largest over the
+    database), the float32 accumulation of D products (``D u |q~| |a~|``) and the float32 additions.
+    Every point left out has ``v >= T``, the largest candidate value, so its exact distance is at
+    least ``T + |q|^2 - err``. If the k-th candidate's float64 distance lies strictly below that, no
+    point left out can be nearer or tie with it, and the k found are the exact k nearest. Rows where
+    this fails (near-duplicate descriptors) are searched exhaustively in float64.
+    """
+    m, n, dim = len(db), len(q), db.shape[1]
+    c = min(k + _KNN_MARGIN, m)
+    u = float(np.finfo(np.float32).eps) / 2  # unit roundoff
+    mu = db.mean(axis=0, dtype=np.float64)
+    ac = torch.from_numpy(db.astype(np.float64) - mu)  # (M, D) float64, centred
+    qc = torch.from_numpy(q.astype(np.float64) - mu)
+    ac_sq = (ac * ac).sum(1)
+    qc_sq = (qc * qc).sum(1)
+    a32, q32 = ac.float(), qc.float()
+    a32_t = a32.T.contiguous()  # (D, M): the product's layout
+    a_sq32 = ac_sq.float()
+    a_norm = float(ac_sq.max().sqrt())
+    a32_norm = float(torch.linalg.vector_norm(a32.double(), dim=1).max())
+    a_err = float(torch.linalg.vector_norm(a32.double() - ac, dim=1).max())
+    q32_norm = torch.linalg.vector_norm(q32.double(), dim=1)
+    q_err = torch.linalg.vector_norm(q32.double() - qc, dim=1)
+    err = 2.0 * (q_err * a_norm + q32_norm * a_err)  # the inputs' rounding to float32
+    err += 2.0 * dim * u * q32_norm * a32_norm  # float32 accumulation of dim products
+    err += 4.0 * u * (a_norm + qc_sq.sqrt()) ** 2  # float32 |a|^2, scaling and addition
+    err = 1.01 * err
+    out_d = torch.empty((n, k), dtype=torch.float64)
+    out_i = torch.empty((n, k), dtype=torch.int64)
+    failed: list[torch.Tensor] = []
+    with torch.no_grad():
+        for s in range(0, n, _KNN_ROWS):
+            e = min(s + _KNN_ROWS, n)
+            block = torch.addmm(a_sq32, q32[s:e], a32_t, beta=1.0, alpha=-2.0)  # (rows, M) = |a|^2 - 2 q.a
+            val, cand = torch.topk(block, c, dim=1, largest=False, sorted=False)
+            cand, _ = torch.sort(cand, dim=1)  # by index, so that the stable sort below breaks ties by index
+            exact = qc_sq[s:e, None] + ac_sq[cand] - 2.0 * torch.bmm(ac[cand], qc[s:e, :, None]).squeeze(-1)
+            exact, order = torch.sort(exact, dim=1, stable=True)
+            out_d[s:e] = exact[:, :k]
+            out_i[s:e] = torch.gather(cand, 1, order[:, :k])
+            if c < m:
+                left_out = val.max(dim=1).values.double() + qc_sq[s:e] - err[s:e]
+                failed.append(s + torch.nonzero(~(exact[:, k - 1] < left_out)).flatten())
+    d, i = out_d.numpy(), out_i.numpy()
+    ac64, qc64 = ac.numpy(), qc.numpy()
+    for r in torch.cat(failed).tolist() if failed else []:
+        d[r], i[r] = _exact_row(ac64, qc64[r], k)
+    return np.maximum(d, 0.0).astype(np.float32), i
+
+
+def _exact_row(a64: np.ndarray, q64: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of one query in float64 over the whole database (ties by the smaller index)."""
+    d = ((a64 - q64) ** 2).sum(-1)
+    order = np.lexsort((np.arange(len(d)), d))[:k]
+    return d[order], order
 
 
 def _faiss() -> Any:
@@ -282,7 +369,7 @@ def atlas_neighbours(
     atlases: Sequence[DenseEmbedding],
     atlas_codes: Sequence[np.ndarray],
     k: int = 21,
-    backend: str = "sklearn",
+    backend: str = "torch",
 ) -> AtlasNeighbours:
     """Exact per-atlas k nearest neighbours of every body point of ``query`` (see the module docstring).
 
@@ -318,9 +405,9 @@ def vote_fractions(neighbours: AtlasNeighbours, subset: Sequence[int], k: int, n
         keep = np.argpartition(d, k - 1, axis=1)[:, :k]
         d, lab = np.take_along_axis(d, keep, axis=1), np.take_along_axis(lab, keep, axis=1)
     valid = np.isfinite(d)
-    rows = np.repeat(np.arange(len(d)), k).reshape(len(d), k)
-    counts = np.zeros((len(d), n_classes), dtype=np.float32)
-    np.add.at(counts, (rows[valid], lab[valid].astype(np.int64)), 1.0)
+    # one bincount over (row, code) pairs (np.add.at was ~10x slower); invalid pads go to a spill bin
+    flat = np.where(valid, np.arange(len(d))[:, None] * n_classes + lab.astype(np.int64), len(d) * n_classes)
+    counts = np.bincount(flat.ravel(), minlength=len(d) * n_classes + 1)[:-1].reshape(len(d), n_classes)
     return counts / np.maximum(valid.sum(axis=1, keepdims=True), 1)
 
 
@@ -584,7 +671,7 @@ def evaluate_knn_segmentation(
     surface_tolerance_mm: float | None = 3.0,
     surface_n_atlases: Sequence[int] | None = None,
     split: str = "test",
-    backend: str = "sklearn",
+    backend: str = "torch",
     kinds: Mapping[str, str] | None = None,
     dense: dict[tuple[str, str], DenseEmbedding] | None = None,
     log: Callable[[str], None] | None = None,
@@ -700,7 +787,7 @@ def choose_atlas_pool(train: Sequence[Volume], size: int, seed: int = 0) -> list
 
 def predict_labels(model: Any, atlases: Sequence[Volume], query: Volume, organs: OrganSet, k: int = 21,
                    stride_vox: int = 4, dense: dict[tuple[str, str], DenseEmbedding] | None = None, name: str = "",
-                   backend: str = "sklearn", **dense_kwargs: Any) -> np.ndarray:
+                   backend: str = "torch", **dense_kwargs: Any) -> np.ndarray:
     """``(X, Y, Z)`` organ codes of ``query`` by kNN transfer from all ``atlases`` (for figures)."""
     check_disjoint(atlases, [query])
     store = {} if dense is None else dense

@@ -240,3 +240,63 @@ def test_multi_atlas_registration_is_a_control_row_that_labels_phantom_subjects_
     v = res.verdicts({})
     assert set(v["baseline"]) == {"identity", "aligned-identity (scale+shift)", "registration (affine)"}
     assert v["verdict"].str.contains("not testable").all()
+
+
+def _brute_force_knn(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 distances from differences, nearest first, ties by the smaller index."""
+    d = ((q.astype(np.float64)[:, None] - db.astype(np.float64)[None]) ** 2).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(len(db)), d.shape), d), axis=-1)[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+@pytest.mark.parametrize("offset, scale", [(0.0, 1.0), (300.0, 1.0), (-5.0, 1e-3), (0.0, 1e3)])
+def test_default_search_is_exact_with_duplicates_ties_and_far_from_the_origin(offset, scale):
+    rng = np.random.default_rng(int(abs(offset)) + 7)
+    db = (rng.normal(size=(700, 24)) * scale + offset).astype(np.float32)
+    db[rng.integers(0, 700, 200)] = db[3]  # 200 exact duplicates of one point: ties broken by the smaller index
+    q = (rng.normal(size=(90, 24)) * scale + offset).astype(np.float32)
+    q[:10] = db[3]  # queries sitting on the duplicated point
+    d, i = knn_seg.knn_search(db, q, 21)
+    d_ref, i_ref = _brute_force_knn(db, q, 21)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6 * scale**2)
+
+
+def test_search_rows_that_float32_cannot_separate_are_searched_exactly(monkeypatch):
+    # 300 points on a sphere around the query whose squared distances differ by ~1e-9 relative, far below
+    # float32's resolution: the float32 screening cannot certify these rows, the float64 fallback must answer
+    rng = np.random.default_rng(5)
+    centre = rng.normal(size=16) * 50
+    dirs = rng.normal(size=(300, 16))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    radii = 10.0 * (1.0 + 1e-9 * rng.permutation(300))
+    db64 = centre + dirs * radii[:, None]
+    db = db64.astype(np.float32)
+    q = np.repeat(centre[None].astype(np.float32), 3, axis=0)
+    calls = []
+    exact_row = knn_seg._exact_row
+    monkeypatch.setattr(knn_seg, "_exact_row", lambda *a: calls.append(1) or exact_row(*a))
+    d, i = knn_seg.knn_search(db, q, 5)
+    d_ref, i_ref = _brute_force_knn(db, q, 5)
+    np.testing.assert_array_equal(i, i_ref)
+    assert len(calls) == 3  # every row fell back to the exhaustive float64 search
+
+
+def test_default_search_agrees_with_scikit_learn_on_clustered_descriptors():
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(5, 64)).astype(np.float32)
+    db = centres[rng.integers(0, 5, 3000)] + 0.8 * rng.normal(size=(3000, 64)).astype(np.float32)
+    q = centres[rng.integers(0, 5, 400)] + 0.8 * rng.normal(size=(400, 64)).astype(np.float32)
+    d, i = knn_seg.knn_search(db, q, 21)
+    d_sk, i_sk = knn_seg.knn_search(db, q, 21, backend="sklearn")
+    np.testing.assert_array_equal(i, i_sk)
+    np.testing.assert_allclose(d, d_sk, rtol=1e-4, atol=1e-3)
+
+
+def test_vote_fractions_count_each_code_and_skip_padded_neighbours():
+    sq = np.array([[[0.1, 0.2, 0.3, np.inf]], [[0.05, 0.25, np.inf, np.inf]]], np.float32)  # 2 atlases, 1 query, k=4
+    lab = np.array([[[2, 2, 1, 0]], [[1, 3, 0, 0]]], np.uint8)
+    neigh = knn_seg.AtlasNeighbours(("a", "b"), sq, lab, np.array([0]))
+    np.testing.assert_allclose(knn_seg.vote_fractions(neigh, [0], 4, 4), [[0, 1 / 3, 2 / 3, 0]])
+    # merged: the 4 nearest of {0.1, 0.2, 0.3, 0.05, 0.25} are 0.05 (1), 0.1 (2), 0.2 (2), 0.25 (3)
+    np.testing.assert_allclose(knn_seg.vote_fractions(neigh, [0, 1], 4, 4), [[0, 0.25, 0.5, 0.25]])
