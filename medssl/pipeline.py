@@ -46,6 +46,7 @@ from typing import Any, Iterable
 from medssl import paths
 from medssl._alloc import MALLOC_ENV
 from medssl._files import atomic_write_text
+from medssl.methods.simsiam import IOU_STUDY
 from medssl.provenance import record_run_provenance
 from medssl.rundir import RunDir
 
@@ -116,11 +117,12 @@ for _step in PLANS["folder"]["steps"]:
 # The thesis's IoU-interval study (medssl/methods/simsiam.py, IOU_STUDY): SimSiam pretrained with the same seed
 # for each interval, the pairs' shared-organ fraction and collapse per interval (15), then the evaluations,
 # all on identical patch sets.
+_DEMO_STEPS = copy.deepcopy(PLANS["demo"]["steps"])
+_TRAINING = [s for s in _DEMO_STEPS if s["notebook"] in ("00_data.ipynb", "10_pretrain.ipynb")]
 PLANS["iou_study"] = {
-    "methods": ["simsiam-iou-0-0", "simsiam-iou-0.0001-0.3", "simsiam", "simsiam-iou-0.6-1", "simsiam-iou-0-1"],
-    "steps": copy.deepcopy([PLANS["demo"]["steps"][0], PLANS["demo"]["steps"][1],
-                            {"notebook": "15_iou_intervals.ipynb", "parameters": {}},
-                            *PLANS["demo"]["steps"][2:]]),
+    "methods": list(IOU_STUDY),
+    "steps": [*_TRAINING, {"notebook": "15_iou_intervals.ipynb", "parameters": {}},
+              *[s for s in _DEMO_STEPS if s not in _TRAINING]],
 }
 
 

@@ -419,9 +419,9 @@ def finetune_comparison(
 def finetune_methods(spec: str | Sequence[str], trained: Sequence[str]) -> list[str]:
     """The methods to fine-tune among the run's ``trained`` ones (random-init is always added by the caller).
 
-    ``"all"``: every trained method; ``"demo"``: ISImed plus the demo methods of the
-    positive-pair-selection family (SimSiam at [0.3, 0.6] and [0, 1] once they are registered);
-    a list: those names (untrained ones are skipped by the caller).
+    ``"all"``: every trained method; ``"demo"``: the demo methods whose class sets ``in_finetune_demo``
+    (today ISImed and SimSiam at [0.3, 0.6] and [0, 1]); a list: those names (untrained ones are skipped by
+    the caller).
     """
     from medssl.methods import list_methods, method_info
 
@@ -430,8 +430,7 @@ def finetune_methods(spec: str | Sequence[str], trained: Sequence[str]) -> list[
             return list(trained)
         if spec != "demo":
             raise ValueError(f"finetune_methods must be 'demo', 'all' or a list of names, got {spec!r}")
-        demo = set(list_methods(demo=True))
-        keep = {"isimed"} | {m for m in demo if method_info(m)["family"] == "positive-pair selection"}
+        keep = {m for m in list_methods(demo=True) if method_info(m)["in_finetune_demo"]}
         return [m for m in trained if m in keep]
     return [str(m) for m in spec]
 

@@ -203,3 +203,20 @@ def test_the_swin_adapter_builds_a_swinunetr_whose_swinvit_holds_the_backbone_tr
         assert net.eval()(torch.zeros(1, 1, 64, 64, 64)).shape == (1, 3, 64, 64, 64)
     with pytest.raises(ValueError, match="too small"):
         seg.segmentation_net(method, 3, crop_size_vox=32)
+
+
+def test_the_demo_finetunes_the_demo_methods_whose_class_asks_for_it(monkeypatch):
+    from medssl.methods import list_methods, method_info
+
+    trained = list_methods(trains=True)
+    chosen = ft.finetune_methods("demo", trained)
+    assert chosen == [m for m in trained if method_info(m)["in_demo"] and method_info(m)["in_finetune_demo"]]
+    assert {"isimed", "simsiam"} <= set(chosen) and "regisimed" not in chosen  # same family as isimed, not chosen
+    assert "simsiam-iou-0-0" not in chosen  # a variant of a chosen class, but not in the demo
+    from medssl.methods.isimed import Isimed
+
+    monkeypatch.setattr(Isimed, "in_finetune_demo", False)  # the class decides, nothing else names it
+    assert "isimed" not in ft.finetune_methods("demo", trained)
+    assert ft.finetune_methods("all", trained) == trained and ft.finetune_methods(["x"], trained) == ["x"]
+    with pytest.raises(ValueError, match="finetune_methods"):
+        ft.finetune_methods("some", trained)
