@@ -204,11 +204,7 @@ class IoUPairSampler(PatchSampler):
     # ------------------------------------------------------------------ batch
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
-        c = volumes[0].n_channels
-        for v in volumes:
-            if v.n_channels != c:
-                raise ValueError(f"{v.source or v.case_id}: has {v.n_channels} channels but {volumes[0].case_id} "
-                                 f"has {c}; all volumes in a pool need the same channels")
+        c = volumes[0].n_channels  # the same for all (checked by PatchSampler.__call__)
         n_vol = min(self.volumes_per_batch, len(volumes))
         chosen = rng.choice(len(volumes), size=n_vol, replace=False)
         P = self.pairs_per_volume
