@@ -22,6 +22,7 @@ from torch import nn
 
 from medssl._config import check_overrides
 from medssl.data.volume import Volume
+from medssl.geometry import as_size
 from medssl.models.backbones import build_backbone
 from medssl.sampling.base import PatchBatch
 from medssl.sampling.patches import extract_patches
@@ -145,8 +146,7 @@ class Method(nn.Module):
 
     @property
     def patch_size_vox(self) -> tuple[int, int, int]:
-        p = self.config.patch_size_vox
-        return (p,) * 3 if isinstance(p, int) else tuple(p)
+        return as_size(self.config.patch_size_vox)  # type: ignore[return-value]
 
     @property
     def input_size_vox(self) -> tuple[int, int, int]:

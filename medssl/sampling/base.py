@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from medssl.data.volume import Volume
-from medssl.sampling.regions import as_size, check_fits
+from medssl.geometry import as_size
+from medssl.sampling.regions import check_fits
 
 
 @dataclass
