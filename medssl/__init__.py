@@ -10,8 +10,8 @@ The everyday API, loaded lazily so ``import medssl`` stays cheap (no torch until
     model = medssl.load_method(medssl.RunDir("mine").checkpoint("isimed"))
     medssl.list_methods()
 
-``import medssl`` changes nothing in the process. The glibc allocator tuning that makes CPU
-training about 2x faster here is one explicit call, :func:`tune_malloc`, made by the entry
+``import medssl`` changes nothing in the process. The glibc allocator tuning that speeds up CPU
+training (README, "Performance") is one explicit call, :func:`tune_malloc`, made by the entry
 points (the ``medssl`` command, pipeline kernels, ``make``) and by the training notebooks.
 """
 

@@ -15,15 +15,12 @@ We keep that default; pass a number or a ``(lo, hi)`` range to change it.
 Shuffle boxes: the paper does not give them; the authors' code uses 2 boxes of 6^3
 voxels (``holes=2, spatial_size=6``), which we adopt as defaults.
 
-Why not apply MONAI per patch: measured on this project's 2-core CPU (32^3, one
-channel, idle machine) MONAI takes ~0.23 ms (foreground dropout), ~0.31 ms (background
-dropout) and ~0.12 ms (shuffle) per patch and view, ~0.8 ms per patch for two views,
-against ~2.2 ms per patch for a two-view step of the stride-2 SmallCNN (~900 patches/s).
-The vectorised torch version below does the same on the whole batch at once in ~0.38 ms
-per patch for two views (batch 512), about 2x faster. It is still ~15 % of a SmallCNN
-step (negligible next to DenseNet121's ~45 ms per patch); most of the remaining cost is
-drawing the per-voxel fill noise, which MONAI's default fill requires. Under heavy CPU
-contention the advantage shrinks (it uses torch's intra-op threads). ``monai_transform()``
+Why not apply MONAI per patch: MONAI's transforms take one patch at a time, and on the CPU
+two views of every patch through them cost a sizeable share of a SmallCNN training step. The
+vectorised torch version below does the same on the whole batch at once, in less time; most
+of its remaining cost is drawing the per-voxel fill noise, which MONAI's default fill requires.
+Under heavy CPU contention the advantage shrinks (it uses torch's intra-op threads). Timings
+belong in ``benchmarks/`` and the dated README, not here. ``monai_transform()``
 builds the MONAI equivalent, which the tests use as the statistical reference.
 """
 
@@ -230,7 +227,7 @@ def _boxes_mask(start: torch.Tensor, end: torch.Tensor, spatial: Sequence[int]) 
 
     Each axis gets a bit field with bit ``h`` set where box ``h`` covers that index;
     a voxel is inside some box iff the AND of its axes' bit fields is non-zero. That is
-    two passes over the full grid instead of two per box (~4x faster at 6 boxes).
+    two passes over the full grid instead of two per box.
     """
     n, holes, d = start.shape
     mask = None

@@ -30,9 +30,8 @@ Notes on the mapping:
 - Blur: sigma drawn per axis in [0.25, 1.5] (the thesis gives x and y in 2D; in 3D z too), MONAI's
   ``gaussian_1d`` kernels (erf approximation, truncated at 4 sigma), zero padding as MONAI.
 
-**Why batched, not MONAI per crop.** MONAI's random transforms take one image. Per 32^3 crop on
-this project's 2-core CPU they cost about 33 ms (zoom ~19 ms, blur ~45 ms when applied), i.e. ~6 s
-per demo step of 192 crops against ~0.3 s for the step itself. :meth:`ThesisViewAugment.apply`
+**Why batched, not MONAI per crop.** MONAI's random transforms take one image: a demo step of 192
+crops through them would cost many times the step itself on the CPU. :meth:`ThesisViewAugment.apply`
 does the same operations on the whole batch at once (zoom as one ``grid_sample``, the blur as weighted
 shifted copies with MONAI's kernels, flips and rotations on index subsets). The test suite
 checks it against MONAI's deterministic transforms with identical parameters

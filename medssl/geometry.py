@@ -18,10 +18,13 @@ Conventions used everywhere in medssl:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "as_size",
     "vox_to_world",
     "world_to_vox",
     "spacing_from_affine",
@@ -257,3 +260,17 @@ def apply_affine_mm(transform: ArrayLike, points_mm: ArrayLike) -> np.ndarray:
     """``(N, 3)`` points mapped by a ``(4, 4)`` mm -> mm transform."""
     t = _affine(transform)
     return _points(points_mm, "points_mm") @ t[:3, :3].T + t[:3, 3]
+
+
+def as_size(size_vox: int | Sequence[int], name: str = "patch_size_vox", dims: int = 3) -> tuple[int, ...]:
+    """A patch (crop, box) size as ``dims`` positive ints: one int means a cube (a square for ``dims=2``).
+
+    The one place a size is normalised; ``name`` is the setting named in the error.
+    """
+    if np.isscalar(size_vox):
+        size = (int(size_vox),) * dims  # type: ignore[arg-type]
+    else:
+        size = tuple(int(s) for s in size_vox)  # type: ignore[union-attr]
+    if len(size) != dims or min(size) < 1:
+        raise ValueError(f"{name} must be a positive int or {dims} positive ints, got {size_vox!r}")
+    return size

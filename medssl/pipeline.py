@@ -46,12 +46,13 @@ from typing import Any, Iterable
 from medssl import paths
 from medssl._alloc import MALLOC_ENV
 from medssl._files import atomic_write_text
+from medssl.methods.simsiam import IOU_STUDY
 from medssl.provenance import record_run_provenance
 from medssl.rundir import RunDir
 
 # 50_segmentation in the demo: kNN on a coarser grid (stride 6 at 3 mm), 5 atlases, 3 draws, every test
 # subject (8: the paired-test unit; fewer than 5 cannot be tested), with the affine multi-atlas registration
-# control and the body-affine shortcut (about 1 s per atlas and query, cached); a short fine-tuning (40 steps,
+# control and the body-affine shortcut (cached; seconds per pair in the dated README); a short fine-tuning (40 steps,
 # no validation curve, 2 test subjects: "not testable") of ISImed and the positive-pair-selection demo methods
 # with their untrained twins on 1 and 4 subjects: too short to separate methods, it shows the protocol runs;
 # the `full` plan fine-tunes for real.
@@ -62,7 +63,7 @@ SEGMENTATION_DEMO: dict[str, Any] = {
     "finetune_val_subjects": 0,
 }
 # The `full` plan: the paper's protocol (stride 4, n = 1..9, 5 draws, every test subject), the registration
-# control with a B-spline on top of the affine (~10 s per atlas and query), and fine-tuning of every method on
+# control with a B-spline on top of the affine (several times slower than the affine), and fine-tuning of every method on
 # 1, 2, 4 and 8 subjects.
 SEGMENTATION_FULL: dict[str, Any] = {
     "stride_vox": 4, "atlas_pool": 9, "n_atlases": list(range(1, 10)), "n_draws": 5, "n_queries": 0,
@@ -79,7 +80,7 @@ PLANS: dict[str, dict[str, Any]] = {
             {"notebook": "00_data.ipynb", "parameters": {"source": "demo"}},
             {"notebook": "10_pretrain.ipynb", "per_method": True, "parameters": {"preset": "demo"}},
             # 2D UMAP only, and the dense grid of 50_segmentation's demo (every 6th voxel, 18 mm), whose cached
-            # descriptors 25 and 50 then reuse: at stride 4 the correspondence grids of 12 methods take 10 minutes
+            # descriptors 25 and 50 then reuse (stride 4 would make the 12 methods' correspondence grids the demo's longest step)
             {"notebook": "20_latent_space.ipynb", "parameters": {"umap_3d": False, "stride_vox": 6}},
             {"notebook": "25_latent_viewer.ipynb", "parameters": {"stride_vox": 6}},
             {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
@@ -116,11 +117,12 @@ for _step in PLANS["folder"]["steps"]:
 # The thesis's IoU-interval study (medssl/methods/simsiam.py, IOU_STUDY): SimSiam pretrained with the same seed
 # for each interval, the pairs' shared-organ fraction and collapse per interval (15), then the evaluations,
 # all on identical patch sets.
+_DEMO_STEPS = copy.deepcopy(PLANS["demo"]["steps"])
+_TRAINING = [s for s in _DEMO_STEPS if s["notebook"] in ("00_data.ipynb", "10_pretrain.ipynb")]
 PLANS["iou_study"] = {
-    "methods": ["simsiam-iou-0-0", "simsiam-iou-0.0001-0.3", "simsiam", "simsiam-iou-0.6-1", "simsiam-iou-0-1"],
-    "steps": copy.deepcopy([PLANS["demo"]["steps"][0], PLANS["demo"]["steps"][1],
-                            {"notebook": "15_iou_intervals.ipynb", "parameters": {}},
-                            *PLANS["demo"]["steps"][2:]]),
+    "methods": list(IOU_STUDY),
+    "steps": [*_TRAINING, {"notebook": "15_iou_intervals.ipynb", "parameters": {}},
+              *[s for s in _DEMO_STEPS if s not in _TRAINING]],
 }
 
 

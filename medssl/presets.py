@@ -34,8 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 50, "lr": 1e-3, "lr_decay_per_epoch": 0.9, "device": "auto", "precision": "auto"},
     },
     # 2-core CPU: stride-2 SmallCNN, 32^3 patches centred on the body (foreground_only), 30 epochs x 7 steps =
-    # 210 steps (about 50 s for ISImed, 140 s for the two-view methods, whose views cost about 2.7x an ISImed step;
-    # cut from 600 so that `make demo` runs all 11 demo methods and every evaluation in under 30 minutes);
+    # 210 steps (cut from 600 so that `make demo` runs all 11 demo methods and every evaluation in under 30 minutes;
+    # per-step times of each method: README, "Results on the demo cohort" and "Reference study");
     # 0.9/epoch leaves 4.7 % of the lr at the end.
     # Equal data budget: EVERY method sees 12 volumes x 16 = 192 distinct patches per step (two-view methods
     # embed two views of each, so their steps cost about twice as much compute; the report states it).

@@ -88,7 +88,7 @@ STUDY_PLANS: dict[str, dict[str, Any]] = {
         # caps in steps (the demo ran 210). ISImed early-stopped at step 520 of 600 on seed 0 (best 420); the
         # two-view and SimSiam methods cost about 2x an ISImed step, the context methods under half, so they get
         # 400 / 600; the three IoU intervals outside the thesis's comparison ([0.3, 0.6] vs [0, 1]) get 200 (the
-        # demo's budget). README, "Reference study": about 2.2-2.5 hours on a quiet 2-core CPU.
+        # demo's budget). Its duration: README, "Reference study" (dated), and benchmarks/study_budget.py.
         "caps_steps": {"default": 400, "isimed": 600, "reg2d": 600, "heatmap": 600, "doersch": 600,
                        "simsiam-iou-0-0": 200, "simsiam-iou-0.0001-0.3": 200, "simsiam-iou-0.6-1": 200},
         "lr_at_cap": 0.05,

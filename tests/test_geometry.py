@@ -205,3 +205,13 @@ def test_check_affine_rejects_broken_geometry_with_the_reason(kind, message):
         check_affine(_broken(kind))
     with pytest.raises(ValueError, match=r"\(4, 4\)"):
         check_affine(np.eye(3))
+
+
+def test_as_size_is_the_one_patch_size_normaliser_and_names_the_setting():
+    from medssl.geometry import as_size
+
+    assert as_size(16) == (16, 16, 16) and as_size([8, 12, 4]) == (8, 12, 4) and as_size(np.int64(5)) == (5, 5, 5)
+    assert as_size(6, "crop_size_vox", dims=2) == (6, 6)
+    for bad in (0, (8, 8), (8, 8, 0), (4, 4, 4, 4)):
+        with pytest.raises(ValueError, match=r"crop_size_vox must be a positive int or 3 positive ints"):
+            as_size(bad, "crop_size_vox")

@@ -70,6 +70,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medssl import paths
+from medssl._errors import PathProblemError
 from medssl._files import atomic_write_text, remove_stale_temps, replace_dir, temp_path
 from medssl._processes import can_spawn_workers, die_with_parent
 from medssl.data.datasets import (
@@ -108,16 +109,8 @@ __all__ = ["VolumeCache", "CacheBuildReport", "CacheEntryError", "CacheWriteErro
 Case = str | Mapping[str, Any]  # a case id, or a manifest row (dict or pandas Series)
 
 
-class CacheWriteError(OSError):
+class CacheWriteError(PathProblemError, OSError):
     """Writing a cache entry failed (disk full, quota, write limit). ``path`` names the file."""
-
-    def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):  # travels back from worker processes
-        return (type(self), (self.path, self.problem))
 
 
 @dataclass

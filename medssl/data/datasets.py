@@ -36,6 +36,7 @@ from medssl.data.errors import (
     TooSmallError,
 )
 from medssl.data.volume import Volume
+from medssl.geometry import as_size
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from medssl.data.preprocess import PreprocessConfig
@@ -469,9 +470,7 @@ def load_case(
 
 
 def _check_fits_patch(vol: Volume, patch_size_vox: int | Sequence[int], path: str) -> None:
-    patch = (int(patch_size_vox),) * 3 if np.isscalar(patch_size_vox) else tuple(int(p) for p in patch_size_vox)
-    if len(patch) != 3:
-        raise ValueError(f"patch_size_vox must be an int or 3 ints, got {patch_size_vox!r}")
+    patch = as_size(patch_size_vox)
     if any(s < p for s, p in zip(vol.shape_vox, patch)):
         raise TooSmallError(
             path,

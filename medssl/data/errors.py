@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from medssl._errors import PathProblemError
+
 
 class SettingError(ValueError):
     """A medssl setting (an environment variable such as ``MEDSSL_MAX_VOLUME_BYTES``) is invalid.
@@ -10,16 +12,8 @@ class SettingError(ValueError):
     """
 
 
-class MedsslDataError(ValueError):
+class MedsslDataError(PathProblemError, ValueError):
     """A data file cannot be used. ``path`` names the file, ``problem`` says why."""
-
-    def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):  # picklable (worker processes send errors back), whatever the subclass
-        return (type(self), (self.path, self.problem))
 
 
 class UnreadableFileError(MedsslDataError):

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from medssl._processes import can_spawn_workers
+from medssl.geometry import as_size
 from medssl.provenance import provenance_statement
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -296,10 +297,7 @@ def open_data(
 def _patch_tuple(patch_size_vox: int | Sequence[int] | None) -> tuple[int, int, int] | None:
     if patch_size_vox is None:
         return None
-    patch = (int(patch_size_vox),) * 3 if np.isscalar(patch_size_vox) else tuple(int(p) for p in patch_size_vox)
-    if len(patch) != 3 or min(patch) < 1:
-        raise ValueError(f"patch_size_vox must be a positive int or 3 positive ints, got {patch_size_vox!r}")
-    return patch  # type: ignore[return-value]
+    return as_size(patch_size_vox)  # type: ignore[return-value]
 
 
 def _open_folder(source, layout, manifest, config, split_seed, on_error, progress, patch, registered) -> DataSource:

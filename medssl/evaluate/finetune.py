@@ -201,9 +201,34 @@ def finetune(
     Returns:
         A :class:`FinetuneResult`.
     """
+    from medssl.train.determinism import deterministic_algorithms
+    from medssl.train.precision import resolve_device
+
+    device = resolve_device(config.device)
+    with deterministic_algorithms(device, enabled=True):
+        return _finetune(method, train_volumes, organs, config, out_dir, val_volumes, test_volumes, name,
+                         surface_tolerance_mm, step_callback, device)
+
+
+def _finetune(method, train_volumes, organs, config, out_dir, val_volumes, test_volumes, name, surface_tolerance_mm,
+              step_callback, device) -> FinetuneResult:
+    """:func:`finetune`'s loop.
+
+    Not :func:`medssl.train.fit`: ``fit`` trains a :class:`~medssl.methods.base.Method` (its ``training_step``
+    on the :class:`~medssl.sampling.base.PatchBatch` es its own sampler draws, the per-epoch schedule, the
+    pretext validation set, checkpoints, resume, early stopping and DDP), while this trains a segmentation
+    network on labelled (crop, label) pairs with a per-step warm-up/cosine schedule, Dice-CE and
+    whole-volume validation Dice, and keeps no checkpoint. Making ``fit`` take both would mean a second
+    kind of model, batch and schedule inside it for a loop of a few lines; instead this reuses fit's pieces:
+    the deterministic-kernel settings, the bf16 guard of thin 3D convolutions, the non-finite loss error,
+    the step window that makes the training records (loss, grad_norm, samples_per_s), ``when``, autocast and
+    :class:`~medssl.train.metrics.MetricsLog`.
+    """
     from medssl.sampling.labelled import LabelledCropSampler
-    from medssl.train.metrics import MetricsLog, mean_logs, when
-    from medssl.train.precision import autocast, resolve_device, resolve_precision
+    from medssl.train.determinism import Bf16Conv3dGuard
+    from medssl.train.loop import NonFiniteLossError
+    from medssl.train.metrics import MetricsLog, StepWindow, when
+    from medssl.train.precision import autocast, resolve_precision
 
     if not train_volumes:
         raise ValueError("fine-tuning needs at least one labelled training subject")
@@ -211,7 +236,6 @@ def finetune(
 
     for v in (*train_volumes, *val_volumes, *test_volumes):  # prepared as the encoder's training data?
         check_volume_preprocessing(method, v)
-    device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the decoder's initial weights: identical for every initialisation
@@ -248,30 +272,43 @@ def finetune(
 
     if step_callback is not None:
         step_callback(0, net)
+    # oneDNN's bf16 weight gradient of thin 3D convolutions is wrong on AVX512-BF16 CPUs: as in fit, those run in fp32
+    guard = Bf16Conv3dGuard(net) if device.type == "cpu" and precision == "bf16" else None
     t0 = time.perf_counter()
-    window: list[dict[str, float]] = []
-    for step in range(1, config.steps + 1):
-        x, y = sampler()
-        with autocast(device, precision):
-            logits = net(x.to(device))
-        loss = loss_fn(logits.float(), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        window.append({"loss": float(loss.detach())})
-        if step_callback is not None:
-            step_callback(step, net)
-        if step % config.log_every == 0 or step == config.steps:
-            _record({**mean_logs(window), "split": "train", "lr": optimizer.param_groups[0]["lr"],
-                     **when(step, config.steps, time.perf_counter() - t0)})
-            window = []
-        if val_volumes and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-            val = score_volumes(net, val_volumes, organs, config, None, split="val")
-            net.train()
-            _record({"split": "val", "dice_mean": float(val.groupby("query")["dice"].mean().mean()),
-                     **{f"dice_{o}": float(v) for o, v in val.groupby("organ", sort=False)["dice"].mean().items()},
-                     **when(step, config.steps, time.perf_counter() - t0)})
+    try:
+        window = StepWindow()
+        for step in range(1, config.steps + 1):
+            t_step = time.perf_counter()
+            x, y = sampler()
+            sample_s = time.perf_counter() - t_step
+            with autocast(device, precision):
+                logits = net(x.to(device))
+            loss = loss_fn(logits.float(), y.to(device))
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"{name or 'fine-tuning'}: non-finite Dice-CE loss ({loss_value}) at step "
+                                         f"{step} of {config.steps}; lower lr (now {config.lr:g}) or try "
+                                         "precision='fp32'")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.get_total_norm([q.grad for q in net.parameters() if q.grad is not None]))
+            optimizer.step()
+            scheduler.step()
+            window.add(loss_value, {}, len(x), grad_norm, sample_s, time.perf_counter() - t_step)
+            if step_callback is not None:
+                step_callback(step, net)
+            if step % config.log_every == 0 or step == config.steps:
+                _record({**window.record(optimizer.param_groups[0]["lr"]),
+                         **when(step, config.steps, time.perf_counter() - t0)})
+            if val_volumes and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+                val = score_volumes(net, val_volumes, organs, config, None, split="val")
+                net.train()
+                _record({"split": "val", "dice_mean": float(val.groupby("query")["dice"].mean().mean()),
+                         **{f"dice_{o}": float(v) for o, v in val.groupby("organ", sort=False)["dice"].mean().items()},
+                         **when(step, config.steps, time.perf_counter() - t0)})
+    finally:
+        if guard is not None:
+            guard.remove()
     seconds_train = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores = score_volumes(net, test_volumes, organs, config, surface_tolerance_mm) if test_volumes else pd.DataFrame()
@@ -419,9 +456,9 @@ def finetune_comparison(
 def finetune_methods(spec: str | Sequence[str], trained: Sequence[str]) -> list[str]:
     """The methods to fine-tune among the run's ``trained`` ones (random-init is always added by the caller).
 
-    ``"all"``: every trained method; ``"demo"``: ISImed plus the demo methods of the
-    positive-pair-selection family (SimSiam at [0.3, 0.6] and [0, 1] once they are registered);
-    a list: those names (untrained ones are skipped by the caller).
+    ``"all"``: every trained method; ``"demo"``: the demo methods whose class sets ``in_finetune_demo``
+    (today ISImed and SimSiam at [0.3, 0.6] and [0, 1]); a list: those names (untrained ones are skipped by
+    the caller).
     """
     from medssl.methods import list_methods, method_info
 
@@ -430,8 +467,7 @@ def finetune_methods(spec: str | Sequence[str], trained: Sequence[str]) -> list[
             return list(trained)
         if spec != "demo":
             raise ValueError(f"finetune_methods must be 'demo', 'all' or a list of names, got {spec!r}")
-        demo = set(list_methods(demo=True))
-        keep = {"isimed"} | {m for m in demo if method_info(m)["family"] == "positive-pair selection"}
+        keep = {m for m in list_methods(demo=True) if method_info(m)["in_finetune_demo"]}
         return [m for m in trained if m in keep]
     return [str(m) for m in spec]
 

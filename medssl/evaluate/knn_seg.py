@@ -452,8 +452,7 @@ def _linear_weights(anchors_vox: np.ndarray, n_vox: int) -> torch.Tensor:
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run small, memory-bound torch ops on one thread: on a shared 2-core machine two OpenMP
-    threads spin against other processes and made them ~10x slower (measured: Dice 0.13 s
-    vs 1.5 s per volume under load)."""
+    threads spin against other processes and made them several times slower under load."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

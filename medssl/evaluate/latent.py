@@ -93,7 +93,7 @@ def umap_frame(
     """UMAP (McInnes et al. 2018, umap-learn) of ``emb (N, D)`` to ``n`` dimensions, columns ``UMAP1..``.
 
     ``max_points`` subsamples rows first (seeded); ``index`` holds the chosen rows. The
-    first call in a process compiles umap's numba kernels (~10-30 s); later calls are fast.
+    first call in a process compiles umap's numba kernels (slow once); later calls are fast.
     Seeded runs are single-threaded and reproducible.
     """
     import umap  # slow import (numba); only when a UMAP is asked for

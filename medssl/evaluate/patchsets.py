@@ -41,9 +41,8 @@ if TYPE_CHECKING:
 
 from medssl._files import atomic_path, atomic_write_text, file_sha256
 from medssl.data.volume import Volume
-from medssl.geometry import box_centres_mm, boxes_for_centres
+from medssl.geometry import as_size, box_centres_mm, boxes_for_centres
 from medssl.sampling.patches import extract_patches
-from medssl.sampling.regions import as_size
 from medssl.sampling.sets import (
     DrawnCentres,
     draw_labelled_centres,

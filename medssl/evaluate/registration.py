@@ -13,18 +13,18 @@ of A to the world point of B, whatever the voxel grids, anisotropy or obliquity.
 here is medssl's world frame (RAS mm) as it is: ITK's LPS convention matters only for files ITK
 reads or writes as images, and none are (the transforms are medssl's own cache).
 
-**Settings** (:class:`RegistrationConfig`; the defaults fit the demo's time, about 1 s per pair
-on 2 loaded CPU cores): both images binned to ``resample_mm`` (6 mm: measured on the demo test
-pairs, as accurate as 3 mm and 6x faster), the body masks' centroids as the initial
+**Settings** (:class:`RegistrationConfig`; the defaults fit the demo's time budget): both images
+binned to ``resample_mm`` (6 mm: measured on the demo test pairs, as accurate as 3 mm and much
+faster), the body masks' centroids as the initial
 translation, then a rigid (Euler) and an affine stage, each with Mattes mutual information on
 ``n_samples`` random points, linear interpolation, regular-step gradient descent with scales
 from physical shifts, and a two-level pyramid (``shrink_factors`` 2, 1). Measured on the 56
 ordered demo test pairs (``benchmarks/registration.py``, loaded 2-core machine): median error
 8.0 mm before snapping to the 18 mm grid and 11.6 mm after (grid floor 8.9 mm; the best affine
 fit of the true correspondence leaves ~7 mm: the demo's elastic part), against 24.5 / 25.9 mm
-for the moment alignment, at 1.5 s per pair; affine + B-spline 6.4 / 10.8 mm at 10 s per pair. ``transform="bspline"``
-adds a cubic B-spline (control points every ``bspline_mesh_mm``) on top of the affine
-(``CompositeTransform``: B-spline first, then the affine); it takes ~10 s per pair on the demo.
+for the moment alignment; affine + B-spline 6.4 / 10.8 mm (seconds per pair: the same script and the
+dated README). ``transform="bspline"`` adds a cubic B-spline (control points every ``bspline_mesh_mm``)
+on top of the affine (``CompositeTransform``: B-spline first, then the affine), several times slower.
 ``image="body"`` registers the (smoothed) body masks instead of the intensities with mean
 squares: shape only, no image content inside the body; ``transform="affine"`` of the masks is
 the rotation-aware ``aligned-identity (body affine)`` shortcut row (8.6 mm; a rigid one, 13.2 mm,

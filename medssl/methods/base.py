@@ -22,6 +22,7 @@ from torch import nn
 
 from medssl._config import check_overrides
 from medssl.data.volume import Volume
+from medssl.geometry import as_size
 from medssl.models.backbones import build_backbone
 from medssl.sampling.base import PatchBatch
 from medssl.sampling.patches import extract_patches
@@ -113,6 +114,8 @@ class Method(nn.Module):
     - ``presets``: per-preset overrides, ``{"demo": {"method": {...}, "train": {...}}}``,
       applied on top of the shared preset (:mod:`medssl.presets`).
     - ``in_demo``: run by ``make demo``.
+    - ``in_finetune_demo``: also fine-tuned by the demo's short segmentation protocol
+      (``finetune_methods="demo"`` in :mod:`medssl.evaluate.finetune`), when it is in the demo.
     - ``val_measure``: ``(key of the validation record, "min" | "max")``: the pretext measure
       early stopping watches (:class:`medssl.train.config.EarlyStopping`); the record holds
       ``loss``, ``effective_rank`` and the mean of every ``training_step`` log on the fixed
@@ -127,6 +130,7 @@ class Method(nn.Module):
     views_per_patch: ClassVar[int] = 1
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     in_demo: ClassVar[bool] = True
+    in_finetune_demo: ClassVar[bool] = False
     val_measure: ClassVar[tuple[str, str]] = ("loss", "min")
 
     def __init__(self, config: Any) -> None:
@@ -142,8 +146,7 @@ class Method(nn.Module):
 
     @property
     def patch_size_vox(self) -> tuple[int, int, int]:
-        p = self.config.patch_size_vox
-        return (p,) * 3 if isinstance(p, int) else tuple(p)
+        return as_size(self.config.patch_size_vox)  # type: ignore[return-value]
 
     @property
     def input_size_vox(self) -> tuple[int, int, int]:
@@ -302,7 +305,8 @@ def method_info(name: str) -> dict[str, Any]:
     e = _entry(name)
     return {"method": name, "base": e.cls.name, "family": e.cls.family, "paper": e.cls.paper,
             "trains": e.cls.trains, "views_per_patch": e.cls.views_per_patch, "in_demo": e.in_demo,
-            "overrides": dict(e.overrides), "description": e.description, "val_measure": tuple(e.cls.val_measure)}
+            "in_finetune_demo": e.cls.in_finetune_demo, "overrides": dict(e.overrides), "description": e.description,
+            "val_measure": tuple(e.cls.val_measure)}
 
 
 def make_config(name: str, **overrides: Any) -> Any:

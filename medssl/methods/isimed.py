@@ -48,6 +48,7 @@ class Isimed(Method):
 
     Config = IsimedConfig
     family = "distance regression"
+    in_finetune_demo = True  # the demo's fine-tuning (variants too, when in the demo)
     paper = "Jabareen, Yuan, Lukassen: ISImed, arXiv 2410.16947"
     presets = {"demo": {"method": {"scale_mm": DEMO_SCALE_MM}}}
     val_measure = ("abs_err_mm", "min")  # the pretext task: |latent - physical distance| in mm, val pairs

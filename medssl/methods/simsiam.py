@@ -109,6 +109,7 @@ class SimSiam(Method):
 
     Config = SimSiamConfig
     family = "positive-pair selection"
+    in_finetune_demo = True  # the demo's fine-tuning (variants too, when in the demo)
     paper = ("Konieczkowicz, Self-supervised learning for medical diagnosis and imaging, MSc thesis, AGH 2023 "
              "(IoU-interval positives); SimSiam: Chen & He, CVPR 2021")
     views_per_patch = 1

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from medssl.data.volume import Volume
-from medssl.sampling.regions import as_size, check_fits
+from medssl.geometry import as_size
+from medssl.sampling.regions import check_fits
 
 
 @dataclass
@@ -74,7 +75,8 @@ class PatchBatch:
 
 
 class PatchSampler:
-    """Base class. Subclasses implement ``_sample``; ``__call__`` validates first."""
+    """Base class. Subclasses implement ``_sample``; ``__call__`` validates first: at least one volume, every
+    volume fits a patch, and all have the same number of channels (a batch is one array)."""
 
     def __init__(self, patch_size_vox: int | Sequence[int]) -> None:
         self.patch_size_vox: tuple[int, int, int] = as_size(patch_size_vox)
@@ -84,6 +86,10 @@ class PatchSampler:
             raise ValueError("sampler got no volumes")
         for v in volumes:
             check_fits(v, self.patch_size_vox)
+        for v in volumes:
+            if v.n_channels != volumes[0].n_channels:
+                raise ValueError(f"{v.source or v.case_id}: has {v.n_channels} channels but {volumes[0].case_id} has "
+                                 f"{volumes[0].n_channels}; all volumes in a pool need the same channels")
         return self._sample(volumes, rng)
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:

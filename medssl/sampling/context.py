@@ -245,13 +245,6 @@ class _CentreTable:
                 "anchor_fallback": np.full(n, fallback, dtype=bool)}
 
 
-def _check_channels(volumes: Sequence[Volume]) -> None:
-    for v in volumes:
-        if v.n_channels != volumes[0].n_channels:
-            raise ValueError(f"{v.source or v.case_id}: has {v.n_channels} channels but {volumes[0].case_id} has "
-                             f"{volumes[0].n_channels}; all volumes in a pool need the same channels")
-
-
 def _choose_volumes(volumes: Sequence[Volume], volumes_per_batch: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of the batch's volumes: a uniform draw without replacement from the WHOLE pool."""
     return rng.choice(len(volumes), size=min(volumes_per_batch, len(volumes)), replace=False)
@@ -327,7 +320,6 @@ class ContextPairSampler(PatchSampler):
         return super().__call__(volumes, rng)
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
-        _check_channels(volumes)
         chosen = _choose_volumes(volumes, self.volumes_per_batch, rng)
         lo, hi = curriculum_range(self._progress, self.offset_start, self.offset_end)
         parts = [self._pairs(volumes[int(vi)], rng, lo, hi) for vi in chosen]
@@ -435,7 +427,6 @@ class NeighbourPairSampler(PatchSampler):
         return np.maximum(np.rint(self.gap_mm / vol.spacing_mm).astype(np.int64), jitter), jitter
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
-        _check_channels(volumes)
         chosen = _choose_volumes(volumes, self.volumes_per_batch, rng)
         parts = [self._pairs(volumes[int(vi)], rng) for vi in chosen]
         cat = lambda key: torch.from_numpy(np.concatenate([p[key] for p in parts]))  # noqa: E731
@@ -489,7 +480,6 @@ class PointInputSampler(PatchSampler):
         self._centres = _CentreTable(foreground_only, region)
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
-        _check_channels(volumes)
         chosen = _choose_volumes(volumes, self.volumes_per_batch, rng)
         centres = [self._centres.draw(volumes[int(vi)], self.patches_per_volume, rng) for vi in chosen]
         boxes = [boxes_for_centres(c, self.input_size_vox) for c in centres]

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from medssl.data.volume import Volume
-from medssl.geometry import box_centres_mm, box_iou_3d, boxes_for_centres, centre_window
+from medssl.geometry import as_size, box_centres_mm, box_iou_3d, boxes_for_centres, centre_window
 from medssl.sampling.base import PatchBatch, PatchSampler
 from medssl.sampling.patches import copy_patches
 from medssl.sampling.regions import BODY, check_fits
@@ -204,11 +204,7 @@ class IoUPairSampler(PatchSampler):
     # ------------------------------------------------------------------ batch
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
-        c = volumes[0].n_channels
-        for v in volumes:
-            if v.n_channels != c:
-                raise ValueError(f"{v.source or v.case_id}: has {v.n_channels} channels but {volumes[0].case_id} "
-                                 f"has {c}; all volumes in a pool need the same channels")
+        c = volumes[0].n_channels  # the same for all (checked by PatchSampler.__call__)
         n_vol = min(self.volumes_per_batch, len(volumes))
         chosen = rng.choice(len(volumes), size=n_vol, replace=False)
         P = self.pairs_per_volume
@@ -312,10 +308,5 @@ def _fits(boxes: np.ndarray, shape_vox: Sequence[int]) -> np.ndarray:
 
 def _box_size(size: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, int, int]:
     """A crop size as the 3D box it occupies (2D crops are one voxel thick in z)."""
-    if np.isscalar(size):
-        s = (int(size),) * spatial_dims  # type: ignore[arg-type]
-    else:
-        s = tuple(int(v) for v in size)  # type: ignore[union-attr]
-    if len(s) != spatial_dims or min(s) < 1:
-        raise ValueError(f"{name} must be a positive int or {spatial_dims} positive ints, got {size!r}")
+    s = as_size(size, name, dims=spatial_dims)
     return (*s, 1) if spatial_dims == 2 else s  # type: ignore[return-value]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from medssl.data.volume import Volume
+from medssl.geometry import as_size
 from medssl.sampling.patches import extract_patches
 from medssl.sampling.regions import foreground_mask
 
@@ -39,7 +40,7 @@ class LabelledCropSampler:
         self.codes = [np.asarray(c).astype(np.float32)[None] for c in codes]
         self.labelled_vox = [np.argwhere(c[0] > 0) for c in self.codes]
         self.body_vox = [np.argwhere(foreground_mask(v)) for v in volumes]
-        self.size = (int(crop_size_vox),) * 3
+        self.size = as_size(crop_size_vox, "crop_size_vox")
         self.batch_size, self.labelled_fraction = int(batch_size), float(labelled_fraction)
         self.rng = np.random.default_rng([int(seed), 11])
 

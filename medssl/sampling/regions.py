@@ -23,20 +23,9 @@ from medssl.data.errors import EmptyForegroundError, LabelGridMismatchError, Too
 from medssl.data.volume import Volume
 from medssl.geometry import centre_window
 
-__all__ = ["as_size", "check_fits", "foreground_mask", "valid_centres", "BODY"]
+__all__ = ["check_fits", "foreground_mask", "valid_centres", "BODY"]
 
 BODY = BODY_KEY
-
-
-def as_size(size_vox: int | Sequence[int], name: str = "patch_size_vox") -> tuple[int, int, int]:
-    """A patch size as 3 positive ints (one int means a cube)."""
-    if np.isscalar(size_vox):
-        size = (int(size_vox),) * 3  # type: ignore[arg-type]
-    else:
-        size = tuple(int(s) for s in size_vox)  # type: ignore[union-attr]
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {size_vox!r}")
-    return size  # type: ignore[return-value]
 
 
 def check_fits(volume: Volume, size_vox: Sequence[int]) -> None:

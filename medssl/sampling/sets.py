@@ -54,8 +54,8 @@ import numpy as np
 from scipy import ndimage
 
 from medssl.data.volume import Volume
-from medssl.geometry import centre_window, spacing_from_affine, vox_to_world, world_to_vox
-from medssl.sampling.regions import BODY, as_size, check_fits, foreground_mask, valid_centres
+from medssl.geometry import as_size, centre_window, spacing_from_affine, vox_to_world, world_to_vox
+from medssl.sampling.regions import BODY, check_fits, foreground_mask, valid_centres
 
 __all__ = [
     "DrawnCentres",

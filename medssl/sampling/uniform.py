@@ -79,13 +79,7 @@ class UniformPatchSampler(PatchSampler):
         self._centre_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     def _sample(self, volumes: Sequence[Volume], rng: np.random.Generator) -> PatchBatch:
-        n_channels = volumes[0].n_channels
-        for v in volumes:
-            if v.n_channels != n_channels:
-                raise ValueError(
-                    f"{v.source or v.case_id}: has {v.n_channels} channels but {volumes[0].case_id} has {n_channels}; "
-                    "all volumes in a pool need the same channels"
-                )
+        n_channels = volumes[0].n_channels  # the same for all (checked by PatchSampler.__call__)
         n_vol = min(self.volumes_per_batch, len(volumes))
         chosen = rng.choice(len(volumes), size=n_vol, replace=False)
         P = self.patches_per_volume

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from medssl._errors import PathProblemError
 from medssl._files import atomic_write_bytes
 from medssl.rundir import method_files
 
@@ -48,13 +49,8 @@ _JSON_KEYS = ("method_config", "train_config", "numpy_rng", "preprocessing")
 _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PathProblemError, ValueError):
     """A checkpoint cannot be used. ``path`` names the file, ``problem`` says why."""
-
-    def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def checkpoint_paths(method_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -63,17 +59,9 @@ def checkpoint_paths(method_dir: str | os.PathLike) -> tuple[Path, Path]:
     return files.checkpoints, files.last
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(PathProblemError, OSError):
     """Writing a checkpoint failed (disk full, quota, file size limit). ``path`` names the file; the previous
     file of that name is untouched."""
-
-    def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):
-        return (type(self), (self.path, self.problem))
 
 
 def save_checkpoint(state: dict[str, Any], *paths: str | os.PathLike) -> None:

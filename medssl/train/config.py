@@ -90,10 +90,9 @@ class TrainConfig:
         val_seed: seed of the fixed validation patch set (drawn once, reused at every evaluation).
         val_batches: number of ``method.sample`` batches in the fixed validation set.
         prefetch: draw the next training batch in a background thread while the current one
-            trains (same batches in the same order as without). Off by default: on the 2-core CPU
-            torch already uses both cores and SimCLR's demo steps took 20.0-20.4 s per 80 steps
-            with and 19.8-20.1 s without; it is meant for GPU runs, where sampling and view
-            making on the CPU can overlap GPU compute.
+            trains (same batches in the same order as without). Off by default: on a 2-core CPU
+            torch already uses both cores and the demo's steps were no faster with it; it is meant for
+            GPU runs, where sampling and view making on the CPU can overlap GPU compute.
         sync_batchnorm: under DDP, convert BatchNorm layers to ``SyncBatchNorm`` (batch
             statistics over all ranks). DDP broadcasts rank 0's buffers before every forward
             either way, so the running statistics stay identical on every rank.

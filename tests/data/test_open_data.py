@@ -107,14 +107,19 @@ def test_the_readme_python_snippet_runs_as_a_plain_script_without_a_main_guard(t
     script = snippet.replace('open_data("demo")', f"open_data({str(folder)!r}, progress=False)")
     script = script.replace('build_run("isimed", "demo", train_overrides={"epochs": 10})',
                             'build_run("isimed", "tiny", train_overrides={"epochs": 1, "steps_per_epoch": 2})')
-    assert script.count(str(folder)) == 1 and '"tiny"' in script
+    script = script.replace('medssl.pretrain("mine", "isimed", "demo", train_overrides={"epochs": 10})',
+                            f'medssl.pretrain("mine", "isimed", "tiny", medssl.open_data({str(folder)!r}, progress=False), '
+                            'train_overrides={"epochs": 1, "steps_per_epoch": 2}, progress=False)')
+    assert script.count(str(folder)) == 2 and script.count('"tiny"') == 2
     (tmp_path / "snippet.py").write_text(script + "\nprint('OK', type(model).__name__)\n", encoding="utf-8")
-    env = {**os.environ, "MEDSSL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    env = {**os.environ, "MEDSSL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO),
+           "MEDSSL_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=600)  # progress bars: not the locale's codec
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout and "BrokenProcessPool" not in proc.stderr
-    assert (tmp_path / "runs" / "mine" / "isimed" / "checkpoints" / "last.pt").is_file()
+    for run in ("mine", "blocks"):  # the runs folder, whatever the current one (here $MEDSSL_RUNS)
+        assert (tmp_path / "runs" / run / "isimed" / "checkpoints" / "last.pt").is_file(), run
 
 
 _PROBE = "from medssl._processes import can_spawn_workers\n"

@@ -203,3 +203,46 @@ def test_the_swin_adapter_builds_a_swinunetr_whose_swinvit_holds_the_backbone_tr
         assert net.eval()(torch.zeros(1, 1, 64, 64, 64)).shape == (1, 3, 64, 64, 64)
     with pytest.raises(ValueError, match="too small"):
         seg.segmentation_net(method, 3, crop_size_vox=32)
+
+
+def test_the_demo_finetunes_the_demo_methods_whose_class_asks_for_it(monkeypatch):
+    from medssl.methods import list_methods, method_info
+
+    trained = list_methods(trains=True)
+    chosen = ft.finetune_methods("demo", trained)
+    assert chosen == [m for m in trained if method_info(m)["in_demo"] and method_info(m)["in_finetune_demo"]]
+    assert {"isimed", "simsiam"} <= set(chosen) and "regisimed" not in chosen  # same family as isimed, not chosen
+    assert "simsiam-iou-0-0" not in chosen  # a variant of a chosen class, but not in the demo
+    from medssl.methods.isimed import Isimed
+
+    monkeypatch.setattr(Isimed, "in_finetune_demo", False)  # the class decides, nothing else names it
+    assert "isimed" not in ft.finetune_methods("demo", trained)
+    assert ft.finetune_methods("all", trained) == trained and ft.finetune_methods(["x"], trained) == ["x"]
+    with pytest.raises(ValueError, match="finetune_methods"):
+        ft.finetune_methods("some", trained)
+
+
+def test_finetuning_records_what_fit_records_and_stops_on_a_non_finite_loss(checkpoint, tmp_path, monkeypatch):
+    from medssl.train.checkpoint import load_method
+    from medssl.train.loop import NonFiniteLossError
+    from medssl.train.metrics import read_metrics
+
+    method = load_method(checkpoint)
+    res = ft.finetune(method, [labelled_volume("t0", 0)], ORGANS, TINY, tmp_path / "ft", name="isimed")
+    pretrain = read_metrics(checkpoint.parent.parent)
+    tuned = read_metrics(tmp_path / "ft")
+    fit_keys = set(pretrain.loc[pretrain["split"] == "train"].dropna(axis=1, how="all").columns)
+    tune_keys = set(tuned.loc[tuned["split"] == "train"].dropna(axis=1, how="all").columns)
+    # the training records come from the same StepWindow (fit adds the method's own logs and its skip counter)
+    assert {"loss", "grad_norm", "samples_per_s", "sample_share", "lr", "step", "epoch", "time_s"} <= tune_keys
+    assert tune_keys - fit_keys == set()
+    grads = [q.grad for q in res.net.parameters() if q.grad is not None]
+    last = tuned.loc[tuned["split"] == "train"].iloc[-1]
+    assert np.isclose(last["grad_norm"], float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+    assert last["samples_per_s"] > 0 and 0 <= last["sample_share"] <= 1
+
+    from monai.losses import DiceCELoss
+
+    monkeypatch.setattr(DiceCELoss, "forward", lambda self, x, y: x.sum() * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"isimed: non-finite Dice-CE loss \(nan\) at step 1 of 3"):
+        ft.finetune(method, [labelled_volume("t0", 0)], ORGANS, TINY, name="isimed")
