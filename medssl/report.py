@@ -42,10 +42,12 @@ __all__ = ["PROTOCOL", "RunResults", "RunComparison", "best_vs_shortcuts", "coll
 REPORT_STEP = "40_report"  # the report notebook's step folder (RunDir.step_dir)
 PROTOCOL = (
     "Protocol: methods are pretrained on the train split only. Every choice made from results (the ISImed "
-    "latent scale, the number of steps, the probe's C, the ridge's alpha) was made on the validation split; "
-    "the test split is scored once, at the end, and the split of every number is in its row. Every method "
-    "sees the same number of distinct patches per step (two-view methods embed two views of each, which "
-    "costs about twice the compute: see the pretraining table). Each method is tested against its own untrained "
+    "latent scale, the context methods' learning rates, the probe's C, the ridge's alpha and, where early "
+    "stopping is on, the step kept) was made on the validation split; a preset's step count is fixed in "
+    "advance. The test split is scored once, at the end, and the split of every number is in its row. The "
+    "pretraining table gives each method's steps, distinct patches per step, forward passes and wall time, "
+    "and names every budget that differs from the common one (two-view methods embed two views of each patch; "
+    "2.5D methods see planar patches). Each method is tested against its own untrained "
     "twin (the same architecture: random-init[...], or xavier for Reg2D/Heatmap), every shortcut row and every "
     "positive control; p-values are Holm-adjusted over those method x baseline comparisons (the family size is "
     "stated with each verdict), next to the smallest adjusted Wilcoxon p the n test subjects allow (2/2^n times "
