@@ -111,3 +111,20 @@ def test_bad_input_is_named():
         aug(torch.zeros(2, 1, 8, 8), np.random.default_rng(0))
     with pytest.raises(ValueError, match="zoom_prob"):
         ThesisViewAugment(zoom_prob=1.5)
+
+
+@pytest.mark.parametrize("size", [(32, 32, 32), (20, 24, 28), (30, 26)])
+def test_the_separable_zoom_grid_equals_affine_grid_then_the_clip(size):
+    import torch.nn.functional as F
+
+    from medssl.augment_thesis import _separable_grid
+
+    rng, d, n = np.random.default_rng(0), len(size), 7
+    theta, bound = np.zeros((n, d, d + 1)), rng.uniform(0.5, 1.0, (n, d))
+    for k in range(n):
+        theta[k, :, :-1] = np.diag(rng.uniform(0.6, 1.5, d))
+        theta[k, :, -1] = rng.uniform(-0.3, 0.3, d)
+    grid = F.affine_grid(torch.from_numpy(theta).float(), [n, 1, *size], align_corners=False)
+    b = torch.from_numpy(bound).float().view(n, *([1] * d), d)
+    expected = torch.maximum(torch.minimum(grid, b), -b)
+    torch.testing.assert_close(_separable_grid(theta, bound, size, torch.float32), expected, atol=3e-7, rtol=0)

@@ -55,6 +55,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from medssl.data.npy import readable
 from medssl.data.volume import Volume
 from medssl.geometry import box_centres_mm, boxes_for_centres, plane_axes
 from medssl.sampling.base import PatchBatch, PatchSampler
@@ -93,7 +94,7 @@ def _gather(data: np.ndarray, coords: Sequence[np.ndarray], fill: np.ndarray | N
     minimum). One flat ``take`` per channel over a broadcast index, no Python loop over points; the
     inside test runs on the small per-axis arrays, and the full-size mask only when a point is outside.
     """
-    arr = np.asarray(data)
+    arr = readable(data)  # a LazyNpy's map: only the gathered pages are read, not a copy of the volume
     spatial = arr.shape[1:]
     strides = (spatial[1] * spatial[2], spatial[2], 1)
     index_type = np.int32 if arr[0].size < np.iinfo(np.int32).max else np.int64
@@ -138,8 +139,8 @@ def triplanar_patches(data: np.ndarray, centres_vox: np.ndarray, size_vox: int, 
 
     ``out[:, o]`` is :func:`planar_patches` with normal axis ``o``: the input of the 2.5D descriptor.
     """
-    arr = np.asarray(data)
-    fill = padding_values(arr) if fill is None else fill
+    arr = readable(data)  # a LazyNpy's map: not a copy of the volume per call
+    fill = padding_values(data) if fill is None else fill
     return np.stack([planar_patches(arr, centres_vox, o, size_vox, n_slices, fill) for o in range(3)], axis=1)
 
 

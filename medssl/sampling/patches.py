@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medssl.data.npy import LazyNpy, readable
 from medssl.geometry import boxes_for_centres
 
 __all__ = ["copy_patches", "extract_patches", "padding_values"]
@@ -33,9 +34,25 @@ def copy_patches(data: np.ndarray, boxes_vox: np.ndarray, out: np.ndarray) -> np
 
 
 def padding_values(data: np.ndarray) -> np.ndarray:
-    """``(C,)`` float32: the per-channel minimum, the constant outside the image."""
-    d = np.asarray(data)
-    return d.reshape(d.shape[0], -1).min(axis=1).astype(np.float32)
+    """``(C,)`` float32: the per-channel minimum, the constant outside the image.
+
+    For a cached volume (:class:`~medssl.data.npy.LazyNpy`) it is computed once per file build: the
+    2.5D samplers ask for it for every volume of every batch, and a pass over a whole volume cost more
+    than cutting its patches.
+    """
+    key = (data.path, data.identity) if isinstance(data, LazyNpy) else None
+    if key is not None and key in _PADDING:
+        return _PADDING[key].copy()
+    d = readable(data)  # a LazyNpy's map, not a copy of the volume
+    values = d.reshape(d.shape[0], -1).min(axis=1).astype(np.float32)
+    if key is not None:
+        if len(_PADDING) >= 4096:
+            _PADDING.clear()
+        _PADDING[key] = values.copy()
+    return values
+
+
+_PADDING: dict[tuple, np.ndarray] = {}  # (path, file identity) -> padding values of a LazyNpy
 
 
 def extract_patches(data: np.ndarray, centres_vox: np.ndarray, size_vox: Sequence[int]) -> np.ndarray:

@@ -85,3 +85,29 @@ def test_a_volume_opened_after_its_entry_was_rebuilt_reads_the_new_arrays(tmp_pa
             npy._maps.pop(key)
     with pytest.raises(CacheEntryError, match="rebuilt while in use"):
         first.data[0]
+
+
+def test_readable_maps_a_lazy_array_without_copying_it_and_context_samplers_cut_the_same_patches(tmp_path):
+    from medssl.sampling.context import ContextPairSampler
+    from medssl.sampling.patches import padding_values
+
+    arrays = _arrays(tmp_path, 4)
+    lz = LazyNpy(arrays[0][0], arrays[0][1].shape, arrays[0][1].dtype)
+    view = npy.readable(lz)
+    assert isinstance(view, np.memmap) and not view.flags.writeable  # the map, not a writable copy
+    np.testing.assert_array_equal(view, arrays[0][1])
+    plain = np.arange(6.0).reshape(1, 1, 2, 3)
+    assert npy.readable(plain) is plain
+    # the padding value is remembered per file build: a rebuilt file (another identity) is read again
+    assert padding_values(lz) == pytest.approx(arrays[0][1].min())
+    np.save(arrays[0][0], arrays[0][1] - 5.0)
+    rebuilt = LazyNpy(arrays[0][0], arrays[0][1].shape, arrays[0][1].dtype)
+    assert padding_values(rebuilt) == pytest.approx(arrays[0][1].min() - 5.0)
+    # the 2.5D sampler (fancy indexing through readable) cuts the same batch from lazy and in-memory volumes
+    affine = np.diag([1.5, 2.0, 3.0, 1.0])
+    mem = [Volume(a, affine, f"c{i}") for i, (_, a) in enumerate(arrays[1:])]
+    lazy = [Volume(LazyNpy(p, a.shape, a.dtype), affine, f"c{i}") for i, (p, a) in enumerate(arrays[1:])]
+    sampler = ContextPairSampler(size_vox=6, n_slices=1, volumes_per_batch=2, patches_per_volume=3, foreground_only=False)
+    a, b = sampler(mem, np.random.default_rng(3)), sampler(lazy, np.random.default_rng(3))
+    assert np.array_equal(a.patches.numpy(), b.patches.numpy())
+    assert np.array_equal(a.extras["partners"].numpy(), b.extras["partners"].numpy())
