@@ -81,7 +81,9 @@ PLANS: dict[str, dict[str, Any]] = {
             {"notebook": "10_pretrain.ipynb", "per_method": True, "parameters": {"preset": "demo"}},
             # 2D UMAP only, and the dense grid of 50_segmentation's demo (every 6th voxel, 18 mm), whose cached
             # descriptors 25 and 50 then reuse (stride 4 would make the 12 methods' correspondence grids the demo's longest step)
-            {"notebook": "20_latent_space.ipynb", "parameters": {"umap_3d": False, "stride_vox": 6}},
+            # (the maps' colour frame is fitted on one training subject: a second one cost ~30 s of dense grids)
+            {"notebook": "20_latent_space.ipynb", "parameters": {"umap_3d": False, "stride_vox": 6,
+                                                                  "n_map_train_subjects": 1}},
             {"notebook": "25_latent_viewer.ipynb", "parameters": {"stride_vox": 6}},
             {"notebook": "30_linear_probe.ipynb", "parameters": {"task": "lesion"}},
             {"notebook": "30_linear_probe.ipynb", "name": "30_linear_probe_organ",
