@@ -17,8 +17,7 @@ points (the ``medssl`` command, pipeline kernels, ``make``) and by the training 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medssl._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -41,14 +40,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medssl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

@@ -115,12 +115,7 @@ def _metaimage_problem(path: Path, raw: bytes) -> Problem | None:
     lines = raw[:header_bytes].decode("latin-1").splitlines()
     f = _fields(lines, "=")
     n_dims = _whole(f.get("ndims", ""))
-    if n_dims is None or n_dims < 1:
-        return UnreadableFileError, f"NDims is {f.get('ndims')!r}, not a number of dimensions (1, 2, 3 ...)"
-    if n_dims > MAX_DIMS:
-        return DimensionalityError, (f"the header says NDims = {n_dims}; medssl reads 3D volumes, or 4D with a "
-                                     "short channel axis")  # fmt: skip
-    problem = _check_sizes("DimSize", f.get("dimsize"), n_dims)
+    problem = _check_dims("NDims", "NDims = ", f.get("ndims"), n_dims) or _check_sizes("DimSize", f.get("dimsize"), n_dims)
     if problem:
         return problem
     for key, count in (("elementspacing", n_dims), ("elementsize", n_dims), ("offset", n_dims),
@@ -158,6 +153,16 @@ def _metaimage_problem(path: Path, raw: bytes) -> Problem | None:
     return None
 
 
+def _check_dims(field: str, says: str, text: str | None, n_dims: int | None) -> Problem | None:
+    """The header's number of dimensions: a positive whole number, at most :data:`MAX_DIMS`."""
+    if n_dims is None or n_dims < 1:
+        return UnreadableFileError, f"{field} is {text!r}, not a number of dimensions (1, 2, 3 ...)"
+    if n_dims > MAX_DIMS:
+        return DimensionalityError, (f"the header says {says}{n_dims}; medssl reads 3D volumes, or 4D with a "
+                                     "short channel axis")  # fmt: skip
+    return None
+
+
 def _nrrd_problem(path: Path, raw: bytes) -> Problem | None:
     if not re.match(rb"NRRD000[1-9]", raw):
         return UnreadableFileError, f"not a NRRD file: it starts with {raw[:8]!r}, not 'NRRD000x'"
@@ -170,12 +175,8 @@ def _nrrd_problem(path: Path, raw: bytes) -> Problem | None:
     lines = raw[:header_bytes].decode("latin-1").splitlines()[1:]
     f = _fields(lines, ": ")  # "field: description"; "key:=value" pairs are not fields
     n_dims = _whole(f.get("dimension", ""))
-    if n_dims is None or n_dims < 1:
-        return UnreadableFileError, f"dimension is {f.get('dimension')!r}, not a number of dimensions (1, 2, 3 ...)"
-    if n_dims > MAX_DIMS:
-        return DimensionalityError, (f"the header says dimension: {n_dims}; medssl reads 3D volumes, or 4D with a "
-                                     "short channel axis")  # fmt: skip
-    problem = _check_sizes("sizes", f.get("sizes"), n_dims)
+    problem = _check_dims("dimension", "dimension: ", f.get("dimension"), n_dims) or \
+        _check_sizes("sizes", f.get("sizes"), n_dims)
     if problem:
         return problem
     kind = f.get("type", "").lower()

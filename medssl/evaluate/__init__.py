@@ -26,8 +26,7 @@ dataclasses); the notebooks show and plot them. Modules:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medssl._lazy import lazy_attributes
 
 # The everyday names, loaded on first use so that importing one module of this package (say ``summary``) does not
 # load every other one (the probe's scikit-learn, UMAP).
@@ -49,14 +48,4 @@ _LAZY = {name: module for module, names in _EXPORTS.items() for name in names.sp
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medssl.evaluate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"medssl.evaluate.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | set(globals()))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

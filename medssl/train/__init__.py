@@ -15,8 +15,7 @@ command line's help) does not load the training loop.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medssl._lazy import lazy_attributes
 
 _LAZY = {
     "TrainConfig": "config",
@@ -33,14 +32,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medssl.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"medssl.train.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | set(globals()))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

@@ -16,18 +16,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from medssl.data.errors import MedsslDataError
 from medssl.data.io import read_volume
-from medssl.data.preprocess import PreprocessConfig, preprocess
 from tests.data.test_fuzz_nifti_headers import (
     BASE_AFFINE,
     BASE_DATA,
     MEMORY_BOUND,
-    _assert_sane,
-    _guard,
     _settings,
-    assert_explained,
     assert_fair_share,
+    read_outcome,
 )
 from tests.helpers import write_sitk_file
 
@@ -110,18 +106,7 @@ def _write(path, lines: list[str], data: bytes, nrrd: bool, truncate: float | No
 
 
 def _check(path) -> str:
-    outcome = "loaded"
-    with _guard() as peak:
-        try:
-            vol = read_volume(path)
-            _assert_sane(vol, "read")
-            _assert_sane(preprocess(vol, PreprocessConfig(target_spacing_mm=(3.0, 3.0, 3.0))), "preprocessed")
-        except MedsslDataError as e:
-            assert e.path == str(path) and str(path) in str(e) and e.problem, repr(e)
-            assert_explained(e)
-            outcome = "rejected"
-    assert peak[0] < 2 * MEMORY_BOUND, f"allocated {peak[0]} bytes"
-    return outcome
+    return read_outcome(path)
 
 
 @pytest.fixture

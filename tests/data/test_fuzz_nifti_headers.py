@@ -112,8 +112,13 @@ def _assert_sane(vol, where: str) -> None:
 
 
 def _check(path, raw: bytes) -> str:
-    """``"loaded"`` (sane geometry, read and preprocessed) or ``"rejected"`` (a named, explained error)."""
     path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return read_outcome(path)
+
+
+def read_outcome(path) -> str:
+    """``"loaded"`` (sane geometry, read and preprocessed) or ``"rejected"`` (a named, explained error);
+    anything else (another exception, NaN geometry, an allocation over the bound) fails the test."""
     outcome = "loaded"
     with _guard() as peak:
         try:
