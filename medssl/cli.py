@@ -259,9 +259,9 @@ def _sweep_main(args: argparse.Namespace) -> int:
 
 
 def _methods_help() -> str:
-    from medssl.methods import list_methods
+    from medssl._method_index import method_names  # torch only when the methods package changed
 
-    return ", ".join(list_methods())
+    return ", ".join(method_names())
 
 
 def _presets_help() -> str:

@@ -46,7 +46,6 @@ from typing import Any, Iterable
 from medssl import paths
 from medssl._alloc import MALLOC_ENV
 from medssl._files import atomic_write_text
-from medssl.methods.simsiam import IOU_STUDY
 from medssl.provenance import record_run_provenance
 from medssl.rundir import RunDir
 
@@ -122,22 +121,27 @@ for _step in PLANS["folder"]["steps"]:
 _DEMO_STEPS = copy.deepcopy(PLANS["demo"]["steps"])
 _TRAINING = [s for s in _DEMO_STEPS if s["notebook"] in ("00_data.ipynb", "10_pretrain.ipynb")]
 PLANS["iou_study"] = {
-    "methods": list(IOU_STUDY),
+    "methods": "iou_study",  # IOU_STUDY's names, read when the plan runs (importing them here costs `--help` torch)
     "steps": [*_TRAINING, {"notebook": "15_iou_intervals.ipynb", "parameters": {}},
               *[s for s in _DEMO_STEPS if s not in _TRAINING]],
 }
 
 
 def plan_methods(spec: Any) -> list[str]:
-    """A plan's ``methods``: a list of names, ``"demo"`` (the registry's demo methods) or ``"all"``."""
+    """A plan's ``methods``: a list of names, ``"demo"`` (the registry's demo methods), ``"iou_study"`` (the
+    thesis's IoU intervals) or ``"all"``."""
     from medssl.methods import list_methods
 
     if spec in (None, "demo"):
         return list_methods(demo=True)
+    if spec == "iou_study":  # the thesis's intervals, in its order (medssl/methods/simsiam.py)
+        from medssl.methods.simsiam import IOU_STUDY
+
+        return list(IOU_STUDY)
     if spec == "all":
         return list_methods()
     if isinstance(spec, str):
-        raise ValueError(f"plan methods must be a list of names, 'demo' or 'all', got {spec!r}")
+        raise ValueError(f"plan methods must be a list of names, 'demo', 'iou_study' or 'all', got {spec!r}")
     return [str(m) for m in spec]
 
 

@@ -155,3 +155,28 @@ def test_every_command_has_its_parser(command):
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert command in sub.choices
+
+
+def test_medssl_help_imports_no_torch_once_the_method_index_is_written():
+    code = ("import contextlib, io\nfrom medssl.cli import main\nbuf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n    try:\n        main(['--help'])\n    except SystemExit:\n"
+            "        pass\nassert 'isimed' in buf.getvalue() and 'simsiam-iou-0-1' in buf.getvalue()")
+    _modules_loaded_by(code)  # writes the index if the methods package changed since it was written
+    assert "torch" not in _modules_loaded_by(code)
+
+
+def test_the_method_index_is_rewritten_when_a_method_file_changes(tmp_path, monkeypatch):
+    import medssl.methods
+    from medssl import _method_index
+
+    (tmp_path / "mine.py").write_text("# a method\n", encoding="utf-8")
+    monkeypatch.setattr(_method_index, "_methods_dir", lambda: tmp_path)
+    monkeypatch.setattr(medssl.methods, "list_methods", lambda: ["first"])
+    assert _method_index.method_names() == ["first"]
+    monkeypatch.setattr(medssl.methods, "list_methods", lambda: ["second"])
+    assert _method_index.method_names() == ["first"]  # the package did not change: the index answers
+    (tmp_path / "mine.py").write_text("# a method, edited\n", encoding="utf-8")
+    assert _method_index.method_names() == ["second"]
+    (tmp_path / "other.py").write_text("", encoding="utf-8")
+    monkeypatch.setattr(medssl.methods, "list_methods", lambda: ["third"])
+    assert _method_index.method_names() == ["third"]  # a new file
