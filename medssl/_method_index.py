@@ -23,9 +23,15 @@ def _methods_dir() -> Path:
 
 
 def _fingerprint(folder: Path) -> list[list]:
+    """Name, size and modification time of every module of the package: its ``.py`` files and the files of
+    its subpackages (``pkgutil.iter_modules`` imports both)."""
     out = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.endswith(".py") and entry.is_file():
+        if entry.name == "__pycache__":
+            continue
+        if entry.is_dir():
+            out += [[f"{entry.name}/{f[0]}", *f[1:]] for f in _fingerprint(Path(entry.path))]
+        elif entry.name.endswith(".py"):
             st = entry.stat()
             out.append([entry.name, st.st_size, st.st_mtime_ns])
     return out

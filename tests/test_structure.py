@@ -180,3 +180,7 @@ def test_the_method_index_is_rewritten_when_a_method_file_changes(tmp_path, monk
     (tmp_path / "other.py").write_text("", encoding="utf-8")
     monkeypatch.setattr(medssl.methods, "list_methods", lambda: ["third"])
     assert _method_index.method_names() == ["third"]  # a new file
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("", encoding="utf-8")
+    monkeypatch.setattr(medssl.methods, "list_methods", lambda: ["fourth"])
+    assert _method_index.method_names() == ["fourth"]  # a new subpackage's module
