@@ -184,3 +184,27 @@ def test_the_method_index_is_rewritten_when_a_method_file_changes(tmp_path, monk
     (tmp_path / "pkg" / "__init__.py").write_text("", encoding="utf-8")
     monkeypatch.setattr(medssl.methods, "list_methods", lambda: ["fourth"])
     assert _method_index.method_names() == ["fourth"]  # a new subpackage's module
+
+
+def test_a_method_index_that_cannot_be_written_or_read_still_lists_the_methods(tmp_path, monkeypatch):
+    import medssl._files
+    import medssl.methods
+    from medssl import _method_index
+
+    (tmp_path / "mine.py").write_text("# a method\n", encoding="utf-8")
+    monkeypatch.setattr(_method_index, "_methods_dir", lambda: tmp_path)
+    monkeypatch.setattr(medssl.methods, "list_methods", lambda: ["mine"])
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(medssl._files, "atomic_write_text", read_only)
+    assert _method_index.method_names() == ["mine"]  # an installation whose package folder is read-only
+    assert not (tmp_path / "__pycache__" / "medssl_method_names.json").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(_method_index, "_methods_dir", lambda: tmp_path)
+    monkeypatch.setattr(medssl.methods, "list_methods", lambda: ["mine"])
+    (tmp_path / "__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "__pycache__" / "medssl_method_names.json").write_text("{not json", encoding="utf-8")
+    assert _method_index.method_names() == ["mine"]  # a damaged index is read past and rewritten
+    assert "mine" in (tmp_path / "__pycache__" / "medssl_method_names.json").read_text(encoding="utf-8")
