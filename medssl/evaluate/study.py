@@ -508,28 +508,69 @@ def settings_table(run: "str | os.PathLike | RunDir", methods: Sequence[str] | N
 # ---------------------------------------------------------------------------- figures
 
 
-def _band_plot(ax, x, mean, lo, hi, label, dashed=False):
-    line = ax.plot(x, mean, "--" if dashed else "-", marker="o", ms=3, label=label)[0]
+def _band_plot(ax, x, mean, lo, hi, label, dashed=False, color=None):
+    line = ax.plot(x, mean, "--" if dashed else "-", marker="o", ms=3, label=label, color=color)[0]
     ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
 
 
+# The kNN figure's panels: each paper's methods together (20 lines in one panel could not be told apart).
+# SimSiam variants are found by their method class; rows of no panel that are not baselines or controls
+# (a user's own method) get a panel of their own; baselines and controls of no panel appear in every panel.
+KNN_PANELS = {
+    "ISImed paper": ("isimed", "regisimed", "simclr", "barlowtwins"),
+    "SimSiam thesis (IoU intervals)": (),
+    "Blendowski et al. (context)": ("heatmap", "reg2d", "doersch", "gvdiff", "xavier"),
+}
+
+
+def _knn_panel_of(method: str) -> str | None:
+    for panel, members in KNN_PANELS.items():
+        if method in members:
+            return panel
+    return "SimSiam thesis (IoU intervals)" if _interval_of(method) is not None else None
+
+
 def knn_curve_figure(table: pd.DataFrame, title: str = ""):
-    """kNN Dice against the number of atlases, one line per row, the bootstrap interval as a band."""
+    """kNN Dice against the number of atlases, the bootstrap interval as a band: one panel per paper.
+
+    Each panel holds that paper's methods (solid) and every shared baseline and control (dashed, grey to
+    black: identity rows, the untrained encoders, registration), so each method is seen against the rows
+    it must beat.
+    """
     import matplotlib.pyplot as plt
 
     t = table[table["metric"].str.startswith("knn_dice@")].copy()
-    fig, ax = plt.subplots(figsize=(8, 5))
     if t.empty:
+        fig, ax = plt.subplots(figsize=(8, 5))
         ax.text(0.5, 0.5, "no kNN results", ha="center")
         return fig
     t["n"] = t["metric"].str.split("@").str[1].astype(int)
-    for method, g in t.groupby("method", sort=False):
-        g = g.sort_values("n")
-        _band_plot(ax, g["n"], g["mean"], g["ci_low"], g["ci_high"], method, dashed=g["kind"].iloc[0] != "method")
-    ax.set_xticks(sorted(t["n"].unique()))
-    ax.set(xlabel="number of labelled atlases", ylabel="mean Dice (test subjects)", title=title or
-           "kNN label transfer: mean over seeds, 95 % bootstrap band over test subjects (baselines dashed)")
-    ax.legend(fontsize=7, ncol=2)
+    kinds = t.groupby("method", sort=False)["kind"].first()
+    panel_of = {m: _knn_panel_of(m) for m in kinds.index}
+    for m, kind in kinds.items():
+        if panel_of[m] is None and kind == "method":
+            panel_of[m] = "other methods"
+    shared = [m for m in kinds.index if panel_of[m] is None]
+    panels = [p for p in [*KNN_PANELS, "other methods"] if any(v == p for v in panel_of.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.2), sharey=True, squeeze=False)
+    greys = plt.get_cmap("Greys")(np.linspace(0.35, 0.95, max(1, len(shared))))
+    colours = plt.get_cmap("tab10").colors
+    for ax, panel in zip(axes[0], panels):
+        own = [m for m in kinds.index if panel_of[m] == panel]
+        for j, method in enumerate(own):
+            g = t[t["method"] == method].sort_values("n")
+            _band_plot(ax, g["n"], g["mean"], g["ci_low"], g["ci_high"], method,
+                       dashed=kinds[method] != "method", color=colours[j % len(colours)])
+        for j, method in enumerate(shared):
+            g = t[t["method"] == method].sort_values("n")
+            _band_plot(ax, g["n"], g["mean"], g["ci_low"], g["ci_high"], method, dashed=True, color=greys[j])
+        ax.set_xticks(sorted(t["n"].unique()))
+        ax.set(xlabel="number of labelled atlases", title=panel)
+        ax.legend(fontsize=6.5, loc="upper left")
+    axes[0][0].set_ylabel("mean Dice (test subjects)")
+    fig.suptitle(title or "kNN label transfer: mean over seeds, 95 % bootstrap band over test subjects "
+                 "(dashed grey: shared baselines and controls)")
+    fig.tight_layout()
     return fig
 
 

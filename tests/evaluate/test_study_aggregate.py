@@ -162,3 +162,20 @@ def test_learning_curves_read_the_validation_measure_of_every_trained_unit(fake_
     assert (curves.best_step == 20).all() and (curves.measure == "abs_err_mm").all()
     fig = st.learning_curve_figure(curves)
     assert fig.axes[0].get_title() == "isimed: val abs_err_mm (min)"
+
+
+def test_the_knn_figure_has_one_panel_per_paper_with_the_shared_baselines_in_each():
+    rows = [("isimed", "method"), ("simclr", "method"), ("simsiam-iou-0-1", "method"), ("reg2d", "method"),
+            ("xavier", "baseline"), ("identity", "baseline"), ("registration (affine)", "control"),
+            ("my-own", "method")]
+    table = pd.DataFrame([{"metric": f"knn_dice@{n}", "method": m, "kind": k, "mean": 0.1 * n, "ci_low": 0.0,
+                           "ci_high": 1.0} for m, k in rows for n in (1, 3)])
+    fig = st.knn_curve_figure(table)
+    legends = {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes}
+    shared = ["identity", "registration (affine)"]
+    assert legends == {"ISImed paper": ["isimed", "simclr", *shared],
+                       "SimSiam thesis (IoU intervals)": ["simsiam-iou-0-1", *shared],
+                       "Blendowski et al. (context)": ["reg2d", "xavier", *shared],
+                       "other methods": ["my-own", *shared]}
+    solid = {line.get_label(): line.get_linestyle() for line in fig.axes[2].get_lines()}
+    assert solid == {"reg2d": "-", "xavier": "--", "identity": "--", "registration (affine)": "--"}
