@@ -92,6 +92,11 @@ STUDY_PLANS: dict[str, dict[str, Any]] = {
         "caps_steps": {"default": 400, "isimed": 600, "reg2d": 600, "heatmap": 600, "doersch": 600,
                        "simsiam-iou-0-0": 200, "simsiam-iou-0.0001-0.3": 200, "simsiam-iou-0.6-1": 200},
         "lr_at_cap": 0.05,
+        # no early stop before these steps, by method or method class (besides the context methods' curriculum):
+        # SimSiam's validation loss sits near 0, or rises, for the first 60-160 steps before it falls (seed 0 of the
+        # study run); with patience 5 x 20 steps, seed 1's SimSiam [0, 1] stopped at step 100 and kept its
+        # initial weights as the best state
+        "min_steps": {"simsiam": 200},
         "data_notebook": True,
         "evaluations": [
             # every test subject a query subject (the paired-test unit), n_corr_partners other subjects each
@@ -117,7 +122,7 @@ STUDY_PLANS: dict[str, dict[str, Any]] = {
 }
 
 _SETTINGS = ("seeds", "methods", "data", "preset", "method_overrides", "train_overrides", "steps_per_validation",
-             "patience", "min_delta", "caps_steps", "lr_at_cap", "data_notebook", "evaluations", "later_seed_parameters",
+             "patience", "min_delta", "caps_steps", "lr_at_cap", "min_steps", "data_notebook", "evaluations", "later_seed_parameters",
              "report", "publish_dir")
 _DATA_PARAMS = ("source", "n_subjects", "cohort_seed", "target_spacing_mm")
 
@@ -217,6 +222,10 @@ def _validate(s: dict[str, Any]) -> None:
         v = s[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"study setting {name} must be an int >= 1, got {v!r}")
+    floors = s["min_steps"]
+    if not isinstance(floors, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in floors.values()):
+        raise ValueError(f"study min_steps must map method (or method class) names to ints >= 0, got {floors!r}")
     if not 0 < float(s["lr_at_cap"]) <= 1:
         raise ValueError(f"study setting lr_at_cap must be in (0, 1], got {s['lr_at_cap']!r}")
     caps = s["caps_steps"]
@@ -260,8 +269,9 @@ def train_settings(settings: dict[str, Any], method: str) -> tuple[dict[str, Any
     """``(method overrides, TrainConfig overrides)`` of one method in a study (on top of ``settings["preset"]``).
 
     Epochs of ``steps_per_validation`` steps, one validation per epoch, early stopping with the plan's
-    patience and the method's measure's min_delta (never before a method's curriculum is complete: the
-    context methods' ``curriculum_steps``), the cap in steps rounded up to whole epochs, and a per-epoch
+    patience and the method's measure's min_delta (never before a method's curriculum is complete, the
+    context methods' ``curriculum_steps``, nor before the plan's ``min_steps`` for the method or its
+    class), the cap in steps rounded up to whole epochs, and a per-epoch
     learning-rate decay that reaches ``lr_at_cap`` at the cap.
     """
     from medssl.methods import get_method_class, make_config
@@ -288,8 +298,10 @@ def train_settings(settings: dict[str, Any], method: str) -> tuple[dict[str, Any
         # a curriculum (the context methods' offset range) must be complete before the measure can judge the run
         config = make_config(method, **{**preset(method, settings["preset"])[0], **m_over})
         curriculum = getattr(config, "curriculum_steps", None)  # a preset names only what differs from the class
-        if curriculum is not None:
-            train["early_stopping"] = {**train["early_stopping"], "min_steps": min(int(curriculum), cap)}
+        floors = settings.get("min_steps", {})
+        floor = max(int(curriculum or 0), int(floors.get(method, floors.get(cls.name, 0))))
+        if floor:
+            train["early_stopping"] = {**train["early_stopping"], "min_steps": min(floor, cap)}
     return m_over, train
 
 
@@ -394,6 +406,12 @@ def run_study(
               "it resumes from its last checkpoint", flush=True)
     for u in units:
         if u.kind == "pretrain" and u.status == "done" and state.fingerprint(u.id) != u.fingerprint():
+            kept = _same_run_under_new_stopping(state.settings_of(u.id), u)
+            if kept:
+                print(f"note: {u.id}: {kept}; kept", flush=True)
+                u.message = f"{state.units[u.id].get('message', '')}; {kept}".lstrip("; ")
+                state.record(u)
+                continue
             raise StudyError(f"{root / STUDY_FILE}: unit {u.id} was trained with other settings "
                              f"({state.settings_of(u.id)}) than the plan's now ({u.settings}); use another --run, "
                              f"or delete {u.output} to train it again")
@@ -436,6 +454,50 @@ def run_study(
         print(f"{label}: done in {time.perf_counter() - t0:.0f} s{' (' + u.message + ')' if u.message else ''}",
               flush=True)
     return result
+
+
+def _same_run_under_new_stopping(old: Any, u: StudyUnit) -> str:
+    """Why a done unit whose settings differ from the plan's only in ``early_stopping.min_steps`` is the run the
+    plan would make now (``""`` where it is not, or where anything else differs).
+
+    Early stopping only watches: the weights, the validation history and the best step are the same under any
+    ``min_steps`` up to the step where training ended. So the unit stands when its recorded validation history
+    (``early_stopping.json``), replayed under the new settings, ends training at the same step.
+    """
+    from medssl.train.config import EarlyStopping
+    from medssl.train.loop import EARLY_STOPPING_FILE, _EarlyStopper
+
+    def without_floor(settings: Any) -> Any:
+        s = copy.deepcopy(settings)
+        es = (s or {}).get("train_overrides", {}).get("early_stopping")
+        if isinstance(es, dict):
+            es.pop("min_steps", None)
+        return s
+
+    if not isinstance(old, dict) or without_floor(old) != without_floor(u.settings):
+        return ""
+    path = Path(u.output) / EARLY_STOPPING_FILE
+    try:
+        rec = json.loads(path.read_text())
+        history = [(int(step), float(v)) for step, v in rec["history"]]
+        measure, mode, was_stopped = rec["measure"], rec["mode"], bool(rec["stopped"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    es_old = old["train_overrides"].get("early_stopping", {})
+    es_new = u.settings["train_overrides"].get("early_stopping", {})
+    if not history or "patience" not in es_new:
+        return ""
+
+    def stop_step(es: dict[str, Any]) -> int | None:
+        stopper = _EarlyStopper(EarlyStopping(patience=int(es["patience"]), min_delta=float(es.get("min_delta", 0.0)),
+                                              min_steps=int(es.get("min_steps", 0)), measure=measure, mode=mode), None)
+        return next((step for step, v in history if stopper.update({measure: v}, step)), None)
+
+    ended = history[-1][0] if was_stopped else None
+    if stop_step(es_old) != ended or stop_step(es_new) != ended:
+        return ""
+    return (f"its validation history ends training at the same step under early_stopping.min_steps "
+            f"{es_new.get('min_steps', 0)} as under {es_old.get('min_steps', 0)}, so it is the run the plan makes now")
 
 
 def _select(units: list[StudyUnit], only: Iterable[str] | None) -> list[StudyUnit]:
@@ -517,6 +579,8 @@ class _StudyState:
             if rec.get("status") == "done":
                 if u.kind == "evaluate" and rec.get("fingerprint") != u.fingerprint():
                     continue  # an evaluation with other settings runs again
+                if u.kind == "pretrain" and not Path(u.output).is_dir():
+                    continue  # its folder was deleted (as the settings-changed error suggests): train it again
                 u.status = "done"
         self.write()
 

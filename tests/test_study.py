@@ -173,7 +173,70 @@ def test_a_study_refuses_a_run_folder_that_holds_an_ordinary_run_and_changed_set
     root = tmp_path / "runs" / "s"
     root.mkdir()
     units = plan_units(load_study(TINY_STUDY)[0], "s", runs_root=tmp_path / "runs")
+    Path(units[0].output).mkdir(parents=True)  # a unit whose folder is gone is trained again instead
     (root / "study.json").write_text(json.dumps({"pid": 1, "units": {units[0].id: {
         "kind": "pretrain", "status": "done", "fingerprint": "0000", "settings": {"cap": "other"}}}}))
     with pytest.raises(StudyError, match="trained with other settings"):
         run_study(TINY_STUDY, "s", runs_root=tmp_path / "runs")
+
+
+def test_min_steps_reach_every_simsiam_variant_by_class_and_never_lower_a_curriculum():
+    settings = load_study("study")[0]
+    for m in ("simsiam", "simsiam-iou-0-1", "simsiam-iou-0.6-1"):
+        assert train_settings(settings, m)[1]["early_stopping"]["min_steps"] == 200, m
+    assert "min_steps" not in train_settings(settings, "simclr")[1]["early_stopping"]
+    reg2d_floor = train_settings(settings, "reg2d")[1]["early_stopping"]["min_steps"]
+    higher = load_study("study", {"min_steps.reg2d": reg2d_floor + 100})[0]
+    assert train_settings(higher, "reg2d")[1]["early_stopping"]["min_steps"] == reg2d_floor + 100
+    lower = load_study("study", {"min_steps.reg2d": 1})[0]
+    assert train_settings(lower, "reg2d")[1]["early_stopping"]["min_steps"] == reg2d_floor  # the curriculum stays
+    with pytest.raises(ValueError, match="min_steps"):
+        load_study("study", {"min_steps.simclr": -1})
+
+
+def _stopped_unit(tmp_path, min_steps_now: int, history, stopped: bool):
+    from medssl.study import StudyUnit, _same_run_under_new_stopping
+
+    es = {"patience": 2, "min_delta": 0.0}
+    old = {"method": "simclr", "seed": 0, "train_overrides": {"epochs": 5, "early_stopping": es}}
+    new = {"method": "simclr", "seed": 0, "train_overrides": {"epochs": 5,
+                                                               "early_stopping": {**es, "min_steps": min_steps_now}}}
+    (tmp_path / "u").mkdir(exist_ok=True)
+    (tmp_path / "u" / "early_stopping.json").write_text(json.dumps(
+        {"measure": "loss", "mode": "min", "history": history, "stopped": stopped}))
+    unit = StudyUnit("seed0/simclr", "pretrain", str(tmp_path / "u"), 0, "simclr", settings=new)
+    return _same_run_under_new_stopping(old, unit), old, unit
+
+
+def test_a_done_unit_stands_under_a_new_min_steps_only_where_its_history_ends_at_the_same_step(tmp_path):
+    from medssl.study import _same_run_under_new_stopping
+
+    stopped_at_4 = [[0, 1.0], [2, 2.0], [4, 2.0]]  # no improvement after step 0: patience 2 stops at step 4
+    assert "same step" in _stopped_unit(tmp_path, 4, stopped_at_4, True)[0]
+    assert _stopped_unit(tmp_path, 6, stopped_at_4, True)[0] == ""  # it would have trained on past step 4
+    to_cap = [[0, 3.0], [2, 2.0], [4, 1.0], [6, 0.5]]  # improving to the cap: any floor changes nothing
+    assert "same step" in _stopped_unit(tmp_path, 100, to_cap, False)[0]
+    assert _stopped_unit(tmp_path, 0, stopped_at_4, False)[0] == ""  # the record disagrees with its own history
+    _, old, unit = _stopped_unit(tmp_path, 4, stopped_at_4, True)
+    other = {**old, "train_overrides": {**old["train_overrides"], "epochs": 6}}
+    assert _same_run_under_new_stopping(other, unit) == ""  # anything else changed: not the same run
+
+
+def test_a_study_keeps_done_units_a_new_min_steps_does_not_change_and_retrains_a_deleted_one(tmp_path, capsys):
+    plan = {**TINY_STUDY, "seeds": [0], "methods": ["simclr"]}
+    runs = tmp_path / "runs"
+    run_study(plan, "s", runs_root=runs, progress=False)
+    last = runs / "s" / "seed0" / "simclr" / "checkpoints" / "last.pt"
+    before = last.stat().st_mtime_ns
+    capsys.readouterr()
+    run_study({**plan, "min_steps": {"simclr": 2}}, "s", runs_root=runs, progress=False)
+    out = capsys.readouterr().out
+    assert "note: seed0/simclr:" in out and "kept" in out and last.stat().st_mtime_ns == before
+    rec = json.loads((runs / "s" / "study.json").read_text())["units"]["seed0/simclr"]
+    assert rec["settings"]["train_overrides"]["early_stopping"]["min_steps"] == 2 and "same step" in rec["message"]
+    # the settings-changed error says: delete the unit's folder to train it again; that works
+    import shutil
+
+    shutil.rmtree(runs / "s" / "seed0" / "simclr")
+    run_study({**plan, "min_steps": {"simclr": 4}}, "s", runs_root=runs, progress=False)
+    assert last.is_file() and "kept" not in capsys.readouterr().out
