@@ -122,8 +122,8 @@ STUDY_PLANS: dict[str, dict[str, Any]] = {
 }
 
 _SETTINGS = ("seeds", "methods", "data", "preset", "method_overrides", "train_overrides", "steps_per_validation",
-             "patience", "min_delta", "caps_steps", "lr_at_cap", "min_steps", "data_notebook", "evaluations", "later_seed_parameters",
-             "report", "publish_dir")
+             "patience", "min_delta", "caps_steps", "lr_at_cap", "min_steps", "data_notebook", "evaluations",
+             "later_seed_parameters", "report", "publish_dir")
 _DATA_PARAMS = ("source", "n_subjects", "cohort_seed", "target_spacing_mm")
 
 
