@@ -624,8 +624,9 @@ def write_study_report(run: "str | os.PathLike | RunDir", out_dir: str | os.Path
 
 def publish(run: "str | os.PathLike | RunDir", dest: str | os.PathLike, *, max_file_mb: float = 20.0) -> list[Path]:
     """Copy the study's small results (``60_study/``: report, tables, figures, the executed notebook; ``study.json``)
-    to ``dest`` (e.g. ``docs/study/``). Checkpoints and embedding caches are never copied; files over
-    ``max_file_mb`` are skipped with a note."""
+    to ``dest`` (e.g. ``docs/study/``), and the executed data and evaluation notebooks, slimmed
+    (:func:`slim_notebook`), to ``dest/notebooks/``. Checkpoints and embedding caches are never copied;
+    files over ``max_file_mb`` are skipped with a note."""
     rd = RunDir(run)
     dest = Path(dest)
     if not dest.is_absolute():
@@ -642,7 +643,40 @@ def publish(run: "str | os.PathLike | RunDir", dest: str | os.PathLike, *, max_f
         target = dest / src.name
         shutil.copyfile(src, target)
         copied.append(target)
+    # the executed data and evaluation notebooks, without what makes them tens of MB (saved widget state,
+    # interactive 3D figures, full-resolution latent maps): their tables, text and small figures stay
+    for src in [*sorted(rd.path.glob("00_data/*.ipynb")), *sorted(rd.path.glob("seed*/*/*.ipynb"))]:
+        target = dest / "notebooks" / src.relative_to(rd.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        slim_notebook(src, target)
+        copied.append(target)
     return copied
+
+
+SLIM_NOTE = "(output of {kb} kB removed for the published copy; the run folder's notebook has it)"
+
+
+def slim_notebook(src: str | os.PathLike, dest: str | os.PathLike, *, max_output_kb: float = 100.0) -> int:
+    """Write ``src`` to ``dest`` without outputs over ``max_output_kb`` (each replaced by a note) and without
+    the saved widget state; returns the number of outputs removed. ``src`` is not changed."""
+    import nbformat
+
+    nb = nbformat.read(str(src), as_version=4)
+    nb.metadata.pop("widgets", None)
+    removed = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data")
+            if not data:
+                continue
+            big = {k: len(json.dumps(v)) for k, v in data.items() if len(json.dumps(v)) > max_output_kb * 1e3}
+            if big:
+                for k in big:
+                    del data[k]
+                data["text/plain"] = SLIM_NOTE.format(kb=round(sum(big.values()) / 1e3))
+                removed += 1
+    atomic_write_text(Path(dest), nbformat.writes(nb))
+    return removed
 
 
 # ---------------------------------------------------------------------------- command line

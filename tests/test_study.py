@@ -240,3 +240,31 @@ def test_a_study_keeps_done_units_a_new_min_steps_does_not_change_and_retrains_a
     shutil.rmtree(runs / "s" / "seed0" / "simclr")
     run_study({**plan, "min_steps": {"simclr": 4}}, "s", runs_root=runs, progress=False)
     assert last.is_file() and "kept" not in capsys.readouterr().out
+
+
+def test_publish_copies_the_report_and_slimmed_evaluation_notebooks_and_leaves_the_run_as_it_was(tmp_path):
+    import nbformat
+
+    from medssl.study import publish
+
+    run = tmp_path / "runs" / "s"
+    (run / "60_study").mkdir(parents=True)
+    (run / "60_study" / "table.csv").write_text("a,b\n1,2\n")
+    (run / "study.json").write_text("{}")
+    nb = nbformat.v4.new_notebook()
+    small = nbformat.v4.new_output("display_data", {"text/plain": "small table"})
+    huge = nbformat.v4.new_output("display_data", {"text/html": "<b>" + "x" * 300_000 + "</b>", "text/plain": "fig"})
+    nb.cells = [nbformat.v4.new_code_cell("show()", outputs=[small, huge])]
+    nb.metadata["widgets"] = {"state": "y" * 200_000}
+    src = run / "seed0" / "20_latent_space" / "20_latent_space.ipynb"
+    src.parent.mkdir(parents=True)
+    nbformat.write(nb, str(src))
+    before = src.read_bytes()
+    copied = publish(run, tmp_path / "docs")
+    out = tmp_path / "docs" / "notebooks" / "seed0" / "20_latent_space" / "20_latent_space.ipynb"
+    assert out in copied and (tmp_path / "docs" / "table.csv") in copied and src.read_bytes() == before
+    slim = nbformat.read(str(out), as_version=4)
+    outputs = slim.cells[0].outputs
+    assert outputs[0].data == {"text/plain": "small table"}
+    assert list(outputs[1].data) == ["text/plain"] and "300 kB removed" in outputs[1].data["text/plain"]
+    assert "widgets" not in slim.metadata and out.stat().st_size < 5_000
