@@ -669,7 +669,8 @@ def slim_notebook(src: str | os.PathLike, dest: str | os.PathLike, *, max_output
             data = out.get("data")
             if not data:
                 continue
-            big = {k: len(json.dumps(v)) for k, v in data.items() if len(json.dumps(v)) > max_output_kb * 1e3}
+            sizes = {k: len(json.dumps(v)) for k, v in data.items()}
+            big = {k: n for k, n in sizes.items() if n > max_output_kb * 1e3}
             if big:
                 for k in big:
                     del data[k]
