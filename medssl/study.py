@@ -648,7 +648,11 @@ def publish(run: "str | os.PathLike | RunDir", dest: str | os.PathLike, *, max_f
     for src in [*sorted(rd.path.glob("00_data/*.ipynb")), *sorted(rd.path.glob("seed*/*/*.ipynb"))]:
         target = dest / "notebooks" / src.relative_to(rd.path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        slim_notebook(src, target)
+        try:
+            slim_notebook(src, target)
+        except ValueError as err:  # e.g. a notebook left half-written by a killed unit: publish the rest
+            print(f"publish: {err}; not copied", flush=True)
+            continue
         copied.append(target)
     return copied
 
@@ -658,10 +662,17 @@ SLIM_NOTE = "(output of {kb} kB removed for the published copy; the run folder's
 
 def slim_notebook(src: str | os.PathLike, dest: str | os.PathLike, *, max_output_kb: float = 100.0) -> int:
     """Write ``src`` to ``dest`` without outputs over ``max_output_kb`` (each replaced by a note) and without
-    the saved widget state; returns the number of outputs removed. ``src`` is not changed."""
+    the saved widget state; returns the number of outputs removed. ``src`` is not changed.
+
+    Raises:
+        ValueError: ``src`` is not a readable notebook (the message names the file).
+    """
     import nbformat
 
-    nb = nbformat.read(str(src), as_version=4)
+    try:
+        nb = nbformat.read(str(src), as_version=4)
+    except (ValueError, nbformat.reader.NotJSONError) as err:  # NotJSONError is a ValueError; named for clarity
+        raise ValueError(f"{src}: not a readable notebook ({str(err).splitlines()[0][:200]})") from err
     nb.metadata.pop("widgets", None)
     removed = 0
     for cell in nb.cells:

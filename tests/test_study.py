@@ -245,7 +245,7 @@ def test_a_study_keeps_done_units_a_new_min_steps_does_not_change_and_retrains_a
 def test_publish_copies_the_report_and_slimmed_evaluation_notebooks_and_leaves_the_run_as_it_was(tmp_path):
     import nbformat
 
-    from medssl.study import publish
+    from medssl.study import publish, slim_notebook
 
     run = tmp_path / "runs" / "s"
     (run / "60_study").mkdir(parents=True)
@@ -268,3 +268,13 @@ def test_publish_copies_the_report_and_slimmed_evaluation_notebooks_and_leaves_t
     assert outputs[0].data == {"text/plain": "small table"}
     assert list(outputs[1].data) == ["text/plain"] and "300 kB removed" in outputs[1].data["text/plain"]
     assert "widgets" not in slim.metadata and out.stat().st_size < 5_000
+    # a notebook left half-written (a killed unit) is named and skipped; the rest is still published
+    broken = run / "seed1" / "50_segmentation" / "50_segmentation.ipynb"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"cells": [')
+    copied = publish(run, tmp_path / "docs2")
+    assert (tmp_path / "docs2" / "notebooks" / "seed0" / "20_latent_space" / "20_latent_space.ipynb") in copied
+    assert not (tmp_path / "docs2" / "notebooks" / "seed1" / "50_segmentation" / "50_segmentation.ipynb").exists()
+    assert broken.read_text() == '{"cells": ['
+    with pytest.raises(ValueError, match=r"50_segmentation\.ipynb: not a readable notebook"):
+        slim_notebook(broken, tmp_path / "x.ipynb")
