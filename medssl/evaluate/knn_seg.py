@@ -11,9 +11,11 @@ of its k = 21 nearest atlas descriptors; report Dice per organ against n = 1..9.
   from intensity, never from labels) are described and searched; query points off the body
   are background. The same rule holds for every method and baseline.
 - **Exact kNN, per atlas.** For each query point the k nearest descriptors (squared
-  Euclidean) are found *in each atlas of the pool separately* with scikit-learn's exact
-  brute force (faiss ``IndexFlatL2`` is an option when installed: measured on this project's
-  2-core machine it was no faster, ``benchmarks/segmentation.py``, so it is not a dependency). The k nearest among
+  Euclidean) are found *in each atlas of the pool separately* by :func:`knn_search`: float32
+  candidates (faiss ``IndexFlatL2`` when installed, else torch) ranked by float64 distances, with a
+  per-row certificate that no other point can be nearer, ties by the smaller index; the answer does
+  not depend on where the candidates came from (``benchmarks/segmentation.py`` times it against
+  NumPy brute force, scikit-learn and faiss alone). The k nearest among
   any subset of atlases are then exactly the k nearest of the union of those per-atlas lists
   (each of them is among the k nearest of its own atlas), so every draw of n atlases costs
   one merge, not one search. Votes are counted over the k labels; ties go to the smaller
@@ -191,36 +193,42 @@ def check_disjoint(atlases: Sequence[Volume], queries: Sequence[Volume]) -> None
 # ---------------------------------------------------------------------------- exact kNN
 
 
-def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str = "torch") -> tuple[np.ndarray, np.ndarray]:
+def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str = "exact") -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by squared Euclidean distance.
 
     Args:
-        database: ``(M, D)``; queries: ``(N, D)``.
+        database: ``(M, D)``; queries: ``(N, D)``; both finite.
         k: neighbours per query (``min(k, M)`` are real; the rest are padded with
             distance ``inf`` and index ``-1``).
-        backend: ``"torch"`` (the default, :func:`_exact_knn`: a float32 matrix product and
-            ``torch.topk`` pick candidates, float64 distances rank them, with a per-row
-            certificate that the result is exact), ``"sklearn"`` (``NearestNeighbors(algorithm="brute")``),
-            ``"faiss"`` (``IndexFlatL2``, needs ``pip install faiss-cpu``), or ``"auto"`` (faiss when
-            installed, else torch).
+        backend: ``"exact"`` (the default, :func:`_exact_knn`: float32 candidates, ranked by float64
+            distances, with a per-row certificate that the result is exact; the candidates come from
+            faiss ``IndexFlatL2`` when faiss-cpu is installed, else from torch, and the answer is the
+            same either way), ``"torch"`` (the same with torch's candidates whether or not faiss is
+            installed), ``"sklearn"`` (``NearestNeighbors(algorithm="brute")``), ``"faiss"``
+            (``IndexFlatL2`` alone: its float32 distances and its own order of near-ties; needs
+            ``pip install faiss-cpu``), or ``"auto"`` (the same as ``"exact"``).
 
     Returns:
-        ``(sqdist (N, k) float32, index (N, k) int64)``, nearest first; ``"torch"`` breaks exact
-        ties by the smaller database index.
+        ``(sqdist (N, k) float32, index (N, k) int64)``, nearest first; ``"exact"`` and ``"torch"``
+        break exact ties by the smaller database index.
     """
     db = np.ascontiguousarray(database, dtype=np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if db.ndim != 2 or q.ndim != 2 or db.shape[1] != q.shape[1]:
         raise ValueError(f"database (M, D) and queries (N, D) must share D; got {db.shape} and {q.shape}")
-    if backend == "auto":
-        backend = "faiss" if _faiss() is not None else "torch"
+    for name, arr in (("database", db), ("queries", q)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"the {name} hold NaN or inf descriptors ({int((~np.isfinite(arr)).any(axis=1).sum())} of "
+                             f"{len(arr)} rows): drop them before the search")
     kk = min(int(k), len(db))
     dist = np.full((len(q), int(k)), np.inf, dtype=np.float32)
     index = np.full((len(q), int(k)), -1, dtype=np.int64)
     if kk == 0 or len(q) == 0:
         return dist, index
-    if backend == "torch":
-        d, i = _exact_knn(db, q, kk)
+    if backend in ("exact", "auto"):
+        d, i = _exact_knn(db, q, kk, candidates="faiss" if _faiss() is not None else "torch")
+    elif backend == "torch":
+        d, i = _exact_knn(db, q, kk, candidates="torch")
     elif backend == "faiss":
         faiss = _faiss()
         if faiss is None:
@@ -238,83 +246,153 @@ def knn_search(database: np.ndarray, queries: np.ndarray, k: int, backend: str =
             d, i = NearestNeighbors(n_neighbors=kk, algorithm="brute").fit(db).kneighbors(q)
         d = d.astype(np.float32) ** 2
     else:
-        raise ValueError(f"backend must be 'auto', 'torch', 'faiss' or 'sklearn', got {backend!r}")
+        raise ValueError(f"backend must be 'exact', 'auto', 'torch', 'faiss' or 'sklearn', got {backend!r}")
     dist[:, :kk], index[:, :kk] = d, i
     return dist, index
 
 
 # Rows of queries per block of the exact search: a (rows, M) float32 block of a 128^3 atlas at stride 4
-# (~10,000 body points) is ~10 MB at 256 rows, written by the matrix product and read by top-k while in cache.
+# (~10,000 body points) is ~10 MB at 256 rows: written by the matrix product, read by the selection from cache.
 _KNN_ROWS = 256
-# Extra candidates per row beyond k, ranked in float64: the certificate needs the gap between the k-th
-# neighbour and the last candidate to exceed the float32 error bound.
+# Extra candidates per row beyond k, selected in float32: the certificate needs the gap between the k-th
+# neighbour and the first point left out to exceed the float32 error bound.
 _KNN_MARGIN = 8
+# Columns per group of torch's two-stage selection (see _torch_candidates); 16 was fastest for ~10,000
+# points (12, 24 and 32 were 3-25 % slower, 8 twice as slow in the first stage).
+_KNN_GROUP = 16
+# The value of a padding column: above every real |a|^2 - 2 q.a, below float32 overflow.
+_KNN_PAD = 3.0e38
 
 
-def _exact_knn(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _exact_knn(db: np.ndarray, q: np.ndarray, k: int, candidates: str = "torch") -> tuple[np.ndarray, np.ndarray]:
     """``(sqdist (N, k) float32, index (N, k) int64)``: the exact k nearest of each query, nearest first.
 
-    Written here rather than taken from scikit-learn (``NearestNeighbors``: float64 distance blocks and
-    one thread, as it was run here: on this project's loaded 2-core machine its two OpenMP threads
-    spun against other processes) or faiss (optional; both timed in ``benchmarks/segmentation.py``).
-    Everything is computed on vectors centred on the database mean (distances do not change; the
-    float32 rounding errors scale with the spread of the descriptors rather than their distance from
-    the origin). Per block of query rows:
+    Written here rather than taken from scikit-learn (``NearestNeighbors``: float64 distance blocks on
+    one thread, 2x slower here) or faiss alone (float32 distances, and its own order of near-ties);
+    all three are timed in ``benchmarks/segmentation.py``. Everything is computed on vectors centred on
+    the database mean (distances do not change; the float32 rounding errors scale with the spread of
+    the descriptors rather than their distance from the origin).
 
-    1. ``v = |a|^2 - 2 q.a`` in float32, one ``torch.addmm`` on torch's threads (``|q|^2`` is the
-       same along a row, so it is left out of the ranking);
-    2. ``torch.topk`` of ``c = k + _KNN_MARGIN`` candidates;
-    3. the candidates' distances in float64, ranked, ties by the smaller index.
+    1. **Candidates**: the ``c = k + _KNN_MARGIN`` smallest float32 squared distances of each query,
+       from faiss ``IndexFlatL2`` (``candidates="faiss"``) or from :func:`_torch_candidates`. Every
+       point left out has a float32 distance at least as large as every candidate's.
+    2. **Ranking**: the candidates in float32 order; those that can still be among the k nearest
+       (within ``2 err`` of the k-th) are ranked by their float64 distances, ties by the smaller index.
+    3. **Certificate.** Every float32 distance lies within ``err`` of the exact one. ``err`` is bounded
+       per row from the rounding of the centred inputs to float32 and from the float32 arithmetic:
+       ``gamma_{D+4} (|q~| + |a~|)^2`` covers a dot product of ``D + 1`` terms with ``|a|^2`` folded in
+       (torch), the expansion ``|q|^2 + |a|^2 - 2 q.a`` and the direct sum of ``D`` squared differences
+       (faiss uses both), plus the float64 step. Every point not ranked in float64 has a float32
+       distance ``>= T`` (the smallest one not ranked), so its exact distance is at least ``T - err``.
+       If the k-th ranked float64 distance lies strictly below that, no point left out can be nearer
+       or tie with it, and the k found are the exact k nearest in order. Rows where this fails
+       (near-duplicate descriptors) are searched exhaustively in float64 (:func:`_exact_rows`).
 
-    **Certificate.** ``|v - v_exact| <= err`` for every database point, with ``err`` bounded per row
-    from the rounding of the inputs to float32 (``|q - q~| |a| + |q~| |a - a~|``, largest over the
-    database), the float32 accumulation of D products (``D u |q~| |a~|``) and the float32 additions.
-    Every point left out has ``v >= T``, the largest candidate value, so its exact distance is at
-    least ``T + |q|^2 - err``. If the k-th candidate's float64 distance lies strictly below that, no
-    point left out can be nearer or tie with it, and the k found are the exact k nearest. Rows where
-    this fails (near-duplicate descriptors) are searched exhaustively in float64.
+    The answer is the same whichever source gives the candidates.
     """
     m, n, dim = len(db), len(q), db.shape[1]
     c = min(k + _KNN_MARGIN, m)
     u = float(np.finfo(np.float32).eps) / 2  # unit roundoff
+    u64 = float(np.finfo(np.float64).eps) / 2
     mu = db.mean(axis=0, dtype=np.float64)
     ac = torch.from_numpy(db.astype(np.float64) - mu)  # (M, D) float64, centred
     qc = torch.from_numpy(q.astype(np.float64) - mu)
     ac_sq = (ac * ac).sum(1)
     qc_sq = (qc * qc).sum(1)
     a32, q32 = ac.float(), qc.float()
-    a32_t = a32.T.contiguous()  # (D, M): the product's layout
-    a_sq32 = ac_sq.float()
     a_norm = float(ac_sq.max().sqrt())
     a32_norm = float(torch.linalg.vector_norm(a32.double(), dim=1).max())
     a_err = float(torch.linalg.vector_norm(a32.double() - ac, dim=1).max())
+    q_norm = qc_sq.sqrt()
     q32_norm = torch.linalg.vector_norm(q32.double(), dim=1)
     q_err = torch.linalg.vector_norm(q32.double() - qc, dim=1)
-    err = 2.0 * (q_err * a_norm + q32_norm * a_err)  # the inputs' rounding to float32
-    err += 2.0 * dim * u * q32_norm * a32_norm  # float32 accumulation of dim products
-    err += 4.0 * u * (a_norm + qc_sq.sqrt()) ** 2  # float32 |a|^2, scaling and addition
+    gamma = (dim + 4) * u / (1.0 - (dim + 4) * u)
+    # the inputs' rounding: ||x + e|^2 - |x|^2| <= 2 |x| |e| + |e|^2 with x = q - a, |e| <= q_err + a_err
+    err = 2.0 * (q_norm + a_norm) * (q_err + a_err) + (q_err + a_err) ** 2
+    err += gamma * (q32_norm + a32_norm) ** 2  # the float32 arithmetic (either way of computing it)
+    err += 4.0 * (dim + 4) * u64 * (a_norm + q_norm) ** 2  # the float64 distances
     err = 1.01 * err
+    if candidates == "faiss":
+        blocks = _faiss_candidates(a32.numpy(), q32.numpy(), c)
+    elif candidates == "torch":
+        blocks = _torch_candidates(a32, q32, ac_sq, qc_sq, c)
+    else:
+        raise ValueError(f"candidates must be 'faiss' or 'torch', got {candidates!r}")
     out_d = torch.empty((n, k), dtype=torch.float64)
     out_i = torch.empty((n, k), dtype=torch.int64)
     failed: list[torch.Tensor] = []
     with torch.no_grad():
-        for s in range(0, n, _KNN_ROWS):
-            e = min(s + _KNN_ROWS, n)
-            block = torch.addmm(a_sq32, q32[s:e], a32_t, beta=1.0, alpha=-2.0)  # (rows, M) = |a|^2 - 2 q.a
-            val, cand = torch.topk(block, c, dim=1, largest=False, sorted=False)
-            cand, _ = torch.sort(cand, dim=1)  # by index, so that the stable sort below breaks ties by index
-            exact = qc_sq[s:e, None] + ac_sq[cand] - 2.0 * torch.bmm(ac[cand], qc[s:e, :, None]).squeeze(-1)
+        for s, val, cand in blocks:  # val: (rows, c) float64 float32-computed squared distances
+            e = s + len(val)
+            val, order = torch.sort(val, dim=1)
+            cand = torch.gather(cand, 1, order)
+            # candidates that can still be among the k nearest: within 2 err of the k-th in float32
+            reach = val <= val[:, k - 1 : k] + 2.0 * err[s:e, None]
+            kept = max(k, int(reach.sum(dim=1).max()))
+            ranked, _ = torch.sort(cand[:, :kept], dim=1)  # by index: the stable sort below breaks ties by index
+            exact = qc_sq[s:e, None] + ac_sq[ranked] - 2.0 * torch.bmm(ac[ranked], qc[s:e, :, None]).squeeze(-1)
             exact, order = torch.sort(exact, dim=1, stable=True)
             out_d[s:e] = exact[:, :k]
-            out_i[s:e] = torch.gather(cand, 1, order[:, :k])
-            if c < m:
-                left_out = val.max(dim=1).values.double() + qc_sq[s:e] - err[s:e]
-                failed.append(s + torch.nonzero(~(exact[:, k - 1] < left_out)).flatten())
+            out_i[s:e] = torch.gather(ranked, 1, order[:, :k])
+            if kept < m:  # some points were left out: certify that none of them can be among the k nearest
+                floor = val[:, min(kept, c - 1)]
+                failed.append(s + torch.nonzero(~(exact[:, k - 1] < floor - err[s:e])).flatten())
     d, i = out_d.numpy(), out_i.numpy()
     rows = torch.cat(failed) if failed else torch.empty(0, dtype=torch.int64)
     if len(rows):
         _exact_rows(ac, qc, ac_sq, rows, k, d, i)
     return np.maximum(d, 0.0).astype(np.float32), i
+
+
+def _faiss_candidates(a32: np.ndarray, q32: np.ndarray, c: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Blocks ``(first row, (rows, c) float64 float32 distances, (rows, c) int64 indices)`` from faiss
+    ``IndexFlatL2`` on the centred float32 vectors: the c nearest by faiss's float32 distances."""
+    index = _faiss().IndexFlatL2(a32.shape[1])
+    index.add(a32)
+    dist, idx = index.search(q32, c)
+    dist, idx = torch.from_numpy(dist).double(), torch.from_numpy(idx)
+    for s in range(0, len(q32), _KNN_ROWS):
+        yield s, dist[s : s + _KNN_ROWS], idx[s : s + _KNN_ROWS]
+
+
+def _torch_candidates(a32: torch.Tensor, q32: torch.Tensor, ac_sq: torch.Tensor, qc_sq: torch.Tensor,
+                      c: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Blocks as :func:`_faiss_candidates`, from torch, per block of ``_KNN_ROWS`` query rows:
+
+    1. ``v = |a|^2 - 2 q.a`` in float32 as one matrix product of augmented vectors ``[-2q, 1]`` and
+       ``[a, |a|^2]`` (``-2q`` is exact; folding ``|a|^2`` into the product saves the pass a bias costs:
+       1.45 s against 2.05 s for the 9 atlases of ``benchmarks/segmentation.py``); the distance is
+       ``|q|^2 + v``, with ``|q|^2`` in float64;
+    2. the ``c`` smallest ``v`` in two stages (one ``torch.topk`` over 10,000 columns cost as much as the
+       product): the minimum of each group of ``_KNN_GROUP`` columns (group ``j`` holds columns ``j,
+       j + P, j + 2P, ...``, so the minima are one vectorised pass), the ``c`` groups with the smallest
+       minima, and the ``c`` smallest of their columns. Every other column lies in a group whose minimum
+       is at least the ``c``-th smallest minimum, which is at least the ``c``-th value found.
+    """
+    m, n, dim = len(a32), len(q32), a32.shape[1]
+    g = _KNN_GROUP if m >= 4 * c * _KNN_GROUP else 1  # grouping pays when the groups found are a small part
+    p = -(-m // g)  # groups
+    a_aug = torch.zeros((dim + 1, p * g), dtype=torch.float32)  # (D + 1, M padded): [a, |a|^2]
+    a_aug[:dim, :m] = a32.T
+    a_aug[dim, :m] = ac_sq.float()
+    a_aug[dim, m:] = _KNN_PAD
+    q_aug = torch.cat([-2.0 * q32, torch.ones((n, 1), dtype=torch.float32)], dim=1)
+    offsets = torch.arange(g) * p
+    buf = torch.empty((min(_KNN_ROWS, n), p * g), dtype=torch.float32)
+    with torch.no_grad():
+        for s in range(0, n, _KNN_ROWS):
+            e = min(s + _KNN_ROWS, n)
+            block = buf[: e - s]
+            torch.mm(q_aug[s:e], a_aug, out=block)  # (rows, M) = |a|^2 - 2 q.a
+            if g > 1:
+                group_min = block.view(e - s, g, p).amin(dim=1)
+                _, groups = torch.topk(group_min, c, dim=1, largest=False, sorted=False)
+                cols = (groups[:, :, None] + offsets).reshape(e - s, c * g)
+                val, j = torch.topk(torch.gather(block, 1, cols), c, dim=1, largest=False, sorted=False)
+                cand = torch.gather(cols, 1, j)
+            else:
+                val, cand = torch.topk(block, c, dim=1, largest=False, sorted=False)
+            yield s, val.double() + qc_sq[s:e, None], cand
 
 
 def _exact_rows(ac: torch.Tensor, qc: torch.Tensor, ac_sq: torch.Tensor, rows: torch.Tensor, k: int,
@@ -398,7 +476,7 @@ def atlas_neighbours(
     atlases: Sequence[DenseEmbedding],
     atlas_codes: Sequence[np.ndarray],
     k: int = 21,
-    backend: str = "torch",
+    backend: str = "exact",
 ) -> AtlasNeighbours:
     """Exact per-atlas k nearest neighbours of every body point of ``query`` (see the module docstring).
 
@@ -699,7 +777,7 @@ def evaluate_knn_segmentation(
     surface_tolerance_mm: float | None = 3.0,
     surface_n_atlases: Sequence[int] | None = None,
     split: str = "test",
-    backend: str = "torch",
+    backend: str = "exact",
     kinds: Mapping[str, str] | None = None,
     dense: dict[tuple[str, str], DenseEmbedding] | None = None,
     log: Callable[[str], None] | None = None,
@@ -815,7 +893,7 @@ def choose_atlas_pool(train: Sequence[Volume], size: int, seed: int = 0) -> list
 
 def predict_labels(model: Any, atlases: Sequence[Volume], query: Volume, organs: OrganSet, k: int = 21,
                    stride_vox: int = 4, dense: dict[tuple[str, str], DenseEmbedding] | None = None, name: str = "",
-                   backend: str = "torch", **dense_kwargs: Any) -> np.ndarray:
+                   backend: str = "exact", **dense_kwargs: Any) -> np.ndarray:
     """``(X, Y, Z)`` organ codes of ``query`` by kNN transfer from all ``atlases`` (for figures)."""
     check_disjoint(atlases, [query])
     store = {} if dense is None else dense

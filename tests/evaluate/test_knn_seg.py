@@ -249,17 +249,61 @@ def _brute_force_knn(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray,
     return np.take_along_axis(d, order, 1), order
 
 
+# 700 points: torch's one-stage selection; 3000: its two-stage (grouped) selection. "exact" takes faiss's candidates.
+@pytest.mark.parametrize("backend", ["exact", "torch"])
+@pytest.mark.parametrize("n_db", [700, 3000])
 @pytest.mark.parametrize("offset, scale", [(0.0, 1.0), (300.0, 1.0), (-5.0, 1e-3), (0.0, 1e3)])
-def test_default_search_is_exact_with_duplicates_ties_and_far_from_the_origin(offset, scale):
+def test_default_search_is_exact_with_duplicates_ties_and_far_from_the_origin(offset, scale, n_db, backend):
     rng = np.random.default_rng(int(abs(offset)) + 7)
-    db = (rng.normal(size=(700, 24)) * scale + offset).astype(np.float32)
-    db[rng.integers(0, 700, 200)] = db[3]  # 200 exact duplicates of one point: ties broken by the smaller index
+    db = (rng.normal(size=(n_db, 24)) * scale + offset).astype(np.float32)
+    db[rng.integers(0, n_db, 200)] = db[3]  # 200 exact duplicates of one point: ties broken by the smaller index
     q = (rng.normal(size=(90, 24)) * scale + offset).astype(np.float32)
     q[:10] = db[3]  # queries sitting on the duplicated point
-    d, i = knn_seg.knn_search(db, q, 21)
+    d, i = knn_seg.knn_search(db, q, 21, backend=backend)
     d_ref, i_ref = _brute_force_knn(db, q, 21)
     np.testing.assert_array_equal(i, i_ref)
     np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6 * scale**2)
+
+
+def test_grouped_selection_finds_neighbours_packed_into_few_groups():
+    # torch's two-stage selection keeps the c groups with the smallest minima; here the 48 nearest points
+    # share 3 groups (16 columns each, one per slice of the padded database), so 26 of the 29 groups it keeps
+    # hold nothing near, and the 29 nearest must all come from the first three
+    rng = np.random.default_rng(3)
+    n_db, k = 4000, 21
+    g = knn_seg._KNN_GROUP
+    p = -(-n_db // g)
+    db = rng.normal(size=(n_db, 32)).astype(np.float32) * 10
+    q = np.zeros((5, 32), np.float32)
+    near = np.array([j + t * p for j in range(3) for t in range(g) if j + t * p < n_db])
+    db[near] = 0.01 * rng.normal(size=(len(near), 32)).astype(np.float32)
+    d, i = knn_seg.knn_search(db, q, k, backend="torch")
+    d_ref, i_ref = _brute_force_knn(db, q, k)
+    np.testing.assert_array_equal(i, i_ref)
+    assert set(i.ravel()) <= set(near)
+
+
+def test_exact_search_gives_the_same_answer_with_or_without_faiss(monkeypatch):
+    rng = np.random.default_rng(12)
+    centres = rng.normal(size=(4, 48)).astype(np.float32)
+    db = centres[rng.integers(0, 4, 2500)] + 0.3 * rng.normal(size=(2500, 48)).astype(np.float32)
+    db[100:160] = db[7]  # exact ties
+    q = centres[rng.integers(0, 4, 300)] + 0.3 * rng.normal(size=(300, 48)).astype(np.float32)
+    q[:5] = db[7]
+    assert knn_seg._faiss() is not None, "faiss-cpu is in requirements.txt: install it (pip install -r requirements.txt)"
+    with_faiss = knn_seg.knn_search(db, q, 21)
+    monkeypatch.setattr(knn_seg, "_faiss", lambda: None)
+    without = knn_seg.knn_search(db, q, 21)
+    np.testing.assert_array_equal(with_faiss[1], without[1])
+    np.testing.assert_array_equal(with_faiss[0], without[0])  # the same float64 distances, bit for bit
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_search_refuses_descriptors_that_are_not_finite(bad):
+    db = np.ones((50, 4), np.float32)
+    db[7, 2] = bad
+    with pytest.raises(ValueError, match=r"database hold NaN or inf descriptors \(1 of 50 rows\)"):
+        knn_seg.knn_search(db, np.zeros((3, 4), np.float32), 5)
 
 
 def test_search_rows_that_float32_cannot_separate_are_searched_exactly(monkeypatch):
@@ -276,10 +320,12 @@ def test_search_rows_that_float32_cannot_separate_are_searched_exactly(monkeypat
     calls = []
     exact_row = knn_seg._exact_row
     monkeypatch.setattr(knn_seg, "_exact_row", lambda *a: calls.append(1) or exact_row(*a))
-    d, i = knn_seg.knn_search(db, q, 5)
-    d_ref, i_ref = _brute_force_knn(db, q, 5)
-    np.testing.assert_array_equal(i, i_ref)
-    assert len(calls) == 3  # every row fell back to the exhaustive float64 search
+    for backend in ("exact", "torch"):
+        calls.clear()
+        d, i = knn_seg.knn_search(db, q, 5, backend=backend)
+        d_ref, i_ref = _brute_force_knn(db, q, 5)
+        np.testing.assert_array_equal(i, i_ref)
+        assert len(calls) == 3, backend  # every row fell back to the exhaustive float64 search
 
 
 def test_default_search_agrees_with_scikit_learn_on_clustered_descriptors():
