@@ -262,6 +262,9 @@ _KNN_MARGIN = 8
 _KNN_GROUP = 16
 # The value of a padding column: above every real |a|^2 - 2 q.a, below float32 overflow.
 _KNN_PAD = 3.0e38
+# Largest squared distance scale that float32 candidates may meet (float32 overflows at 3.4e38): descriptors
+# farther apart (norms around 1e18 and up) are searched in float64 only.
+_F32_SAFE = 1.0e37
 
 
 def _exact_knn(db: np.ndarray, q: np.ndarray, k: int, candidates: str = "torch") -> tuple[np.ndarray, np.ndarray]:
@@ -312,6 +315,11 @@ def _exact_knn(db: np.ndarray, q: np.ndarray, k: int, candidates: str = "torch")
     err += gamma * (q32_norm + a32_norm) ** 2  # the float32 arithmetic (either way of computing it)
     err += 4.0 * (dim + 4) * u64 * (a_norm + q_norm) ** 2  # the float64 distances
     err = 1.01 * err
+    if 4.0 * (a_norm + float(q_norm.max())) ** 2 > _F32_SAFE:  # float32 distances could overflow: no certificate
+        d, i = np.empty((n, k)), np.empty((n, k), dtype=np.int64)
+        _exact_rows(ac, qc, ac_sq, torch.arange(n), k, d, i)
+        with np.errstate(over="ignore"):  # squared distances beyond float32 are returned as inf
+            return np.maximum(d, 0.0).astype(np.float32), i
     if candidates == "faiss":
         blocks = _faiss_candidates(a32.numpy(), q32.numpy(), c)
     elif candidates == "torch":

@@ -265,6 +265,21 @@ def test_default_search_is_exact_with_duplicates_ties_and_far_from_the_origin(of
     np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-6 * scale**2)
 
 
+@pytest.mark.parametrize("backend", ["exact", "torch"])
+def test_descriptors_whose_float32_distances_would_overflow_are_searched_in_float64(backend):
+    # norms ~3e19: every squared distance exceeds float32's 3.4e38, so float32 candidates would all be inf
+    rng = np.random.default_rng(4)
+    db = (rng.normal(size=(300, 8)) * 1e19).astype(np.float32)
+    q = (rng.normal(size=(20, 8)) * 1e19).astype(np.float32)
+    d, i = knn_seg.knn_search(db, q, 5, backend=backend)
+    d_ref, i_ref = _brute_force_knn(db, q, 5)
+    np.testing.assert_array_equal(i, i_ref)
+    with np.errstate(over="ignore"):
+        expected = d_ref.astype(np.float32)  # float32 holds some of them: the rest are inf, in the right order
+    assert np.isinf(expected).any() and np.isfinite(expected).any()
+    np.testing.assert_allclose(d, expected, rtol=1e-6)
+
+
 def test_grouped_selection_finds_neighbours_packed_into_few_groups():
     # torch's two-stage selection keeps the c groups with the smallest minima; here the 48 nearest points
     # share 3 groups (16 columns each, one per slice of the padded database), so 26 of the 29 groups it keeps
