@@ -50,3 +50,4 @@ def notebook_data_dir(tmp_path_factory) -> Path:
     (data / "demo").mkdir()
     (data / "demo" / shared.name).symlink_to(shared.resolve(), target_is_directory=True)
     return data
+

@@ -16,6 +16,10 @@ from medssl.methods import list_methods
 from medssl.study import STUDY_PLANS, StudyError, load_study, plan_units, run_study, train_settings
 from medssl.train import load_checkpoint
 
+# one worker builds its module-scoped tiny study once: `make test` runs pytest-xdist --dist loadgroup, and a module
+# split over two workers builds its module-scoped fixtures on each
+pytestmark = pytest.mark.xdist_group("study")
+
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).with_name("_study_run.py")
 

@@ -19,6 +19,10 @@ from medssl.data.demo.deformation import SubjectDeformation
 from medssl.data.demo.variability import ComposedDeformation, GridWarp, load_deformation, variability_settings
 from tests.helpers import oblique_affine
 
+# one worker builds its module-scoped cohort once: `make test` runs pytest-xdist --dist loadgroup, and a module
+# split over two workers builds its module-scoped fixtures on each
+pytestmark = pytest.mark.xdist_group("variability_cohort")
+
 ORGANS = ("liver", "spleen", "kidney_left", "kidney_right")
 CT_LABELS = "example_seg_fast_force_split.nii.gz"
 

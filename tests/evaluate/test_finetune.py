@@ -12,6 +12,10 @@ from medssl.evaluate.segmetrics import OrganSet
 from medssl.models import segmentation as seg
 from tests.helpers import oblique_affine
 
+# one worker builds its module-scoped fixtures once: `make test` runs pytest-xdist --dist loadgroup, and a module
+# split over two workers builds its module-scoped fixtures on each
+pytestmark = pytest.mark.xdist_group("finetune")
+
 ORGANS = OrganSet(names=("a", "b"), label_ids=(1, 2))
 SHAPE = (24, 22, 20)
 TINY = ft.FinetuneConfig(steps=3, batch_size=1, crop_size_vox=16, warmup_steps=1, log_every=1, precision="fp32",

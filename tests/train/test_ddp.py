@@ -26,6 +26,10 @@ from medssl.sampling.base import PatchBatch
 from medssl.train import NonFiniteLossError, TrainConfig, fit
 from tests.helpers import oblique_affine
 
+# one worker builds the two-rank runs (ddp_runs, ~18 s) once: `make test` runs pytest-xdist --dist loadgroup, and a module
+# split over two workers builds its module-scoped fixtures on each
+pytestmark = pytest.mark.xdist_group("ddp")
+
 WORLD = 2
 TIMEOUT_S = 240
 TINY = dict(backbone="smallcnn", patch_size_vox=8, volumes_per_batch=2, patches_per_volume=3, embed_dim=8)
