@@ -50,4 +50,3 @@ def notebook_data_dir(tmp_path_factory) -> Path:
     (data / "demo").mkdir()
     (data / "demo" / shared.name).symlink_to(shared.resolve(), target_is_directory=True)
     return data
-
