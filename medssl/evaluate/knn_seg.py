@@ -499,7 +499,11 @@ def atlas_neighbours(
         if dense.embed_dim != query.embed_dim:
             raise ValueError(f"descriptor sizes differ: query {query.embed_dim}, atlas {dense.case_id} {dense.embed_dim}")
         ai = _searchable(dense)
-        d, i = knn_search(dense.flat_embeddings[ai], q, k, backend)
+        try:
+            d, i = knn_search(dense.flat_embeddings[ai], q, k, backend)
+        except ValueError as e:  # name the scans: knn_search only sees arrays
+            raise ValueError(f"kNN search of query {query.case_id} (the queries) in atlas {dense.case_id} "
+                             f"(the database): {e}") from None
         grid_labels = _grid_codes(dense, codes).reshape(-1)[ai]
         sq.append(d)
         lab.append(np.where(i >= 0, grid_labels[np.maximum(i, 0)], 0).astype(np.uint8))

@@ -361,3 +361,21 @@ def test_vote_fractions_count_each_code_and_skip_padded_neighbours():
     np.testing.assert_allclose(knn_seg.vote_fractions(neigh, [0], 4, 4), [[0, 1 / 3, 2 / 3, 0]])
     # merged: the 4 nearest of {0.1, 0.2, 0.3, 0.05, 0.25} are 0.05 (1), 0.1 (2), 0.2 (2), 0.25 (3)
     np.testing.assert_allclose(knn_seg.vote_fractions(neigh, [0, 1], 4, 4), [[0, 0.25, 0.5, 0.25]])
+
+
+def test_atlas_neighbours_names_the_atlas_whose_descriptors_are_not_finite():
+    import dataclasses
+
+    rng = np.random.default_rng(2)
+    vols = {name: labelled_volume(name, seed) for name, seed in (("query_case", 1), ("atlas_ok", 2), ("atlas_bad", 3))}
+    grids = {}
+    for name, vol in vols.items():
+        g = knn_seg._label_grid(vol, 4)
+        emb = rng.normal(size=(*g.grid_shape, 6)).astype(np.float32)
+        if name == "atlas_bad":
+            emb[(*np.argwhere(g.foreground)[0], 3)] = np.inf  # one channel of one body point (NaN in channel 0
+            # marks a point that was not embedded, and is skipped)
+        grids[name] = dataclasses.replace(g, embeddings=emb)
+    codes = [np.asarray(vols[n].label) for n in ("atlas_ok", "atlas_bad")]
+    with pytest.raises(ValueError, match=r"query query_case .* in atlas atlas_bad .*database hold NaN or inf"):
+        knn_seg.atlas_neighbours(grids["query_case"], [grids["atlas_ok"], grids["atlas_bad"]], codes, k=3)
