@@ -13,6 +13,15 @@ edit here. Every executed notebook lands in the run directory::
     runs/<run>/30_linear_probe/30_linear_probe_organ.ipynb   (a step with "name": the same notebook again)
     ...
 
+**Concurrent pretraining.** On a CPU, the per-method notebooks (pretraining) run ``jobs`` at a
+time (default: one per usable core, as many as memory allows, one where a GPU is present), each
+kernel with ONE torch thread (``OMP_NUM_THREADS=1``). On 2 cores two single-threaded trainings do
+~1.3x the work of one two-threaded training (a small 3D CNN does not scale to two threads), and the
+sampling and set-up of one overlap the other's convolutions. One thread per notebook also fixes the
+float sums: the trained weights, and every number after them, are the same for any ``jobs`` and any
+core count (a thread count changes the order of the weight-gradient sums, so ``medssl train`` on
+four threads gives other bits). Where a GPU is present they run one at a time with the default threads.
+
 The runner stops at the first failure and says which notebook and which cell
 failed; the partially executed notebook is kept so the traceback can be read in
 JupyterLab. ``runs/<run>/pipeline.json`` records the status and duration of
@@ -384,8 +393,11 @@ def run_pipeline(
     runs_root: Path | None = None,
     kernel_name: str = "python3",
     progress: bool = True,
+    jobs: int | str = "auto",
 ) -> PipelineResult:
     """Execute a plan's notebooks in order with papermill; stop at the first failure.
+
+    ``jobs``: per-method notebooks run at once (:func:`resolve_jobs`; module doc, "Concurrent pretraining").
 
     Raises:
         PipelineError: naming the notebook and cell that failed; the partly
@@ -393,6 +405,8 @@ def run_pipeline(
     """
     import papermill as pm
 
+    if jobs != "auto":
+        resolve_jobs(jobs, 1)  # a bad value is an error before anything runs
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.repo_root() / "notebooks"
     runs_root = Path(runs_root) if runs_root is not None else paths.runs_dir()
     plan_name = str(plan) if isinstance(plan, (str, Path)) else None
@@ -417,7 +431,7 @@ def run_pipeline(
         for k, v in MALLOC_ENV.items():  # kernels are new processes: glibc reads these at start-up
             os.environ.setdefault(k, v)
     try:
-        _run_steps(pm, steps, result, notebooks_dir, kernel_name, progress)
+        _run_steps(pm, steps, result, notebooks_dir, kernel_name, progress, jobs)
     finally:
         for k, v in saved_env.items():
             if v is None:
@@ -441,16 +455,84 @@ def _record_provenance(plan: dict[str, Any], plan_name: str | None, run: str, me
                                      "parameters": s.parameters} for s in full], plan_name=plan_name)
 
 
+# The kernels of concurrent per-method notebooks: one torch (OpenMP, MKL) thread each (module doc).
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_GIB_PER_JOB = 3.0  # a demo pretraining kernel peaks at ~1.5 GB (measured); twice that as the memory cap's unit
+
+
+def _gpu_present() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_jobs(jobs: int | str, n_steps: int) -> int:
+    """How many per-method notebooks run at once: ``jobs``, or for ``"auto"`` one per usable core, at most
+    ``n_steps``, at most one per ~3 GB of available memory, and 1 where a GPU is present."""
+    if jobs != "auto":
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"jobs must be 'auto' or an integer >= 1, got {jobs!r}")
+        return jobs
+    if _gpu_present():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil  # a Jupyter dependency (ipykernel), so always there with papermill
+
+        by_memory = int(psutil.virtual_memory().available / (_GIB_PER_JOB * 2**30))
+    except ImportError:  # pragma: no cover - psutil comes with ipykernel
+        by_memory = cores
+    return max(1, min(cores, max(n_steps, 1), by_memory))
+
+
+def _groups(steps: list[StepResult]) -> list[list[int]]:
+    """Indices of ``steps`` grouped: the runs of one per-method step (consecutive, same step name) form one
+    group; every other step is a group of its own."""
+    groups: list[list[int]] = []
+    for i, s in enumerate(steps):
+        prev = steps[i - 1] if i else None
+        if s.method is not None and prev is not None and prev.method is not None and prev.step == s.step:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class _Failure(Exception):
+    def __init__(self, error: PipelineError) -> None:
+        self.error = error
+
+
 def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, notebooks_dir: Path,
-               kernel_name: str, progress: bool) -> None:
-    for i, step in enumerate(steps):
+               kernel_name: str, progress: bool, jobs: int | str = 1) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()  # steps' status and pipeline.json, written by several threads
+    stop = threading.Event()  # a failure: notebooks not yet started are not started
+
+    def status() -> None:
+        with lock:
+            _write_status(result)
+
+    def run_one(i: int, bar: bool) -> None:
+        if stop.is_set():
+            return  # left "pending"
+        try:
+            _run_one(i, bar)
+        except BaseException:
+            stop.set()
+            raise
+
+    def _run_one(i: int, bar: bool) -> None:
+        step = steps[i]
         src = notebooks_dir / step.notebook
         label = f"[{i + 1}/{len(steps)}] {step.notebook}" + (f" ({step.method})" if step.method else "")
         out = Path(step.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"{label} -> {out}", flush=True)
         step.status = "running"
-        _write_status(result)  # a killed pipeline leaves "running": the next run reports it as interrupted
+        status()  # a killed pipeline leaves "running": the next run reports it as interrupted
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(
@@ -458,7 +540,7 @@ def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, noteboo
                 str(out),
                 parameters=step.parameters,
                 kernel_name=kernel_name,
-                progress_bar=progress,
+                progress_bar=bar,
                 cwd=str(notebooks_dir),
             )
         except pm.PapermillExecutionError as e:
@@ -466,18 +548,48 @@ def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, noteboo
             if e.ename == "StepNotApplicable":  # the notebook says it cannot run on this data: go on
                 step.status, step.message = "not applicable", str(e.evalue)
                 print(f"{label}: not applicable: {step.message}", flush=True)
-                _write_status(result)
-                continue
+                status()
+                return
             step.status = "failed"
             step.message = f"{e.ename}: {e.evalue}"
-            _write_status(result)
+            stop.set()
+            status()
             cell, source = _user_cell(out, e.cell_index)
-            raise PipelineError(step.notebook + (f" ({step.method})" if step.method else ""), out,
-                                cell, step.message, source) from None
+            raise _Failure(PipelineError(step.notebook + (f" ({step.method})" if step.method else ""), out,
+                                         cell, step.message, source)) from None
         step.seconds = time.perf_counter() - t0
         step.status = "ok"
         print(f"{label}: ok in {step.seconds:.0f} s", flush=True)
-        _write_status(result)
+        status()
+
+    cpu_threads: bool | None = None  # decided at the first per-method group (imports torch once)
+    for group in _groups(steps):
+        if steps[group[0]].method is None:
+            try:
+                run_one(group[0], progress)
+            except _Failure as f:
+                raise f.error from None
+            continue
+        n = resolve_jobs(jobs, len(group))
+        cpu_threads = (not _gpu_present()) if cpu_threads is None else cpu_threads
+        saved = {k: os.environ.get(k) for k in ONE_THREAD_ENV}
+        if cpu_threads:
+            os.environ.update(ONE_THREAD_ENV)  # kernels start with these (module doc)
+            print(f"{steps[group[0]].notebook}: {len(group)} notebooks, {n} at a time, one torch thread each",
+                  flush=True)
+        try:
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                futures = [pool.submit(run_one, i, progress and n == 1) for i in group]
+            failures = [f.exception() for f in futures if f.exception() is not None]
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        if failures:
+            first = failures[0]
+            raise (first.error if isinstance(first, _Failure) else first) from None
 
 
 def _user_cell(executed: Path, cell_index: int | None) -> tuple[int | None, str]:
@@ -568,9 +680,23 @@ def add_cli_parser(subparsers: Any) -> Any:
         "-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
         help="parameter for every notebook (VALUE parsed as YAML); NAME may be '<notebook>.<param>'",
     )
+    p.add_argument("--jobs", default="auto", type=_jobs_arg,
+                   help="per-method notebooks (pretraining) run at once; default auto: one per core on a CPU (each "
+                        "with one torch thread, so the numbers do not depend on it), one where a GPU is present")
     p.add_argument("--dry-run", action="store_true", help="print the notebook executions and exit")
     p.set_defaults(func=cli_main)
     return p
+
+
+def _jobs_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return resolve_jobs(int(value), 1)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"--jobs must be 'auto' or an integer >= 1, got {value!r}") from None
 
 
 def _plan_summary(name: str) -> str:
@@ -591,11 +717,12 @@ def cli_main(args: Any) -> int:
                              declared=declared_parameters(plan)):
             print(f"{s.notebook:24s} {s.method or '':12s} -> {s.output}  {json.dumps(s.parameters)}")
         return 0
+    t0 = time.perf_counter()
     try:
-        res = run_pipeline(args.plan, args.run, methods=args.methods, only=args.only, overrides=overrides)
+        res = run_pipeline(args.plan, args.run, methods=args.methods, only=args.only, overrides=overrides,
+                           jobs=getattr(args, "jobs", "auto"))
     except PipelineError as e:
         print(f"\n{e}", flush=True)
         return 1
-    total = sum(s.seconds for s in res.steps)
-    print(f"\npipeline finished in {total / 60:.1f} min; outputs in {res.run_dir}")
+    print(f"\npipeline finished in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {res.run_dir}")
     return 0

@@ -170,6 +170,84 @@ def test_a_notebook_that_is_not_applicable_to_the_data_is_recorded_and_the_pipel
     assert "no held-out subject has a liver" in res.steps[0].message and (tmp_path / "ran").exists()
 
 
+def _per_method_plan(nbs, log, fail=""):
+    """00_a, then 10_b once per method (each records its torch threads and start/end times), then 20_c."""
+    body = ("import os, time, torch\n"
+            f"assert method != {fail!r}, 'boom in ' + method\n"  # at once: the others are still sleeping
+            "t0 = time.time(); time.sleep(3)\n"
+            f"open({str(log)!r} + '.' + method, 'w').write(f\"{{os.environ.get('OMP_NUM_THREADS')}} "
+            "{torch.get_num_threads()} {t0} {time.time()}\")")
+    _write_notebook(nbs / "00_a.ipynb", [f"open({str(log)!r} + '.00', 'w').write(str(os.environ.get('OMP_NUM_THREADS')))"],
+                    params="import os\nrun = 'x'")
+    _write_notebook(nbs / "10_b.ipynb", [body], params="run = 'x'\nmethod = ''")
+    _write_notebook(nbs / "20_c.ipynb", [f"open({str(log)!r} + '.20', 'w')"], params="run = 'x'")
+    return {"methods": ["isimed", "simclr", "barlowtwins"],
+            "steps": [{"notebook": "00_a.ipynb"}, {"notebook": "10_b.ipynb", "per_method": True},
+                      {"notebook": "20_c.ipynb"}]}
+
+
+def test_per_method_notebooks_run_concurrently_with_one_torch_thread_each_on_a_cpu(tmp_path, monkeypatch):
+    """Issue 18 item 1: pretraining notebooks share the 2 cores as single-threaded kernels (1.3x the
+    throughput of one two-threaded kernel, and weights that do not depend on the thread count)."""
+    monkeypatch.setattr(pipeline, "_gpu_present", lambda: False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    nbs, log = tmp_path / "nbs", tmp_path / "log"
+    nbs.mkdir()
+    plan = _per_method_plan(nbs, log)
+    res = pipeline.run_pipeline(plan, "r", notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False, jobs=2)
+    assert [s.status for s in res.steps] == ["ok"] * 5
+    seen = {m: (tmp_path / f"log.{m}").read_text().split() for m in plan["methods"]}
+    assert all(v[:2] == ["1", "1"] for v in seen.values()), seen  # OMP_NUM_THREADS=1 and torch uses one thread
+    (s1, e1), (s2, e2) = [(float(seen[m][2]), float(seen[m][3])) for m in ("isimed", "simclr")]
+    assert s2 < e1 and s1 < e2, "the first two per-method notebooks did not overlap"
+    assert (tmp_path / "log.00").read_text() == "7" and (tmp_path / "log.20").exists()  # other steps: untouched
+    import os
+
+    assert os.environ["OMP_NUM_THREADS"] == "7"  # restored
+    status = json.loads((tmp_path / "runs" / "r" / "pipeline.json").read_text())
+    assert [s["method"] for s in status["steps"]] == [None, "isimed", "simclr", "barlowtwins", None]
+
+
+def test_a_failing_per_method_notebook_stops_the_pipeline_and_names_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "_gpu_present", lambda: False)
+    nbs, log = tmp_path / "nbs", tmp_path / "log"
+    nbs.mkdir()
+    plan = _per_method_plan(nbs, log, fail="isimed")
+    with pytest.raises(pipeline.PipelineError, match=r"10_b.ipynb \(isimed\).*boom in isimed") as err:
+        pipeline.run_pipeline(plan, "r", notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False, jobs=2)
+    assert err.value.output == tmp_path / "runs" / "r" / "isimed" / "10_b.ipynb"
+    status = [s["status"] for s in json.loads((tmp_path / "runs" / "r" / "pipeline.json").read_text())["steps"]]
+    # simclr ran beside isimed and finished; barlowtwins was never started; 20_c never ran
+    assert status == ["ok", "failed", "ok", "pending", "pending"], status
+    assert not (tmp_path / "log.barlowtwins").exists() and not (tmp_path / "log.20").exists()
+
+
+def test_jobs_default_to_the_cores_and_memory_on_a_cpu_and_to_one_with_a_gpu(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 7 * 2**30})())
+    monkeypatch.setattr(pipeline, "_gpu_present", lambda: False)
+    assert pipeline.resolve_jobs("auto", 11) == 2  # 7 GB / 3 GB per kernel, though 4 cores
+    assert pipeline.resolve_jobs("auto", 1) == 1
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 64 * 2**30})())
+    assert pipeline.resolve_jobs("auto", 11) == 4
+    assert pipeline.resolve_jobs(3, 11) == 3
+    monkeypatch.setattr(pipeline, "_gpu_present", lambda: True)
+    assert pipeline.resolve_jobs("auto", 11) == 1
+    for bad in (0, -1, "two", 1.5, True):
+        with pytest.raises(ValueError, match="jobs must be"):
+            pipeline.resolve_jobs(bad, 11)
+
+
+def test_cli_refuses_a_bad_jobs_value_before_anything_runs(capsys):
+    from medssl import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["pipeline", "--jobs", "0", "--dry-run"])
+    assert "--jobs must be 'auto' or an integer >= 1, got '0'" in capsys.readouterr().err
+
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
