@@ -339,6 +339,7 @@ def evaluate_correspondence(
     stride_vox: int | Sequence[int] = 4,
     dense: dict[tuple[str, str], DenseEmbedding] | None = None,
     registrars: Sequence[Any] = (),
+    workers: int | str = 1,
     **dense_kwargs: Any,
 ) -> CorrespondenceResult:
     """Correspondence error of several methods over several held-out subject pairs.
@@ -356,6 +357,8 @@ def evaluate_correspondence(
             filled, so the latent maps can share the embeddings.
         registrars: :class:`medssl.evaluate.registration.Registrar` s: each adds its control row
             (``registrar.name``), B registered onto A once per pair (cached by the registrar).
+        workers: methods computed at once, each on one thread (:mod:`medssl.evaluate.rows`: the same
+            numbers as one at a time); ``"auto"``: one per core on a CPU.
         dense_kwargs: passed to :func:`dense_embeddings` (``batch_size``, ``cache_dir``, ...).
     """
     by_id = dict(volumes) if isinstance(volumes, Mapping) else {str(v.case_id): v for v in volumes}
@@ -369,8 +372,8 @@ def evaluate_correspondence(
             store[(name, case)] = dense_embeddings(methods[name], by_id[case], stride_vox=stride_vox, **dense_kwargs)
         return store[(name, case)]
 
-    frames = []
-    for i, name in enumerate(methods):
+    def _row(i: int, name: str) -> list[pd.DataFrame]:
+        frames = []
         for p, (case_a, case_b) in enumerate(pairs):
             # the registration rows do not depend on the method: scored with the first one only
             reg = {r.name: (lambda pts, r=r, a=case_a, b=case_b: r.map_points(by_id[a], by_id[b], pts))
@@ -386,7 +389,13 @@ def evaluate_correspondence(
                     registration=reg,
                 )
             )
-    points = pd.concat(frames, ignore_index=True)
+        return frames
+
+    from medssl.evaluate.rows import map_rows, resolve_workers
+
+    n_workers = resolve_workers(workers, len(methods), list(methods.values()))
+    rows = map_rows(lambda item: _row(*item), list(enumerate(methods)), n_workers)
+    points = pd.concat([f for frames in rows for f in frames], ignore_index=True)
     used = [(b, a) for a, b in pairs]  # (moving, fixed)
     notes = {r.name: r.note(used) for r in registrars}
     seconds = {r.name: float(np.mean([r.seconds[u] for u in used if u in r.seconds])) for r in registrars}

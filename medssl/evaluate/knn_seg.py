@@ -49,6 +49,7 @@ kNN rows, so they differ from a method only in where the labels come from.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
@@ -796,6 +797,7 @@ def evaluate_knn_segmentation(
     registrars: Sequence[Any] = (),
     registration_vote: str = "linear",
     query_full_grid: bool = False,
+    workers: int | str = 1,
     **dense_kwargs: Any,
 ) -> KnnSegmentationResult:
     """kNN label transfer of every method (and the identity rows) from atlas draws to every query.
@@ -827,6 +829,10 @@ def evaluate_knn_segmentation(
             embeddings ``20_latent_space`` cached for the same held-out subjects (same ``cache_dir``,
             stride and precision) are reused instead of computed again. Only body points are
             searched and labelled either way, so the scores do not change.
+        workers: rows (methods, the identity rows, each registration control) computed at once, each
+            on one thread (:mod:`medssl.evaluate.rows`: the same scores as one at a time; the
+            ``seconds`` of a row are then those of a row sharing the machine); ``"auto"``: one per core
+            on a CPU.
         dense_kwargs: passed to :func:`medssl.evaluate.dense.dense_embeddings` (``cache_dir``,
             ``batch_size``, ``precision``, ``progress``, ``checkpoint`` is not accepted here).
 
@@ -862,8 +868,9 @@ def evaluate_knn_segmentation(
         return s.assign(method=name, kind=kind, k=kk, n_atlases=draw.n, draw=draw.draw,
                         atlases=" ".join(draw.atlases), query=str(query.case_id), split=split)
 
-    for name, model in methods.items():
+    def _method_row(name: str) -> tuple[list[pd.DataFrame], dict[str, float]]:
         t0 = time.perf_counter()
+        model, out = methods[name], []
         kind = (kinds or {}).get(name) or row_kind(name, model)
         ks = _k_values(k, name)
         atlas_dense = [_dense(name, v) for v in atlases]
@@ -874,20 +881,36 @@ def evaluate_knn_segmentation(
                 subset = [pool.index(a) for a in draw.atlases]
                 for kk in ks:
                     frac = vote_fractions(neigh, subset, kk, organs.n_classes)
-                    frames.append(_score(name, kind, kk, draw, query, _to_grid(qd, frac, neigh.query_index), qd))
+                    out.append(_score(name, kind, kk, draw, query, _to_grid(qd, frac, neigh.query_index), qd))
             say(f"{name}: {query.case_id} labelled from {len(draws)} atlas draws")
-        seconds[name] = time.perf_counter() - t0
-    if baselines:
-        frames += _identity_rows(atlases, queries, codes, draws, organs, stride_vox, kinds, _score, seconds)
+        return out, {name: time.perf_counter() - t0}
+
+    def _identity_row() -> tuple[list[pd.DataFrame], dict[str, float]]:
+        secs: dict[str, float] = {}
+        return _identity_rows(atlases, queries, codes, draws, organs, stride_vox, kinds, _score, secs), secs
+
+    def _registrar_row(registrar: Any) -> tuple[list[pd.DataFrame], dict[str, float]]:
+        t0 = time.perf_counter()
+        out = _registration_rows(registrar, atlases, queries, codes, draws, organs, stride_vox, kinds, _score,
+                                 registration_vote)
+        say(f"{registrar.name}: {len(queries)} queries x {len(pool)} atlases")
+        return out, {registrar.name: time.perf_counter() - t0}
+
+    from medssl.evaluate.rows import map_rows, resolve_workers
+
+    jobs: list[Callable[[], tuple[list[pd.DataFrame], dict[str, float]]]] = [
+        *[functools.partial(_method_row, name) for name in methods],
+        *([_identity_row] if baselines else []),
+        *[functools.partial(_registrar_row, r) for r in registrars],
+    ]  # in the table's row order
+    n_workers = resolve_workers(workers, len(jobs), list(methods.values()))
+    for out, secs in map_rows(lambda job: job(), jobs, n_workers):
+        frames += out
+        seconds.update(secs)
     notes: dict[str, str] = {}
     for registrar in registrars:
-        t0 = time.perf_counter()
-        frames += _registration_rows(registrar, atlases, queries, codes, draws, organs, stride_vox, kinds, _score,
-                                     registration_vote)
-        seconds[registrar.name] = time.perf_counter() - t0
         used = [(a, str(q.case_id)) for q in queries for a in pool]
         notes[registrar.name] = f"multi-atlas ({registration_vote} label vote); {registrar.note(used)}"
-        say(f"{registrar.name}: {len(queries)} queries x {len(pool)} atlases")
     scores = pd.concat(frames, ignore_index=True)
     order = ["method", "kind", "k", "n_atlases", "draw", "atlases", "query", "organ", "dice"]
     order += [c for c in ("nsd",) if c in scores] + ["true_voxels", "pred_voxels", "fp_ml", "split"]

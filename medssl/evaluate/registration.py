@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,33 @@ import pandas as pd
 
 from medssl._files import atomic_path, atomic_write_text
 from medssl.data.volume import Volume
+
+_ITK_LOCK = threading.Lock()
+_itk_users = 0
+_itk_before = 1
+
+
+@contextmanager
+def _itk_one_thread() -> Iterator[None]:
+    """ITK's process-wide default thread count at 1 while any registration runs, restored when the last one
+    ends: registrations may run in several Python threads at once (:mod:`medssl.evaluate.rows`), and one
+    that restored the default while another ran would give that one a threaded metric."""
+    import SimpleITK as sitk
+
+    global _itk_users, _itk_before
+    with _ITK_LOCK:
+        if _itk_users == 0:
+            _itk_before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _itk_users += 1
+    try:
+        yield
+    finally:
+        with _ITK_LOCK:
+            _itk_users -= 1
+            if _itk_users == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_itk_before)
+
 
 __all__ = [
     "ALIGNED_BODY",
@@ -300,14 +329,8 @@ class Registrar:
         (0.64 against 0.89 s per pair, 2-core machine). The registration method's own
         ``SetNumberOfThreads`` does not reach the metric, so the process default is set for the call
         and restored."""
-        import SimpleITK as sitk
-
-        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-        try:
+        with _itk_one_thread():
             return self._register_single_threaded(fixed, moving)
-        finally:
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
     def _register_single_threaded(self, fixed: Volume, moving: Volume) -> Any:
         import SimpleITK as sitk
