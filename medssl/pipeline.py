@@ -467,8 +467,9 @@ def _gpu_present() -> bool:
 
 
 def resolve_jobs(jobs: int | str, n_steps: int) -> int:
-    """How many per-method notebooks run at once: ``jobs``, or for ``"auto"`` one per usable core, at most
-    ``n_steps``, at most one per ~3 GB of available memory, and 1 where a GPU is present."""
+    """How many per-method notebooks run at once: ``jobs``, or for ``"auto"`` one per usable core (at most
+    ``OMP_NUM_THREADS`` when it is set: the caller asked for that many cores), at most ``n_steps``, at most one
+    per ~3 GB of available memory, and 1 where a GPU is present."""
     if jobs != "auto":
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise ValueError(f"jobs must be 'auto' or an integer >= 1, got {jobs!r}")
@@ -476,6 +477,9 @@ def resolve_jobs(jobs: int | str, n_steps: int) -> int:
     if _gpu_present():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.strip().isdigit() and int(omp) >= 1:
+        cores = min(cores, int(omp))
     try:
         import psutil  # a Jupyter dependency (ipykernel), so always there with papermill
 

@@ -170,18 +170,18 @@ def test_a_notebook_that_is_not_applicable_to_the_data_is_recorded_and_the_pipel
     assert "no held-out subject has a liver" in res.steps[0].message and (tmp_path / "ran").exists()
 
 
-def _per_method_plan(nbs, log, fail=""):
+def _per_method_plan(nbs, log, fail="", methods=("isimed", "simclr", "barlowtwins")):
     """00_a, then 10_b once per method (each records its torch threads and start/end times), then 20_c."""
     body = ("import os, time, torch\n"
             f"assert method != {fail!r}, 'boom in ' + method\n"  # at once: the others are still sleeping
-            "t0 = time.time(); time.sleep(3)\n"
+            "t0 = time.time(); time.sleep(2.5)\n"
             f"open({str(log)!r} + '.' + method, 'w').write(f\"{{os.environ.get('OMP_NUM_THREADS')}} "
             "{torch.get_num_threads()} {t0} {time.time()}\")")
     _write_notebook(nbs / "00_a.ipynb", [f"open({str(log)!r} + '.00', 'w').write(str(os.environ.get('OMP_NUM_THREADS')))"],
                     params="import os\nrun = 'x'")
     _write_notebook(nbs / "10_b.ipynb", [body], params="run = 'x'\nmethod = ''")
     _write_notebook(nbs / "20_c.ipynb", [f"open({str(log)!r} + '.20', 'w')"], params="run = 'x'")
-    return {"methods": ["isimed", "simclr", "barlowtwins"],
+    return {"methods": list(methods),
             "steps": [{"notebook": "00_a.ipynb"}, {"notebook": "10_b.ipynb", "per_method": True},
                       {"notebook": "20_c.ipynb"}]}
 
@@ -193,9 +193,9 @@ def test_per_method_notebooks_run_concurrently_with_one_torch_thread_each_on_a_c
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     nbs, log = tmp_path / "nbs", tmp_path / "log"
     nbs.mkdir()
-    plan = _per_method_plan(nbs, log)
+    plan = _per_method_plan(nbs, log, methods=("isimed", "simclr"))
     res = pipeline.run_pipeline(plan, "r", notebooks_dir=nbs, runs_root=tmp_path / "runs", progress=False, jobs=2)
-    assert [s.status for s in res.steps] == ["ok"] * 5
+    assert [s.status for s in res.steps] == ["ok"] * 4
     seen = {m: (tmp_path / f"log.{m}").read_text().split() for m in plan["methods"]}
     assert all(v[:2] == ["1", "1"] for v in seen.values()), seen  # OMP_NUM_THREADS=1 and torch uses one thread
     (s1, e1), (s2, e2) = [(float(seen[m][2]), float(seen[m][3])) for m in ("isimed", "simclr")]
@@ -205,7 +205,7 @@ def test_per_method_notebooks_run_concurrently_with_one_torch_thread_each_on_a_c
 
     assert os.environ["OMP_NUM_THREADS"] == "7"  # restored
     status = json.loads((tmp_path / "runs" / "r" / "pipeline.json").read_text())
-    assert [s["method"] for s in status["steps"]] == [None, "isimed", "simclr", "barlowtwins", None]
+    assert [s["method"] for s in status["steps"]] == [None, "isimed", "simclr", None]
 
 
 def test_a_failing_per_method_notebook_stops_the_pipeline_and_names_itself(tmp_path, monkeypatch):
@@ -225,6 +225,7 @@ def test_a_failing_per_method_notebook_stops_the_pipeline_and_names_itself(tmp_p
 def test_jobs_default_to_the_cores_and_memory_on_a_cpu_and_to_one_with_a_gpu(monkeypatch):
     import psutil
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 7 * 2**30})())
     monkeypatch.setattr(pipeline, "_gpu_present", lambda: False)
@@ -233,6 +234,8 @@ def test_jobs_default_to_the_cores_and_memory_on_a_cpu_and_to_one_with_a_gpu(mon
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 64 * 2**30})())
     assert pipeline.resolve_jobs("auto", 11) == 4
     assert pipeline.resolve_jobs(3, 11) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the caller asked for one core (e.g. a test beside another)
+    assert pipeline.resolve_jobs("auto", 11) == 1
     monkeypatch.setattr(pipeline, "_gpu_present", lambda: True)
     assert pipeline.resolve_jobs("auto", 11) == 1
     for bad in (0, -1, "two", 1.5, True):

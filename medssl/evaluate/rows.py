@@ -3,9 +3,10 @@
 An evaluation row (one method's dense descriptors, nearest-neighbour search and scores over the held-out
 subjects) does not depend on any other row. On a CPU, :func:`map_rows` computes ``workers`` rows at once
 in threads, each with ONE torch, OpenMP and BLAS thread, and returns them in the order given. The
-small 3D CNNs of the demo do not scale to a second thread (two single-threaded forward passes do ~1.3x
-the work of one on two threads, measured on this 2-core machine), and the parts of a row that are
-single-threaded anyway (scoring, search bookkeeping) then use the other core.
+small 3D CNNs of the demo do not scale to a second thread, and the parts of a row that are
+single-threaded anyway (scoring, registration, search bookkeeping) then use the other core. Measured on this
+2-core machine: the demo's kNN cell 252 -> 182 s, its correspondence cell 219 -> 187 s
+(``benchmarks/eval_rows.py``: 1.24x for six kNN rows, identical tables).
 
 **Same numbers.** A row is the same computation on one thread as on two: the forward pass of a
 convolution or a linear layer splits its work over output elements, not over a sum, so its bits do
