@@ -433,12 +433,17 @@ def run_pipeline(
     try:
         _run_steps(pm, steps, result, notebooks_dir, kernel_name, progress, jobs)
     finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(saved_env)
     return result
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    """Put back the environment variables ``saved`` (``None``: the variable was not set)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _record_provenance(plan: dict[str, Any], plan_name: str | None, run: str, methods: Iterable[str] | None,
@@ -586,11 +591,7 @@ def _run_steps(pm: Any, steps: list[StepResult], result: PipelineResult, noteboo
                 futures = [pool.submit(run_one, i, progress and n == 1) for i in group]
             failures = [f.exception() for f in futures if f.exception() is not None]
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            _restore_env(saved)
         if failures:
             first = failures[0]
             raise (first.error if isinstance(first, _Failure) else first) from None
