@@ -358,7 +358,8 @@ def evaluate_correspondence(
         registrars: :class:`medssl.evaluate.registration.Registrar` s: each adds its control row
             (``registrar.name``), B registered onto A once per pair (cached by the registrar).
         workers: methods computed at once, each on one thread (:mod:`medssl.evaluate.rows`: the same
-            numbers as one at a time); ``"auto"``: one per core on a CPU.
+            numbers as one at a time); ``"auto"``: as many as the caller's torch threads, 1 with a model on
+            a GPU (:func:`medssl.evaluate.rows.resolve_workers`).
         dense_kwargs: passed to :func:`dense_embeddings` (``batch_size``, ``cache_dir``, ...).
     """
     by_id = dict(volumes) if isinstance(volumes, Mapping) else {str(v.case_id): v for v in volumes}

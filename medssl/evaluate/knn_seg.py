@@ -831,8 +831,8 @@ def evaluate_knn_segmentation(
             searched and labelled either way, so the scores do not change.
         workers: rows (methods, the identity rows, each registration control) computed at once, each
             on one thread (:mod:`medssl.evaluate.rows`: the same scores as one at a time; the
-            ``seconds`` of a row are then those of a row sharing the machine); ``"auto"``: one per core
-            on a CPU.
+            ``seconds`` of a row are then those of a row sharing the machine); ``"auto"``: as many as
+            the caller's torch threads, 1 with a model on a GPU (:func:`medssl.evaluate.rows.resolve_workers`).
         dense_kwargs: passed to :func:`medssl.evaluate.dense.dense_embeddings` (``cache_dir``,
             ``batch_size``, ``precision``, ``progress``, ``checkpoint`` is not accepted here).
 
