@@ -486,10 +486,10 @@ def resolve_jobs(jobs: int | str, n_steps: int) -> int:
     if omp.strip().isdigit() and int(omp) >= 1:
         cores = min(cores, int(omp))
     try:
-        import psutil  # a Jupyter dependency (ipykernel), so always there with papermill
+        import psutil  # a dependency of IPython, so always there with the notebook kernels
 
         by_memory = int(psutil.virtual_memory().available / (_GIB_PER_JOB * 2**30))
-    except ImportError:  # pragma: no cover - psutil comes with ipykernel
+    except ImportError:  # pragma: no cover - psutil comes with IPython
         by_memory = cores
     return max(1, min(cores, max(n_steps, 1), by_memory))
 
